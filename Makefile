@@ -1,0 +1,41 @@
+# vidrank — the commands the README and .ci/run use.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+REGISTRY ?= registry
+PORT   ?= 8000
+DEMO_IMPRESSIONS ?= 300000
+
+.PHONY: install run serve demo-model test lint pytest bench rollout clean
+
+# Create/update the virtualenv from the project's own files (re-run when pyproject.toml changes).
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[serve,train,dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# Train the demo model into ./registry when it has no production model, then serve on :8000.
+demo-model: install
+	$(BIN)/vidrank train --registry $(REGISTRY) --simulate $(DEMO_IMPRESSIONS) --if-empty
+
+run: demo-model
+	$(BIN)/vidrank serve --registry $(REGISTRY) --host 0.0.0.0 --port $(PORT)
+
+lint: install
+	$(BIN)/ruff check model service tests benchmarks
+	$(BIN)/ruff format --check model service tests benchmarks
+	$(BIN)/mypy model service
+
+pytest: install
+	$(BIN)/pytest -q
+
+test: lint pytest
+
+bench: install
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,452 @@
+"""Declarative feature schema and its vectorised encoder (numpy + stdlib only).
+
+One encoder serves both sides: the trainer encodes its logs with this code and the service encodes
+requests with the same code, read back from the bundle's manifest, so there is no
+training/serving skew.
+
+Encoded layout, per entity e in (user, context, item), a group present only when the entity has
+such features (see docs/internals.md):
+
+- ``{e}_cat``     int64   [B, n_cat]       index into the entity's embedding table
+- ``{e}_multi``   int64   [B, n_multi, L]  same index space; padding slots hold 0 with weight 0
+- ``{e}_multi_w`` float32 [B, n_multi, L]  1/count for present slots (mean pooling), 0 for padding
+- ``{e}_num``     float32 [B, n_num]       transformed, standardised and clipped numerics
+
+Categorical values are hashed into buckets (no vocabulary, so no vocabulary miss): integers, and
+strings that spell an integer, hash through a splitmix64 finaliser; other strings through
+blake2b. ``42`` and ``"42"`` land in the same bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+
+ENTITIES: tuple[str, ...] = ("user", "context", "item")
+KINDS: tuple[str, ...] = ("categorical", "multi_categorical", "numeric")
+TRANSFORMS: tuple[str, ...] = ("identity", "log1p")
+NUMERIC_CLIP = 10.0  # standardised numerics are clipped to +-this many standard deviations
+
+Entity = Literal["user", "context", "item"]
+Kind = Literal["categorical", "multi_categorical", "numeric"]
+
+
+class FeatureError(ValueError):
+    """A feature value that cannot be encoded; names the feature (and row, for batches)."""
+
+    def __init__(self, feature: str, message: str, *, entity: str = "", row: int | None = None):
+        self.feature = feature
+        self.entity = entity
+        self.row = row
+        self.message = message
+        where = f"{entity}.{feature}" if entity else feature
+        if row is not None:
+            where += f"[{row}]"
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One input feature: where it comes from, how it is encoded and what replaces it if absent."""
+
+    name: str
+    entity: Entity
+    kind: Kind
+    buckets: int = 0  # categorical / multi_categorical: hash buckets
+    max_len: int = 0  # multi_categorical: values kept per row
+    transform: str = "identity"  # numeric: applied before standardisation
+    mean: float = 0.0  # numeric: fitted on training data (after the transform)
+    std: float = 1.0
+    default: str | int | float | None = None  # None for numerics means "the training mean"
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise ValueError(f"feature name {self.name!r} must be alphanumeric/underscore")
+        if self.entity not in ENTITIES:
+            raise ValueError(f"feature {self.name}: entity must be one of {ENTITIES}")
+        if self.kind not in KINDS:
+            raise ValueError(f"feature {self.name}: kind must be one of {KINDS}")
+        if self.kind != "numeric" and self.buckets < 1:
+            raise ValueError(f"feature {self.name}: a {self.kind} feature needs buckets >= 1")
+        if self.kind == "multi_categorical" and self.max_len < 1:
+            raise ValueError(f"feature {self.name}: multi_categorical needs max_len >= 1")
+        if self.kind == "numeric":
+            if self.transform not in TRANSFORMS:
+                raise ValueError(f"feature {self.name}: transform must be one of {TRANSFORMS}")
+            if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0):
+                raise ValueError(f"feature {self.name}: mean/std must be finite, std > 0")
+
+
+@dataclass(frozen=True)
+class EntityLayout:
+    """Sizes of one entity's encoded groups, which the model needs to build its input layers."""
+
+    entity: str
+    cat: tuple[str, ...] = ()
+    multi: tuple[str, ...] = ()
+    num: tuple[str, ...] = ()
+    max_len: int = 0
+    offsets: dict[str, int] = field(default_factory=dict)
+    table_size: int = 0
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """An ordered set of features; serialisable into a bundle manifest."""
+
+    features: tuple[Feature, ...]
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.features]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate feature names: {dupes}")
+
+    # -- construction / serialisation -------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"features": [asdict(f) for f in self.features]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FeatureSchema:
+        try:
+            return cls(tuple(Feature(**f) for f in d["features"]))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"invalid feature schema: {e}") from e
+
+    def names(self, entity: str | None = None) -> list[str]:
+        return [f.name for f in self.features if entity is None or f.entity == entity]
+
+    def by_name(self, name: str) -> Feature:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def fit(self, columns: Mapping[str, Any]) -> FeatureSchema:
+        """Return a copy whose numeric features carry mean/std fitted on ``columns``."""
+        fitted = []
+        for f in self.features:
+            if f.kind == "numeric" and f.name in columns:
+                x = _apply_transform(f, _to_float(f, columns[f.name], len(columns[f.name])))
+                std = float(x.std())
+                f = replace(f, mean=float(x.mean()), std=std if std > 1e-6 else 1.0)
+            fitted.append(f)
+        return FeatureSchema(tuple(fitted))
+
+    # -- layout ------------------------------------------------------------------------------
+    def layout(self, entity: str) -> EntityLayout:
+        feats = [f for f in self.features if f.entity == entity]
+        offsets: dict[str, int] = {}
+        size = 0
+        for f in feats:
+            if f.kind != "numeric":
+                offsets[f.name] = size
+                size += f.buckets
+        return EntityLayout(
+            entity=entity,
+            cat=tuple(f.name for f in feats if f.kind == "categorical"),
+            multi=tuple(f.name for f in feats if f.kind == "multi_categorical"),
+            num=tuple(f.name for f in feats if f.kind == "numeric"),
+            max_len=max((f.max_len for f in feats if f.kind == "multi_categorical"), default=0),
+            offsets=offsets,
+            table_size=size,
+        )
+
+    def input_specs(self) -> list[dict[str, Any]]:
+        """ONNX input names, dtypes and shapes (batch 1 for user/context, "N" for items)."""
+        specs: list[dict[str, Any]] = []
+        for e in ENTITIES:
+            lay = self.layout(e)
+            b: int | str = "N" if e == "item" else 1
+            if lay.cat:
+                specs.append({"name": f"{e}_cat", "dtype": "int64", "shape": [b, len(lay.cat)]})
+            if lay.multi:
+                shape = [b, len(lay.multi), lay.max_len]
+                specs.append({"name": f"{e}_multi", "dtype": "int64", "shape": shape})
+                specs.append({"name": f"{e}_multi_w", "dtype": "float32", "shape": shape})
+            if lay.num:
+                specs.append({"name": f"{e}_num", "dtype": "float32", "shape": [b, len(lay.num)]})
+        return specs
+
+    # -- encoding ----------------------------------------------------------------------------
+    def encode_entity(self, entity: str, columns: Mapping[str, Any], n: int) -> dict[str, Any]:
+        """Encode ``n`` rows of one entity from columns (name -> sequence of length n).
+
+        A column that is absent, or a value that is None, takes the feature's default. Names in
+        ``columns`` that are not features of this entity are ignored.
+        """
+        try:
+            return self._encode_entity(self.layout(entity), columns, n)
+        except FeatureError as e:
+            raise FeatureError(e.feature, e.message, entity=entity, row=e.row) from None
+
+    def _encode_entity(self, lay: EntityLayout, columns: Mapping[str, Any], n: int) -> dict:
+        entity = lay.entity
+        out: dict[str, np.ndarray] = {}
+        if lay.cat:
+            cat = np.empty((n, len(lay.cat)), dtype=np.int64)
+            for j, name in enumerate(lay.cat):
+                f = self.by_name(name)
+                cat[:, j] = lay.offsets[name] + _hash_column(f, columns.get(name), n)
+            out[f"{entity}_cat"] = cat
+        if lay.multi:
+            idx = np.zeros((n, len(lay.multi), lay.max_len), dtype=np.int64)
+            w = np.zeros((n, len(lay.multi), lay.max_len), dtype=np.float32)
+            for j, name in enumerate(lay.multi):
+                f = self.by_name(name)
+                fi, fw = _encode_multi(f, columns.get(name), n)
+                idx[:, j, : f.max_len] = lay.offsets[name] + fi
+                idx[:, j, : f.max_len] *= fw > 0  # padding slots point at 0
+                w[:, j, : f.max_len] = fw
+            out[f"{entity}_multi"] = idx
+            out[f"{entity}_multi_w"] = w
+        if lay.num:
+            num = np.empty((n, len(lay.num)), dtype=np.float32)
+            for j, name in enumerate(lay.num):
+                f = self.by_name(name)
+                num[:, j] = _encode_numeric(f, columns.get(name), n)
+            out[f"{entity}_num"] = num
+        return out
+
+    def encode(
+        self,
+        user: Mapping[str, Any],
+        context: Mapping[str, Any] | None,
+        item_columns: Mapping[str, Any],
+        n_items: int,
+    ) -> dict[str, np.ndarray]:
+        """Encode one request: one user, one context, ``n_items`` candidates (columnar)."""
+        out = self.encode_entity("user", {k: [v] for k, v in user.items()}, 1)
+        out.update(self.encode_entity("context", {k: [v] for k, v in (context or {}).items()}, 1))
+        out.update(self.encode_entity("item", item_columns, n_items))
+        return out
+
+    def encode_rows(self, columns: Mapping[str, Any], n: int) -> dict[str, np.ndarray]:
+        """Encode a batch where every entity has ``n`` rows (training and offline scoring)."""
+        out: dict[str, np.ndarray] = {}
+        for e in ENTITIES:
+            out.update(self.encode_entity(e, columns, n))
+        return out
+
+
+# -- hashing ---------------------------------------------------------------------------------
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a cheap, well-distributed, platform-independent 64-bit mix."""
+    z = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        z += np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        z ^= z >> np.uint64(31)
+    return z
+
+
+def _str_key(s: str) -> int:
+    """A stable 64-bit key for a string; strings that spell an integer key as that integer."""
+    t = s.strip()
+    if t.lstrip("-").isdigit() and len(t) < 19:
+        return int(t) & 0xFFFFFFFFFFFFFFFF
+    return int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little")
+
+
+def _bucket_ints(values: np.ndarray, buckets: int) -> np.ndarray:
+    return (_mix64(values.astype(np.int64).view(np.uint64)) % np.uint64(buckets)).astype(np.int64)
+
+
+def _bucket_strs(values: np.ndarray, buckets: int) -> np.ndarray:
+    uniq, inverse = np.unique(values, return_inverse=True)
+    keys = np.fromiter((_str_key(str(u)) for u in uniq), dtype=np.uint64, count=len(uniq))
+    return (_mix64(keys) % np.uint64(buckets)).astype(np.int64)[inverse.reshape(-1)]
+
+
+def _key_of(f: Feature, v: Any, row: int) -> int:
+    """Slow path for one object value (mixed-type columns)."""
+    if v is None:
+        v = f.default if f.default is not None else ""
+    if isinstance(v, bool | np.bool_):
+        return int(v)
+    if isinstance(v, int | np.integer):
+        return int(v) & 0xFFFFFFFFFFFFFFFF
+    if isinstance(v, float | np.floating):
+        if not math.isfinite(v) or v != int(v):
+            raise FeatureError(f.name, f"expected a string or integer, got {v!r}", row=row)
+        return int(v) & 0xFFFFFFFFFFFFFFFF
+    if isinstance(v, str):
+        return _str_key(v)
+    raise FeatureError(f.name, f"expected a string or integer, got {type(v).__name__}", row=row)
+
+
+def _hash_column(f: Feature, values: Any, n: int) -> np.ndarray:
+    """Bucket ids [n] for one categorical column; vectorised for homogeneous columns."""
+    if values is None:
+        values = [f.default if f.default is not None else ""] * n
+    arr = _as_array(f, values, n)
+    kind = arr.dtype.kind
+    if kind in "iub":
+        return _bucket_ints(arr, f.buckets)
+    if kind == "f":
+        bad = ~np.isfinite(arr) | (arr != np.round(arr))
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise FeatureError(f.name, f"expected a string or integer, got {arr[row]!r}", row=row)
+        return _bucket_ints(arr.astype(np.int64), f.buckets)
+    if kind in "US":
+        return _bucket_strs(arr.astype(str), f.buckets)
+    keys = np.fromiter((_key_of(f, v, i) for i, v in enumerate(arr)), dtype=np.uint64, count=n)
+    return (_mix64(keys) % np.uint64(f.buckets)).astype(np.int64)
+
+
+def _as_array(f: Feature, values: Any, n: int) -> np.ndarray:
+    arr = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=object)
+    if arr.dtype == object and n and all(type(v) is int for v in arr[: min(n, 8)]):
+        try:  # homogeneous int lists are the common case: take the vectorised path
+            arr = np.asarray(values, dtype=np.int64)
+        except (TypeError, ValueError, OverflowError):
+            pass
+    elif arr.dtype == object and n and all(type(v) is str for v in arr[: min(n, 8)]):
+        if all(type(v) is str for v in arr):
+            arr = arr.astype(str)
+    if arr.ndim != 1 or len(arr) != n:
+        raise FeatureError(f.name, f"expected {n} values, got shape {arr.shape}")
+    return arr
+
+
+# -- multi-categorical -----------------------------------------------------------------------
+def _tokens(f: Feature, v: Any, row: int) -> list[int]:
+    if v is None:
+        v = f.default if f.default is not None else ""
+    if isinstance(v, str):
+        parts = [p for p in v.split(",") if p.strip()]
+    elif isinstance(v, list | tuple | np.ndarray):
+        parts = list(v)
+    else:
+        raise FeatureError(f.name, "expected a list or a comma-separated string", row=row)
+    return [_key_of(f, p, row) for p in parts[: f.max_len]]
+
+
+def _encode_multi(f: Feature, values: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bucket ids [n, max_len], mean-pooling weights [n, max_len]) for one list column."""
+    if values is None:
+        values = [None] * n
+    arr = values if isinstance(values, np.ndarray) and values.ndim == 1 else _object_1d(values)
+    if len(arr) != n:
+        raise FeatureError(f.name, f"expected {n} values, got {len(arr)}")
+    # Tag strings repeat a lot ("12,65"): tokenise each distinct string once.
+    is_str = arr.dtype.kind in "US" or all(isinstance(v, str) for v in arr)
+    if is_str and n:
+        uniq, inverse = np.unique(arr.astype(str), return_inverse=True)
+        rows = [_tokens(f, str(u), 0) for u in uniq]
+        tok, cnt = _pad(rows, f.max_len)
+        tok, cnt = tok[inverse.reshape(-1)], cnt[inverse.reshape(-1)]
+    else:
+        tok, cnt = _pad([_tokens(f, v, i) for i, v in enumerate(arr)], f.max_len)
+    ids = (_mix64(tok) % np.uint64(f.buckets)).astype(np.int64)
+    present = np.arange(f.max_len)[None, :] < cnt[:, None]
+    w = np.where(present, 1.0 / np.maximum(cnt, 1)[:, None], 0.0).astype(np.float32)
+    return np.where(present, ids, 0), w
+
+
+def _object_1d(values: Any) -> np.ndarray:
+    """A 1-D object array whose elements may themselves be lists (np.asarray would nest them)."""
+    seq = list(values)
+    arr = np.empty(len(seq), dtype=object)
+    for i, v in enumerate(seq):
+        arr[i] = v
+    return arr
+
+
+def _pad(rows: Sequence[list[int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    tok = np.zeros((len(rows), max_len), dtype=np.uint64)
+    cnt = np.zeros(len(rows), dtype=np.int64)
+    for i, r in enumerate(rows):
+        tok[i, : len(r)] = r
+        cnt[i] = len(r)
+    return tok, cnt
+
+
+# -- numerics --------------------------------------------------------------------------------
+def _to_float(f: Feature, values: Any, n: int) -> np.ndarray:
+    """float64 [n]; None -> the default (the training mean when the default is None)."""
+    arr = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=object)
+    if arr.dtype.kind in "iufb":
+        x = arr.astype(np.float64)
+    elif arr.dtype.kind == "O":
+        x = np.empty(len(arr), dtype=np.float64)
+        for i, v in enumerate(arr):
+            if v is None:  # inf marks "no default: use the mean" for _encode_numeric
+                x[i] = np.inf if f.default is None else float(f.default)
+            elif isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, str):
+                x[i] = float(v)
+                if not math.isfinite(x[i]):
+                    raise FeatureError(f.name, f"must be a finite number, got {v!r}", row=i)
+            else:
+                raise FeatureError(f.name, f"expected a number, got {type(v).__name__}", row=i)
+        return x
+    else:
+        raise FeatureError(f.name, f"expected numbers, got {arr.dtype}")
+    if len(x) != n:
+        raise FeatureError(f.name, f"expected {n} values, got {len(x)}")
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise FeatureError(f.name, f"must be a finite number, got {x[row]!r}", row=row)
+    return x
+
+
+def _apply_transform(f: Feature, x: np.ndarray) -> np.ndarray:
+    if f.transform == "log1p":
+        return np.log1p(np.maximum(x, 0.0))  # counts/durations: negatives are clipped to 0
+    return x
+
+
+def _encode_numeric(f: Feature, values: Any, n: int) -> np.ndarray:
+    if values is None:
+        if f.default is None:
+            return np.zeros(n, dtype=np.float32)  # the mean, standardised
+        values = np.full(n, float(f.default))
+    x = _to_float(f, values, n)
+    missing = np.isinf(x)  # None with no default (marked by _to_float on the object path)
+    z = (_apply_transform(f, np.where(missing, 0.0, x)) - f.mean) / f.std
+    z = np.where(missing, 0.0, z)
+    return np.clip(z, -NUMERIC_CLIP, NUMERIC_CLIP).astype(np.float32)
+
+
+# -- the default schema ----------------------------------------------------------------------
+def default_schema() -> FeatureSchema:
+    """The schema the demo model uses; it follows KuaiRand's columns (see docs/internals.md)."""
+
+    def cat(name: str, entity: Entity, buckets: int, default: str | int = 0) -> Feature:
+        return Feature(name, entity, "categorical", buckets=buckets, default=default)
+
+    def num(name: str, entity: Entity, transform: str = "log1p") -> Feature:
+        return Feature(name, entity, "numeric", transform=transform)
+
+    return FeatureSchema(
+        (
+            cat("user_id", "user", 100_003),
+            cat("user_active_degree", "user", 31, "UNKNOWN"),
+            cat("is_video_author", "user", 7),
+            num("follow_user_num", "user"),
+            num("fans_user_num", "user"),
+            num("register_days", "user"),
+            cat("hour", "context", 29, 12),
+            cat("day_of_week", "context", 11, 0),
+            cat("tab", "context", 31, 0),
+            cat("video_id", "item", 100_003),
+            cat("author_id", "item", 50_021),
+            cat("video_type", "item", 7, "NORMAL"),
+            cat("music_id", "item", 20_011),
+            Feature("tag", "item", "multi_categorical", buckets=1_009, max_len=4, default=""),
+            num("duration_s", "item"),
+            num("upload_age_days", "item"),
+        )
+    )

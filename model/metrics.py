@@ -1,0 +1,201 @@
+"""Offline ranking metrics in plain numpy: AUC, XAUC, RMSE, log loss and NDCG@k.
+
+All functions take array-likes, flatten them to 1-D and validate that the lengths match. They are
+exact (no sampling) and vectorised; the sort-based ones are O(n log n).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+
+def _as_1d(name: str, values: npt.ArrayLike, dtype: type = np.float64) -> np.ndarray:
+    """Flatten to a 1-D array of `dtype`, rejecting NaN so that rank ties stay well defined."""
+    arr = np.asarray(values, dtype=dtype).ravel()
+    if np.issubdtype(arr.dtype, np.floating) and np.isnan(arr).any():
+        raise ValueError(f"{name} contains NaN")
+    return arr
+
+
+def _check_same_length(**arrays: np.ndarray) -> int:
+    lengths = {name: len(arr) for name, arr in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"length mismatch: {lengths}")
+    return next(iter(lengths.values()))
+
+
+def _midranks(values: FloatArray) -> FloatArray:
+    """1-based ranks of `values` where tied values share the mean of their ranks."""
+    order = np.argsort(values, kind="stable")
+    sorted_vals = values[order]
+    # Start of each run of equal values, so every member of a run can get the run's mean rank.
+    starts = np.flatnonzero(np.r_[True, sorted_vals[1:] != sorted_vals[:-1]])
+    ends = np.r_[starts[1:], len(values)]
+    run_rank = (starts + 1 + ends) / 2.0  # mean of the 1-based ranks starts+1 .. ends
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.repeat(run_rank, ends - starts)
+    return ranks
+
+
+def auc(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
+    """ROC AUC via the Mann-Whitney U statistic; tied scores count one half.
+
+    Returns NaN when only one class is present (AUC is undefined), so that evaluating a tiny
+    validation split without positives does not crash a training run.
+    """
+    y = _as_1d("labels", labels)
+    s = _as_1d("scores", scores)
+    _check_same_length(labels=y, scores=s)
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("labels must be 0/1")
+    n_pos = float(y.sum())
+    n_neg = float(len(y) - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _midranks(s)
+    u_stat = ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u_stat / (n_pos * n_neg))
+
+
+def _count_ascending_pairs(perm: IntArray) -> int:
+    """Number of index pairs j < i with perm[j] < perm[i], for a permutation of 0..n-1.
+
+    MSD radix partition over the bits of the values: at each bit, within a group of values
+    sharing the higher bits, every element with bit 1 is larger than every element with bit 0,
+    so it forms an ascending pair with each bit-0 element that precedes it in index order.
+    Groups are kept in index order by a stable partition, which costs O(n) per bit: O(n log n).
+    """
+    n = len(perm)
+    if n < 2:
+        return 0
+    order = np.arange(n)  # element indices, grouped by the bits above the current one
+    total = 0
+    for bit in range(int(n - 1).bit_length() - 1, -1, -1):
+        vals = perm[order]
+        high = vals >> (bit + 1)
+        is_one = ((vals >> bit) & 1).astype(bool)
+        group_start = np.flatnonzero(np.r_[True, high[1:] != high[:-1]])
+        sizes = np.diff(np.r_[group_start, n])
+        start_of = np.repeat(group_start, sizes)
+        zeros_incl = np.cumsum(~is_one)
+        zeros_before_group = np.repeat(zeros_incl[group_start] - (~is_one[group_start]), sizes)
+        zeros_before = zeros_incl - (~is_one) - zeros_before_group  # within group, exclusive
+        total += int(zeros_before[is_one].sum())
+        # Stable partition of each group: its zeros first, then its ones, both in index order.
+        group_end = np.r_[group_start[1:], n] - 1
+        zeros_in_group = np.repeat(zeros_incl[group_end], sizes) - zeros_before_group
+        pos_in_group = np.arange(n) - start_of
+        ones_before = pos_in_group - zeros_before
+        new_pos = np.where(is_one, start_of + zeros_in_group + ones_before, start_of + zeros_before)
+        new_order = np.empty_like(order)
+        new_order[new_pos] = order
+        order = new_order
+    return total
+
+
+def _concordant_pairs(y_true: FloatArray, y_pred: FloatArray) -> tuple[int, int]:
+    """Count pairs with y_true[j] < y_true[i]: those with y_pred[j] < y_pred[i], and those tied.
+
+    Elements are laid out by ascending y_true; ties in y_true are laid out by descending y_pred so
+    that equal-y_true pairs never look ascending in y_pred. The ascending pairs of the y_pred
+    ranks in this layout are then exactly the concordant pairs. Ranking equal predictions in
+    layout order instead also counts every y_pred tie, including pairs equal in both coordinates,
+    which sit next to each other in the layout and are subtracted.
+    """
+    layout = np.lexsort((-y_pred, y_true))
+    pred = y_pred[layout]
+    idx = np.arange(len(pred))
+    strict_perm = np.empty(len(pred), dtype=np.int64)
+    strict_perm[np.lexsort((-idx, pred))] = idx  # later equal prediction ranks lower
+    loose_perm = np.empty(len(pred), dtype=np.int64)
+    loose_perm[np.lexsort((idx, pred))] = idx  # later equal prediction ranks higher
+    concordant = _count_ascending_pairs(strict_perm)
+    truth = y_true[layout]
+    new_run = np.r_[True, (pred[1:] != pred[:-1]) | (truth[1:] != truth[:-1])]
+    run_sizes = np.diff(np.r_[np.flatnonzero(new_run), len(pred)])
+    equal_in_both = int((run_sizes * (run_sizes - 1) // 2).sum())
+    tied = _count_ascending_pairs(loose_perm) - equal_in_both - concordant
+    return concordant, tied
+
+
+def xauc(y_true: npt.ArrayLike, y_pred: npt.ArrayLike) -> float:
+    """Pairwise ordering accuracy for a continuous target (e.g. watch time).
+
+    Over all pairs with different y_true, the fraction whose y_pred is ordered the same way; a tie
+    in y_pred counts one half. Exact, O(n log n) (no pair sampling). NaN when all y_true are equal.
+    """
+    t = _as_1d("y_true", y_true)
+    p = _as_1d("y_pred", y_pred)
+    n = _check_same_length(y_true=t, y_pred=p)
+    _, true_counts = np.unique(t, return_counts=True)
+    n_pairs = n * (n - 1) // 2 - int((true_counts * (true_counts - 1) // 2).sum())
+    if n_pairs == 0:
+        return float("nan")
+    concordant, tied = _concordant_pairs(t, p)
+    return float((concordant + 0.5 * tied) / n_pairs)
+
+
+def rmse(y_true: npt.ArrayLike, y_pred: npt.ArrayLike) -> float:
+    """Root mean squared error."""
+    t = _as_1d("y_true", y_true)
+    p = _as_1d("y_pred", y_pred)
+    if _check_same_length(y_true=t, y_pred=p) == 0:
+        raise ValueError("rmse of empty arrays")
+    return float(np.sqrt(np.mean((t - p) ** 2)))
+
+
+def log_loss(labels: npt.ArrayLike, probs: npt.ArrayLike, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy; probabilities are clipped to [eps, 1 - eps] to stay finite."""
+    y = _as_1d("labels", labels)
+    p = np.clip(_as_1d("probs", probs), eps, 1.0 - eps)
+    if _check_same_length(labels=y, probs=p) == 0:
+        raise ValueError("log_loss of empty arrays")
+    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+
+
+def ndcg_at_k(
+    relevance_per_group: npt.ArrayLike,
+    scores: npt.ArrayLike,
+    groups: npt.ArrayLike,
+    k: int = 10,
+) -> float:
+    """Mean NDCG@k over groups (requests), with linear gains on graded relevance.
+
+    DCG@k = sum over the top-k items by score of rel / log2(position + 1). Relevance must be
+    non-negative (graded labels or a continuous utility). Ties in scores are broken pessimistically
+    (lower relevance first), so a constant scorer gets no credit for lucky input order. Groups
+    whose relevance is all zero have no ideal ordering and are left out of the mean; NaN when no
+    group is left.
+    """
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    rel = _as_1d("relevance_per_group", relevance_per_group)
+    s = _as_1d("scores", scores)
+    group_codes = np.unique(np.asarray(groups).ravel(), return_inverse=True)[1].ravel()
+    _check_same_length(relevance=rel, scores=s, groups=group_codes)
+    if (rel < 0).any():
+        raise ValueError("relevance must be non-negative")
+    n_groups = int(group_codes.max()) + 1 if len(group_codes) else 0
+    dcg = _dcg_per_group(rel, np.lexsort((rel, -s, group_codes)), group_codes, k, n_groups)
+    ideal = _dcg_per_group(rel, np.lexsort((-rel, group_codes)), group_codes, k, n_groups)
+    valid = ideal > 0
+    if not valid.any():
+        return float("nan")
+    return float(np.mean(dcg[valid] / ideal[valid]))
+
+
+def _dcg_per_group(
+    rel: FloatArray, order: IntArray, group_codes: IntArray, k: int, n_groups: int
+) -> FloatArray:
+    """DCG@k per group given an ordering that is grouped by group code, best item first."""
+    sorted_groups = group_codes[order]
+    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+    sizes = np.diff(np.r_[starts, len(order)])
+    position = np.arange(len(order)) - np.repeat(starts, sizes)  # 0-based rank within group
+    in_top = position < k
+    gains = rel[order][in_top] / np.log2(position[in_top] + 2.0)
+    return np.bincount(sorted_groups[in_top], weights=gains, minlength=n_groups)

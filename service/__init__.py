@@ -1,0 +1,1 @@
+"""vidrank online serving: FastAPI app, scorer, fusion, model manager."""
