@@ -39,6 +39,7 @@ __all__ = [
     "Bundle",
     "BundleError",
     "build_manifest",
+    "fsync_dir",
     "load_bundle",
     "normalise_dtype",
     "sha256_file",

@@ -147,11 +147,12 @@ def models_list(registry: RegistryOpt = Path("registry")) -> None:
 @models_app.command("show")
 def models_show(version: str, registry: RegistryOpt = Path("registry")) -> None:
     """Print a version's manifest."""
+    from model.bundle import BundleError
     from model.registry import RegistryError
 
     try:
         typer.echo(json.dumps(_registry(registry).bundle(version).manifest, indent=2))
-    except RegistryError as e:
+    except (RegistryError, BundleError) as e:
         _fail(str(e))
 
 

@@ -13,10 +13,10 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 
-def _as_1d(name: str, values: npt.ArrayLike, dtype: type = np.float64) -> np.ndarray:
-    """Flatten to a 1-D array of `dtype`, rejecting NaN so that rank ties stay well defined."""
-    arr = np.asarray(values, dtype=dtype).ravel()
-    if np.issubdtype(arr.dtype, np.floating) and np.isnan(arr).any():
+def _as_1d(name: str, values: npt.ArrayLike) -> FloatArray:
+    """Flatten to a 1-D float array, rejecting NaN so that rank ties stay well defined."""
+    arr: FloatArray = np.asarray(values, dtype=np.float64).ravel()
+    if np.isnan(arr).any():
         raise ValueError(f"{name} contains NaN")
     return arr
 
@@ -198,4 +198,5 @@ def _dcg_per_group(
     position = np.arange(len(order)) - np.repeat(starts, sizes)  # 0-based rank within group
     in_top = position < k
     gains = rel[order][in_top] / np.log2(position[in_top] + 2.0)
-    return np.bincount(sorted_groups[in_top], weights=gains, minlength=n_groups)
+    dcg = np.bincount(sorted_groups[in_top], weights=gains, minlength=n_groups)
+    return np.asarray(dcg, dtype=np.float64)

@@ -411,7 +411,10 @@ class ProfileStore:
     error is kept in :attr:`last_error` until a later load succeeds. A file missing at start
     means no profiles (fallback only) and sets :attr:`last_error`; if it appears later it is
     loaded. ``path=None`` means no profile file at all. Writers should replace the file
-    atomically (write a temp file, rename); a torn read is retried when the file changes again.
+    atomically (write a temp file, rename). Without that, a reader may catch the file mid-write:
+    a file whose signature changes during the read is retried at the next check, and an empty
+    file is rejected (keeping the last good profiles), but a half-written file that happens to
+    parse cannot be told apart from an intended edit.
 
     Counters (for logs and metrics) include the constructor's load: :attr:`reloads` counts
     successful loads, :attr:`reload_failures` failed ones. Thread-safe.
@@ -492,13 +495,23 @@ class ProfileStore:
         return self._load(signature)
 
     def _load(self, signature: tuple[int, int] | None) -> bool:
-        """Read and parse the file; on failure keep the old profiles. Holds the lock."""
+        """Read and parse the file; on failure keep the old profiles. Holds the lock.
+
+        A file that changes while it is read is not committed (the next check retries it). An
+        empty file counts as a failure: it is what a reader sees in the middle of a
+        truncate-and-write, and it would otherwise silently drop every profile.
+        """
         assert self.path is not None
-        self._signature = signature  # a broken file is not retried until it changes again
         try:
-            with open(self.path, "rb") as fh:
-                specs, default = parse_profiles(tomllib.load(fh))
-        except (OSError, tomllib.TOMLDecodeError, FusionError) as exc:
+            data = self.path.read_bytes()
+            if _file_signature(self.path) != signature:
+                return False  # torn read; self._signature stays stale, so the next check retries
+            self._signature = signature  # a broken file is not retried until it changes again
+            if not data.strip():
+                raise FusionError("profiles", "the profile file is empty")
+            specs, default = parse_profiles(tomllib.loads(data.decode("utf-8")))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, FusionError) as exc:
+            self._signature = signature
             self.reload_failures += 1
             self.last_error = f"{self.path}: {exc}"
             return False

@@ -1,0 +1,403 @@
+"""Load impression logs in KuaiRand's schema (CSV or Parquet) into the trainer's frame.
+
+`load_impressions(dir)` joins the log(s) with user and basic video features and returns one row per
+impression, sorted by time_ms, with the default feature schema's column names, the labels
+`click`, `watch_s`, `like`, `time_ms`, and the simulator's truth columns when present (see
+docs/internals.md). It works for the real KuaiRand files and for `model.simulate` output alike.
+
+Choices worth knowing:
+- watch_s = play_time_ms / 1000 for clicked impressions, clipped to [0, max_watch_ratio x duration]
+  (default 1.0: replays are not counted, which keeps KuaiRand's multi-hour loops from dominating a
+  regression loss); 0 when not clicked.
+- hour comes from hourmin (HHMM, local time); when absent, from time_ms in Beijing time (UTC+8),
+  the timezone of KuaiRand's date/hourmin columns. day_of_week (Monday = 0) from date likewise.
+- Missing optional columns take defaults: "UNKNOWN" activity, "NORMAL" type, "" tag, 0 counts,
+  -1 for unknown author/music ids (a bucket of its own), 0 upload age, 0 tab.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+BEIJING_OFFSET_MS = 8 * 3600 * 1000
+TRUTH_COLUMNS = ("true_p_click", "true_watch_s", "true_p_like")
+FEATURE_COLUMNS = (
+    "user_id",
+    "user_active_degree",
+    "is_video_author",
+    "follow_user_num",
+    "fans_user_num",
+    "register_days",
+    "hour",
+    "day_of_week",
+    "tab",
+    "video_id",
+    "author_id",
+    "video_type",
+    "music_id",
+    "tag",
+    "duration_s",
+    "upload_age_days",
+)
+LABEL_COLUMNS = ("click", "watch_s", "like")
+LOG_COLUMNS = (
+    "user_id",
+    "video_id",
+    "date",
+    "hourmin",
+    "time_ms",
+    "is_click",
+    "is_like",
+    "play_time_ms",
+    "duration_ms",
+    "tab",
+    *TRUTH_COLUMNS,
+)
+USER_COLUMNS = (
+    "user_id",
+    "user_active_degree",
+    "is_video_author",
+    "follow_user_num",
+    "fans_user_num",
+    "register_days",
+)
+VIDEO_COLUMNS = (
+    "video_id",
+    "author_id",
+    "video_type",
+    "upload_dt",
+    "video_duration",
+    "music_id",
+    "tag",
+)
+# Read as text so that "12,65" stays a string and a lone "12" does not become 12.0 next to NaNs.
+TEXT_COLUMNS = ("tag", "user_active_degree", "video_type", "upload_dt")
+DATA_SUFFIXES = (".parquet", ".csv")
+SHARD_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet$")
+
+
+# -- finding and reading files ---------------------------------------------------------------
+def _find(data_dir: Path, prefix: str) -> list[Path]:
+    """Files named prefix*.csv|parquet, sorted; Parquet wins when both formats of a stem exist."""
+    by_stem: dict[str, Path] = {}
+    for suffix in reversed(DATA_SUFFIXES):  # Parquet last, so it overwrites a CSV twin
+        for path in sorted(data_dir.glob(f"{prefix}*{suffix}")):
+            by_stem[path.stem] = path
+    return sorted(by_stem.values(), key=lambda p: p.name)
+
+
+def _find_one(data_dir: Path, prefix: str) -> Path:
+    found = _find(data_dir, prefix)
+    if not found:
+        raise ValueError(f"no {prefix}*.csv or {prefix}*.parquet file in {data_dir}")
+    if len(found) > 1:
+        raise ValueError(f"several {prefix}* files in {data_dir}: {[p.name for p in found]}")
+    return found[0]
+
+
+def _read_table(path: Path, wanted: Iterable[str], max_rows: int | None = None) -> pd.DataFrame:
+    """Read the wanted columns that exist in a CSV or Parquet file (at most max_rows rows)."""
+    wanted = set(wanted)
+    if path.suffix == ".csv":
+        dtype = {c: "string" for c in TEXT_COLUMNS if c in wanted}
+        frame = pd.read_csv(path, usecols=lambda c: c in wanted, dtype=dtype, nrows=max_rows)
+    else:
+        columns = [c for c in pq.read_schema(path).names if c in wanted]
+        frame = _read_parquet_head(path, columns, max_rows)
+    for col in TEXT_COLUMNS:
+        if col in frame.columns:
+            frame[col] = _as_text(frame[col])
+    return frame
+
+
+def _read_parquet_head(path: Path, columns: list[str], max_rows: int | None) -> pd.DataFrame:
+    if max_rows is None:
+        return pd.read_parquet(path, columns=columns)
+    batches, rows = [], 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=65_536, columns=columns):
+        batches.append(batch.to_pandas())
+        rows += batch.num_rows
+        if rows >= max_rows:
+            break
+    if not batches:
+        return pd.read_parquet(path, columns=columns)
+    return pd.concat(batches, ignore_index=True).iloc[:max_rows]
+
+
+def _as_text(col: pd.Series) -> pd.Series:
+    """Object column of stripped strings; whole floats (12.0) print as integers, NaN as None."""
+    if pd.api.types.is_float_dtype(col):
+        whole = col.notna() & (col == np.round(col))
+        col = col.astype(object).where(~whole, col[whole].astype("int64").astype(str))
+    text = col.astype(object).where(col.notna(), None)
+    return text.map(lambda v: None if v is None else str(v).strip())
+
+
+def _require(frame: pd.DataFrame, columns: Iterable[str], path: Path) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path.name} lacks required column(s) {missing}")
+
+
+def _read_logs(data_dir: Path, max_rows: int | None) -> pd.DataFrame:
+    """Standard logs then random-exposure logs, each set in name order, up to max_rows rows."""
+    paths = _find(data_dir, "log_standard") + _find(data_dir, "log_random")
+    if not paths:
+        raise ValueError(f"no log_standard*/log_random* .csv or .parquet file in {data_dir}")
+    frames, remaining = [], max_rows
+    for path in paths:
+        if remaining is not None and remaining <= 0:
+            break
+        frame = _read_table(path, LOG_COLUMNS, remaining)
+        _require(frame, ("user_id", "video_id", "is_click"), path)
+        if "time_ms" not in frame.columns and "date" not in frame.columns:
+            raise ValueError(f"{path.name} lacks a time column: needs time_ms or date")
+        frames.append(frame)
+        remaining = None if remaining is None else remaining - len(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+# -- deriving the schema columns -------------------------------------------------------------
+def _int_col(frame: pd.DataFrame, name: str, default: int) -> np.ndarray:
+    if name not in frame.columns:
+        return np.full(len(frame), default, dtype=np.int64)
+    return np.asarray(frame[name].fillna(default).to_numpy(), dtype=np.int64)
+
+
+def _float_col(frame: pd.DataFrame, name: str, default: float) -> np.ndarray:
+    if name not in frame.columns:
+        return np.full(len(frame), default, dtype=np.float64)
+    return np.asarray(frame[name].fillna(default).to_numpy(), dtype=np.float64)
+
+
+def _text_col(frame: pd.DataFrame, name: str, default: str) -> np.ndarray:
+    if name not in frame.columns:
+        return np.full(len(frame), default, dtype=object)
+    col = frame[name].astype(object)
+    return np.asarray(col.where(col.notna() & (col != ""), default).to_numpy(), dtype=object)
+
+
+def _parse_days(values: pd.Series, fmt: str | None) -> np.ndarray:
+    """datetime64[D] per value (NaT when unparsable); each distinct value is parsed once."""
+    uniq, inverse = np.unique(values.astype(str).to_numpy(), return_inverse=True)
+    parsed = pd.to_datetime(pd.Series(uniq), format=fmt, errors="coerce").to_numpy()
+    return np.asarray(parsed.astype("datetime64[D]")[inverse.reshape(-1)])
+
+
+def _time_columns(log: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """time_ms (UTC epoch ms), local impression day (datetime64[D]) and local hour."""
+    day: np.ndarray | None = None
+    if "date" in log.columns and log["date"].notna().all():
+        day = _parse_days(log["date"].astype("int64"), "%Y%m%d")
+        if np.isnat(day).any():
+            raise ValueError("log column date must hold YYYYMMDD dates")
+    hourmin = None
+    if "hourmin" in log.columns and log["hourmin"].notna().all():
+        hourmin = log["hourmin"].to_numpy(dtype=np.int64)
+    if "time_ms" in log.columns and log["time_ms"].notna().all():
+        time_ms = log["time_ms"].to_numpy(dtype=np.int64)
+    elif day is not None:
+        minutes = np.zeros(len(log), np.int64) if hourmin is None else _minutes(hourmin)
+        local_ms = day.astype("datetime64[ms]").astype(np.int64) + minutes * 60_000
+        time_ms = local_ms - BEIJING_OFFSET_MS
+    else:
+        raise ValueError("log rows lack both time_ms and date")
+    local = (time_ms + BEIJING_OFFSET_MS).astype("datetime64[ms]")
+    if day is None:
+        day = local.astype("datetime64[D]")
+    if hourmin is not None:
+        hour = hourmin // 100
+    else:
+        hour = (local - local.astype("datetime64[D]")).astype(np.int64) // 3_600_000
+    return time_ms, day, hour.astype(np.int64)
+
+
+def _minutes(hourmin: np.ndarray) -> np.ndarray:
+    return (hourmin // 100) * 60 + hourmin % 100
+
+
+def _day_of_week(day: np.ndarray) -> np.ndarray:
+    # 1970-01-01 was a Thursday (Monday = 0 -> Thursday = 3).
+    return ((day.astype(np.int64) + 3) % 7).astype(np.int64)
+
+
+def _upload_age_days(joined: pd.DataFrame, day: np.ndarray) -> np.ndarray:
+    """Whole days from upload to impression, >= 0; 0 when the upload date is unknown."""
+    age = np.zeros(len(day), dtype=np.float64)
+    if "upload_day" not in joined.columns:
+        return age
+    upload = joined["upload_day"].to_numpy().astype("datetime64[D]")
+    known = ~np.isnat(upload)
+    age[known] = (day[known] - upload[known]).astype(np.int64)
+    return np.maximum(age, 0.0)
+
+
+def _join(log: pd.DataFrame, table: pd.DataFrame, key: str, path: Path) -> pd.DataFrame:
+    """Left-join a per-entity table; duplicate keys in it are an error, unknown keys get NaN."""
+    table = table.drop(columns=[c for c in table.columns if c != key and c in log.columns])
+    if table[key].duplicated().any():
+        raise ValueError(f"{path.name} has duplicate {key} values")
+    return log.merge(table, on=key, how="left", sort=False)
+
+
+def _watch_seconds(
+    joined: pd.DataFrame, click: np.ndarray, duration_s: np.ndarray, max_watch_ratio: float | None
+) -> np.ndarray:
+    watch = np.maximum(_float_col(joined, "play_time_ms", 0.0) / 1000.0, 0.0)
+    if max_watch_ratio is not None:
+        cap = np.where(duration_s > 0, max_watch_ratio * duration_s, np.inf)
+        watch = np.minimum(watch, cap)
+    return np.where(click == 1, watch, 0.0).astype(np.float32)
+
+
+def _build_frame(joined: pd.DataFrame, max_watch_ratio: float | None) -> pd.DataFrame:
+    time_ms, day, hour = _time_columns(joined)
+    # The log's per-impression duration wins; the video table's fills the gaps.
+    duration_ms = _float_col(joined, "duration_ms", np.nan)
+    duration_ms = np.where(
+        np.isnan(duration_ms), _float_col(joined, "video_duration", 0.0), duration_ms
+    )
+    duration_s = duration_ms / 1000.0
+    click = np.clip(_int_col(joined, "is_click", 0), 0, 1).astype(np.int8)
+    out = pd.DataFrame(
+        {
+            "user_id": _int_col(joined, "user_id", -1),
+            "user_active_degree": _text_col(joined, "user_active_degree", "UNKNOWN"),
+            "is_video_author": _int_col(joined, "is_video_author", 0),
+            "follow_user_num": _float_col(joined, "follow_user_num", 0.0).astype(np.float32),
+            "fans_user_num": _float_col(joined, "fans_user_num", 0.0).astype(np.float32),
+            "register_days": _float_col(joined, "register_days", 0.0).astype(np.float32),
+            "hour": hour,
+            "day_of_week": _day_of_week(day),
+            "tab": _int_col(joined, "tab", 0),
+            "video_id": _int_col(joined, "video_id", -1),
+            "author_id": _int_col(joined, "author_id", -1),
+            "video_type": _text_col(joined, "video_type", "NORMAL"),
+            "music_id": _int_col(joined, "music_id", -1),
+            "tag": _text_col(joined, "tag", ""),
+            "duration_s": duration_s.astype(np.float32),
+            "upload_age_days": _upload_age_days(joined, day).astype(np.float32),
+            "click": click,
+            "watch_s": _watch_seconds(joined, click, duration_s, max_watch_ratio),
+            "like": np.clip(_int_col(joined, "is_like", 0), 0, 1).astype(np.int8),
+            "time_ms": time_ms,
+        }
+    )
+    for col in TRUTH_COLUMNS:
+        if col in joined.columns:
+            out[col] = joined[col].to_numpy(dtype=np.float32)
+    return out
+
+
+def load_impressions(
+    data_dir: Path, max_rows: int | None = None, max_watch_ratio: float | None = 1.0
+) -> pd.DataFrame:
+    """Join logs with user and video features into the trainer's impression frame.
+
+    data_dir holds log_standard*/log_random*, user_features* and video_features_basic* files as
+    CSV or Parquet. max_rows caps the rows read from the logs (standard logs first, in file-name
+    order) before sorting by time. Raises ValueError naming a missing file or required column.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ValueError(f"data directory {data_dir} does not exist")
+    if max_rows is not None and max_rows < 1:
+        raise ValueError("max_rows must be >= 1")
+    log = _read_logs(data_dir, max_rows)
+    user_path = _find_one(data_dir, "user_features")
+    video_path = _find_one(data_dir, "video_features_basic")
+    users = _read_table(user_path, USER_COLUMNS)
+    _require(users, ("user_id",), user_path)
+    videos = _read_table(video_path, VIDEO_COLUMNS)
+    _require(videos, ("video_id",), video_path)
+    if "upload_dt" in videos.columns:  # parse per video, not per impression
+        videos["upload_day"] = _parse_days(videos.pop("upload_dt"), None)
+    joined = _join(_join(log, users, "user_id", user_path), videos, "video_id", video_path)
+    frame = _build_frame(joined, max_watch_ratio)
+    order = np.argsort(frame["time_ms"].to_numpy(), kind="stable")
+    return frame.iloc[order].reset_index(drop=True)
+
+
+# -- splitting and sharding ------------------------------------------------------------------
+def split_by_time(
+    df: pd.DataFrame, valid_fraction: float = 0.1, test_fraction: float = 0.1
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Chronological train/valid/test split by row count: the last rows are test.
+
+    Every train row is no later than every valid row, and valid no later than test.
+    """
+    if valid_fraction < 0 or test_fraction < 0 or valid_fraction + test_fraction >= 1:
+        raise ValueError("fractions must be >= 0 and sum to less than 1")
+    ordered = df.iloc[np.argsort(df["time_ms"].to_numpy(), kind="stable")]
+    n = len(ordered)
+    n_test = int(round(n * test_fraction))
+    n_valid = int(round(n * valid_fraction))
+    train_end, valid_end = n - n_test - n_valid, n - n_test
+    return (
+        ordered.iloc[:train_end].reset_index(drop=True),
+        ordered.iloc[train_end:valid_end].reset_index(drop=True),
+        ordered.iloc[valid_end:].reset_index(drop=True),
+    )
+
+
+def _shard_name(index: int, n_shards: int) -> str:
+    return f"part-{index:05d}-of-{n_shards:05d}.parquet"
+
+
+def write_shards(df: pd.DataFrame, out_dir: Path, n_shards: int) -> list[Path]:
+    """Write df as n_shards Parquet files, row i to shard i mod n_shards.
+
+    Round-robin keeps shard sizes within one row of each other (DDP ranks then run the same
+    number of steps) and gives every shard the whole time range. Stale shards from an earlier
+    write in out_dir are removed; each file is written under a temporary name and renamed.
+    """
+    if n_shards < 1:
+        raise ValueError("n_shards must be >= 1")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.iterdir():
+        if SHARD_RE.match(stale.name):
+            stale.unlink()
+    assignment = np.arange(len(df)) % n_shards
+    paths = []
+    for index in range(n_shards):
+        path = out_dir / _shard_name(index, n_shards)
+        tmp = out_dir / f".{path.name}.tmp"
+        df.iloc[np.flatnonzero(assignment == index)].to_parquet(tmp, index=False)
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def _list_shards(shard_dir: Path) -> list[Path]:
+    """The complete, consistent set of shard files in shard_dir, in shard order."""
+    found = sorted(p for p in Path(shard_dir).iterdir() if SHARD_RE.match(p.name))
+    if not found:
+        raise ValueError(f"no part-*-of-*.parquet shards in {shard_dir}")
+    first = SHARD_RE.match(found[0].name)
+    total = int(first.group(2)) if first else 0
+    expected = [_shard_name(i, total) for i in range(total)]
+    if [p.name for p in found] != expected:
+        raise ValueError(f"incomplete or mixed shards in {shard_dir}: expected {total} of them")
+    return found
+
+
+def read_shard(shard_dir: Path, rank: int, world: int) -> pd.DataFrame:
+    """Rows of the shards belonging to `rank` of `world` (shards rank, rank + world, ...).
+
+    Needs at least as many shards as ranks; the result is sorted by time_ms.
+    """
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"invalid rank {rank} for world size {world}")
+    shards = _list_shards(Path(shard_dir))
+    if len(shards) < world:
+        raise ValueError(f"{len(shards)} shard(s) cannot feed {world} ranks")
+    frame = pd.concat([pd.read_parquet(p) for p in shards[rank::world]], ignore_index=True)
+    order = np.argsort(frame["time_ms"].to_numpy(), kind="stable")
+    return frame.iloc[order].reset_index(drop=True)

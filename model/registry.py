@@ -1,0 +1,496 @@
+"""File-system model registry: immutable published bundles plus a small aliases file (stdlib only).
+
+Layout::
+
+    <root>/versions/<version>/{model.onnx, manifest.json}   immutable once published
+    <root>/versions/.tmp-<uuid>/                             a publish in progress (never listed)
+    <root>/aliases.json                                      production / previous / canary
+    <root>/.lock                                             flock serialising aliases updates
+
+The directory may be local (the embedded default) or a volume shared by every replica (NFS, a
+ReadWriteMany PVC, a compose volume). Safety rests on two primitives that hold there too:
+
+* fsync + rename. A version is staged in a temp directory, fsynced (files and directory), then
+  renamed into place in one step, so no reader ever sees a half-copied version (TF Serving #1086).
+  Renaming a directory onto an existing non-empty directory fails, so of several concurrent
+  publishers of one version exactly one wins and the others get ``VersionExists``.
+  ``aliases.json`` is replaced the same way (temp file + fsync + ``os.replace`` + fsync of the
+  directory), so pollers read either the old or the new file, never a torn one.
+* ``fcntl.flock`` on ``<root>/.lock``. Every aliases change is a read-modify-write under an
+  exclusive lock, so concurrent activations from several processes never lose an update. On NFS
+  the Linux client implements flock with byte-range locks (NLM / NFSv4), which are cluster-wide.
+
+The registry is the fleet's source of truth: the admin API writes ``aliases.json`` and every
+replica polls it (``aliases_stamp``) and converges.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from model.bundle import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    VERSION_RE,
+    Bundle,
+    BundleError,
+    fsync_dir,
+    load_bundle,
+)
+
+__all__ = [
+    "ALIASES_FILE",
+    "MAX_PREVIOUS",
+    "VERSION_RE",
+    "Aliases",
+    "Canary",
+    "InvalidCanary",
+    "InvalidVersionName",
+    "NothingToRollBack",
+    "Registry",
+    "RegistryError",
+    "VersionExists",
+    "VersionNotFound",
+]
+
+VERSIONS_DIR = "versions"
+ALIASES_FILE = "aliases.json"
+LOCK_FILE = ".lock"
+TEMP_PREFIX = ".tmp-"
+MAX_PREVIOUS = 20  # rollback depth; bounded so aliases.json stays small
+_CHUNK = 1 << 20
+
+
+class RegistryError(Exception):
+    """A registry operation that cannot be carried out; the message says why."""
+
+
+class VersionNotFound(RegistryError):
+    """The named version is not published in the registry."""
+
+
+class VersionExists(RegistryError):
+    """A version of that name is already published; published versions are immutable."""
+
+
+class InvalidVersionName(RegistryError, ValueError):
+    """The name does not match ``VERSION_RE``."""
+
+
+class InvalidCanary(RegistryError, ValueError):
+    """A canary percent outside (0, 100] or otherwise malformed canary settings."""
+
+
+class NothingToRollBack(RegistryError):
+    """``rollback`` was asked for but the ``previous`` stack is empty."""
+
+
+def _check_name(version: Any) -> str:
+    if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
+        raise InvalidVersionName(
+            f"invalid version name {version!r}: must match {VERSION_RE.pattern}"
+        )
+    return version
+
+
+def _utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+# -- aliases -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A version that receives ``percent`` (0 < percent <= 100) of the traffic."""
+
+    version: str
+    percent: float
+
+    def __post_init__(self) -> None:
+        _check_name(self.version)
+        p = self.percent
+        if isinstance(p, bool) or not isinstance(p, int | float) or not math.isfinite(p):
+            raise InvalidCanary(f"canary percent must be a number, not {p!r}")
+        if not 0 < p <= 100:
+            raise InvalidCanary(f"canary percent must be in (0, 100], not {p}")
+        object.__setattr__(self, "percent", float(p))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: ``{"version", "percent"}``."""
+        return {"version": self.version, "percent": self.percent}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Canary:
+        """Parse the JSON form; raises ``RegistryError`` (or a subclass) when malformed."""
+        if not isinstance(d, Mapping) or "version" not in d or "percent" not in d:
+            raise RegistryError(f"canary must be an object with version and percent, not {d!r}")
+        return cls(version=d["version"], percent=d["percent"])
+
+
+@dataclass(frozen=True)
+class Aliases:
+    """Contents of ``aliases.json``; ``previous`` is the rollback stack, most recent last."""
+
+    production: str | None
+    previous: tuple[str, ...] = ()
+    canary: Canary | None = None
+    updated_at: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.production is not None:
+            _check_name(self.production)
+        # Accept any sequence (e.g. a JSON list) but store a tuple so the value stays immutable.
+        object.__setattr__(self, "previous", tuple(_check_name(v) for v in self.previous))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form, as documented in docs/internals.md."""
+        return {
+            "production": self.production,
+            "previous": list(self.previous),
+            "canary": self.canary.to_dict() if self.canary is not None else None,
+            "updated_at": self.updated_at,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Aliases:
+        """Parse the JSON form; raises ``RegistryError`` when malformed."""
+        if not isinstance(d, Mapping):
+            raise RegistryError(f"aliases must be a JSON object, not {type(d).__name__}")
+        previous = d.get("previous") or []
+        canary = d.get("canary")
+        updated_at = d.get("updated_at")
+        if not isinstance(previous, list):
+            raise RegistryError("aliases 'previous' must be a list of version names")
+        if updated_at is not None and not isinstance(updated_at, str):
+            raise RegistryError("aliases 'updated_at' must be a string")
+        return cls(
+            production=d.get("production"),
+            previous=tuple(previous),
+            canary=Canary.from_dict(canary) if canary is not None else None,
+            updated_at=updated_at,
+        )
+
+
+# -- the registry ------------------------------------------------------------------------------
+
+
+class Registry:
+    """A model registry rooted at a directory (local, or a volume shared by replicas)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.root)!r})"
+
+    @property
+    def versions_root(self) -> Path:
+        """``<root>/versions``: one sub-directory per published version."""
+        return self.root / VERSIONS_DIR
+
+    @property
+    def aliases_path(self) -> Path:
+        """``<root>/aliases.json``."""
+        return self.root / ALIASES_FILE
+
+    # -- versions ------------------------------------------------------------------------------
+    def versions(self) -> list[str]:
+        """Published versions, oldest first (publish time, then name).
+
+        Temp directories of publishes in progress (or of crashed ones) are never listed: their
+        names start with a dot, which ``VERSION_RE`` rejects.
+        """
+        try:
+            entries = list(os.scandir(self.versions_root))
+        except FileNotFoundError:
+            return []
+        found: list[tuple[int, str]] = []
+        for entry in entries:
+            if not VERSION_RE.fullmatch(entry.name):
+                continue
+            try:
+                if entry.is_dir():
+                    found.append((entry.stat().st_mtime_ns, entry.name))
+            except FileNotFoundError:
+                continue  # vanished while listing (removed by an operator)
+        return [name for _, name in sorted(found)]
+
+    def has(self, version: str) -> bool:
+        """Whether ``version`` is published (False for names that are not valid at all)."""
+        if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
+            return False
+        return (self.versions_root / version).is_dir()
+
+    def version_dir(self, version: str) -> Path:
+        """Directory of ``version`` (which may not exist); rejects invalid names.
+
+        Validating here is also what keeps names like ``../x`` out of the file system.
+        """
+        return self.versions_root / _check_name(version)
+
+    def bundle(self, version: str, *, verify: bool = True) -> Bundle:
+        """Load (and by default checksum-verify) a published version's bundle.
+
+        Raises ``VersionNotFound`` if absent and ``BundleError`` if the bundle is invalid.
+        """
+        path = self.version_dir(version)
+        if not path.is_dir():
+            raise VersionNotFound(f"version {version!r} is not published in {self.root}")
+        bundle = load_bundle(path, verify=verify)
+        if bundle.version != version:
+            raise BundleError(
+                f"manifest of {version} names version {bundle.version!r}; a registry directory "
+                "must hold the bundle of its own name"
+            )
+        return bundle
+
+    def publish(self, src: Path | str, version: str | None = None) -> str:
+        """Publish the bundle at ``src`` as ``version`` (default: the manifest's) atomically.
+
+        The source is verified, copied into ``versions/.tmp-<uuid>/``, fsynced, verified again
+        and renamed to ``versions/<version>``; only then does the version become visible. If the
+        name differs from the manifest's, the copy's manifest is rewritten to it (the sha256
+        covers model.onnx only, so it stays valid). Only the bundle's two files are copied.
+
+        Raises ``BundleError`` for an invalid source, ``InvalidVersionName`` and
+        ``VersionExists`` (also when a concurrent publisher of the same name wins the race).
+        The temp directory is removed on any failure.
+        """
+        source = load_bundle(Path(src), verify=True)
+        name = _check_name(source.version if version is None else version)
+        final = self.versions_root / name
+        if final.exists():  # cheap early refusal; the rename below is the real guard
+            raise VersionExists(f"version {name!r} is already published")
+        self.versions_root.mkdir(parents=True, exist_ok=True)
+        tmp = self.versions_root / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            self._stage(source, tmp, name)
+            self._commit(tmp, final, name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return name
+
+    def _stage(self, source: Bundle, tmp: Path, name: str) -> None:
+        """Copy the bundle into ``tmp``, make it durable and verify the copy."""
+        _copy_durable(source.onnx_path, tmp / MODEL_FILE)
+        if name == source.version:
+            _copy_durable(source.manifest_path, tmp / MANIFEST_FILE)
+        else:
+            manifest = dict(source.manifest, version=name)
+            data = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+            _write_durable(tmp / MANIFEST_FILE, data)
+        fsync_dir(tmp)
+        staged = load_bundle(tmp, verify=True)  # re-read from disk: catches a bad copy
+        if staged.version != name:
+            raise BundleError(f"staged manifest names {staged.version!r}, expected {name!r}")
+
+    def _commit(self, tmp: Path, final: Path, name: str) -> None:
+        """Rename the staged directory into place; this single step is the publish."""
+        # The directory's mtime is the publish time that versions() sorts by. Set it from the
+        # fine-grained user-space clock: the kernel's file timestamps are coarse (a few ms), so
+        # two quick publishes could otherwise tie and sort by name instead.
+        now_ns = time.time_ns()
+        os.utime(tmp, ns=(now_ns, now_ns))
+        fsync_dir(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise VersionExists(f"version {name!r} is already published") from e
+            raise
+        fsync_dir(self.versions_root)
+
+    def cleanup_temp(self, older_than_s: float = 3600.0) -> list[str]:
+        """Remove temp directories left by crashed publishes; return their names.
+
+        Only directories older than ``older_than_s`` are removed, so a publish still copying
+        (possibly from another host sharing the volume) is left alone.
+        """
+        removed: list[str] = []
+        cutoff = time.time() - older_than_s
+        try:
+            entries = list(os.scandir(self.versions_root))
+        except FileNotFoundError:
+            return removed
+        for entry in entries:
+            if entry.name.startswith(TEMP_PREFIX) and entry.is_dir(follow_symlinks=False):
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        shutil.rmtree(entry.path)
+                        removed.append(entry.name)
+                except FileNotFoundError:
+                    continue
+        return sorted(removed)
+
+    # -- aliases -------------------------------------------------------------------------------
+    def read_aliases(self) -> Aliases:
+        """Current aliases; ``Aliases(None)`` when none have been written yet.
+
+        Needs no lock: the file is only ever replaced whole.
+        """
+        try:
+            raw = self.aliases_path.read_bytes()
+        except FileNotFoundError:
+            return Aliases(None)
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RegistryError(f"{self.aliases_path} is not valid JSON: {e}") from e
+        return Aliases.from_dict(data)
+
+    def aliases_stamp(self) -> tuple[int, int] | None:
+        """A cheap change token for ``aliases.json``: ``(size, 64-bit content hash)``.
+
+        ``None`` when the file does not exist. A content hash rather than (mtime, size): two
+        updates within one timestamp tick can have equal sizes, and NFS clients cache attributes
+        for seconds, whereas open() + read revalidates (close-to-open consistency). The file is a
+        few hundred bytes, so reading it is as cheap as a stat.
+        """
+        try:
+            data = self.aliases_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        digest = hashlib.blake2b(data, digest_size=8).digest()
+        return (len(data), int.from_bytes(digest, "big"))
+
+    def activate(self, version: str) -> Aliases:
+        """Make ``version`` production; the old production goes onto ``previous``.
+
+        Raises ``VersionNotFound`` if ``version`` is not published. Re-activating the current
+        production pushes nothing. A canary of ``version`` is cleared (it is now production).
+        This only checks that the version exists; loading and warming it is the service's job.
+        """
+
+        def change(cur: Aliases) -> Aliases:
+            self._require(version)
+            previous = cur.previous
+            if cur.production is not None and cur.production != version:
+                previous = (*previous, cur.production)[-MAX_PREVIOUS:]
+            return replace(
+                cur,
+                production=version,
+                previous=previous,
+                canary=_drop_canary_of(cur.canary, version),
+            )
+
+        return self._update(change)
+
+    def rollback(self) -> Aliases:
+        """Make the most recent ``previous`` version production again (popping it).
+
+        The current production is discarded, not pushed, so repeated rollbacks walk back in
+        history. Raises ``NothingToRollBack`` when ``previous`` is empty.
+        """
+
+        def change(cur: Aliases) -> Aliases:
+            if not cur.previous:
+                raise NothingToRollBack("nothing to roll back to: no previous production version")
+            target = cur.previous[-1]
+            self._require(target)
+            return replace(
+                cur,
+                production=target,
+                previous=cur.previous[:-1],
+                canary=_drop_canary_of(cur.canary, target),
+            )
+
+        return self._update(change)
+
+    def set_canary(self, version: str, percent: float) -> Aliases:
+        """Send ``percent`` of traffic to ``version`` (replacing any current canary).
+
+        Raises ``VersionNotFound``, ``InvalidCanary`` for a percent outside (0, 100], and
+        ``RegistryError`` when there is no production version or ``version`` already is it.
+        """
+        canary = Canary(version, percent)  # validate before taking the lock
+
+        def change(cur: Aliases) -> Aliases:
+            self._require(version)
+            if cur.production is None:
+                raise RegistryError("no production version: activate one before a canary")
+            if cur.production == version:
+                raise RegistryError(f"{version} is already production; it cannot be the canary")
+            return replace(cur, canary=canary)
+
+        return self._update(change)
+
+    def clear_canary(self) -> Aliases:
+        """Stop the canary (a no-op apart from ``updated_at`` when there is none)."""
+        return self._update(lambda cur: replace(cur, canary=None))
+
+    # -- internals -----------------------------------------------------------------------------
+    def _require(self, version: str) -> None:
+        _check_name(version)
+        if not self.has(version):
+            raise VersionNotFound(f"version {version!r} is not published in {self.root}")
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold an exclusive flock on ``<root>/.lock`` (cross-process, and across NFS clients)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def _update(self, change: Callable[[Aliases], Aliases]) -> Aliases:
+        """Read-modify-write ``aliases.json`` under the lock, so no concurrent update is lost."""
+        with self._locked():
+            new = replace(change(self.read_aliases()), updated_at=_utc_now_iso())
+            data = (json.dumps(new.to_dict(), indent=2) + "\n").encode("utf-8")
+            _replace_durable(self.aliases_path, data)
+            return new
+
+
+def _drop_canary_of(canary: Canary | None, version: str) -> Canary | None:
+    return None if canary is not None and canary.version == version else canary
+
+
+# -- durable file helpers ----------------------------------------------------------------------
+
+
+def _copy_durable(src: Path, dest: Path) -> None:
+    """Stream-copy ``src`` to a new file ``dest`` and fsync it."""
+    with open(src, "rb") as fin, open(dest, "xb") as fout:
+        shutil.copyfileobj(fin, fout, _CHUNK)
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
+def _write_durable(dest: Path, data: bytes) -> None:
+    """Write ``data`` to a new file ``dest`` and fsync it."""
+    with open(dest, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_durable(dest: Path, data: bytes) -> None:
+    """Atomically replace ``dest``: temp file in the same directory, fsync, rename, fsync dir."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        _write_durable(tmp, data)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dest.parent)

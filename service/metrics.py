@@ -1,0 +1,113 @@
+"""Prometheus collectors (prometheus-client) and the /metrics exposition.
+
+The collectors are module-level (prometheus-client registers each name once per process). With
+several worker processes the supervisor points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory
+before any worker imports this module; every worker then writes its samples to memory-mapped files
+there and :func:`exposition` aggregates all workers, whichever one answers the scrape.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+# Request latencies sit in the millisecond range; the buckets resolve 1-50 ms finely.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
+    0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+CANDIDATE_BUCKETS = (0, 1, 10, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 5000)
+MAX_UNKNOWN_FEATURE_LABELS = 200  # client-chosen names must not grow the series without bound
+
+HTTP_REQUESTS = Counter(
+    "vidrank_http_requests_total", "HTTP requests by route, method and status.",
+    ["route", "method", "status"],
+)  # fmt: skip
+HTTP_LATENCY = Histogram(
+    "vidrank_http_request_duration_seconds", "Request latency (server side) by route.",
+    ["route"], buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+CANDIDATES = Histogram(
+    "vidrank_rank_candidates", "Candidates per /rank request.", buckets=CANDIDATE_BUCKETS
+)
+INFERENCE_SECONDS = Histogram(
+    "vidrank_inference_seconds", "onnxruntime session.run time per /rank request.",
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+RANK_BY_VERSION = Counter(
+    "vidrank_rank_requests_total", "Ranked requests by the model version that served them.",
+    ["model_version"],
+)  # fmt: skip
+UNKNOWN_FEATURES = Counter(
+    "vidrank_unknown_features_total",
+    "Requests that sent a feature name the serving model does not know (ignored), by name.",
+    ["feature"],
+)
+MODEL_INFO = Gauge(
+    "vidrank_model_info", "1 for each version this process serves, by role (production/canary).",
+    ["version", "role"], multiprocess_mode="livemax",
+)  # fmt: skip
+READY = Gauge(
+    "vidrank_ready", "1 while a production model is loaded and warmed.",
+    multiprocess_mode="livemin",
+)  # fmt: skip
+SWAPS = Counter(
+    "vidrank_model_swaps_total", "Model swaps that completed, by trigger (admin/poll/startup).",
+    ["trigger"],
+)  # fmt: skip
+SWAP_FAILURES = Counter(
+    "vidrank_model_swap_failures_total",
+    "Versions that failed to load, verify or warm up (the old model kept serving), by trigger.",
+    ["trigger"],
+)
+LOAD_SECONDS = Histogram(
+    "vidrank_model_load_seconds", "Time to load, verify and warm up one version.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)  # fmt: skip
+PROFILE_RELOAD_FAILURES = Counter(
+    "vidrank_fusion_profile_reload_failures_total",
+    "Fusion profile file loads that failed (the last good profiles stay in use).",
+)
+
+_unknown_labels: set[str] = set()
+
+
+def count_unknown_features(names: set[str]) -> None:
+    """Count each unknown feature name once per request, with a bounded label set."""
+    for name in names:
+        label = name[:64]
+        if label not in _unknown_labels:
+            if len(_unknown_labels) >= MAX_UNKNOWN_FEATURE_LABELS:
+                label = "_other"
+            else:
+                _unknown_labels.add(label)
+        UNKNOWN_FEATURES.labels(label).inc()
+
+
+def set_served(old: dict[str, str], new: dict[str, str]) -> None:
+    """Update ``vidrank_model_info`` from {role: version} before/after a swap."""
+    for role, version in old.items():
+        if new.get(role) != version:
+            MODEL_INFO.labels(version, role).set(0)
+    for role, version in new.items():
+        MODEL_INFO.labels(version, role).set(1)
+    READY.set(1 if "production" in new else 0)
+
+
+def exposition(multiproc_dir: Path | None) -> tuple[bytes, str]:
+    """The Prometheus text exposition (aggregated over workers in multiprocess mode)."""
+    if multiproc_dir is None:
+        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(multiproc_dir))
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,115 @@
+"""One loaded model version: its bundle, its onnxruntime session and what requests need from it.
+
+A :class:`Scorer` is built by the model manager, never on the request path: creating the session,
+checking it against the manifest and warming it up all happen before the scorer is swapped in.
+After that it is read-only, so any number of request threads may call :meth:`Scorer.score` at
+once (``InferenceSession.run`` is thread-safe).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from model.bundle import TASKS, Bundle, BundleError, validate_against_session_io
+from model.features import FeatureSchema
+from service.fusion import FusionError, FusionSpec
+
+WARMUP_SIZES: tuple[int, ...] = (1, 100, 500)
+
+
+@dataclass(frozen=True)
+class SchemaView:
+    """What the request path needs to know about a version's feature schema, precomputed."""
+
+    user: frozenset[str]
+    context: frozenset[str]
+    item: frozenset[str]
+    item_columns: tuple[str, ...]  # item features other than video_id, in schema order
+    numeric: frozenset[str]
+    categorical: frozenset[str]
+
+    @classmethod
+    def of(cls, schema: FeatureSchema) -> SchemaView:
+        item = schema.names("item")
+        return cls(
+            user=frozenset(schema.names("user")),
+            context=frozenset(schema.names("context")),
+            item=frozenset(item),
+            item_columns=tuple(n for n in item if n != "video_id"),
+            numeric=frozenset(f.name for f in schema.features if f.kind == "numeric"),
+            categorical=frozenset(f.name for f in schema.features if f.kind == "categorical"),
+        )
+
+
+def session_options(intra_op_threads: int) -> ort.SessionOptions:
+    """Deliberate onnxruntime settings: full graph optimisation, sized thread pools."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = intra_op_threads
+    opts.inter_op_num_threads = 1  # sequential execution never uses the inter-op pool
+    opts.log_severity_level = 3  # warnings from the optimiser are not actionable at serving time
+    return opts
+
+
+class Scorer:
+    """A verified, warmed model version ready to score requests."""
+
+    def __init__(self, bundle: Bundle, intra_op_threads: int) -> None:
+        """Create the session and check it against the manifest; raises ``BundleError``."""
+        self.bundle = bundle
+        self.version = bundle.version
+        self.schema = bundle.schema
+        self.view = SchemaView.of(self.schema)
+        try:
+            self.default_fusion = FusionSpec.from_dict(bundle.default_fusion, "default_fusion")
+        except FusionError as e:
+            raise BundleError(f"invalid default fusion in the manifest: {e}") from e
+        try:
+            self.session = ort.InferenceSession(
+                str(bundle.onnx_path),
+                sess_options=session_options(intra_op_threads),
+                providers=["CPUExecutionProvider"],
+            )
+        except Exception as e:  # onnxruntime raises its own types for corrupt graphs
+            raise BundleError(f"onnxruntime cannot load {bundle.onnx_path.name}: {e}") from e
+        validate_against_session_io(
+            bundle,
+            [(i.name, i.type, i.shape) for i in self.session.get_inputs()],
+            [(o.name, o.type, o.shape) for o in self.session.get_outputs()],
+        )
+        self.output_names = list(TASKS)
+        self.input_names = frozenset(i.name for i in self.session.get_inputs())
+
+    def score(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph on encoded inputs; returns {task: float32 [N]}."""
+        outs = self.session.run(self.output_names, {k: inputs[k] for k in self.input_names})
+        return dict(zip(self.output_names, outs, strict=True))
+
+    def warm_up(self, sizes: tuple[int, ...] = WARMUP_SIZES) -> float:
+        """Score synthetic requests built from the schema defaults; return the seconds taken.
+
+        This runs the graph once per size so that onnxruntime's allocations and kernel choices
+        happen here rather than in the first real requests (TF Serving #881), and it proves the
+        graph actually executes and yields finite predictions of the right shape.
+        """
+        start = time.perf_counter()
+        for n in sizes:
+            ids = np.arange(n, dtype=np.int64)
+            inputs = self.schema.encode({}, {}, {"video_id": ids}, n)
+            try:
+                preds = self.score(inputs)
+            except Exception as e:
+                raise BundleError(f"warm-up inference failed for {n} candidates: {e}") from e
+            for task in self.output_names:
+                p = np.asarray(preds[task])
+                if p.shape != (n,):
+                    raise BundleError(f"warm-up: output {task} has shape {p.shape}, not ({n},)")
+                if not np.isfinite(p).all():
+                    raise BundleError(f"warm-up: output {task} has non-finite predictions")
+        return time.perf_counter() - start

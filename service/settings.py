@@ -1,0 +1,66 @@
+"""Service configuration: one ``Settings`` object, read from ``VIDRANK_*`` environment variables.
+
+Nothing else in the service reads ``os.environ``: ``vidrank serve`` builds a ``Settings`` and hands
+it to ``run_server`` / ``create_app``, and tests build their own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class Settings(BaseSettings):
+    """Everything an operator can configure (see the README's configuration table)."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDRANK_", extra="ignore", frozen=True)
+
+    registry: Path = Field(Path("registry"), description="Model registry directory.")
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, ge=0, le=65535, description="Port (0 picks a free one).")
+    workers: int = Field(1, ge=1, le=256, description="Worker processes (one per core).")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for /admin; unset means admin answers 403."
+    )
+    fusion_profiles: Path | None = Field(None, description="TOML file of fusion profiles.")
+    max_candidates: int = Field(2000, ge=1, le=1_000_000, description="Candidates per request.")
+    ort_intra_op_threads: int = Field(
+        0, ge=0, le=256, description="onnxruntime intra-op threads; 0 = auto."
+    )
+    poll_interval_s: float = Field(
+        5.0, gt=0, le=3600, description="How often the registry's aliases are polled."
+    )
+    log_level: LogLevel = Field("info", description="Log level.")
+    # Not in the public table: set by the multi-worker supervisor for its workers.
+    metrics_multiproc_dir: Path | None = Field(
+        None, description="prometheus-client multiprocess directory (set by the supervisor)."
+    )
+
+    @field_validator("admin_token")
+    @classmethod
+    def _empty_token_is_unset(cls, v: SecretStr | None) -> SecretStr | None:
+        # VIDRANK_ADMIN_TOKEN="" must not turn into "the empty string is the password".
+        return v if v is not None and v.get_secret_value() else None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    def intra_op_threads(self) -> int:
+        """Resolved onnxruntime intra-op threads: explicit, else 1 per worker or all cores."""
+        if self.ort_intra_op_threads > 0:
+            return self.ort_intra_op_threads
+        if self.workers > 1:
+            return 1  # one worker per core: more threads per worker would only oversubscribe
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+    def max_body_bytes(self) -> int:
+        """Largest /rank body accepted: generous per candidate, so only abuse is refused."""
+        return (1 << 20) + 8192 * self.max_candidates

@@ -1,0 +1,166 @@
+"""Feature schema: encoding rules, errors that name the feature, and serialisation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model.features import Feature, FeatureError, FeatureSchema, default_schema
+
+SCHEMA = default_schema().fit(
+    {
+        "follow_user_num": np.array([0, 10, 100, 1000]),
+        "fans_user_num": np.array([0, 1, 2, 3]),
+        "register_days": np.array([1, 30, 365, 900]),
+        "duration_s": np.array([5.0, 15.0, 60.0, 300.0]),
+        "upload_age_days": np.array([0, 1, 10, 100]),
+    }
+)
+
+
+def encode_items(columns: dict, n: int) -> dict[str, np.ndarray]:
+    return SCHEMA.encode_entity("item", columns, n)
+
+
+def test_input_specs_follow_layout() -> None:
+    specs = {s["name"]: s for s in SCHEMA.input_specs()}
+    assert list(specs) == [
+        "user_cat",
+        "user_num",
+        "context_cat",
+        "item_cat",
+        "item_multi",
+        "item_multi_w",
+        "item_num",
+    ]
+    assert specs["user_cat"]["shape"] == [1, 3]
+    assert specs["item_cat"] == {"name": "item_cat", "dtype": "int64", "shape": ["N", 4]}
+    assert specs["item_multi"]["shape"] == ["N", 1, 4]
+    enc = SCHEMA.encode({"user_id": 1}, {"hour": 3}, {"video_id": [1, 2, 3]}, 3)
+    for name, spec in specs.items():
+        assert str(enc[name].dtype) == spec["dtype"]
+        want = [3 if d == "N" else d for d in spec["shape"]]
+        assert list(enc[name].shape) == want
+
+
+def test_missing_feature_takes_default() -> None:
+    omitted = SCHEMA.encode_entity("user", {"user_id": [7]}, 1)
+    explicit = SCHEMA.encode_entity(
+        "user", {"user_id": [7], "user_active_degree": ["UNKNOWN"], "is_video_author": [0]}, 1
+    )
+    np.testing.assert_array_equal(omitted["user_cat"], explicit["user_cat"])
+    # a numeric with no default is the training mean: 0 after standardisation
+    np.testing.assert_array_equal(omitted["user_num"], np.zeros((1, 3), dtype=np.float32))
+    # None inside a column also means "use the default"
+    with_none = SCHEMA.encode_entity("user", {"user_id": [7], "fans_user_num": [None]}, 1)
+    np.testing.assert_array_equal(with_none["user_num"], omitted["user_num"])
+
+
+def test_unknown_categorical_value_hashes_into_a_bucket() -> None:
+    enc = encode_items({"video_id": ["never-seen-before", 10**30, -5]}, 3)
+    lay = SCHEMA.layout("item")
+    ids = enc["item_cat"][:, 0]
+    assert ((ids >= lay.offsets["video_id"]) & (ids < lay.offsets["video_id"] + 100_003)).all()
+
+
+def test_integer_and_integer_string_share_a_bucket() -> None:
+    a = encode_items({"video_id": [42], "author_id": ["7"]}, 1)["item_cat"]
+    b = encode_items({"video_id": ["42"], "author_id": [7]}, 1)["item_cat"]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_hash_is_pinned() -> None:
+    # Literal values: a change here would silently re-map every published bundle's embeddings.
+    enc = encode_items({"video_id": [0, 1, 123456789, "abc"]}, 4)["item_cat"][:, 0]
+    assert enc.tolist() == [55423, 59009, 98316, 76008]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_numeric_is_rejected_with_the_feature_name(bad: float) -> None:
+    with pytest.raises(FeatureError) as err:
+        encode_items({"video_id": [1, 2], "duration_s": [3.0, bad]}, 2)
+    assert err.value.feature == "duration_s"
+    assert err.value.entity == "item"
+    assert err.value.row == 1
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("duration_s", "ten"), ("duration_s", [1]), ("video_id", 1.5), ("video_id", {"a": 1})],
+)
+def test_wrong_type_is_rejected_with_the_feature_name(column: str, value: object) -> None:
+    with pytest.raises(FeatureError) as err:
+        encode_items({"video_id": [1, 2], column: [value, value]}, 2)
+    assert err.value.feature == column
+    assert err.value.row == 0
+
+
+def test_multi_categorical_mean_pools_and_accepts_lists_or_strings() -> None:
+    a = encode_items({"tag": ["12,65", [12, 65], "", None, "1,2,3,4,5,6"]}, 5)
+    idx, w = a["item_multi"][:, 0], a["item_multi_w"][:, 0]
+    np.testing.assert_array_equal(idx[0], idx[1])
+    np.testing.assert_allclose(w[0], [0.5, 0.5, 0, 0])
+    np.testing.assert_allclose(w[2], 0)  # empty: nothing pooled
+    np.testing.assert_allclose(w[3], 0)
+    np.testing.assert_allclose(w[4], 0.25)  # truncated to max_len = 4
+    assert (idx[w == 0] == 0).all()  # padding points at index 0
+
+
+def test_numeric_transform_and_standardisation() -> None:
+    f = SCHEMA.by_name("duration_s")
+    enc = encode_items({"duration_s": [60.0]}, 1)["item_num"][0, 0]
+    assert enc == pytest.approx((np.log1p(60.0) - f.mean) / f.std, rel=1e-6)
+    huge = encode_items({"duration_s": [1e300]}, 1)["item_num"][0, 0]
+    assert huge == pytest.approx(10.0)  # clipped
+
+
+def test_schema_roundtrips_through_json() -> None:
+    d = json.loads(json.dumps(SCHEMA.to_dict()))
+    assert FeatureSchema.from_dict(d) == SCHEMA
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"name": "x", "entity": "shop", "kind": "numeric"},
+        {"name": "x", "entity": "item", "kind": "categorical", "buckets": 0},
+        {"name": "x", "entity": "item", "kind": "multi_categorical", "buckets": 5},
+        {"name": "x y", "entity": "item", "kind": "numeric"},
+        {"name": "x", "entity": "item", "kind": "numeric", "std": 0.0},
+    ],
+)
+def test_invalid_feature_definitions_raise(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        Feature(**kwargs)
+
+
+def test_new_feature_needs_no_code_change() -> None:
+    schema = FeatureSchema(
+        (*SCHEMA.features, Feature("creator_tier", "item", "categorical", buckets=5, default="x"))
+    )
+    enc = schema.encode_entity("item", {"creator_tier": ["gold", None]}, 2)
+    assert enc["item_cat"].shape == (2, 5)
+
+
+values = st.one_of(
+    st.integers(min_value=-(2**62), max_value=2**62),
+    st.text(alphabet="abc0123456789,-", max_size=6),
+    st.none(),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(values, min_size=1, max_size=20), st.lists(st.floats(0, 1e6), min_size=20))
+def test_batch_encoding_equals_row_by_row(ids: list, durations: list) -> None:
+    n = len(ids)
+    cols = {"video_id": ids, "author_id": ids, "tag": [str(v) if v else None for v in ids]}
+    cols["duration_s"] = durations[:n]
+    batch = encode_items(cols, n)
+    for i in range(n):
+        row = encode_items({k: [v[i]] for k, v in cols.items()}, 1)
+        for name in batch:
+            np.testing.assert_array_equal(batch[name][i], row[name][0])

@@ -1,0 +1,155 @@
+"""Metrics against brute-force definitions on small random inputs (with many ties)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model.metrics import _count_ascending_pairs, auc, log_loss, ndcg_at_k, rmse, xauc
+
+
+def brute_auc(labels: list[int], scores: list[float]) -> float:
+    pos = [s for y, s in zip(labels, scores, strict=True) if y == 1]
+    neg = [s for y, s in zip(labels, scores, strict=True) if y == 0]
+    if not pos or not neg:
+        return math.nan
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def brute_xauc(y_true: list[float], y_pred: list[float]) -> float:
+    wins, pairs = 0.0, 0
+    for i, j in itertools.permutations(range(len(y_true)), 2):
+        if y_true[i] > y_true[j]:
+            pairs += 1
+            wins += 1.0 if y_pred[i] > y_pred[j] else 0.5 if y_pred[i] == y_pred[j] else 0.0
+    return wins / pairs if pairs else math.nan
+
+
+def brute_ndcg(rel: list[float], scores: list[float], groups: list[int], k: int) -> float:
+    values = []
+    for g in sorted(set(groups)):
+        items = [(s, r) for s, r, gg in zip(scores, rel, groups, strict=True) if gg == g]
+        ranked = sorted(items, key=lambda x: (-x[0], x[1]))  # pessimistic on score ties
+        dcg = sum(r / math.log2(i + 2) for i, (_, r) in enumerate(ranked[:k]))
+        ideal = sorted((r for _, r in items), reverse=True)
+        idcg = sum(r / math.log2(i + 2) for i, r in enumerate(ideal[:k]))
+        if idcg > 0:
+            values.append(dcg / idcg)
+    return sum(values) / len(values) if values else math.nan
+
+
+def same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or abs(a - b) < 1e-9
+
+
+small_ints = st.lists(st.integers(0, 4), min_size=1, max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), n=st.integers(1, 30))
+def test_auc_matches_brute_force(data: st.DataObject, n: int) -> None:
+    labels = data.draw(st.lists(st.integers(0, 1), min_size=n, max_size=n))
+    scores = data.draw(st.lists(st.integers(0, 3).map(float), min_size=n, max_size=n))
+    assert same(auc(labels, scores), brute_auc(labels, scores))
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), n=st.integers(1, 30))
+def test_xauc_matches_brute_force(data: st.DataObject, n: int) -> None:
+    y_true = data.draw(st.lists(st.integers(0, 5).map(float), min_size=n, max_size=n))
+    y_pred = data.draw(st.lists(st.integers(0, 3).map(float), min_size=n, max_size=n))
+    assert same(xauc(y_true, y_pred), brute_xauc(y_true, y_pred))
+
+
+def test_xauc_continuous_values_and_extremes() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.exponential(10.0, 60)
+    p = y + rng.normal(0, 5.0, 60)
+    assert same(xauc(y, p), brute_xauc(list(y), list(p)))
+    assert xauc(y, y) == 1.0
+    assert xauc(y, -y) == 0.0
+    assert xauc(y, np.zeros_like(y)) == 0.5
+
+
+@settings(max_examples=100, deadline=None)
+@given(perm=st.permutations(list(range(12))))
+def test_count_ascending_pairs(perm: list[int]) -> None:
+    expected = sum(perm[j] < perm[i] for i in range(len(perm)) for j in range(i))
+    assert _count_ascending_pairs(np.asarray(perm, dtype=np.int64)) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), n=st.integers(1, 40), k=st.integers(1, 6))
+def test_ndcg_matches_brute_force(data: st.DataObject, n: int, k: int) -> None:
+    rel = data.draw(st.lists(st.integers(0, 3).map(float), min_size=n, max_size=n))
+    scores = data.draw(st.lists(st.integers(0, 4).map(float), min_size=n, max_size=n))
+    groups = data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
+    assert same(ndcg_at_k(rel, scores, groups, k=k), brute_ndcg(rel, scores, groups, k))
+
+
+def test_ndcg_continuous_relevance_and_string_groups() -> None:
+    rng = np.random.default_rng(7)
+    rel = rng.random(200)
+    scores = rel + rng.normal(0, 0.3, 200)
+    groups = np.asarray([f"u{i % 9}" for i in range(200)])
+    codes = [int(g[1:]) for g in groups]
+    assert same(ndcg_at_k(rel, scores, groups), brute_ndcg(list(rel), list(scores), codes, 10))
+    assert ndcg_at_k(rel, rel, groups) == pytest.approx(1.0)
+
+
+def test_ndcg_ignores_groups_without_relevance_and_rejects_negatives() -> None:
+    assert ndcg_at_k([0, 0, 1, 0], [1, 2, 0, 5], [0, 0, 1, 1], k=1) == 0.0
+    assert math.isnan(ndcg_at_k([0, 0], [1, 2], [0, 0]))
+    with pytest.raises(ValueError, match="non-negative"):
+        ndcg_at_k([-1, 1], [1, 2], [0, 0])
+    with pytest.raises(ValueError, match="k must"):
+        ndcg_at_k([1], [1], [0], k=0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), n=st.integers(1, 30))
+def test_rmse_and_log_loss_match_definitions(data: st.DataObject, n: int) -> None:
+    floats = st.floats(0.0, 1.0, allow_nan=False)
+    y = data.draw(st.lists(st.integers(0, 1), min_size=n, max_size=n))
+    p = data.draw(st.lists(floats, min_size=n, max_size=n))
+    squared = sum((a - b) ** 2 for a, b in zip(y, p, strict=True))
+    assert rmse(y, p) == pytest.approx(math.sqrt(squared / n))
+    clipped = [min(max(v, 1e-7), 1 - 1e-7) for v in p]
+    expected = -sum(
+        a * math.log(b) + (1 - a) * math.log(1 - b) for a, b in zip(y, clipped, strict=True)
+    )
+    assert log_loss(y, p) == pytest.approx(expected / n, rel=1e-9, abs=1e-12)
+
+
+def test_input_validation() -> None:
+    assert math.isnan(auc([1, 1], [0.2, 0.3]))
+    with pytest.raises(ValueError, match="length mismatch"):
+        auc([0, 1], [0.1])
+    with pytest.raises(ValueError, match="0/1"):
+        auc([0, 2], [0.1, 0.2])
+    with pytest.raises(ValueError, match="NaN"):
+        rmse([1.0], [float("nan")])
+    with pytest.raises(ValueError, match="empty"):
+        log_loss([], [])
+    assert math.isnan(xauc([1.0, 1.0], [0.0, 1.0]))
+
+
+def test_large_inputs_are_fast_enough() -> None:
+    rng = np.random.default_rng(0)
+    n = 200_000
+    y = rng.exponential(10.0, n)
+    p = y + rng.normal(0, 10.0, n)
+    value = xauc(y, p)
+    # A seeded sample of pairs agrees with the exact count.
+    i, j = rng.integers(0, n, (2, 200_000))
+    keep = y[i] != y[j]
+    sampled = np.mean((y[i] > y[j])[keep] == (p[i] > p[j])[keep])
+    assert value == pytest.approx(sampled, abs=0.01)
+    labels = (rng.random(n) < 0.3).astype(int)
+    assert auc(labels, labels + rng.random(n)) == 1.0
