@@ -46,9 +46,15 @@ def train(
         int | None, typer.Option("--simulate", help="Train on N simulated impressions instead.")
     ] = None,
     arch: Annotated[str, typer.Option(help="mmoe or shared_bottom.")] = "mmoe",
-    version: Annotated[str | None, typer.Option(help="Version name (default: a timestamp).")] = None,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")] = 3,
-    seed: Annotated[int, typer.Option(help="Random seed (training is deterministic per seed).")] = 0,
+    version: Annotated[
+        str | None, typer.Option(help="Version name (default: a timestamp).")
+    ] = None,
+    epochs: Annotated[
+        int, typer.Option(help="Maximum epochs (early stopping may end sooner).")
+    ] = 3,
+    seed: Annotated[
+        int, typer.Option(help="Random seed (training is deterministic per seed).")
+    ] = 0,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 2048,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
     small: Annotated[bool, typer.Option("--small", help="A tiny model config (tests).")] = False,
@@ -131,7 +137,9 @@ def models_list(registry: RegistryOpt = Path("registry")) -> None:
     aliases = reg.read_aliases()
     canary = aliases.canary.version if aliases.canary else None
     for v in reg.versions():
-        tags = [t for t, name in (("production", aliases.production), ("canary", canary)) if name == v]
+        tags = [
+            t for t, name in (("production", aliases.production), ("canary", canary)) if name == v
+        ]
         try:
             metrics = reg.bundle(v).metrics
             summary = " ".join(
@@ -187,7 +195,9 @@ def models_rollback(registry: RegistryOpt = Path("registry")) -> None:
 
 @models_app.command("canary")
 def models_canary(
-    version: Annotated[str | None, typer.Argument(help="Canary version; omit with --clear.")] = None,
+    version: Annotated[
+        str | None, typer.Argument(help="Canary version; omit with --clear.")
+    ] = None,
     percent: Annotated[float, typer.Option(help="Percent of users (0 < p <= 100).")] = 10.0,
     clear: Annotated[bool, typer.Option("--clear", help="Remove the canary.")] = False,
     registry: RegistryOpt = Path("registry"),

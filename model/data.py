@@ -302,7 +302,8 @@ def load_impressions(
 
     data_dir holds log_standard*/log_random*, user_features* and video_features_basic* files as
     CSV or Parquet. max_rows caps the rows read from the logs (standard logs first, in file-name
-    order) before sorting by time. Raises ValueError naming a missing file or required column.
+    order) before sorting by time. watch_s is capped at max_watch_ratio x duration (None: no
+    cap). Raises ValueError naming a missing file or required column.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -322,6 +323,10 @@ def load_impressions(
     frame = _build_frame(joined, max_watch_ratio)
     order = np.argsort(frame["time_ms"].to_numpy(), kind="stable")
     return frame.iloc[order].reset_index(drop=True)
+
+
+# docs/internals.md's package map calls the loader by this name.
+load_kuairand = load_impressions
 
 
 # -- splitting and sharding ------------------------------------------------------------------

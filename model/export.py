@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from model.features import FeatureSchema
-from model.mmoe import MMoE, RankingModel
+from model.mmoe import MMoE, RankingModel, batched
 
 OUTPUTS: tuple[str, ...] = ("click", "watch_time", "like")
 PROB_OUTPUTS: tuple[str, ...] = ("click", "like")
@@ -88,8 +88,8 @@ class NaiveMMoE(nn.Module):
         for e in range(n_exp):
             w_first = torch.cat([ex.w_user[e], ex.w_item[e]], 0).detach()  # d x H1
             layers: list[nn.Module] = [_linear(w_first, ex.bias[e, 0].detach()), nn.ReLU()]
-            for batched in ex.rest:
-                layers += [_linear(batched.weight[e].detach(), batched.bias[e, 0].detach())]
+            for layer in batched(ex.rest):
+                layers += [_linear(layer.weight[e].detach(), layer.bias[e, 0].detach())]
                 layers.append(nn.ReLU())
             experts.append(nn.Sequential(*layers))
         self.experts = nn.ModuleList(experts)
@@ -105,10 +105,10 @@ class NaiveMMoE(nn.Module):
     @staticmethod
     def _tower(fused: MMoE, t: int) -> nn.Sequential:
         layers: list[nn.Module] = []
-        for j, batched in enumerate(fused.towers.layers):
+        for j, layer in enumerate(fused.towers.batched_layers()):
             if j:
                 layers.append(nn.ReLU())
-            layers.append(_linear(batched.weight[t].detach(), batched.bias[t, 0].detach()))
+            layers.append(_linear(layer.weight[t].detach(), layer.bias[t, 0].detach()))
         return nn.Sequential(*layers)
 
     def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -36,7 +36,9 @@ collapses toward 0 on the many zero rows.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -80,6 +82,7 @@ class MMoEConfig:
     gate_dropout: float = 0.1
     watch_scale: float = 1.0
     bottom_hidden: tuple[int, ...] = (768, 512)
+    interactions: bool = True
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -122,7 +125,8 @@ class MMoEConfig:
         names = {f.name for f in fields(cls)}
         if unknown := sorted(set(d) - names):
             raise ValueError(f"unknown MMoEConfig keys: {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kwargs)
 
 
 # -- parts -------------------------------------------------------------------------------------
@@ -130,6 +134,16 @@ class MMoEConfig:
 
 def _entity_width(layout: EntityLayout, dim: int) -> int:
     return (len(layout.cat) + len(layout.multi)) * dim + len(layout.num)
+
+
+def _n_fields(layout: EntityLayout) -> int:
+    return len(layout.cat) + len(layout.multi)
+
+
+def _embedding(rows: int, dim: int) -> nn.Embedding:
+    # N(0, 0.05) rather than the default N(0, 1), which would swamp the standardised numerics.
+    weight = nn.init.normal_(torch.empty(rows, dim), std=0.05)
+    return nn.Embedding.from_pretrained(weight, freeze=False)
 
 
 class FeatureEmbedding(nn.Module):
@@ -141,20 +155,26 @@ class FeatureEmbedding(nn.Module):
     appended. u concatenates the user and context entities.
     """
 
-    def __init__(self, schema: FeatureSchema, dim: int) -> None:
+    def __init__(self, schema: FeatureSchema, dim: int, interactions: bool = False) -> None:
         super().__init__()
         if dim < 1:
             raise ValueError(f"embedding dim must be >= 1, got {dim}")
         self.dim = dim
+        self.interactions = interactions
         self.layouts = {e: schema.layout(e) for e in ENTITIES}
         self.tables = nn.ModuleDict(
-            {e: nn.Embedding(lay.table_size, dim) for e, lay in self.layouts.items() if lay.table_size}
+            {
+                e: _embedding(lay.table_size, dim)
+                for e, lay in self.layouts.items()
+                if lay.table_size
+            }
         )
-        for table in self.tables.values():
-            # N(0, 1) (the default) swamps the standardised numerics; small vectors train smoother.
-            nn.init.normal_(table.weight, std=0.05)
         self.user_dim = sum(_entity_width(self.layouts[e], dim) for e in ("user", "context"))
         self.item_dim = _entity_width(self.layouts["item"], dim)
+        if interactions:
+            self.item_dim += _n_fields(self.layouts["item"]) * sum(
+                _n_fields(self.layouts[e]) for e in ("user", "context")
+            )
         if self.user_dim < 1 or self.item_dim < 1:
             raise ValueError("the schema needs at least one user/context and one item feature")
 
@@ -165,28 +185,35 @@ class FeatureEmbedding(nn.Module):
         names += [f"{entity}_multi", f"{entity}_multi_w"] if lay.multi else []
         return names + ([f"{entity}_num"] if lay.num else [])
 
-    def _entity_vector(self, entity: str, inputs: dict[str, Tensor]) -> Tensor | None:
-        """B x W_e: flattened categorical embeddings, pooled multi-hot embeddings, numerics."""
+    def _fields(self, entity: str, inputs: dict[str, Tensor]) -> Tensor | None:
+        """B x F_e x D: one embedding per categorical feature, then one pooled per multi one."""
         lay = self.layouts[entity]
-        parts: list[Tensor] = []
+        fields: list[Tensor] = []
         if lay.cat:
-            parts.append(self.tables[entity](inputs[f"{entity}_cat"]).flatten(1))
+            fields.append(self.tables[entity](inputs[f"{entity}_cat"]))
         if lay.multi:
             emb = self.tables[entity](inputs[f"{entity}_multi"])  # B x M x L x D
             weights = inputs[f"{entity}_multi_w"].unsqueeze(-1)  # B x M x L x 1
-            parts.append((emb * weights).sum(2).flatten(1))
-        if lay.num:
-            parts.append(inputs[f"{entity}_num"])
-        return torch.cat(parts, 1) if parts else None
+            fields.append((emb * weights).sum(2))
+        return torch.cat(fields, 1) if fields else None
 
     def forward(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """inputs -> (u: B_u x D_u, v: N x D_i); B_u is 1 (serving) or N (training)."""
         if not torch.jit.is_tracing():
             self._check(inputs)
-        user = [x for e in ("user", "context") if (x := self._entity_vector(e, inputs)) is not None]
-        item = self._entity_vector("item", inputs)
-        assert item is not None  # the constructor guarantees item features
-        return torch.cat(user, 1), item
+        fields = {e: self._fields(e, inputs) for e in ENTITIES}
+        user_fields = [f for e in ("user", "context") if (f := fields[e]) is not None]
+        item_fields = fields["item"]
+        user = [f.flatten(1) for f in user_fields]
+        user += [inputs[f"{e}_num"] for e in ("user", "context") if self.layouts[e].num]
+        item = [item_fields.flatten(1)] if item_fields is not None else []
+        item += [inputs["item_num"]] if self.layouts["item"].num else []
+        if self.interactions and user_fields and item_fields is not None:
+            # Dot product of every user/context field with every item field: the affinity
+            # structure an MLP on concatenated embeddings learns only slowly. B_u = 1 broadcasts.
+            dots = torch.matmul(torch.cat(user_fields, 1), item_fields.transpose(1, 2))
+            item.append(dots.flatten(1))  # N x (F_u * F_i)
+        return torch.cat(user, 1), torch.cat(item, 1)
 
     def _check(self, inputs: dict[str, Tensor]) -> None:
         missing = [n for e in ENTITIES for n in self.input_names(e) if n not in inputs]
@@ -242,6 +269,14 @@ class BatchedLinear(nn.Module):
         return torch.matmul(x, self.weight) + self.bias
 
 
+def batched(layers: nn.ModuleList) -> Iterator[BatchedLinear]:
+    """The BatchedLinear layers of a ModuleList, typed (ModuleList items are plain Modules)."""
+    for layer in layers:
+        if not isinstance(layer, BatchedLinear):
+            raise TypeError(f"expected BatchedLinear, got {type(layer).__name__}")
+        yield layer
+
+
 class Experts(nn.Module):
     """E ReLU MLPs on [u, v] -> E x N x H_last.
 
@@ -264,7 +299,7 @@ class Experts(nn.Module):
         self.w_item = nn.Parameter(_uniform_(torch.empty(n_experts, item_dim, h1), fan_in))
         self.bias = nn.Parameter(_uniform_(torch.empty(n_experts, 1, h1), fan_in))
         self.rest = nn.ModuleList(
-            BatchedLinear(n_experts, h_in, h_out) for h_in, h_out in zip(hidden, hidden[1:])
+            BatchedLinear(n_experts, h_in, h_out) for h_in, h_out in pairwise(hidden)
         )
         self.out_dim = hidden[-1]
 
@@ -322,8 +357,17 @@ class Towers(nn.Module):
             raise ValueError(f"bad tower dims: in={in_dim}, hidden={hidden}, tasks={n_tasks}")
         dims = (in_dim, *hidden, 1)
         self.layers = nn.ModuleList(
-            BatchedLinear(n_tasks, h_in, h_out) for h_in, h_out in zip(dims, dims[1:])
+            BatchedLinear(n_tasks, h_in, h_out) for h_in, h_out in pairwise(dims)
         )
+
+    def set_output_bias(self, values: Tensor) -> None:
+        """Set the last layer's bias per task (T values), e.g. to the training base rates."""
+        with torch.no_grad():
+            self.batched_layers()[-1].bias.copy_(values.reshape(-1, 1, 1))
+
+    def batched_layers(self) -> list[BatchedLinear]:
+        """The tower layers, first to last (typed view of the ModuleList)."""
+        return list(batched(self.layers))
 
     def forward(self, x: Tensor) -> Tensor:
         """x: T x N x H -> T x N."""
@@ -336,6 +380,8 @@ class Towers(nn.Module):
 
 class Heads(nn.Module):
     """Logits T x N -> per-task predictions [N] plus the loss inputs ``<task>_logit`` [N]."""
+
+    watch_scale: Tensor
 
     def __init__(self, tasks: tuple[str, ...], watch_scale: float) -> None:
         super().__init__()
@@ -365,7 +411,7 @@ class MMoE(nn.Module):
     def __init__(self, config: MMoEConfig, schema: FeatureSchema) -> None:
         super().__init__()
         self.config = config
-        self.embedding = FeatureEmbedding(schema, config.embedding_dim)
+        self.embedding = FeatureEmbedding(schema, config.embedding_dim, config.interactions)
         d_u, d_i = self.embedding.user_dim, self.embedding.item_dim
         self.experts = Experts(d_u, d_i, config.n_experts, config.expert_hidden)
         self.gates = Gates(
@@ -401,10 +447,10 @@ class SharedBottom(nn.Module):
     def __init__(self, config: MMoEConfig, schema: FeatureSchema) -> None:
         super().__init__()
         self.config = config
-        self.embedding = FeatureEmbedding(schema, config.embedding_dim)
+        self.embedding = FeatureEmbedding(schema, config.embedding_dim, config.interactions)
         hidden = config.bottom_hidden
         self.first = SplitLinear(self.embedding.user_dim, self.embedding.item_dim, hidden[0])
-        self.rest = nn.ModuleList(nn.Linear(a, b) for a, b in zip(hidden, hidden[1:]))
+        self.rest = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(hidden))
         self.n_tasks = len(config.tasks)
         self.towers = Towers(hidden[-1], config.tower_hidden, self.n_tasks)
         self.heads = Heads(config.tasks, config.watch_scale)
@@ -422,6 +468,23 @@ class SharedBottom(nn.Module):
 RankingModel = MMoE | SharedBottom
 
 
+def init_output_bias(model: RankingModel, base_rates: dict[str, float]) -> None:
+    """Start each head at its base rate: logit(p) for probabilities, log(mean/scale) for watch.
+
+    Without this the heads start at p = 0.5 and the first steps are spent learning the prior
+    (likes are ~2% of impressions).
+    """
+    values = []
+    for task in model.config.tasks:
+        rate = base_rates[task]
+        if task in POISSON_TASKS:
+            values.append(math.log(max(rate, 1e-6) / model.config.watch_scale))
+        else:
+            p = min(max(rate, 1e-6), 1 - 1e-6)
+            values.append(math.log(p / (1 - p)))
+    model.towers.set_output_bias(torch.tensor(values))
+
+
 def build_model(config: MMoEConfig, schema: FeatureSchema) -> RankingModel:
     """The model ``config.arch`` names."""
     return MMoE(config, schema) if config.arch == "mmoe" else SharedBottom(config, schema)
@@ -431,7 +494,7 @@ def build_model(config: MMoEConfig, schema: FeatureSchema) -> RankingModel:
 
 
 def _mlp_macs(dims: tuple[int, ...]) -> int:
-    return sum(a * b for a, b in zip(dims, dims[1:]))
+    return sum(a * b for a, b in pairwise(dims))
 
 
 def flops_per_candidate(

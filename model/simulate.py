@@ -14,6 +14,7 @@ fused utility. Labels are sampled from the truth; the truth columns hold the exa
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ class SimConfig:
     tag_share: float = 0.5  # share of a video vector's variance explained by its tags
     start_date: str = "2022-04-08"
     n_days: int = 14
-    popularity_skew: float = 0.9  # Zipf exponent of video exposure
+    popularity_skew: float = 0.8  # Zipf exponent of video exposure
 
     def __post_init__(self) -> None:
         for name in ("n_users", "n_videos", "n_authors", "n_impressions", "n_tags", "n_music"):
@@ -101,6 +102,21 @@ class _Latent:
 
     vectors: Floats
     bias: Floats
+
+
+@dataclass
+class _Tabs:
+    """Where impressions happen: exposure share per tab and per-task tab effects [task, tab]."""
+
+    weight: Floats
+    effect: Floats
+
+
+def _make_tabs(rng: np.random.Generator) -> _Tabs:
+    return _Tabs(
+        weight=rng.dirichlet(np.full(N_TABS, 0.6)),
+        effect=rng.normal(0.0, 0.2, size=(len(TASKS), N_TABS)),
+    )
 
 
 @dataclass
@@ -192,12 +208,16 @@ def _tag_count_probs(width: int) -> Floats:
 
 
 def _video_vectors(cfg: SimConfig, rng: np.random.Generator, tags: Ints, mask: Bools) -> Floats:
-    """Video vectors = tag part (mean of the video's tag vectors) + a video-specific part."""
+    """Video vectors = a part shared with its tags + a video-specific part (unit variance each).
+
+    The tag part is the sum of the video's tag vectors over sqrt(#tags), so tag ids alone already
+    predict part of every user x video affinity.
+    """
     scale = cfg.latent_dim**-0.25
     tag_vectors = rng.normal(0.0, scale, size=(1 + len(TASKS), cfg.n_tags, cfg.latent_dim))
     own = rng.normal(0.0, scale, size=(1 + len(TASKS), cfg.n_videos, cfg.latent_dim))
     summed = (tag_vectors[:, tags, :] * mask[None, :, :, None]).sum(axis=2)
-    tag_part = summed / np.sqrt(mask.sum(axis=1))[None, :, None]  # keep unit variance
+    tag_part = summed / np.sqrt(mask.sum(axis=1))[None, :, None]
     return np.sqrt(cfg.tag_share) * tag_part + np.sqrt(1.0 - cfg.tag_share) * own
 
 
@@ -231,7 +251,7 @@ def _make_videos(
     latent = _Latent(
         _video_vectors(cfg, rng, tags, mask), _task_biases(rng, n, cfg.task_correlation, sd=0.3)
     )
-    author_quality = rng.normal(0.0, 0.3, size=(len(TASKS), cfg.n_authors))
+    author_quality = _task_biases(rng, cfg.n_authors, cfg.task_correlation, sd=0.3)
     music_appeal = rng.normal(0.0, 0.15, size=cfg.n_music)
     latent.bias += author_quality[:, author]
     latent.bias[0] += music_appeal[music]
@@ -279,6 +299,7 @@ def _sample_impressions(
     user_weight: Floats,
     video_weight: Floats,
     upload_day: Ints,
+    tab_weight: Floats,
 ) -> _Impressions:
     """Who sees what, when and where; never before the video's upload day."""
     n = cfg.n_impressions
@@ -294,7 +315,6 @@ def _sample_impressions(
     hour_weight = 1.0 + 0.8 * np.cos(2 * np.pi * (hours - 21) / 24)  # evening peak
     hour = rng.choice(24, size=n, p=hour_weight / hour_weight.sum())
     minute = hour * 60 + rng.integers(0, 60, size=n)
-    tab_weight = rng.dirichlet(np.full(N_TABS, 0.6))
     tab = rng.choice(N_TABS, size=n, p=tab_weight)
     return _Impressions(
         user.astype(np.int64), video.astype(np.int64), day, minute.astype(np.int64), tab
@@ -312,37 +332,39 @@ def _affinity(users: _Latent, videos: _Latent, imp: _Impressions, rho: float) ->
     return _mix(dots[0][None, :], dots[1:], rho)
 
 
-def _context_effects(rng: np.random.Generator, imp: _Impressions) -> Floats:
+def _context_effects(tabs: _Tabs, imp: _Impressions) -> Floats:
     """Hour-of-day and tab effects per task [task, impression]."""
     hour = imp.minute // 60
-    tab_effect = rng.normal(0.0, 0.2, size=(len(TASKS), N_TABS))
     rows = []
     for i, task in enumerate(TASKS):
         hour_effect = HOUR_AMPLITUDE[task] * np.cos(2 * np.pi * (hour - HOUR_PEAK[task]) / 24)
-        rows.append(hour_effect + tab_effect[i][imp.tab])
+        rows.append(hour_effect + tabs.effect[i][imp.tab])
     return np.stack(rows)
 
 
-def _truth(
-    cfg: SimConfig,
-    rng: np.random.Generator,
-    users: _Latent,
-    videos: _Latent,
-    video_frame: pd.DataFrame,
-    is_clickbait: Bools,
-    imp: _Impressions,
-) -> tuple[Floats, Floats, Floats]:
+@dataclass
+class _World:
+    """Everything fixed before the first impression: the entities and their latent traits."""
+
+    users: _Latent
+    videos: _Latent
+    is_ad: Bools
+    is_clickbait: Bools
+    duration_s: Floats
+    upload_day: Ints  # days since start_date (negative: uploaded before the log window)
+    tabs: _Tabs
+
+
+def _truth(cfg: SimConfig, world: _World, imp: _Impressions) -> tuple[Floats, Floats, Floats]:
     """Exact p_click, mean watched fraction given click, and p_like given click per impression."""
-    logit = BIAS_VECTOR[:, None] + AFFINITY_VECTOR[:, None] * _affinity(
-        users, videos, imp, cfg.task_correlation
-    )
-    logit += users.bias[:, imp.user] + videos.bias[:, imp.video] + _context_effects(rng, imp)
-    is_ad = (video_frame["video_type"].to_numpy() == "AD")[imp.video]
-    cb = is_clickbait[imp.video]
-    log_duration = np.log(video_frame["video_duration"].to_numpy()[imp.video] / 1000.0)
-    log_duration -= np.log(MEDIAN_DURATION_S)
-    upload_day = _upload_days(video_frame, cfg.start_date)[imp.video]
-    age_days = imp.day - upload_day
+    affinity = _affinity(world.users, world.videos, imp, cfg.task_correlation)
+    logit = BIAS_VECTOR[:, None] + AFFINITY_VECTOR[:, None] * affinity
+    logit += world.users.bias[:, imp.user] + world.videos.bias[:, imp.video]
+    logit += _context_effects(world.tabs, imp)
+    is_ad = world.is_ad[imp.video]
+    cb = world.is_clickbait[imp.video]
+    log_duration = np.log(world.duration_s[imp.video] / MEDIAN_DURATION_S)
+    age_days = imp.day - world.upload_day[imp.video]
     logit[0] += CLICKBAIT_CLICK * cb + AD_CLICK * is_ad + DURATION_CLICK * log_duration
     logit[0] += FRESH_CLICK * np.exp(-age_days / FRESH_DAYS)
     logit[1] += CLICKBAIT_COMPLETE * cb + AD_COMPLETE * is_ad + DURATION_COMPLETE * log_duration
@@ -415,26 +437,36 @@ def simulate(cfg: SimConfig) -> SimData:
     """Simulate users, videos and an impression log with sampled labels and truth columns.
 
     Deterministic per `cfg` (including its seed): each stage draws from its own PCG64 stream
-    spawned from the seed, so identical configs give identical frames.
+    spawned from the seed, so identical configs give identical frames, and the world (users,
+    videos, tabs) does not change with the number of impressions.
     """
-    user_rng, video_rng, imp_rng, truth_rng, label_rng = (
+    user_rng, video_rng, tab_rng, imp_rng, label_rng = (
         np.random.Generator(np.random.PCG64(s)) for s in np.random.SeedSequence(cfg.seed).spawn(5)
     )
     users, user_latent, user_weight = _make_users(cfg, user_rng)
     videos, video_truth, video_latent, video_weight = _make_videos(cfg, video_rng)
-    upload_day = _upload_days(videos, cfg.start_date)
-    imp = _sample_impressions(cfg, imp_rng, user_weight, video_weight, upload_day)
-    is_cb = video_truth["is_clickbait"].to_numpy().astype(bool)
-    p_click, completion, p_like = _truth(
-        cfg, truth_rng, user_latent, video_latent, videos, is_cb, imp
+    world = _World(
+        users=user_latent,
+        videos=video_latent,
+        is_ad=videos["video_type"].to_numpy() == "AD",
+        is_clickbait=video_truth["is_clickbait"].to_numpy().astype(bool),
+        duration_s=videos["video_duration"].to_numpy() / 1000.0,
+        upload_day=_upload_days(videos, cfg.start_date),
+        tabs=_make_tabs(tab_rng),
     )
+    imp = _sample_impressions(
+        cfg, imp_rng, user_weight, video_weight, world.upload_day, world.tabs.weight
+    )
+    times = _time_columns(cfg, imp_rng, imp)
+    p_click, completion, p_like = _truth(cfg, world, imp)
     duration_ms = videos["video_duration"].to_numpy().astype(np.int64)[imp.video]
-    labels = _sample_labels(label_rng, p_click, completion, p_like, duration_ms, is_cb[imp.video])
+    is_cb = world.is_clickbait[imp.video]
+    labels = _sample_labels(label_rng, p_click, completion, p_like, duration_ms, is_cb)
     log = pd.DataFrame(
         {
             "user_id": imp.user,
             "video_id": imp.video,
-            **_time_columns(cfg, label_rng, imp),
+            **times,
             **labels,
             "is_rand": np.zeros(cfg.n_impressions, dtype=np.int8),
             "tab": imp.tab,
@@ -499,15 +531,16 @@ def run_simulate(
 ) -> Path:
     """CLI entry point: simulate, write Parquet into `out`, print a one-line summary."""
     started = time.perf_counter()
-    defaults = SimConfig()
     cfg = SimConfig(
-        n_users=n_users or defaults.n_users,
-        n_videos=n_videos or defaults.n_videos,
         n_impressions=impressions,
         seed=seed,
         task_correlation=task_correlation,
         clickbait_fraction=clickbait_fraction,
     )
+    if n_users is not None:
+        cfg = dataclasses.replace(cfg, n_users=n_users)
+    if n_videos is not None:
+        cfg = dataclasses.replace(cfg, n_videos=n_videos)
     data = simulate(cfg)
     write_simulation(data, out)
     log = data.log

@@ -30,10 +30,13 @@ class ServiceError(Exception):
 
     code = "error"
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(
+        self, message: str, field: str | None = None, details: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
+        self.details = details
 
 
 class InvalidRequest(ServiceError):
@@ -123,7 +126,7 @@ def error_status(exc: BaseException) -> tuple[int, str]:
     """(HTTP status, error code) for a domain exception; (500, "internal_error") otherwise."""
     for cls, status, code in _TABLE:
         if isinstance(exc, cls):
-            return status, code or getattr(exc, "code", "error")
+            return status, code or str(getattr(exc, "code", "error"))
     return 500, "internal_error"
 
 

@@ -193,7 +193,9 @@ class ModelManager:
             return ServingState(production)
         # A canary that failed to load keeps the previous canary at its previous percent.
         same = canary.version == aliases.canary.version
-        return ServingState(production, canary, aliases.canary.percent if same else cur.canary_percent)
+        return ServingState(
+            production, canary, aliases.canary.percent if same else cur.canary_percent
+        )
 
     # -- convergence --------------------------------------------------------------------------
     def poll_once(self, trigger: str = "poll") -> bool:
@@ -275,7 +277,9 @@ class ModelManager:
         with self._swap_lock:
             self.registry.version_dir(version)
             scorer = self._get(version, "admin")
-            return self._apply(lambda: self.registry.set_canary(version, percent), {version: scorer})
+            return self._apply(
+                lambda: self.registry.set_canary(version, percent), {version: scorer}
+            )
 
     def clear_canary(self) -> Aliases:
         """Stop the canary; its session is released once its in-flight requests finish."""

@@ -391,6 +391,17 @@ def test_fusion_profiles_file() -> None:
                 assert set(w) <= {"weight", "transform"}, (name, head)
 
 
+def test_fusion_profiles_load_in_the_service() -> None:
+    try:
+        from service.fusion import parse_profiles
+    except ImportError as exc:  # the service is being written in parallel
+        pytest.skip(f"service.fusion does not import: {exc}")
+    cfg = tomllib.loads(FUSION.read_text())
+    profiles, default = parse_profiles(cfg)
+    assert set(profiles) == set(cfg["profiles"])
+    assert default == cfg["default"]
+
+
 # --------------------------------------------------------------------------------------------
 # compose
 # --------------------------------------------------------------------------------------------
@@ -747,7 +758,9 @@ class _Stub:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = int(self.server.server_address[1])
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def count(self, method: str, path: str) -> int:

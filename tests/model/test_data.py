@@ -218,6 +218,8 @@ def test_simulator_parquet_loads_value_by_value(sim: SimData, tmp_path: Path) ->
         }
     )
     check_frame(frame, expected)
+    head = load_impressions(tmp_path, max_rows=100)
+    check_frame(head, expected.iloc[:100])
 
 
 def test_split_by_time_is_chronological(sim: SimData, tmp_path: Path) -> None:

@@ -1,0 +1,82 @@
+"""The model under test: trained once on simulated data, published to a benchmark registry.
+
+The trained weights are kept next to the registry, keyed by the training settings and by the
+source of the model code, so a second run skips training but a change to the exporter or the
+network retrains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from model.data import split_by_time
+from model.features import FeatureSchema
+from model.mmoe import MMoEConfig, RankingModel, build_model
+from model.registry import Registry
+from model.train import fit, simulated_impressions, write_result_bundle
+
+VERSION = "bench-a"
+SWAP_VERSION = "bench-b"
+_SOURCES = ("mmoe.py", "export.py", "train.py", "features.py")
+
+
+@dataclass
+class BenchModel:
+    """A trained model, its held-out impressions and its published bundle."""
+
+    model: RankingModel
+    schema: FeatureSchema
+    config: MMoEConfig
+    test: pd.DataFrame
+    registry: Path
+    version: str
+    metrics: dict[str, Any]
+
+    @property
+    def bundle_dir(self) -> Path:
+        return Registry(self.registry).version_dir(self.version)
+
+
+def _code_hash() -> str:
+    root = Path(__file__).resolve().parent.parent / "model"
+    h = hashlib.sha256()
+    for name in _SOURCES:
+        h.update((root / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def prepare_model(
+    work_dir: Path, impressions: int, epochs: int, small: bool, seed: int = 0
+) -> BenchModel:
+    """Train (or reload) the benchmark model and make it production in its registry."""
+    size = "small" if small else "default"
+    home = work_dir / f"model-{size}-{impressions}-e{epochs}-s{seed}-{_code_hash()}"
+    registry = Registry(home / "registry")
+    state_path = home / "state.pt"
+    frame = simulated_impressions(impressions, seed)
+    _, _, test = split_by_time(frame)
+    if state_path.exists() and registry.has(VERSION):
+        bundle = registry.bundle(VERSION)
+        config = MMoEConfig.from_dict(bundle.manifest["mmoe_config"])
+        model = build_model(config, bundle.schema)
+        model.load_state_dict(torch.load(state_path, weights_only=True))
+        model.eval()
+        metrics = dict(bundle.metrics)
+        schema = bundle.schema
+    else:
+        result = fit(frame, small=small, epochs=epochs, seed=seed, verbose=False)
+        with tempfile.TemporaryDirectory(prefix="vidrank-bench-") as tmp:
+            write_result_bundle(result, Path(tmp) / VERSION, VERSION, seed)
+            registry.publish(Path(tmp) / VERSION)
+        torch.save(result.model.state_dict(), state_path)
+        model, schema, config = result.model.eval(), result.schema, result.config
+        metrics = dict(result.metrics)
+    registry.activate(VERSION)
+    return BenchModel(model, schema, config, test, registry.root, VERSION, metrics)

@@ -1,0 +1,314 @@
+"""Results: targets checked against the measurements, the JSON file, the markdown table, the plot."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from benchmarks.stats import ratio
+
+MB = 1024 * 1024
+
+
+@dataclass
+class Target:
+    """One target from issue 4 with the figure measured for it."""
+
+    id: str
+    description: str
+    target: str
+    measured: float | None
+    unit: str
+    met: bool | None
+    note: str = ""
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _check(value: float | None, ok: Callable[[float], bool]) -> bool | None:
+    return None if value is None else bool(ok(value))
+
+
+def ref_n(results: dict[str, Any]) -> int:
+    """The candidate count the targets are stated at: 500, or the middle one measured."""
+    ns: list[int] = results["settings"]["ns"]
+    return 500 if 500 in ns else ns[len(ns) // 2]
+
+
+def latency_targets(r: dict[str, Any], n: str) -> list[Target]:
+    floor = _get(r, "floor", "threads1", n, "p50")
+    p50 = _get(r, "vidrank", "latency_c1", n, "latency_ms", "p50")
+    p99 = _get(r, "vidrank", "latency_c1", n, "latency_ms", "p99")
+    vs_floor, tail = ratio(p50, floor), ratio(p99, p50)
+    return [
+        Target(
+            "p50_vs_floor", f"vidrank p50 at {n} candidates / floor (1 thread)", "<= 1.15",
+            vs_floor, "x", _check(vs_floor, lambda x: x <= 1.15),
+            f"p50 {p50:.2f} ms vs floor {floor:.2f} ms" if p50 and floor else "",
+        ),
+        Target(
+            "p99_vs_p50", f"vidrank p99 / p50 at {n} candidates", "<= 1.5", tail, "x",
+            _check(tail, lambda x: x <= 1.5),
+        ),
+    ]  # fmt: skip
+
+
+def throughput_targets(r: dict[str, Any], n: str) -> list[Target]:
+    floor = _get(r, "floor", "threads1", n, "p50")
+    cores = r["machine"]["cores"]
+    limit = cores / (floor / 1000.0) if floor else None
+    rps = _get(r, "vidrank", "throughput_c8", n, "rps")
+    textbook = _get(r, "textbook", "throughput_c8", n, "rps")
+    of_limit, vs_textbook = ratio(rps, limit), ratio(rps, textbook)
+    return [
+        Target(
+            "throughput_vs_limit", f"vidrank req/s at {n} candidates, c=8 / (cores / floor)",
+            ">= 0.8", of_limit, "x", _check(of_limit, lambda x: x >= 0.8),
+            f"{rps:.0f} req/s vs limit {limit:.0f} req/s" if rps and limit else "",
+        ),
+        Target(
+            "throughput_vs_textbook", f"vidrank req/s / textbook req/s at {n} candidates",
+            ">= 3", vs_textbook, "x", _check(vs_textbook, lambda x: x >= 3.0),
+        ),
+    ]  # fmt: skip
+
+
+def graph_targets(r: dict[str, Any], n: str) -> list[Target]:
+    lat = _get(r, "graphs", "latency") or {}
+    naive = _get(lat, "naive_fp32", n, "p50")
+    fp32 = ratio(naive, _get(lat, "fused_fp32", n, "p50"))
+    int8 = ratio(naive, _get(lat, "fused_int8", n, "p50"))
+    diff = _get(r, "graphs", "parity", "naive_fp32")
+    max_diff = max(diff.values()) if diff else None
+    deltas = _get(r, "graphs", "heldout", "delta", "fused_int8") or {}
+    drop = max((-d for d in deltas.values()), default=None)
+    return [
+        Target(
+            "fused_vs_naive_fp32", f"naive fp32 / fused fp32 latency at {n}", ">= 1.5", fp32,
+            "x", _check(fp32, lambda x: x >= 1.5),
+        ),
+        Target(
+            "fused_naive_parity", "max |fused - naive| over outputs (fp32)", "<= 1e-5",
+            max_diff, "", _check(max_diff, lambda x: x <= 1e-5),
+        ),
+        Target(
+            "fused_int8_vs_naive", f"naive fp32 / fused int8 latency at {n}", ">= 2", int8, "x",
+            _check(int8, lambda x: x >= 2.0),
+        ),
+        Target(
+            "int8_auc_drop", "held-out AUC drop (fp32 - int8), worst of click/like", "<= 0.002",
+            drop, "", _check(drop, lambda x: x <= 0.002),
+            ", ".join(f"{t} {d:+.4f}" for t, d in deltas.items()),
+        ),
+    ]  # fmt: skip
+
+
+def lifecycle_targets(r: dict[str, Any]) -> list[Target]:
+    rss = _get(r, "lifecycle", "rss_one_worker_bytes")
+    start = _get(r, "lifecycle", "start_to_ready_s")
+    extra = _get(r, "lifecycle", "swap", "peak_extra_bytes")
+    model = _get(r, "lifecycle", "model_footprint", "footprint_bytes")
+    swap = ratio(extra, model)
+    return [
+        Target(
+            "rss_one_worker", "RSS of one worker with the default model", "<= 250 MB",
+            rss / MB if rss else None, "MB", _check(rss, lambda x: x <= 250 * MB),
+        ),
+        Target(
+            "start_to_ready", "process start to /readyz 200 (1 worker)", "<= 3 s", start, "s",
+            _check(start, lambda x: x <= 3.0),
+        ),
+        Target(
+            "swap_extra", "peak extra RSS during a swap / one model's footprint", "<= 1",
+            swap, "x", _check(swap, lambda x: x <= 1.0),
+            f"peak +{extra / MB:.1f} MB, one model {model / MB:.1f} MB" if extra and model else "",
+        ),
+    ]  # fmt: skip
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target of issue 4, measured (None where the run did not measure it)."""
+    n = str(ref_n(results))
+    found = [
+        *latency_targets(results, n),
+        *throughput_targets(results, n),
+        *graph_targets(results, n),
+        *lifecycle_targets(results),
+    ]
+    return [asdict(t) for t in found]
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+
+def write_json(results: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    opts = orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+    path.write_bytes(orjson.dumps(results, option=opts) + b"\n")
+    return path
+
+
+def _fmt(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def latency_table(r: dict[str, Any]) -> list[str]:
+    header = [
+        "N", "floor 1t p50", "floor 2t p50", "vidrank p50", "vidrank p99", "vidrank/floor",
+        "textbook p50", "textbook p99", "textbook/floor",
+    ]  # fmt: skip
+    rows = []
+    for n in map(str, r["settings"]["ns"]):
+        f1 = _get(r, "floor", "threads1", n, "p50")
+        v = _get(r, "vidrank", "latency_c1", n, "latency_ms") or {}
+        t = _get(r, "textbook", "latency_c1", n, "latency_ms") or {}
+        rows.append(
+            [
+                n, _fmt(f1), _fmt(_get(r, "floor", "threads2", n, "p50")),
+                _fmt(v.get("p50")), _fmt(v.get("p99")), _fmt(ratio(v.get("p50"), f1)) + "×",
+                _fmt(t.get("p50")), _fmt(t.get("p99")), _fmt(ratio(t.get("p50"), f1)) + "×",
+            ]
+        )  # fmt: skip
+    return _table(header, rows)
+
+
+def throughput_table(r: dict[str, Any]) -> list[str]:
+    cores = r["machine"]["cores"]
+    header = ["N", "limit (cores/floor)", "vidrank req/s", "of limit", "textbook req/s",
+              "vidrank/textbook", "vidrank p50 @c8", "textbook p50 @c8"]  # fmt: skip
+    rows = []
+    for n in map(str, r["settings"]["ns"]):
+        f1 = _get(r, "floor", "threads1", n, "p50")
+        limit = cores / (f1 / 1000.0) if f1 else None
+        v = _get(r, "vidrank", "throughput_c8", n) or {}
+        t = _get(r, "textbook", "throughput_c8", n) or {}
+        rows.append(
+            [
+                n, _fmt(limit, 0), _fmt(v.get("rps"), 0), _fmt(ratio(v.get("rps"), limit)),
+                _fmt(t.get("rps"), 0), _fmt(ratio(v.get("rps"), t.get("rps"))) + "×",
+                _fmt(_get(v, "latency_ms", "p50")), _fmt(_get(t, "latency_ms", "p50")),
+            ]
+        )  # fmt: skip
+    return _table(header, rows)
+
+
+def graph_table(r: dict[str, Any]) -> list[str]:
+    lat = _get(r, "graphs", "latency") or {}
+    names = list(lat)
+    header = ["N", *[f"{g} p50" for g in names], "naive/fused fp32", "naive fp32/fused int8"]
+    rows = []
+    for n in map(str, r["settings"]["ns"]):
+        p = {g: _get(lat, g, n, "p50") for g in names}
+        rows.append(
+            [
+                n, *[_fmt(p[g]) for g in names],
+                _fmt(ratio(p.get("naive_fp32"), p.get("fused_fp32"))) + "×",
+                _fmt(ratio(p.get("naive_fp32"), p.get("fused_int8"))) + "×",
+            ]
+        )  # fmt: skip
+    return _table(header, rows)
+
+
+def census_table(r: dict[str, Any]) -> list[str]:
+    census = _get(r, "graphs", "census") or {}
+    rows = [
+        [g, str(len(c["float_matmuls"])), str(c["int8_matmuls"]), _fmt(c["size_bytes"] / MB)]
+        for g, c in census.items()
+    ]
+    return _table(["graph", "float MatMul/Gemm", "int8 matmuls", "file MB"], rows)
+
+
+def targets_table(r: dict[str, Any]) -> list[str]:
+    rows = []
+    for t in r["targets"]:
+        met = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
+        measured = _fmt(t["measured"], 3 if t["unit"] != "MB" else 0)
+        rows.append([t["description"], t["target"], f"{measured} {t['unit']}".strip(), met, t["note"]])
+    return _table(["target", "goal", "measured", "", "note"], rows)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    s = r["settings"]
+    model = r.get("model", {})
+    lines = [
+        f"# vidrank benchmark — {r['created_at']}",
+        "",
+        f"Machine: {m['cpu_model']}, {m['cores']} cores, AVX2 {'yes' if m['avx2'] else 'no'}, "
+        f"AVX-512 VNNI {'yes' if m['flags'].get('avx512_vnni') else 'no'}; Python {m['python']}, "
+        f"onnxruntime {m['packages'].get('onnxruntime')}, load average at start "
+        f"{_fmt(m['loadavg_at_start'][0]) if m.get('loadavg_at_start') else '?'}.",
+        f"Model: {model.get('description', '?')}. Load generator: {s['load_generator']}; "
+        f"{s['http_seconds']} s per HTTP run, {s['workers']} workers. Latencies in ms (medians "
+        "and percentiles of one run).",
+        "",
+        "## Targets",
+        "",
+        *targets_table(r),
+        "",
+        "## Latency at concurrency 1 (ms)",
+        "",
+        *latency_table(r),
+        "",
+        f"## Throughput at concurrency 8, {s['workers']} workers",
+        "",
+        *throughput_table(r),
+        "",
+        "## Model graphs (onnxruntime, 1 thread, ms)",
+        "",
+        *graph_table(r),
+        "",
+        *census_table(r),
+        "",
+    ]
+    for note in s.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict[str, Any], path: Path) -> Path:
+    """Latency vs candidates for the floor, vidrank and textbook (p50 solid, p99 dotted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = r["settings"]["ns"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    floor = [_get(r, "floor", "threads1", str(n), "p50") for n in ns]
+    ax.plot(ns, floor, "k-o", label="floor: session.run, 1 thread (p50)")
+    for name, color in (("vidrank", "tab:blue"), ("textbook", "tab:red")):
+        for q, style in (("p50", "-o"), ("p99", ":s")):
+            ys = [_get(r, name, "latency_c1", str(n), "latency_ms", q) for n in ns]
+            if any(y is not None for y in ys):
+                ax.plot(ns, ys, style, color=color, label=f"{name} POST /rank ({q}, c=1)")
+    ax.set_xlabel("candidates per request")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"vidrank latency — {r['machine']['cpu_model']}, {r['machine']['cores']} cores")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

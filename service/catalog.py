@@ -1,0 +1,70 @@
+"""What /models and /models/{version} report: registry contents and manifest metadata.
+
+Published versions are immutable, so each manifest summary is read once and cached (without
+hashing model.onnx: listing must stay cheap however many versions there are).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from model.bundle import BundleError
+from model.registry import Registry, RegistryError, VersionNotFound
+from service.manager import ModelManager
+
+
+class Catalog:
+    """Read-only views of the registry for the HTTP API."""
+
+    def __init__(self, registry: Registry, manager: ModelManager) -> None:
+        self.registry = registry
+        self.manager = manager
+        self._summaries: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def _summary(self, version: str) -> dict[str, Any]:
+        with self._lock:
+            cached = self._summaries.get(version)
+        if cached is not None:
+            return cached
+        try:
+            b = self.registry.bundle(version, verify=False)
+            summary: dict[str, Any] = {
+                "version": version,
+                "created_at": b.manifest.get("created_at"),
+                "size_bytes": b.size_bytes,
+                "metrics": b.metrics,
+                "valid": True,
+            }
+        except (BundleError, RegistryError) as e:
+            # Not cached: a version directory that is being repaired may become valid.
+            return {"version": version, "valid": False, "error": str(e)}
+        with self._lock:
+            self._summaries[version] = summary
+        return summary
+
+    def models(self) -> dict[str, Any]:
+        """Versions (oldest first) with training metrics, the aliases and what is served here."""
+        aliases = self.registry.read_aliases()
+        canary = aliases.canary.version if aliases.canary else None
+        versions = []
+        for v in self.registry.versions():
+            entry = dict(self._summary(v))
+            entry["aliases"] = [
+                a
+                for a, name in (("production", aliases.production), ("canary", canary))
+                if name == v
+            ]
+            versions.append(entry)
+        return {
+            "versions": versions,
+            "aliases": aliases.to_dict(),
+            "serving": self.manager.describe(),
+        }
+
+    def manifest(self, version: str) -> dict[str, Any]:
+        """A version's manifest; VersionNotFound (404) or BundleError (409) otherwise."""
+        if not self.registry.has(version):
+            raise VersionNotFound(f"version {version!r} is not published")
+        return self.registry.bundle(version, verify=False).manifest

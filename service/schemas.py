@@ -1,0 +1,146 @@
+"""The public API as pydantic models: OpenAPI documentation and the admin request bodies.
+
+``POST /rank`` does not validate through these models (it parses with orjson and validates
+columns without a Python object per candidate, see ``service/request.py``), but they describe
+exactly what it accepts and returns, and /docs renders them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FeatureValue = str | int | float | list[str | int] | None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class User(_Strict):
+    user_id: str | int = Field(description="Also the user_id feature; selects the canary bucket.")
+    features: dict[str, FeatureValue] | None = Field(
+        None, description="User features by name; missing ones take the schema's defaults."
+    )
+
+
+class Candidate(_Strict):
+    video_id: str | int = Field(description="Unique within the request; echoed as sent.")
+    features: dict[str, FeatureValue] | None = Field(
+        None, description="Item features by name; unknown names are ignored (and counted)."
+    )
+
+
+class ColumnarCandidates(_Strict):
+    """The same candidates as columns: one list per feature, all as long as ``video_id``."""
+
+    video_id: list[str | int]
+    features: dict[str, list[FeatureValue]] | None = None
+
+
+class TaskWeight(_Strict):
+    weight: float
+    transform: Literal["identity", "log1p", "scale"] = "identity"
+    scale: float = 1.0
+
+
+class FusionParams(_Strict):
+    method: Literal["weighted_sum", "weighted_product", "rank_sum"]
+    weights: dict[Literal["click", "watch_time", "like"], float | TaskWeight]
+    epsilon: float = Field(1e-6, description="weighted_product: added before the log.")
+    beta: float = Field(1.0, description="rank_sum: score = sum_k w_k / (rank_k + beta).")
+
+
+class FusionProfile(_Strict):
+    profile: str
+
+
+class RankRequest(_Strict):
+    request_id: str | None = Field(None, max_length=128, description="Echoed; generated if absent.")
+    user: User
+    context: dict[str, FeatureValue] | None = Field(None, description="Context features.")
+    candidates: list[Candidate] | ColumnarCandidates = Field(
+        description="Up to VIDRANK_MAX_CANDIDATES candidates, as rows or columns."
+    )
+    fusion: str | FusionProfile | FusionParams | None = Field(
+        None, description="A profile name, or method + weights; default: the default profile."
+    )
+    top_k: int | None = Field(None, ge=1, description="Return only the best top_k.")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "user": {"user_id": 42, "features": {"user_active_degree": "high_active"}},
+                    "context": {"hour": 20, "tab": 1},
+                    "candidates": [
+                        {"video_id": 1001, "features": {"duration_s": 35.0, "tag": "12,65"}},
+                        {"video_id": 1002, "features": {"duration_s": 610.0}},
+                    ],
+                    "fusion": "balanced",
+                    "top_k": 10,
+                }
+            ]
+        },
+    )
+
+
+class Predictions(BaseModel):
+    click: float = Field(description="P(click).")
+    watch_time: float = Field(description="Expected watch seconds per impression.")
+    like: float = Field(description="P(like).")
+
+
+class RankedItem(BaseModel):
+    video_id: str | int
+    score: float | None
+    predictions: Predictions
+
+
+class AppliedFusion(BaseModel):
+    method: str
+    weights: dict[str, Any]
+    epsilon: float | None = None
+    beta: float | None = None
+    profile: str | None = None
+
+
+class RankResponse(BaseModel):
+    request_id: str
+    model_version: str
+    fusion: AppliedFusion
+    items: list[RankedItem] = Field(description="Sorted by descending score; ties by input order.")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class CanaryRequest(_Strict):
+    version: str
+    percent: float = Field(gt=0, le=100, description="Percent of users (stable by user_id).")
+
+
+class Status(BaseModel):
+    status: str
+    model_version: str | None = None
+
+
+class AliasesOut(BaseModel):
+    production: str | None
+    previous: list[str]
+    canary: dict[str, Any] | None
+    updated_at: str | None
+
+
+class AdminResult(BaseModel):
+    aliases: AliasesOut
+    serving: dict[str, Any]

@@ -1,0 +1,216 @@
+"""``vidrank serve``: run the app under uvicorn, in one process or one process per core.
+
+Why not ``uvicorn --workers``: uvicorn 0.54 binds that shared socket without ``IPPROTO_TCP``, so
+asyncio never sets TCP_NODELAY on accepted connections and Nagle + delayed ACK add ~45 ms to every
+keep-alive request (uvicorn #3149); and with one shared accept queue the kernel may hand all of a
+client's connections to one worker. Instead, each worker binds its own ``SO_REUSEPORT`` socket
+(the kernel spreads connections over them by 4-tuple hash) with TCP_NODELAY set on the listener,
+which Linux copies onto every accepted connection.
+
+The supervisor (workers > 1) spawns fresh interpreters (no fork of a process with threads),
+points prometheus-client at a shared multiprocess directory so /metrics aggregates the workers,
+restarts a worker that dies, and on SIGTERM/SIGINT forwards SIGTERM to the workers, waits for
+them to drain and exits 0.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from service.logging import configure_logging, log_fields
+from service.settings import Settings
+
+log = logging.getLogger("vidrank.server")
+
+BACKLOG = 2048
+GRACEFUL_TIMEOUT_S = 25  # in-flight requests get this long after SIGTERM (k8s default is 30 s)
+CRASH_WINDOW_S = 10.0  # a worker that dies this soon after starting, MAX_FAST_CRASHES times in a
+MAX_FAST_CRASHES = 3  # row, is crash-looping (port taken, broken install): give up
+# Objects survive far longer than a request here; a larger first generation means fewer
+# collections per request (a 500-candidate body allocates thousands of short-lived objects).
+GC_THRESHOLD = (50_000, 20, 100)
+
+
+def bind_socket(host: str, port: int, *, reuse_port: bool, listen: bool = True) -> socket.socket:
+    """A TCP listening socket with TCP_NODELAY (inherited by accepted connections on Linux)."""
+    family, _, _, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+    )[0]
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on accepted sockets whose proto is TCP.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(addr)
+        if listen:
+            sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _tune_gc() -> None:
+    """Move start-up objects out of the collector's reach and collect young objects less often.
+
+    gc.freeze() keeps the full collections that still happen from walking every module, numpy
+    and pydantic object the service loaded (the 100 ms stalls seen in BentoML).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
+def serve(settings: Settings, sock: socket.socket) -> None:
+    """Run one uvicorn server for ``create_app(settings)`` on ``sock`` until SIGTERM/SIGINT."""
+    import uvicorn
+
+    from service.app import create_app
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            _tune_gc()
+            host, port = sock.getsockname()[:2]
+            log_fields(log, logging.INFO, "listening", host=host, port=port, pid=os.getpid())
+
+    config = uvicorn.Config(
+        create_app(settings),
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=GRACEFUL_TIMEOUT_S,
+        timeout_keep_alive=75,  # above common LB/nginx idle timeouts, so they close first
+        backlog=BACKLOG,
+    )
+    # uvicorn re-raises the signal it shut down for once it is done; with a no-op handler in
+    # place that ends the process normally (exit 0) after the drain instead of killing it.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    _Server(config).run(sockets=[sock])
+
+
+def _worker_main(settings: Settings, index: int) -> None:
+    """Entry point of a spawned worker process."""
+    configure_logging(settings.log_level)
+    sock = bind_socket(settings.host, settings.port, reuse_port=True)
+    log_fields(log, logging.INFO, "worker starting", worker=index, pid=os.getpid())
+    serve(settings, sock)
+
+
+class Supervisor:
+    """Runs ``settings.workers`` worker processes and keeps them running until told to stop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ctx = multiprocessing.get_context("spawn")
+        self.procs: dict[int, BaseProcess] = {}
+        self.stopping = threading.Event()
+        self.started_at: dict[int, float] = {}
+        self.fast_crashes = 0
+
+    def _spawn(self, index: int, settings: Settings) -> None:
+        proc = self.ctx.Process(
+            target=_worker_main, args=(settings, index), name=f"vidrank-worker-{index}"
+        )
+        proc.start()
+        self.procs[index] = proc
+        self.started_at[index] = time.monotonic()
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit code."""
+        s = self.settings
+        metrics_dir = Path(tempfile.mkdtemp(prefix="vidrank-metrics-"))
+        # Must be in the environment before any worker imports prometheus_client.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        # Holding the port (bound, not listening, so it takes no connections) resolves port 0
+        # and keeps the port ours while workers restart.
+        holder = bind_socket(s.host, s.port, reuse_port=True, listen=False)
+        port = holder.getsockname()[1]
+        worker_settings = s.model_copy(update={"port": port, "metrics_multiproc_dir": metrics_dir})
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        log_fields(log, logging.INFO, "supervisor starting", workers=s.workers, port=port)
+        try:
+            for i in range(s.workers):
+                self._spawn(i, worker_settings)
+            code = self._watch(worker_settings)
+        finally:
+            self._stop_all()
+            holder.close()
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+        log_fields(log, logging.INFO, "supervisor stopped", exit_code=code)
+        return code
+
+    def _watch(self, worker_settings: Settings) -> int:
+        while not self.stopping.is_set():
+            sentinels = [p.sentinel for p in self.procs.values()]
+            multiprocessing.connection.wait(sentinels, timeout=0.2)
+            for index, proc in list(self.procs.items()):
+                if proc.is_alive() or self.stopping.is_set():
+                    continue
+                _mark_dead(proc.pid)
+                lived = time.monotonic() - self.started_at[index]
+                self.fast_crashes = self.fast_crashes + 1 if lived < CRASH_WINDOW_S else 0
+                log_fields(
+                    log, logging.ERROR, "worker died", worker=index, pid=proc.pid,
+                    exit_code=proc.exitcode, lived_s=round(lived, 1),
+                )  # fmt: skip
+                if self.fast_crashes >= MAX_FAST_CRASHES:
+                    log.error("workers keep crashing at start-up; stopping")
+                    return 1
+                self._spawn(index, worker_settings)
+        return 0
+
+    def _stop_all(self) -> None:
+        """SIGTERM every worker, wait for them to drain, kill stragglers."""
+        for proc in self.procs.values():
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + GRACEFUL_TIMEOUT_S + 5
+        for proc in self.procs.values():
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log_fields(log, logging.ERROR, "worker did not stop; killing", pid=proc.pid)
+                proc.kill()
+                proc.join(5)
+            _mark_dead(proc.pid)
+
+
+def _mark_dead(pid: int | None) -> None:
+    """Drop a dead worker's live-gauge files (prometheus-client multiprocess mode)."""
+    if pid is None:
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)
+
+
+def run_server(settings: Settings) -> None:
+    """Serve ``settings`` until SIGTERM/SIGINT; exits the process non-zero on failure."""
+    configure_logging(settings.log_level)
+    safe: dict[str, Any] = settings.model_dump(exclude={"admin_token"})
+    safe["admin_token_set"] = settings.admin_token is not None
+    log_fields(log, logging.INFO, "starting", settings={k: str(v) for k, v in safe.items()})
+    if settings.workers == 1:
+        serve(settings, bind_socket(settings.host, settings.port, reuse_port=False))
+        return
+    code = Supervisor(settings).run()
+    if code:
+        raise SystemExit(code)

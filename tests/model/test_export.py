@@ -1,0 +1,112 @@
+"""ONNX export: interface, torch/onnxruntime parity and the naive-vs-fused graph equivalence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from model.export import (
+    NaiveMMoE,
+    compare,
+    export_onnx,
+    make_session,
+    parity,
+    random_encoded,
+    run_session,
+    torch_predict,
+)
+from model.features import default_schema
+from model.mmoe import MMoE, MMoEConfig, SharedBottom
+from model.train import TrainResult
+
+DTYPES: dict[int, str] = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32"}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, trained_model: TrainResult) -> Path:
+    path = tmp_path_factory.mktemp("export") / "model.onnx"
+    export_onnx(trained_model.model, trained_model.schema, path)
+    return path
+
+
+def graph_io(path: Path) -> tuple[list[dict], list[dict]]:
+    def describe(values: list[onnx.ValueInfoProto]) -> list[dict]:
+        return [
+            {
+                "name": v.name,
+                "dtype": DTYPES[v.type.tensor_type.elem_type],
+                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+            }
+            for v in values
+        ]
+
+    graph = onnx.load(str(path)).graph
+    return describe(list(graph.input)), describe(list(graph.output))
+
+
+def test_inputs_and_outputs_follow_the_schema(exported: Path, trained_model: TrainResult) -> None:
+    inputs, outputs = graph_io(exported)
+    assert inputs == trained_model.schema.input_specs()
+    for spec in inputs:
+        expected_batch = "N" if spec["name"].startswith("item_") else 1
+        assert spec["shape"][0] == expected_batch
+    assert outputs == [
+        {"name": name, "dtype": "float32", "shape": ["N"]}
+        for name in ("click", "watch_time", "like")
+    ]
+
+
+def test_parity_of_the_trained_model(exported: Path, trained_model: TrainResult) -> None:
+    result = parity(trained_model.model, trained_model.schema, exported, n_values=(1, 7, 1000))
+    assert set(result["per_n"]) == {"1", "7", "1000"}
+    assert result["max_abs_prob"] <= 1e-5
+    assert result["max_rel_watch"] <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["mmoe", "shared_bottom"])
+def test_parity_of_the_default_config(tmp_path: Path, arch: str) -> None:
+    torch.manual_seed(1)
+    schema = default_schema()
+    cfg = MMoEConfig(arch=arch, watch_scale=5.0)
+    model = MMoE(cfg, schema) if arch == "mmoe" else SharedBottom(cfg, schema)
+    export_onnx(model, schema, tmp_path / "m.onnx")
+    result = parity(model, schema, tmp_path / "m.onnx", n_values=(1, 7, 1000), seed=3)
+    assert result["max_abs_prob"] <= 1e-5 and result["max_rel_watch"] <= 1e-4
+
+
+def test_naive_graph_equals_fused_graph(
+    tmp_path: Path, exported: Path, trained_model: TrainResult
+) -> None:
+    model, schema = trained_model.model, trained_model.schema
+    assert isinstance(model, MMoE)
+    naive = tmp_path / "naive.onnx"
+    export_onnx(model, schema, naive, variant="naive")
+    assert graph_io(naive) == graph_io(exported)
+    fused_session, naive_session = make_session(exported), make_session(naive)
+    rng = np.random.default_rng(7)
+    for n in (1, 7, 300):
+        encoded = random_encoded(schema, n, rng)
+        fused_out = run_session(fused_session, encoded)
+        diff = compare(fused_out, run_session(naive_session, encoded))
+        assert diff["max_abs_prob"] <= 1e-5 and diff["max_rel_watch"] <= 1e-5
+        # and the naive torch module itself equals the fused torch model
+        diff = compare(torch_predict(model, encoded), torch_predict(NaiveMMoE(model), encoded))
+        assert diff["max_abs_prob"] <= 1e-5 and diff["max_rel_watch"] <= 1e-5
+
+
+def test_naive_variant_is_mmoe_only(tmp_path: Path) -> None:
+    schema = default_schema()
+    baseline = SharedBottom(MMoEConfig.small(arch="shared_bottom"), schema)
+    with pytest.raises(ValueError, match="MMoE"):
+        export_onnx(baseline, schema, tmp_path / "x.onnx", variant="naive")
+
+
+def test_export_leaves_training_mode_alone(tmp_path: Path) -> None:
+    schema = default_schema()
+    model = MMoE(MMoEConfig.small(), schema).train()
+    export_onnx(model, schema, tmp_path / "m.onnx")
+    assert model.training

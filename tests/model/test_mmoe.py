@@ -1,0 +1,162 @@
+"""MMoE parts: shapes, dimension checks, gates, the shared-bottom interface and the FLOP count."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from model.export import random_encoded, random_request
+from model.features import default_schema
+from model.mmoe import (
+    BatchedLinear,
+    Experts,
+    FeatureEmbedding,
+    Gates,
+    MMoE,
+    MMoEConfig,
+    SharedBottom,
+    SplitLinear,
+    Towers,
+    build_model,
+    flops_per_candidate,
+)
+
+SCHEMA = default_schema()
+TASKS = ("click", "watch_time", "like")
+
+
+def tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
+def request(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One request: user/context batch 1, n items."""
+    return tensors(random_encoded(SCHEMA, n, np.random.default_rng(seed)))
+
+
+def tiled(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The same request with the user/context rows repeated n times (training layout)."""
+    user, context, items = random_request(SCHEMA, n, np.random.default_rng(seed))
+    columns = {**{k: [v] * n for k, v in {**user, **context}.items()}, **items}
+    return tensors(SCHEMA.encode_rows(columns, n))
+
+
+@pytest.fixture(scope="module")
+def model() -> MMoE:
+    torch.manual_seed(0)
+    return MMoE(MMoEConfig.small(), SCHEMA).eval()
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_output_shapes_for_request_and_training_layouts(model: MMoE, n: int) -> None:
+    cfg = model.config
+    for inputs in (request(n), tiled(n)):
+        out = model(inputs, return_gates=True)
+        for task in TASKS:
+            assert out[task].shape == (n,) and out[f"{task}_logit"].shape == (n,)
+        assert out["gates"].shape == (n, len(TASKS), cfg.n_experts)
+        u, v = model.embedding(inputs)
+        assert v.shape == (n, model.embedding.item_dim)
+        assert model.experts(u, v).shape == (cfg.n_experts, n, cfg.expert_hidden[-1])
+
+
+def test_user_side_broadcast_equals_tiled_rows(model: MMoE) -> None:
+    with torch.no_grad():
+        once, tiled_out = model(request(9)), model(tiled(9))
+    for task in TASKS:
+        torch.testing.assert_close(once[task], tiled_out[task], rtol=1e-5, atol=1e-6)
+
+
+def test_heads_ranges(model: MMoE) -> None:
+    with torch.no_grad():
+        out = model(request(50))
+    for task in ("click", "like"):
+        assert ((out[task] > 0) & (out[task] < 1)).all()
+    assert (out["watch_time"] > 0).all() and torch.isfinite(out["watch_time"]).all()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Experts(0, 5, 2, (4,)),
+        lambda: Experts(3, 5, 0, (4,)),
+        lambda: Experts(3, 5, 2, ()),
+        lambda: Experts(3, 5, 2, (4, 0)),
+        lambda: Gates(3, 5, 0, 2),
+        lambda: Gates(3, 5, 3, 2, temperature=0.0),
+        lambda: Gates(3, 5, 3, 2, dropout=1.0),
+        lambda: Towers(0, (4,), 3),
+        lambda: Towers(8, (0,), 3),
+        lambda: SplitLinear(3, 0, 4),
+        lambda: BatchedLinear(2, 3, 0),
+        lambda: FeatureEmbedding(SCHEMA, 0),
+        lambda: MMoEConfig(n_experts=0),
+        lambda: MMoEConfig(arch="transformer"),
+        lambda: MMoEConfig(tasks=("click", "dwell")),
+        lambda: MMoEConfig(watch_scale=0.0),
+        lambda: MMoEConfig(expert_hidden=()),
+    ],
+)
+def test_bad_dimensions_raise_value_error(make) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_mismatched_batches_and_missing_inputs_raise(model: MMoE) -> None:
+    inputs = request(7)
+    inputs["user_cat"] = inputs["user_cat"].repeat(3, 1)  # B_u = 3 is neither 1 nor N
+    with pytest.raises(ValueError, match="user_cat"):
+        model(inputs)
+    inputs = request(7)
+    del inputs["item_num"]
+    with pytest.raises(ValueError, match="item_num"):
+        model(inputs)
+
+
+def test_gate_rows_sum_to_one_with_and_without_dropout() -> None:
+    torch.manual_seed(0)
+    gates = Gates(6, 5, 3, 8, temperature=0.7, dropout=0.5)
+    u, v = torch.randn(1, 6), torch.randn(200, 5)
+    for training in (False, True):
+        g = gates.train(training)(u, v)
+        assert g.shape == (200, 3, 8)
+        torch.testing.assert_close(g.sum(-1), torch.ones(200, 3))
+    # In training about half the experts are dropped: exactly zero weight, never all of them.
+    dropped = (g == 0).float().mean().item()
+    assert 0.4 < dropped < 0.6
+    assert (g.max(-1).values > 0).all()
+
+
+def test_shared_bottom_has_the_same_interface(model: MMoE) -> None:
+    torch.manual_seed(0)
+    baseline = SharedBottom(MMoEConfig.small(arch="shared_bottom"), SCHEMA).eval()
+    assert isinstance(build_model(baseline.config, SCHEMA), SharedBottom)
+    for inputs in (request(5), tiled(5)):
+        out, ref = baseline(inputs), model(inputs)
+        assert set(out) == set(ref)
+        assert all(out[k].shape == ref[k].shape for k in out)
+
+
+def test_config_round_trips_through_json() -> None:
+    cfg = MMoEConfig(watch_scale=7.5, gate_dropout=0.2)
+    assert MMoEConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        MMoEConfig.from_dict({**cfg.to_dict(), "n_layers": 3})
+
+
+def test_flops_of_the_default_config() -> None:
+    # Default schema, embedding dim 16: D_u = 3*16 + 3 (user) + 3*16 (context) = 99,
+    # D_i = 4*16 + 1*16 (tag) + 2 = 82, d = 181. E = 8 experts of (256, 128), T = 3, towers (64,).
+    d_u, d_i, e, t = 99, 82, 8, 3
+    d = d_u + d_i
+    macs = d * e * 256 + e * 256 * 128 + d * t * e + t * e * 128 + t * (128 * 64 + 64 * 1)
+    cfg = MMoEConfig()
+    assert flops_per_candidate(cfg, SCHEMA) == 2 * macs == 1_330_032  # ~1.3 MFLOP
+    # With the user side computed once per request, its terms drop out of the per-candidate cost.
+    amortised = 2 * (macs - d_u * e * 256 - d_u * t * e)
+    assert flops_per_candidate(cfg, SCHEMA, user_side_once=True) == amortised
+    baseline = flops_per_candidate(MMoEConfig(arch="shared_bottom"), SCHEMA)
+    assert 0.8 < baseline / (2 * macs) < 1.2  # "comparable size"

@@ -1,0 +1,166 @@
+"""Trainer: end to end into a registry, determinism, training/serving skew, gate diagnostics."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from model.bundle import load_bundle
+from model.export import make_session, random_encoded, run_session
+from model.mmoe import MMoE, MMoEConfig
+from model.registry import Registry
+from model.train import (
+    TrainOptions,
+    TrainResult,
+    encode_split,
+    fit,
+    gate_diagnostics,
+    parse_loss_weights,
+    predict,
+    publish,
+    run_train,
+)
+
+TASKS = ("click", "watch_time", "like")
+HEADLINE = ("click_auc", "like_auc", "watch_rmse", "watch_xauc", "ndcg10_fused")
+
+
+def test_end_to_end_train_publish_load_and_score(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    opts = TrainOptions(
+        registry=registry, simulate=5_000, small=True, epochs=2, seed=3, version="v-e2e"
+    )
+    assert run_train(opts) == "v-e2e"
+    reg = Registry(registry)
+    assert reg.read_aliases().production == "v-e2e"  # the first model is activated
+    bundle = load_bundle(reg.version_dir("v-e2e"))
+    manifest = bundle.manifest
+    assert all(isinstance(manifest["metrics"][k], float) for k in HEADLINE)
+    assert MMoEConfig.from_dict(manifest["mmoe_config"]).arch == "mmoe"
+    assert manifest["parity"]["max_abs_prob"] <= 1e-5  # build_manifest merges extra keys
+    assert set(manifest["gate_diagnostics"]["tasks"]) == set(TASKS)
+    assert set(manifest["versions"]) == {"torch", "onnx", "onnxruntime", "vidrank"}
+    out = run_session(
+        make_session(bundle.onnx_path), random_encoded(bundle.schema, 11, np.random.default_rng(0))
+    )
+    assert all(out[t].shape == (11,) and np.isfinite(out[t]).all() for t in TASKS)
+    # --if-empty: production exists, so nothing is trained and production is returned.
+    again = TrainOptions(registry=registry, simulate=5_000, if_empty=True)
+    assert run_train(again) == "v-e2e" and Registry(registry).versions() == ["v-e2e"]
+
+
+def test_publish_activates_only_when_asked_or_first(
+    tmp_path: Path, trained_model: TrainResult
+) -> None:
+    opts = TrainOptions(registry=tmp_path, simulate=1)
+    assert publish(trained_model, opts, "a") == "a"
+    assert Registry(tmp_path).read_aliases().production == "a"
+    publish(trained_model, opts, "b")
+    assert Registry(tmp_path).read_aliases().production == "a"
+    publish(trained_model, TrainOptions(registry=tmp_path, simulate=1, activate=True), "c")
+    assert Registry(tmp_path).read_aliases().production == "c"
+
+
+def test_training_is_deterministic_per_seed(
+    tiny_frame: pd.DataFrame, tiny_fit_kwargs: dict[str, Any], trained_model: TrainResult
+) -> None:
+    again = fit(tiny_frame, **tiny_fit_kwargs)
+    timing = {"train_time_s"}
+    assert {k: v for k, v in again.metrics.items() if k not in timing} == {
+        k: v for k, v in trained_model.metrics.items() if k not in timing
+    }
+    ref = trained_model.model.state_dict()
+    for name, tensor in again.model.state_dict().items():
+        assert torch.equal(tensor, ref[name]), name
+    other = fit(tiny_frame, **(tiny_fit_kwargs | {"seed": 1}))
+    assert other.metrics["loss"] != trained_model.metrics["loss"]
+
+
+def test_metrics_are_sane(trained_model: TrainResult) -> None:
+    m = trained_model.metrics
+    assert m["rows_train"] + m["rows_valid"] + m["rows_test"] == 20_000
+    assert m["ndcg10_oracle"] == pytest.approx(1.0)
+    assert 0.0 <= m["ndcg10_random"] <= m["ndcg10_fused_truth"] <= 1.0
+    # The Poisson head estimates the mean over impressions, so it is calibrated on average.
+    assert 0.7 < m["watch_calibration"] < 1.4
+
+
+def test_logged_impression_scores_the_same_online_and_offline(
+    tiny_bundle: tuple[Path, str], trained_model: TrainResult
+) -> None:
+    registry, version = tiny_bundle
+    bundle = Registry(registry).bundle(version)
+    session = make_session(bundle.onnx_path)
+    schema = bundle.schema  # the service's copy of the schema, rebuilt from the manifest
+    test = trained_model.test
+    for i in (0, 17, len(test) - 1):
+        row = test.iloc[i]
+        features = {name: row[name] for name in schema.names()}
+        user = {k: _plain(features[k]) for k in schema.names("user")}
+        context = {k: _plain(features[k]) for k in schema.names("context")}
+        items = {k: [_plain(features[k])] for k in schema.names("item")}
+        online = run_session(session, schema.encode(user, context, items, 1))
+        for task in TASKS:
+            offline = trained_model.test_preds[task][i]
+            assert abs(online[task][0] - offline) <= 1e-5 * max(1.0, abs(offline)), task
+
+
+def _plain(value: object) -> object:
+    """A JSON-like Python value, as a request body would carry it."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def test_gate_diagnostics_in_the_manifest(tiny_bundle: tuple[Path, str]) -> None:
+    registry, version = tiny_bundle
+    diag = Registry(registry).bundle(version).manifest["gate_diagnostics"]
+    assert set(diag["tasks"]) == set(TASKS)
+    for task in diag["tasks"].values():
+        assert len(task["mean_weights"]) == 4  # small config: 4 experts
+        assert sum(task["mean_weights"]) == pytest.approx(1.0, abs=1e-4)
+        assert 0.0 <= task["mean_entropy"] <= diag["max_entropy"] + 1e-9
+        assert 0.25 <= task["max_mean_share"] <= 1.0
+
+
+def test_a_collapsed_gate_shows(trained_model: TrainResult) -> None:
+    model = copy.deepcopy(trained_model.model)
+    assert isinstance(model, MMoE)
+    gate = model.gates.logits
+    n_experts = model.config.n_experts
+    with torch.no_grad():
+        for p in (gate.w_user, gate.w_item):
+            p.zero_()
+        bias = torch.zeros(len(TASKS), n_experts)
+        bias[:, 2] = 30.0  # every task's gate sends everything to expert 2
+        gate.bias.copy_(bias.reshape(-1))
+    split = encode_split(trained_model.schema, trained_model.test, model.config.watch_scale)
+    diag = gate_diagnostics(predict(model, split, return_gates=True)["gates"], TASKS)
+    healthy = trained_model.gate_diagnostics
+    assert healthy is not None
+    for task in TASKS:
+        assert diag["tasks"][task]["mean_entropy"] < 1e-6
+        assert diag["tasks"][task]["max_mean_share"] == pytest.approx(1.0)
+        assert healthy["tasks"][task]["mean_entropy"] > 0.5 * math.log(n_experts)
+
+
+def test_options_are_validated(tmp_path: Path) -> None:
+    assert parse_loss_weights("click=2, like=0.5", TASKS) == {
+        "click": 2.0,
+        "watch_time": 1.0,
+        "like": 0.5,
+    }
+    for bad in ("dwell=1", "click", "click=-1", "click=nan"):
+        with pytest.raises(ValueError):
+            parse_loss_weights(bad, TASKS)
+    with pytest.raises(NotImplementedError, match="distributed"):
+        run_train(TrainOptions(registry=tmp_path, simulate=100, nproc=2))
+    with pytest.raises(ValueError, match="exactly one"):
+        run_train(TrainOptions(registry=tmp_path))
+    with pytest.raises(ValueError, match="version"):
+        run_train(TrainOptions(registry=tmp_path, simulate=100, version="../x"))
