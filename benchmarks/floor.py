@@ -12,6 +12,7 @@ import onnxruntime as ort
 from benchmarks.stats import percentiles_ms, time_calls
 
 OUTPUTS = ["click", "watch_time", "like"]
+ROUNDS = 5
 
 
 def session(path: Path | str, threads: int) -> ort.InferenceSession:
@@ -31,10 +32,10 @@ def feeds(sess: ort.InferenceSession, encoded: Sequence[Mapping[str, np.ndarray]
     return [{k: np.ascontiguousarray(e[k]) for k in names} for e in encoded]
 
 
-def time_session(
+def sample_session(
     sess: ort.InferenceSession, encoded: Sequence[Mapping[str, np.ndarray]], min_time_s: float
-) -> dict[str, float]:
-    """Latency percentiles (ms) of ``session.run`` cycling over the requests."""
+) -> list[float]:
+    """Seconds per ``session.run``, cycling over the requests for about ``min_time_s``."""
     prepared = feeds(sess, encoded)
     state = {"i": 0}
 
@@ -42,7 +43,30 @@ def time_session(
         state["i"] += 1
         sess.run(OUTPUTS, prepared[state["i"] % len(prepared)])
 
-    return percentiles_ms(time_calls(call, min_time_s, min_calls=30))
+    return time_calls(call, min_time_s, min_calls=10)
+
+
+def interleaved(
+    sessions: Mapping[str, ort.InferenceSession],
+    encoded_by_n: Mapping[int, Sequence[Mapping[str, np.ndarray]]],
+    min_time_s: float,
+    rounds: int = ROUNDS,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """{name: {str(n): percentiles (ms)}}, timing the sessions in turn over several rounds.
+
+    Round-robin rather than one after the other: a burst of background load then spreads over
+    every session instead of skewing whichever happened to run during it.
+    """
+    samples: dict[tuple[str, int], list[float]] = {}
+    for _ in range(rounds):
+        for n, enc in encoded_by_n.items():
+            for name, sess in sessions.items():
+                got = sample_session(sess, enc, min_time_s / rounds)
+                samples.setdefault((name, n), []).extend(got)
+    return {
+        name: {str(n): percentiles_ms(samples[(name, n)]) for n in encoded_by_n}
+        for name in sessions
+    }
 
 
 def measure_floor(
@@ -52,10 +76,5 @@ def measure_floor(
     min_time_s: float,
 ) -> dict[str, Any]:
     """{"threads<k>": {str(n): percentiles}} for each thread count and candidate count."""
-    out: dict[str, Any] = {}
-    for t in threads:
-        sess = session(onnx_path, t)
-        out[f"threads{t}"] = {
-            str(n): time_session(sess, enc, min_time_s) for n, enc in encoded_by_n.items()
-        }
-    return out
+    sessions = {f"threads{t}": session(onnx_path, t) for t in threads}
+    return interleaved(sessions, encoded_by_n, min_time_s)

@@ -5,6 +5,7 @@ converted, and the held-out AUC cost of int8.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 import onnx
 import pandas as pd
 
-from benchmarks.floor import OUTPUTS, session, time_session
+from benchmarks.floor import OUTPUTS, interleaved, session
 from model.export import compare, export_onnx
 from model.features import FeatureSchema
 from model.metrics import auc
@@ -41,7 +42,13 @@ def quantize_int8(src: Path, dest: Path) -> Path:
         return dest
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dest), weight_type=QuantType.QInt8)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # "consider pre-processing": shape inference adds nothing here
+    try:
+        quantize_dynamic(str(src), str(dest), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
     return dest
 
 
@@ -90,8 +97,7 @@ def run_graph(path: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dic
     sess = session(path, 1)
     names = [i.name for i in sess.get_inputs()]
     return [
-        dict(zip(OUTPUTS, sess.run(OUTPUTS, {k: f[k] for k in names}), strict=True))
-        for f in feeds
+        dict(zip(OUTPUTS, sess.run(OUTPUTS, {k: f[k] for k in names}), strict=True)) for f in feeds
     ]
 
 
@@ -112,12 +118,9 @@ def time_graphs(
     encoded_by_n: Mapping[int, Sequence[Mapping[str, np.ndarray]]],
     min_time_s: float,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """{graph: {str(n): latency percentiles}} with one intra-op thread."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for name, path in paths.items():
-        sess = session(path, 1)
-        out[name] = {str(n): time_session(sess, enc, min_time_s) for n, enc in encoded_by_n.items()}
-    return out
+    """{graph: {str(n): latency percentiles}} with one intra-op thread, interleaved."""
+    sessions = {name: session(path, 1) for name, path in paths.items()}
+    return interleaved(sessions, encoded_by_n, min_time_s)
 
 
 # -- held-out AUC --------------------------------------------------------------------------------
@@ -140,9 +143,7 @@ def heldout_requests(
     out = []
     for rows in groups.values():
         first = rows[:1]
-        feed = {
-            k: v[rows] if k.startswith("item_") else v[first] for k, v in encoded.items()
-        }
+        feed = {k: v[rows] if k.startswith("item_") else v[first] for k, v in encoded.items()}
         out.append((rows, feed))
     return out
 

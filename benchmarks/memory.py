@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from benchmarks.procs import RssSampler, Server, http_post, rss_bytes
 from model.registry import Registry
 
@@ -92,7 +90,3 @@ def swap_rss(server: Server, versions: list[str], token: str, settle_s: float = 
         "peak_rss": peak_all,
         "peak_extra_bytes": peak_all - before,
     }
-
-
-def dumps(data: Any) -> bytes:
-    return orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)

@@ -46,7 +46,8 @@ def http_post(
     """(status, body) of a POST with a JSON body."""
     conn = http.client.HTTPConnection(host, port, timeout=60)
     try:
-        conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        all_headers = {"Content-Type": "application/json", **(headers or {})}
+        conn.request("POST", path, body=body, headers=all_headers)
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -75,6 +76,13 @@ def cpu_seconds(pid: int) -> float | None:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds all processes on the machine spent busy so far (from /proc/stat)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
 
 
 def children(pid: int) -> list[int]:
@@ -169,6 +177,7 @@ def start_server(
     env: dict[str, str] | None = None,
     ready_path: str = "/readyz",
     timeout_s: float = 60.0,
+    cwd: Path | None = None,
 ) -> Server:
     """Start ``cmd`` and return once ``ready_path`` answers 200 (start-to-ready is measured)."""
     log_path = log_dir / f"{name}.log"
@@ -179,6 +188,7 @@ def start_server(
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
+        cwd=cwd,
         start_new_session=True,
     )
     log.close()

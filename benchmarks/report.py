@@ -1,4 +1,4 @@
-"""Results: targets checked against the measurements, the JSON file, the markdown table, the plot."""
+"""Results: targets checked against the measurements; the JSON, the markdown table, the plot."""
 
 from __future__ import annotations
 
@@ -174,21 +174,42 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def latency_table(r: dict[str, Any]) -> list[str]:
     header = [
         "N", "floor 1t p50", "floor 2t p50", "vidrank p50", "vidrank p99", "vidrank/floor",
-        "textbook p50", "textbook p99", "textbook/floor",
+        "vidrank columnar p50", "textbook p50", "textbook p99", "textbook/floor",
     ]  # fmt: skip
     rows = []
     for n in map(str, r["settings"]["ns"]):
         f1 = _get(r, "floor", "threads1", n, "p50")
         v = _get(r, "vidrank", "latency_c1", n, "latency_ms") or {}
+        col = _get(r, "vidrank", "latency_c1_columnar", n, "latency_ms", "p50")
         t = _get(r, "textbook", "latency_c1", n, "latency_ms") or {}
         rows.append(
             [
                 n, _fmt(f1), _fmt(_get(r, "floor", "threads2", n, "p50")),
                 _fmt(v.get("p50")), _fmt(v.get("p99")), _fmt(ratio(v.get("p50"), f1)) + "×",
-                _fmt(t.get("p50")), _fmt(t.get("p99")), _fmt(ratio(t.get("p50"), f1)) + "×",
+                _fmt(col), _fmt(t.get("p50")), _fmt(t.get("p99")),
+                _fmt(ratio(t.get("p50"), f1)) + "×",
             ]
         )  # fmt: skip
     return _table(header, rows)
+
+
+def background_note(r: dict[str, Any]) -> str:
+    """How busy the rest of the machine was during the HTTP runs (other processes' CPU)."""
+    seen = [
+        run.get("background_cores", 0.0)
+        for name in ("vidrank", "textbook")
+        for key in ("latency_c1", "throughput_c8", "latency_c1_columnar")
+        for run in (_get(r, name, key) or {}).values()
+    ]
+    if not seen:
+        return ""
+    median = sorted(seen)[len(seen) // 2]
+    start = _fmt((r["machine"].get("loadavg_at_start") or [None])[0])
+    end = _fmt((r["machine"].get("loadavg_at_end") or [None])[0])
+    return (
+        f"Other processes used {max(seen):.2f} cores at most (median {median:.2f}) during the "
+        f"HTTP runs; load average {start} at start, {end} at end."
+    )
 
 
 def throughput_table(r: dict[str, Any]) -> list[str]:
@@ -242,7 +263,8 @@ def targets_table(r: dict[str, Any]) -> list[str]:
     for t in r["targets"]:
         met = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
         measured = _fmt(t["measured"], 3 if t["unit"] != "MB" else 0)
-        rows.append([t["description"], t["target"], f"{measured} {t['unit']}".strip(), met, t["note"]])
+        value = f"{measured} {t['unit']}".strip()
+        rows.append([t["description"], t["target"], value, met, t["note"]])
     return _table(["target", "goal", "measured", "", "note"], rows)
 
 
@@ -280,8 +302,8 @@ def markdown(r: dict[str, Any]) -> str:
         *census_table(r),
         "",
     ]
-    for note in s.get("notes", []):
-        lines.append(f"- {note}")
+    notes = [background_note(r), *s.get("notes", [])]
+    lines += [f"- {note}" for note in notes if note]
     return "\n".join(lines) + "\n"
 
 

@@ -93,7 +93,9 @@ class TextbookRanker:
         for i, cand in enumerate(req.candidates):
             preds = {task: float(outputs[task][i]) for task in TASKS}
             score = sum(_term(preds[t], spec) for t, spec in self.weights.items())
-            items.append(RankedItem(video_id=cand.video_id, score=score, predictions=preds))
+            items.append(
+                RankedItem(video_id=cand.video_id, score=score, predictions=Predictions(**preds))
+            )
         items.sort(key=lambda item: item.score, reverse=True)
         return RankResponse(
             request_id=req.request_id or str(uuid.uuid4()),

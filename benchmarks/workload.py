@@ -53,7 +53,9 @@ def build_workload(
 ) -> Workload:
     """``per_n`` distinct requests for each candidate count in ``ns``."""
     rng = np.random.default_rng(seed)
-    bodies = {n: [_request(frame, schema, n, rng, f"bench-{n}-{i}") for i in range(per_n)] for n in ns}
+    bodies = {
+        n: [_request(frame, schema, n, rng, f"bench-{n}-{i}") for i in range(per_n)] for n in ns
+    }
     return Workload(schema=schema, bodies=bodies)
 
 

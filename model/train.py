@@ -473,8 +473,6 @@ def summary_table(metrics: Mapping[str, float]) -> str:
 
 def run_train(opts: TrainOptions) -> str:
     """``vidrank train``: returns the published version (or the production one, with if_empty)."""
-    if opts.nproc > 1:
-        raise NotImplementedError("distributed training (--nproc > 1): see issue; not yet built")
     if opts.quantize:
         raise NotImplementedError("--quantize (int8 graph): see issue; not yet built")
     registry = Registry(opts.registry)
@@ -486,6 +484,10 @@ def run_train(opts: TrainOptions) -> str:
         raise ValueError(f"invalid version name {version!r}: must match {VERSION_RE.pattern}")
     if registry.has(version):  # fail before training, not after
         raise ValueError(f"version {version!r} is already published in {opts.registry}")
+    from model import distributed  # DDP (model/distributed.py); it imports this module
+
+    if opts.nproc > 1 or distributed.under_torchrun():
+        return distributed.run_distributed(opts, version)
     frame = load_frame(opts)
     print(f"{len(frame):,} impressions; training {opts.arch} (seed {opts.seed})")
     result = fit(
@@ -502,3 +504,11 @@ def run_train(opts: TrainOptions) -> str:
     print(summary_table(result.metrics))
     print(f"published {published} to {opts.registry}")
     return published
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node N -m model.train <vidrank train options>
+    import sys
+
+    from model.cli import app
+
+    app(["train", *sys.argv[1:]], prog_name="python -m model.train")

@@ -27,6 +27,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     403: {"model": ErrorResponse, "description": "Wrong token, or admin disabled"},
     404: {"model": ErrorResponse, "description": "Unknown version"},
     409: {"model": ErrorResponse, "description": "The version failed to load; nothing changed"},
+    422: {"model": ErrorResponse, "description": "Invalid body; details.field names the field"},
 }
 
 

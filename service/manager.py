@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model.bundle import BundleError
-from model.registry import Aliases, Registry, RegistryError, VersionNotFound
+from model.registry import Aliases, Canary, Registry, RegistryError, VersionNotFound
 from service import metrics
 from service.errors import NotReady, SwapFailed
 from service.logging import log_fields
@@ -104,6 +104,7 @@ class ModelManager:
         self._failed: dict[str, float] = {}  # version -> when it last failed to load
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_poll_error: str | None = None
 
     # -- request path -------------------------------------------------------------------------
     @property
@@ -215,12 +216,20 @@ class ModelManager:
                 before = self.state
                 self._install(self._state_for(aliases, trigger), trigger)
                 self._stamp = stamp
+                self._last_poll_error = None
                 wanted = {aliases.production, aliases.canary.version if aliases.canary else None}
                 for version in [v for v in self._failed if v not in wanted]:
                     del self._failed[version]
                 return self.state is not before
-        except Exception:
-            log.exception("registry poll failed", extra={"fields": {"trigger": trigger}})
+        except Exception as e:
+            # A broken aliases file would fail every poll: the traceback once, then one line.
+            repeated = repr(e) == self._last_poll_error
+            self._last_poll_error = repr(e)
+            log.warning(
+                "registry poll failed",
+                exc_info=not repeated,
+                extra={"fields": {"trigger": trigger, "error": repr(e)}},
+            )
             return False
 
     def start_polling(self, interval_s: float) -> None:
@@ -274,8 +283,8 @@ class ModelManager:
 
     def set_canary(self, version: str, percent: float) -> Aliases:
         """Load + warm ``version``, then route ``percent`` of users to it."""
+        Canary(version, percent)  # InvalidCanary (422) before any loading
         with self._swap_lock:
-            self.registry.version_dir(version)
             scorer = self._get(version, "admin")
             return self._apply(
                 lambda: self.registry.set_canary(version, percent), {version: scorer}

@@ -85,7 +85,7 @@ def _non_finite_path(body: bytes) -> str | None:
 
 
 def _find(node: Any, marker: object, path: str) -> str | None:
-    if node is marker:
+    if node is marker or (type(node) is float and not math.isfinite(node)):  # NaN, or 1e400
         return path or "$"
     if isinstance(node, dict):
         for k, v in node.items():
@@ -179,6 +179,8 @@ def items_of(req: RankRequest, view: SchemaView) -> Items:
         path = "candidates[{}].video_id".format
     _check_ids(ids, path)
     columns = {name: _typed(name, col, view) for name, col in raw.items()}
+    if "video_id" in view.item:  # the id is a feature too (hashed like any categorical)
+        columns["video_id"] = _typed("video_id", ids, view)
     return Items(ids, columns, unknown)
 
 

@@ -67,6 +67,18 @@ def make_client(registry_dir: Path) -> Iterator[Callable[..., TestClient]]:
         c.__exit__(None, None, None)
 
 
-@pytest.fixture
-def client(make_client: Callable[..., TestClient]) -> TestClient:
-    return make_client()
+@pytest.fixture(scope="session")
+def client(
+    tiny_bundle: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TestClient]:
+    """One started app on the shared tiny registry, with fusion profiles, for read-only tests.
+
+    Tests that change aliases or add versions use ``make_client`` on a private copy instead.
+    """
+    from service_helpers import PROFILES, settings_for
+
+    profiles = tmp_path_factory.mktemp("profiles") / "profiles.toml"
+    profiles.write_text(PROFILES)
+    app = create_app(settings_for(tiny_bundle[0], fusion_profiles=profiles))
+    with TestClient(app) as c:
+        yield c

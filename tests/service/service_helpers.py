@@ -13,6 +13,23 @@ from model.bundle import MANIFEST_FILE, MODEL_FILE
 from model.registry import Registry
 from service.settings import Settings
 
+PROFILES = """\
+default = "clicky"
+
+[profiles.clicky]
+method = "weighted_sum"
+weights = { click = 1.0 }
+
+[profiles.watchers]
+method = "weighted_product"
+weights = { click = 0.5, watch_time = { weight = 1.0, transform = "log1p" }, like = 0.2 }
+
+[profiles.ranks]
+method = "rank_sum"
+weights = { click = 1.0, watch_time = 1.0, like = 0.5 }
+beta = 2.0
+"""
+
 ADMIN_TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -51,6 +68,10 @@ def corrupt_copy(registry: Path, source_version: str, name: str, how: str) -> st
         feats = manifest["feature_schema"]["features"]
         feats.append({**feats[-1], "name": "brand_new_numeric"})
         manifest["inputs"] = _specs_after_adding(manifest)
+        (d / MANIFEST_FILE).write_text(json.dumps(manifest))
+    elif how == "inputs_mismatch":  # manifest inputs disagree with its own schema
+        manifest = json.loads((d / MANIFEST_FILE).read_text())
+        manifest["inputs"] = manifest["inputs"][:-1]
         (d / MANIFEST_FILE).write_text(json.dumps(manifest))
     elif how == "missing_onnx":
         (d / MODEL_FILE).unlink()

@@ -9,27 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from service_helpers import rank_body, sample, to_columnar
+from service_helpers import PROFILES, rank_body, sample, to_columnar
 
 from model.registry import Registry
 from service.fusion import FusionSpec, fuse, rank_order
-
-PROFILES = """\
-default = "clicky"
-
-[profiles.clicky]
-method = "weighted_sum"
-weights = { click = 1.0 }
-
-[profiles.watchers]
-method = "weighted_product"
-weights = { click = 0.5, watch_time = { weight = 1.0, transform = "log1p" }, like = 0.2 }
-
-[profiles.ranks]
-method = "rank_sum"
-weights = { click = 1.0, watch_time = 1.0, like = 0.5 }
-beta = 2.0
-"""
 
 
 def spec_of(fusion: dict[str, Any]) -> FusionSpec:
@@ -56,12 +39,7 @@ def assert_ranked(resp: dict[str, Any], body: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("fusion", [None, "clicky", "watchers", "ranks"])
-def test_rank_order_matches_recomputed_fusion(
-    make_client: Callable[..., TestClient], tmp_path: Path, fusion: str | None
-) -> None:
-    profiles = tmp_path / "profiles.toml"
-    profiles.write_text(PROFILES)
-    client = make_client(fusion_profiles=profiles)
+def test_rank_order_matches_recomputed_fusion(client: TestClient, fusion: str | None) -> None:
     body = rank_body(300, fusion=fusion)
     r = client.post("/rank", json=body)
     assert r.status_code == 200, r.text
@@ -73,8 +51,9 @@ def test_rank_order_matches_recomputed_fusion(
 
 
 def test_default_fusion_is_the_bundles(
-    client: TestClient, registry_dir: Path, version: str
+    make_client: Callable[..., TestClient], registry_dir: Path, version: str
 ) -> None:
+    client = make_client()  # no profile file: the bundle's default fusion applies
     body = rank_body(50)
     resp = client.post("/rank", json=body).json()
     default = Registry(registry_dir).bundle(version).default_fusion
@@ -97,10 +76,7 @@ def test_explicit_fusion_weights(client: TestClient) -> None:
     np.testing.assert_allclose([it["score"] for it in resp["items"]], expected, rtol=1e-12)
 
 
-def test_fusion_profile_object_form(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
-    profiles = tmp_path / "profiles.toml"
-    profiles.write_text(PROFILES)
-    client = make_client(fusion_profiles=profiles)
+def test_fusion_profile_object_form(client: TestClient) -> None:
     resp = client.post("/rank", json=rank_body(20, fusion={"profile": "ranks"})).json()
     assert resp["fusion"] == {
         "method": "rank_sum",
@@ -119,9 +95,9 @@ def test_top_k(client: TestClient) -> None:
     assert more == full
 
 
-def test_ties_keep_input_order(client: TestClient, registry_dir: Path, version: str) -> None:
+def test_ties_keep_input_order(client: TestClient, tiny_bundle: tuple[Path, str]) -> None:
     """Two ids hashed into the same bucket, identical features: equal scores, input order."""
-    schema = Registry(registry_dir).bundle(version).schema
+    schema = Registry(tiny_bundle[0]).bundle(tiny_bundle[1]).schema
     ids = np.arange(1, 200_000, dtype=np.int64)
     j = schema.layout("item").cat.index("video_id")
     buckets = schema.encode_entity("item", {"video_id": ids}, len(ids))["item_cat"][:, j]
@@ -157,11 +133,9 @@ def test_video_id_type_is_echoed(client: TestClient) -> None:
     assert sorted(map(repr, (it["video_id"] for it in items))) == ["'0012x'", "'abc'", "12"]
 
 
-def test_missing_features_take_defaults(
-    client: TestClient, registry_dir: Path, version: str
-) -> None:
+def test_missing_features_take_defaults(client: TestClient, tiny_bundle: tuple[Path, str]) -> None:
     """A bare candidate is scored exactly as one carrying every default explicitly."""
-    schema = Registry(registry_dir).bundle(version).schema
+    schema = Registry(tiny_bundle[0]).bundle(tiny_bundle[1]).schema
     defaults = {
         f.name: f.default
         for f in schema.features

@@ -1,0 +1,380 @@
+"""``python -m benchmarks.run`` (``make bench``): floor, vidrank, textbook and model graphs.
+
+One run on one machine, in this order (nothing else of the harness runs while a server is
+measured):
+
+1. train (or reload) the default-config MMoE on simulated impressions and publish it;
+2. build realistic requests from the held-out impressions for each candidate count N;
+3. floor: ``session.run`` on pre-encoded inputs in-process, 1 and 2 intra-op threads;
+4. model graphs: fused vs naive export of the same weights, fp32 and int8, parity, op census,
+   held-out AUC of int8;
+5. vidrank: a real ``vidrank serve`` process, POST /rank over loopback, p50/p99 at c=1 and
+   throughput at c=8 with one worker per core; then the textbook app the same way;
+6. lifecycle: start-to-ready, RSS of one worker, RSS through model swaps.
+
+Writes ``<out>/<machine>-<date>.json``, ``<out>/latest.md`` and ``<out>/latency.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks import graphs, report
+from benchmarks.floor import measure_floor
+from benchmarks.loadgen import WRK_INSTALL_HINT, find_wrk, run_load, write_bodies
+from benchmarks.machine import machine_info, machine_slug, usable_cores
+from benchmarks.memory import model_footprint, publish_copy, swap_rss
+from benchmarks.model_setup import SWAP_VERSION, BenchModel, prepare_model
+from benchmarks.procs import (
+    Server,
+    busy_cpu_seconds,
+    cpu_seconds,
+    free_port,
+    python_cmd,
+    rss_bytes,
+    start_server,
+)
+from benchmarks.workload import Workload, build_workload
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_TOKEN = "bench-admin-token"
+PARTS = ("floor", "graphs", "vidrank", "textbook", "lifecycle")
+
+
+@dataclass
+class BenchSettings:
+    """How much to measure; ``full`` and ``quick`` are the two presets."""
+
+    ns: list[int] = field(default_factory=lambda: [100, 500, 1000])
+    per_n: int = 64  # distinct requests per N, cycled by the load generator
+    floor_s: float = 3.0  # seconds of session.run per (threads, N)
+    graph_s: float = 2.0  # seconds per (graph, N)
+    http_s: float = 10.0  # seconds per HTTP load run
+    warmup_s: float = 2.0  # seconds of traffic before each server's measured runs
+    impressions: int = 200_000
+    epochs: int = 3
+    small: bool = False
+    workers: int = 0  # 0 = one per core
+    connections: int = 8
+    starts: int = 3  # vidrank starts timed for start-to-ready (the median is reported)
+    client: str = "auto"  # auto | wrk | python
+    skip: list[str] = field(default_factory=list)
+    out_dir: Path = ROOT / "benchmarks" / "results"
+    work_dir: Path = ROOT / "benchmarks" / ".work"
+    notes: list[str] = field(default_factory=list)
+
+
+QUICK: dict[str, Any] = {
+    "ns": [100, 500],
+    "per_n": 16,
+    "floor_s": 1.0,
+    "graph_s": 0.5,
+    "http_s": 3.0,
+    "warmup_s": 1.0,
+    "impressions": 50_000,
+    "epochs": 1,
+}
+
+
+def parse_args(argv: list[str] | None) -> BenchSettings:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a fast, small run (N=100,500, 3 s runs)")
+    p.add_argument("--ns", help="candidate counts, e.g. 100,500,1000")
+    p.add_argument("--per-n", type=int, help="distinct requests per N")
+    p.add_argument("--http-seconds", type=float, help="seconds per HTTP load run")
+    p.add_argument("--floor-seconds", type=float, help="seconds per in-process timing")
+    p.add_argument("--impressions", type=int, help="simulated impressions to train on")
+    p.add_argument("--epochs", type=int, help="maximum training epochs")
+    p.add_argument("--small", action="store_true", help="tiny model config (smoke tests)")
+    p.add_argument("--workers", type=int, help="server workers (default: one per core)")
+    p.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
+    p.add_argument("--starts", type=int, help="server starts timed for start-to-ready")
+    p.add_argument("--skip", default="", help=f"comma-separated parts to skip: {','.join(PARTS)}")
+    p.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
+    p.add_argument("--work-dir", type=Path, help="cache for the model and request files")
+    a = p.parse_args(argv)
+    s = BenchSettings(**QUICK) if a.quick else BenchSettings()
+    updates: dict[str, Any] = {
+        "ns": [int(x) for x in a.ns.split(",")] if a.ns else None,
+        "per_n": a.per_n,
+        "http_s": a.http_seconds,
+        "floor_s": a.floor_seconds,
+        "graph_s": a.floor_seconds,
+        "impressions": a.impressions,
+        "epochs": a.epochs,
+        "workers": a.workers,
+        "starts": a.starts,
+        "out_dir": a.out,
+        "work_dir": a.work_dir,
+    }
+    s = replace(s, **{k: v for k, v in updates.items() if v is not None})
+    s.warmup_s = min(s.warmup_s, s.http_s)
+    s.small, s.client = a.small, a.client
+    s.skip = [x for x in a.skip.split(",") if x]
+    if unknown := set(s.skip) - set(PARTS):
+        p.error(f"unknown parts to skip: {sorted(unknown)}")
+    return s
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- in-process parts ---------------------------------------------------------------------------
+
+
+def run_floor(s: BenchSettings, bm: BenchModel, wl: Workload) -> dict[str, Any]:
+    log("floor: session.run on pre-encoded inputs (1 and 2 threads)")
+    encoded = {n: wl.encoded(n) for n in s.ns}
+    return measure_floor(bm.bundle_dir / "model.onnx", encoded, (1, 2), s.floor_s)
+
+
+def run_graphs(s: BenchSettings, bm: BenchModel, wl: Workload) -> dict[str, Any]:
+    log("model graphs: fused vs naive, fp32 vs int8")
+    paths = graphs.export_graphs(bm.model, bm.schema, s.work_dir / "graphs")
+    encoded = {n: wl.encoded(n) for n in s.ns}
+    some = [e for n in s.ns for e in encoded[n][:4]]
+    return {
+        "latency": graphs.time_graphs(paths, encoded, s.graph_s),
+        "parity": graphs.parity(paths, some),
+        "census": {name: graphs.op_census(path) for name, path in paths.items()},
+        "optimised_ops": {name: graphs.optimised_census(path) for name, path in paths.items()},
+        "heldout": graphs.heldout_auc(paths, bm.test, bm.schema),
+    }
+
+
+# -- HTTP parts ---------------------------------------------------------------------------------
+
+
+def vidrank_cmd(registry: Path, port: int, workers: int) -> list[str]:
+    script = Path(sys.executable).with_name("vidrank")
+    base = [str(script)] if script.exists() else python_cmd("-m", "model.cli")
+    args = ["--registry", str(registry), "--port", str(port), "--workers", str(workers)]
+    return [*base, "serve", *args]
+
+
+def start_vidrank(s: BenchSettings, bm: BenchModel, workers: int, tag: str = "") -> Server:
+    port = free_port()
+    env = {
+        "VIDRANK_LOG_LEVEL": "warning",
+        "VIDRANK_ADMIN_TOKEN": ADMIN_TOKEN,
+        "VIDRANK_POLL_INTERVAL_S": "3600",
+    }
+    cmd = vidrank_cmd(bm.registry, port, workers)
+    return start_server(f"vidrank{tag}-w{workers}", cmd, port, s.work_dir, env, cwd=ROOT)
+
+
+def start_textbook(s: BenchSettings, bm: BenchModel, workers: int) -> Server:
+    port = free_port()
+    cmd = python_cmd(
+        "-m", "uvicorn", "benchmarks.textbook_app:create_app_from_env", "--factory",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+        "--log-level", "warning",
+    )  # fmt: skip
+    env = {"VIDRANK_BENCH_BUNDLE": str(bm.bundle_dir)}
+    return start_server(f"textbook-w{workers}", cmd, port, s.work_dir, env, cwd=ROOT)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def load_run(
+    server: Server, bodies: Path, connections: int, seconds: float, wrk: str | None
+) -> dict[str, Any]:
+    """One load run, with the CPU time each server process and the client used."""
+    pids = server.worker_pids()
+    cpu0 = {pid: cpu_seconds(pid) or 0.0 for pid in pids}
+    client0 = _children_cpu() + time.process_time()
+    busy0 = busy_cpu_seconds()
+    result = run_load(server.url, bodies, connections, seconds, wrk).to_dict()
+    busy = busy_cpu_seconds() - busy0
+    client = _children_cpu() + time.process_time() - client0
+    used = {pid: (cpu_seconds(pid) or 0.0) - cpu0[pid] for pid in pids}
+    total = sum(used.values()) or 1.0
+    result["server_cpu_s"] = {str(pid): round(v, 3) for pid, v in used.items()}
+    result["worker_cpu_share"] = [round(v / total, 3) for v in used.values()]
+    result["client_cpu_s"] = round(client, 3)
+    # CPU that neither the server nor the client used: other processes on the machine (noise).
+    other = max(0.0, busy - sum(used.values()) - client)
+    result["background_cores"] = round(other / max(result["duration_s"], 1e-9), 3)
+    return result
+
+
+def run_http(
+    name: str, server: Server, s: BenchSettings, wl: Workload, wrk: str | None
+) -> dict[str, Any]:
+    """c=1 latency and c=8 throughput for each N against a running server."""
+    out: dict[str, Any] = {
+        "workers": len(server.worker_pids()),
+        "start_to_ready_s": server.start_to_ready_s,
+        "latency_c1": {},
+        "throughput_c8": {},
+    }
+    if name == "vidrank":
+        out["latency_c1_columnar"] = {}
+    for n in s.ns:
+        bodies = write_bodies(s.work_dir / f"bodies-{n}.jsonl", wl.json_lines(n))
+        log(f"{name}: N={n} warm-up, c=1, c={s.connections}")
+        load_run(server, bodies, 1, s.warmup_s, wrk)
+        out["latency_c1"][str(n)] = load_run(server, bodies, 1, s.http_s, wrk)
+        out["throughput_c8"][str(n)] = load_run(server, bodies, s.connections, s.http_s, wrk)
+        if "latency_c1_columnar" in out:
+            lines = wl.json_lines(n, columnar=True)
+            columnar = write_bodies(s.work_dir / f"bodies-{n}-columnar.jsonl", lines)
+            out["latency_c1_columnar"][str(n)] = load_run(server, columnar, 1, s.http_s, wrk)
+        for key in ("latency_c1", "throughput_c8", "latency_c1_columnar"):
+            errors = out.get(key, {}).get(str(n), {}).get("errors", {})
+            if sum(errors.values()):
+                s.notes.append(f"{name} N={n} {key}: errors {errors}")
+    out["rss"] = server.rss()
+    return out
+
+
+def measure_server(
+    name: str, s: BenchSettings, bm: BenchModel, wl: Workload, wrk: str | None, workers: int
+) -> dict[str, Any]:
+    start = start_vidrank if name == "vidrank" else start_textbook
+    log(f"{name}: starting with {workers} workers")
+    server = start(s, bm, workers)
+    try:
+        return run_http(name, server, s, wl, wrk)
+    finally:
+        server.stop()
+
+
+def run_lifecycle(
+    s: BenchSettings, bm: BenchModel, wl: Workload, wrk: str | None
+) -> dict[str, Any]:
+    """Start-to-ready (median of ``starts``), one worker's RSS under traffic, RSS through swaps."""
+    log("lifecycle: start-to-ready, RSS, swaps (1 worker)")
+    starts = []
+    for i in range(s.starts):
+        server = start_vidrank(s, bm, 1, tag=f"-start{i}")
+        starts.append(server.start_to_ready_s)
+        if i < s.starts - 1:
+            server.stop()
+    try:
+        n = report.ref_n({"settings": {"ns": s.ns}})
+        bodies = write_bodies(s.work_dir / f"bodies-{n}.jsonl", wl.json_lines(n))
+        run_load(server.url, bodies, 1, max(1.0, s.warmup_s), wrk)
+        rss = rss_bytes(server.worker_pids()[0])
+        other = publish_copy(bm.registry, bm.version, SWAP_VERSION)
+        swap = swap_rss(server, [other, bm.version, other, bm.version], ADMIN_TOKEN)
+    finally:
+        server.stop()
+    return {
+        "start_to_ready_runs_s": starts,
+        "start_to_ready_s": sorted(starts)[len(starts) // 2],
+        "rss_one_worker_bytes": rss,
+        "model_footprint": model_footprint(bm.bundle_dir),
+        "swap": swap,
+    }
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def pick_client(s: BenchSettings) -> str | None:
+    """The wrk binary to use, or None for the Python client (with a hint when wrk is missing)."""
+    if s.client == "python":
+        s.notes.append("load generator: Python keep-alive client (--client python)")
+        return None
+    wrk = find_wrk()
+    if wrk is None:
+        if s.client == "wrk":
+            raise SystemExit(WRK_INSTALL_HINT)
+        print(WRK_INSTALL_HINT, file=sys.stderr)
+        s.notes.append(
+            "wrk was not installed: the Python keep-alive fallback client was used; it shares "
+            "the CPU with the server, so latency is overstated and throughput understated"
+        )
+    return wrk
+
+
+def model_description(bm: BenchModel) -> str:
+    c = bm.config
+    return (
+        f"MMoE {c.n_experts} experts of {list(c.expert_hidden)}, towers {list(c.tower_hidden)}, "
+        f"{c.embedding_dim}-dim embeddings; test click AUC {bm.metrics.get('click_auc', 0):.4f}, "
+        f"like AUC {bm.metrics.get('like_auc', 0):.4f}"
+    )
+
+
+def run(s: BenchSettings) -> dict[str, Any]:
+    s.work_dir.mkdir(parents=True, exist_ok=True)
+    wrk = pick_client(s)
+    workers = s.workers or usable_cores()
+    started = datetime.now(UTC)
+    log(f"training/loading the model ({s.impressions} impressions, {s.epochs} epochs)")
+    bm = prepare_model(s.work_dir, s.impressions, s.epochs, s.small)
+    wl = build_workload(bm.test, bm.schema, s.ns, s.per_n)
+    results: dict[str, Any] = {
+        "schema_version": 1,
+        "created_at": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(wrk),
+        "model": {
+            "description": model_description(bm),
+            "mmoe_config": bm.config.to_dict(),
+            "onnx_bytes": (bm.bundle_dir / "model.onnx").stat().st_size,
+            "metrics": {k: bm.metrics.get(k) for k in ("click_auc", "like_auc", "watch_rmse")},
+        },
+    }
+    if "floor" not in s.skip:
+        results["floor"] = run_floor(s, bm, wl)
+    if "graphs" not in s.skip:
+        results["graphs"] = run_graphs(s, bm, wl)
+    for name in ("vidrank", "textbook"):
+        if name not in s.skip:
+            results[name] = measure_server(name, s, bm, wl, wrk, workers)
+    if "lifecycle" not in s.skip:
+        results["lifecycle"] = run_lifecycle(s, bm, wl, wrk)
+    results["settings"] = {
+        **{k: v for k, v in asdict(s).items() if k not in ("out_dir", "work_dir")},
+        "workers": workers,
+        "http_seconds": s.http_s,
+        "load_generator": "wrk" if wrk else "python-fallback",
+        "duration_s": round((datetime.now(UTC) - started).total_seconds(), 1),
+    }
+    results["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    results["targets"] = report.targets(results)
+    return results
+
+
+def write_outputs(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    date = datetime.now(UTC).strftime("%Y-%m-%d")
+    json_path = out_dir / f"{machine_slug(results['machine'])}-{date}.json"
+    return {
+        "json": report.write_json(results, json_path),
+        "markdown": _write_text(out_dir / "latest.md", report.markdown(results)),
+        "plot": report.plot(results, out_dir / "latency.png"),
+    }
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    s = parse_args(argv)
+    results = run(s)
+    paths = write_outputs(results, s.out_dir)
+    print(report.markdown(results))
+    for kind, path in paths.items():
+        log(f"{kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,451 @@
+"""Data-parallel training: torch DistributedDataParallel, gloo on CPU, over sharded Parquet.
+
+Two ways in, one code path per rank:
+
+``vidrank train --nproc N ...``
+    This process is the launcher: it loads (or simulates) the data once, prepares it (below)
+    in a temp directory and spawns N fresh worker interpreters (``torch.multiprocessing``,
+    spawn) that meet on 127.0.0.1 at a free MASTER_PORT. It returns once rank 0 published.
+``torchrun --nproc_per_node N -m model.train ...`` (the options of ``vidrank train``)
+    torchrun starts the workers. ``model/train.py``'s ``__main__`` runs ``vidrank train``, whose
+    ``run_train`` sees torchrun's environment and comes here; rank 0 prepares the data in a temp
+    directory and broadcasts its path (one machine), or every rank reads ``--data DIR`` when DIR
+    already holds prepared data (a shared volume: how a multi-node job is fed).
+
+Prepared data (``prepare_data``) is the single-process trainer's own data step done once:
+the chronological train/valid/test split and the feature schema fitted on the whole training
+split, so every rank encodes with the same standardisation stats and rank 0 validates on the
+same rows as ``fit``. Layout::
+
+    meta.json                              schema, label means, row counts
+    train/part-0000r-of-0000N.parquet      the training split in N shards (model.data.write_shards)
+    valid/part-00000-of-00001.parquet      validation split
+    test/part-00000-of-00001.parquet       test split
+
+Per rank: ``read_shard(train, rank, world)``, encode, wrap the model in DDP, and train with
+per-rank batch = ``batch_size / world`` so the global batch (and hence the learning rate) means
+what it means in a single process. Every rank runs the same number of steps per epoch (the
+shards differ by at most one row; the extra row sits out that epoch), since a rank that stops
+early would leave the others waiting in the gradient all-reduce. Rank 0 validates after every
+epoch and broadcasts the early-stopping decision; at the end it restores the best weights,
+evaluates on the test split, exports, checks parity and publishes. One torch thread per rank.
+
+Results match a single-process run with the same seed and data closely but not bit for bit: the
+initial weights are the same, but each rank shuffles its own shard (so the mini-batches hold
+other rows), gradients are averaged across ranks (float sums in another order), and gate
+dropout draws per-rank random numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from model.data import read_shard, split_by_time, write_shards
+from model.evaluate import has_truth, ranking_eval
+from model.features import FeatureSchema, default_schema
+from model.mmoe import MMoEConfig, RankingModel, build_model, init_output_bias
+from model.train import (
+    EncodedSplit,
+    TrainOptions,
+    TrainResult,
+    encode_split,
+    evaluate_split,
+    gate_diagnostics,
+    load_frame,
+    make_batches,
+    parse_loss_weights,
+    predict,
+    publish,
+    summary_table,
+    train_epoch,
+)
+
+META_FILE = "meta.json"
+META_FORMAT = 1
+SPLITS = ("train", "valid", "test")
+THREADS_PER_RANK = 1
+BACKEND = "gloo"
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+# -- prepared data -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A prepared data directory (see the module docstring) and its ``meta.json``."""
+
+    root: Path
+    schema: FeatureSchema
+    label_means: dict[str, float]  # click, watch_s, like over the training split
+    rows: dict[str, int]
+    n_shards: int
+
+    @classmethod
+    def load(cls, root: Path) -> PreparedData:
+        """Read ``root/meta.json``; raises ValueError when it is missing or of another format."""
+        try:
+            meta = json.loads((root / META_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{root} holds no prepared training data: {e}") from e
+        if meta.get("format") != META_FORMAT:
+            raise ValueError(f"{root / META_FILE}: unknown format {meta.get('format')!r}")
+        return cls(
+            root=root,
+            schema=FeatureSchema.from_dict(meta["schema"]),
+            label_means={k: float(v) for k, v in meta["label_means"].items()},
+            rows={k: int(v) for k, v in meta["rows"].items()},
+            n_shards=int(meta["n_shards"]),
+        )
+
+    def split_dir(self, split: str) -> Path:
+        return self.root / split
+
+
+def is_prepared(path: Path | None) -> bool:
+    """Whether ``path`` is a prepared data directory (it holds ``meta.json``)."""
+    return path is not None and (Path(path) / META_FILE).is_file()
+
+
+def prepare_frame(frame: pd.DataFrame, out_dir: Path, n_shards: int) -> PreparedData:
+    """Split ``frame`` by time, fit the schema on train and write shards + ``meta.json``."""
+    train_df, valid_df, test_df = split_by_time(frame)
+    if min(len(train_df), len(valid_df), len(test_df)) < 1:
+        raise ValueError(f"{len(frame)} impressions are too few to split into train/valid/test")
+    if len(train_df) < n_shards:
+        raise ValueError(f"{len(train_df)} training rows cannot fill {n_shards} shards")
+    names = default_schema().names()
+    schema = default_schema().fit({n: train_df[n].to_numpy() for n in names})
+    for split, df in zip(SPLITS, (train_df, valid_df, test_df), strict=True):
+        write_shards(df, out_dir / split, n_shards if split == "train" else 1)
+    meta = {
+        "format": META_FORMAT,
+        "n_shards": n_shards,
+        "rows": {"train": len(train_df), "valid": len(valid_df), "test": len(test_df)},
+        "label_means": {c: float(train_df[c].mean()) for c in ("click", "watch_s", "like")},
+        "schema": schema.to_dict(),
+    }
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return PreparedData.load(out_dir)
+
+
+def prepare_data(opts: TrainOptions, out_dir: Path, n_shards: int) -> PreparedData:
+    """The prepared data for ``opts``: ``--data`` as is when prepared, else loaded and written."""
+    if is_prepared(opts.data):
+        assert opts.data is not None
+        return PreparedData.load(Path(opts.data))
+    frame = load_frame(opts)
+    print(f"{len(frame):,} impressions; {n_shards} training shards in {out_dir}")
+    return prepare_frame(frame, out_dir, n_shards)
+
+
+# -- process group -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in the process group."""
+
+    rank: int
+    world: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def under_torchrun() -> bool:
+    """Whether this process was started by torchrun (or another env:// launcher)."""
+    return all(name in os.environ for name in TORCHRUN_ENV)
+
+
+@contextmanager
+def process_group() -> Iterator[Rank]:
+    """Join the gloo process group described by the environment (env://); leave it at exit."""
+    dist.init_process_group(BACKEND)
+    try:
+        yield Rank(dist.get_rank(), dist.get_world_size())
+    finally:
+        dist.destroy_process_group()
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """``value`` as held by rank ``src``, on every rank (picklable values only)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now on ``host`` (MASTER_PORT for a local launch)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _loopback_interface() -> str | None:
+    """Name of the loopback interface (gloo binds to it for a one-machine launch)."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return next((n for n in names if n == "lo" or n.startswith("lo0")), None)
+
+
+# -- training on one rank ----------------------------------------------------------------------
+
+
+def _all_min(value: int) -> int:
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def _all_mean(value: float, weight: float) -> float:
+    """The ``weight``-weighted mean of ``value`` over all ranks."""
+    t = torch.tensor([value * weight, weight], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t[0] / t[1]) if t[1] > 0 else float("nan")
+
+
+def _broadcast_flag(flag: bool) -> bool:
+    t = torch.tensor([int(flag)], dtype=torch.int64)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def _rank_seeds(seed: int, rank: int) -> tuple[np.random.Generator, int]:
+    """Per-rank numpy generator (shuffling the shard) and torch seed (gate dropout)."""
+    seq = np.random.SeedSequence([seed, rank])
+    return np.random.default_rng(seq), int(seq.generate_state(1)[0])
+
+
+def _config(opts: TrainOptions, data: PreparedData) -> MMoEConfig:
+    """The model config ``fit`` would choose for this training split."""
+    watch_mean = data.label_means["watch_s"]
+    base = MMoEConfig.small() if opts.small else MMoEConfig()
+    return replace(base, arch=opts.arch, watch_scale=watch_mean if watch_mean > 0 else 1.0)
+
+
+def _build(opts: TrainOptions, data: PreparedData, config: MMoEConfig) -> RankingModel:
+    """The initial model: seeded exactly as in ``fit``, so every rank starts from one init."""
+    torch.manual_seed(opts.seed)
+    model = build_model(config, data.schema)
+    means = data.label_means
+    init_output_bias(
+        model,
+        {"click": means["click"], "watch_time": means["watch_s"], "like": means["like"]},
+    )
+    return model
+
+
+def _read_split(data: PreparedData, split: str, config: MMoEConfig, rank: Rank) -> EncodedSplit:
+    """This rank's shard of the training split, or the whole of valid/test."""
+    part = rank if split == "train" else Rank(0, 1)
+    frame = read_shard(data.split_dir(split), part.rank, part.world)
+    return encode_split(data.schema, frame, config.watch_scale)
+
+
+def fit_rank(
+    opts: TrainOptions, data: PreparedData, rank: Rank, verbose: bool = True
+) -> TrainResult | None:
+    """Train on this rank's shard with DDP; rank 0 returns the ``TrainResult``, others None."""
+    if opts.epochs < 1 or opts.batch_size < 1 or not opts.lr > 0:
+        raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+    torch.set_num_threads(THREADS_PER_RANK)
+    config = _config(opts, data)
+    weights = parse_loss_weights(opts.loss_weights, config.tasks)
+    model = _build(opts, data, config)
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.Adam(ddp.parameters(), lr=opts.lr)
+    rng, torch_seed = _rank_seeds(opts.seed, rank.rank)
+    torch.manual_seed(torch_seed)
+    train = _read_split(data, "train", config, rank)
+    valid = _read_split(data, "valid", config, rank) if rank.is_main else None
+    per_rank_batch = opts.batch_size // rank.world
+    steps = math.ceil(_all_min(len(train)) / per_rank_batch)
+    history: list[dict[str, float]] = []
+    best_loss, best_state = math.inf, copy.deepcopy(model.state_dict())
+    started = time.perf_counter()
+    for epoch in range(1, opts.epochs + 1):
+        t0 = time.perf_counter()
+        batches = itertools.islice(make_batches(train, per_rank_batch, rng), steps)
+        local = train_epoch(ddp, batches, optimizer, weights, steps, f"epoch {epoch}")
+        train_loss = _all_mean(local, min(len(train), steps * per_rank_batch))
+        improved = False
+        if valid is not None:
+            m = evaluate_split(predict(model, valid), valid, weights)
+            history.append({"epoch": epoch, "train_loss": train_loss, **m})
+            if verbose:
+                print(_epoch_line(epoch, rank.world, train_loss, m, time.perf_counter() - t0))
+            if m["loss"] < best_loss:
+                best_loss, best_state, improved = m["loss"], copy.deepcopy(model.state_dict()), True
+        if not _broadcast_flag(improved):  # patience 1, decided by rank 0 as in ``fit``
+            break
+    if not rank.is_main:
+        return None
+    assert valid is not None
+    model.load_state_dict(best_state)
+    test = _read_split(data, "test", config, rank)
+    return _result(model, data, config, valid, test, weights, history, best_loss, rank, started)
+
+
+def _epoch_line(epoch: int, world: int, train_loss: float, m: dict[str, float], s: float) -> str:
+    return (
+        f"epoch {epoch} ({world} ranks): train loss {train_loss:.4f} | valid loss {m['loss']:.4f} "
+        f"click AUC {m['click_auc']:.4f} like AUC {m['like_auc']:.4f} "
+        f"watch RMSE {m['watch_rmse']:.2f}s XAUC {m['watch_xauc']:.4f} | {s:.1f}s"
+    )
+
+
+def _result(
+    model: RankingModel,
+    data: PreparedData,
+    config: MMoEConfig,
+    valid: EncodedSplit,
+    test: EncodedSplit,
+    weights: dict[str, float],
+    history: list[dict[str, float]],
+    best_loss: float,
+    rank: Rank,
+    started: float,
+) -> TrainResult:
+    """Rank 0's ``TrainResult``: test metrics and gate diagnostics of the best weights."""
+    train_time = time.perf_counter() - started
+    gates = predict(model, valid, return_gates=True).get("gates")
+    test_preds = predict(model, test)
+    metrics = evaluate_split(test_preds, test, weights)
+    if has_truth(test.frame):
+        metrics.update(ranking_eval(test.frame, test_preds))
+    metrics.update(
+        train_time_s=round(train_time, 2),
+        rows_train=float(data.rows["train"]),
+        rows_valid=float(len(valid)),
+        rows_test=float(len(test)),
+        epochs=float(len(history)),
+        best_valid_loss=best_loss,
+        world_size=float(rank.world),
+    )
+    return TrainResult(
+        model=model,
+        schema=data.schema,
+        config=config,
+        test=test.frame,
+        test_preds={t: test_preds[t] for t in config.tasks},
+        metrics=metrics,
+        gate_diagnostics=None if gates is None else gate_diagnostics(gates, config.tasks),
+        history=history,
+    )
+
+
+def train_and_publish(opts: TrainOptions, version: str, data: PreparedData, rank: Rank) -> None:
+    """One rank's whole job: fit; rank 0 then exports, checks parity and publishes."""
+    if opts.batch_size % rank.world:
+        raise ValueError(f"--batch-size {opts.batch_size} must be a multiple of {rank.world} ranks")
+    result = fit_rank(opts, data, rank)
+    if result is None:
+        return
+    published = publish(result, opts, version)
+    print(summary_table(result.metrics))
+    print(f"published {published} to {opts.registry} ({rank.world} ranks)")
+
+
+# -- entry points ------------------------------------------------------------------------------
+
+
+def run_distributed(opts: TrainOptions, version: str) -> str:
+    """``run_train`` for ``--nproc > 1`` or under torchrun; returns the published version."""
+    if under_torchrun():
+        return _torchrun_worker(opts, version)
+    return launch(opts, version)
+
+
+def launch(opts: TrainOptions, version: str) -> str:
+    """Prepare the data once, spawn ``opts.nproc`` ranks on loopback and wait for them."""
+    world = opts.nproc
+    if world < 2:
+        raise ValueError("--nproc must be >= 2 for a distributed launch")
+    if opts.batch_size % world:
+        raise ValueError(f"--batch-size {opts.batch_size} must be a multiple of --nproc {world}")
+    with tempfile.TemporaryDirectory(prefix="vidrank-ddp-") as tmp:
+        data = prepare_data(opts, Path(tmp), world)
+        port = free_port()
+        print(f"training on {world} ranks (DDP, {BACKEND}, 127.0.0.1:{port})")
+        mp.start_processes(
+            _spawned_rank,
+            args=(world, port, opts, version, data.root),
+            nprocs=world,
+            join=True,
+            start_method="spawn",
+        )
+    return version
+
+
+def _spawned_rank(
+    local_rank: int, world: int, port: int, opts: TrainOptions, version: str, root: Path
+) -> None:
+    """Entry point of a rank spawned by ``launch``: the environment torchrun would set."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world),
+        OMP_NUM_THREADS=str(THREADS_PER_RANK),
+    )
+    loopback = _loopback_interface()
+    if loopback and "GLOO_SOCKET_IFNAME" not in os.environ:
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback  # all ranks are local: no DNS, no NIC
+    with process_group() as rank:
+        train_and_publish(opts, version, PreparedData.load(root), rank)
+
+
+def _torchrun_worker(opts: TrainOptions, version: str) -> str:
+    """A rank started by torchrun: rank 0 prepares the data, every rank trains."""
+    with process_group() as rank:
+        if opts.nproc > 1 and opts.nproc != rank.world:
+            raise ValueError(f"--nproc {opts.nproc} but torchrun started {rank.world} ranks")
+        tmp = Path(tempfile.mkdtemp(prefix="vidrank-ddp-")) if rank.is_main else None
+        try:
+            root, version, error = broadcast_object(_prepare_on_main(opts, version, tmp, rank))
+            if error:
+                raise RuntimeError(f"rank 0 could not prepare the training data: {error}")
+            train_and_publish(opts, version, PreparedData.load(Path(root)), rank)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return version
+
+
+def _prepare_on_main(
+    opts: TrainOptions, version: str, tmp: Path | None, rank: Rank
+) -> tuple[str | None, str, str | None]:
+    """(data root, version, error) as decided on rank 0; the other ranks get it broadcast."""
+    if not rank.is_main:
+        return None, version, None
+    assert tmp is not None
+    try:
+        return str(prepare_data(opts, tmp, rank.world).root), version, None
+    except Exception as e:  # every rank must learn of it, or the others would wait forever
+        return None, version, f"{type(e).__name__}: {e}"

@@ -1,0 +1,113 @@
+"""Smoke test of the benchmark harness: a tiny model, tiny N, very short runs.
+
+It checks that ``python -m benchmarks.run`` produces the JSON, the markdown table and the plot
+with the expected keys - never how fast anything is (no timed assertions). wrk is used when it is
+installed; otherwise the harness falls back to its Python client and must say so.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PARTS = ("floor", "graphs", "vidrank", "textbook", "lifecycle")
+TARGET_IDS = {
+    "p50_vs_floor",
+    "p99_vs_p50",
+    "throughput_vs_limit",
+    "throughput_vs_textbook",
+    "fused_vs_naive_fp32",
+    "fused_naive_parity",
+    "fused_int8_vs_naive",
+    "int8_auc_drop",
+    "rss_one_worker",
+    "start_to_ready",
+    "swap_extra",
+}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """Run the harness once; returns (results dir, parsed JSON)."""
+    out = tmp_path_factory.mktemp("results")
+    work = tmp_path_factory.mktemp("work")
+    cmd = [
+        sys.executable, "-m", "benchmarks.run", "--quick", "--small",
+        "--ns", "8,16", "--per-n", "3", "--impressions", "5000", "--epochs", "1",
+        "--http-seconds", "1", "--floor-seconds", "0.1", "--starts", "1",
+        "--out", str(out), "--work-dir", str(work),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = list(out.glob("*.json"))
+    assert len(files) == 1, files
+    return out, json.loads(files[0].read_text())
+
+
+def test_json_has_every_part(bench_run: tuple[Path, dict[str, Any]]) -> None:
+    _, results = bench_run
+    for key in ("machine", "settings", "model", "targets", *PARTS):
+        assert key in results, key
+    machine = results["machine"]
+    assert {"cpu_model", "cores", "avx2", "packages"} <= machine.keys()
+    assert results["settings"]["ns"] == [8, 16]
+    for threads in ("threads1", "threads2"):
+        assert set(results["floor"][threads]) == {"8", "16"}
+        assert results["floor"][threads]["8"]["p50"] > 0
+
+
+def test_http_results(bench_run: tuple[Path, dict[str, Any]]) -> None:
+    _, results = bench_run
+    for name in ("vidrank", "textbook"):
+        part = results[name]
+        for key in ("latency_c1", "throughput_c8"):
+            run = part[key]["16"]
+            assert run["requests"] > 0
+            assert {"p50", "p99"} <= run["latency_ms"].keys()
+            assert run["errors"].get("status", 0) == 0, run["errors"]
+        assert part["start_to_ready_s"] > 0
+    life = results["lifecycle"]
+    assert life["rss_one_worker_bytes"] > 0
+    assert life["model_footprint"]["footprint_bytes"] > 0
+    assert len(life["swap"]["swaps"]) >= 2
+
+
+def test_load_generator_is_recorded(bench_run: tuple[Path, dict[str, Any]]) -> None:
+    _, results = bench_run
+    settings = results["settings"]
+    if shutil.which("wrk"):
+        assert settings["load_generator"] == "wrk"
+        assert results["vidrank"]["latency_c1"]["8"]["client"] == "wrk"
+    else:
+        assert settings["load_generator"] == "python-fallback"
+        assert any("Python keep-alive" in note for note in settings["notes"])
+
+
+def test_graphs_and_quantisation(bench_run: tuple[Path, dict[str, Any]]) -> None:
+    _, results = bench_run
+    graphs = results["graphs"]
+    assert {"fused_fp32", "naive_fp32", "fused_int8", "naive_int8"} <= graphs["latency"].keys()
+    assert graphs["parity"]["naive_fp32"]["max_abs_prob"] < 1e-4
+    assert graphs["census"]["fused_int8"]["int8_matmuls"] > 0
+    assert set(graphs["heldout"]["delta"]["fused_int8"]) == {"click", "like"}
+
+
+def test_targets_markdown_and_plot(bench_run: tuple[Path, dict[str, Any]]) -> None:
+    out, results = bench_run
+    assert {t["id"] for t in results["targets"]} == TARGET_IDS
+    for target in results["targets"]:
+        assert {"target", "measured", "met", "unit"} <= target.keys()
+    text = (out / "latest.md").read_text()
+    for heading in ("## Targets", "## Latency at concurrency 1", "## Throughput", "## Model graphs"):
+        assert heading in text
+    png = (out / "latency.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
