@@ -4,13 +4,15 @@ Two ways in, one code path per rank:
 
 ``vidrank train --nproc N ...``
     This process is the launcher: it loads (or simulates) the data once, prepares it (below)
-    in a temp directory and spawns N fresh worker interpreters (``torch.multiprocessing``,
-    spawn) that meet on 127.0.0.1 at a free MASTER_PORT. It returns once rank 0 published.
+    in a temp directory and runs ``torchrun`` (``python -m torch.distributed.run``) with N ranks
+    on 127.0.0.1 and a free MASTER_PORT; each rank runs ``python -m model.distributed SPEC``
+    (options, version, data directory). torchrun stops every rank when one fails. The launcher
+    returns once rank 0 has published.
 ``torchrun --nproc_per_node N -m model.train ...`` (the options of ``vidrank train``)
-    torchrun starts the workers. ``model/train.py``'s ``__main__`` runs ``vidrank train``, whose
-    ``run_train`` sees torchrun's environment and comes here; rank 0 prepares the data in a temp
-    directory and broadcasts its path (one machine), or every rank reads ``--data DIR`` when DIR
-    already holds prepared data (a shared volume: how a multi-node job is fed).
+    ``model/train.py``'s ``__main__`` runs ``vidrank train``, whose ``run_train`` sees
+    torchrun's environment and comes here. Rank 0 prepares the data in a temp directory and
+    broadcasts its path (one machine), or, when ``--data DIR`` already holds prepared data
+    (e.g. on a shared volume, for several nodes), every rank reads DIR as it is.
 
 Prepared data (``prepare_data``) is the single-process trainer's own data step done once:
 the chronological train/valid/test split and the feature schema fitted on the whole training
@@ -45,11 +47,13 @@ import math
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +61,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from model.data import read_shard, split_by_time, write_shards
@@ -377,58 +380,98 @@ def train_and_publish(opts: TrainOptions, version: str, data: PreparedData, rank
 def run_distributed(opts: TrainOptions, version: str) -> str:
     """``run_train`` for ``--nproc > 1`` or under torchrun; returns the published version."""
     if under_torchrun():
-        return _torchrun_worker(opts, version)
+        return torchrun_worker(opts, version)
     return launch(opts, version)
 
 
 def launch(opts: TrainOptions, version: str) -> str:
-    """Prepare the data once, spawn ``opts.nproc`` ranks on loopback and wait for them."""
+    """Prepare the data once, then run ``opts.nproc`` ranks with torchrun on 127.0.0.1."""
     world = opts.nproc
     if world < 2:
         raise ValueError("--nproc must be >= 2 for a distributed launch")
     if opts.batch_size % world:
         raise ValueError(f"--batch-size {opts.batch_size} must be a multiple of --nproc {world}")
     with tempfile.TemporaryDirectory(prefix="vidrank-ddp-") as tmp:
-        data = prepare_data(opts, Path(tmp), world)
+        data = prepare_data(opts, Path(tmp) / "data", world)
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(json.dumps(_spec(opts, version, data.root), indent=2))
         port = free_port()
-        print(f"training on {world} ranks (DDP, {BACKEND}, 127.0.0.1:{port})")
-        mp.start_processes(
-            _spawned_rank,
-            args=(world, port, opts, version, data.root),
-            nprocs=world,
-            join=True,
-            start_method="spawn",
-        )
+        print(f"training on {world} ranks (torchrun, DDP/{BACKEND}, 127.0.0.1:{port})")
+        _run(torchrun_command(world, port, spec), _launch_env())
     return version
 
 
-def _spawned_rank(
-    local_rank: int, world: int, port: int, opts: TrainOptions, version: str, root: Path
-) -> None:
-    """Entry point of a rank spawned by ``launch``: the environment torchrun would set."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(local_rank),
-        LOCAL_RANK=str(local_rank),
-        WORLD_SIZE=str(world),
-        OMP_NUM_THREADS=str(THREADS_PER_RANK),
-    )
+def torchrun_command(world: int, port: int, spec: Path) -> list[str]:
+    """One-machine torchrun of ``world`` ranks of this module's ``__main__`` (on ``spec``)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", "1", "--nproc_per_node", str(world),
+        "--master_addr", "127.0.0.1", "--master_port", str(port),
+        "-m", "model.distributed", str(spec),
+    ]  # fmt: skip
+
+
+def _launch_env() -> dict[str, str]:
+    """The ranks' environment: one thread each, gloo on the loopback interface."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS_PER_RANK))
     loopback = _loopback_interface()
-    if loopback and "GLOO_SOCKET_IFNAME" not in os.environ:
-        os.environ["GLOO_SOCKET_IFNAME"] = loopback  # all ranks are local: no DNS, no NIC
-    with process_group() as rank:
-        train_and_publish(opts, version, PreparedData.load(root), rank)
+    if loopback and "GLOO_SOCKET_IFNAME" not in env:
+        env["GLOO_SOCKET_IFNAME"] = loopback  # every rank is local: no DNS, no NIC needed
+    return env
 
 
-def _torchrun_worker(opts: TrainOptions, version: str) -> str:
-    """A rank started by torchrun: rank 0 prepares the data, every rank trains."""
+def _run(cmd: list[str], env: dict[str, str]) -> None:
+    """Run torchrun to completion; stop it (and so its ranks) if we are interrupted."""
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        code = proc.wait()
+    except BaseException:
+        proc.terminate()  # torchrun forwards SIGTERM to its ranks
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    if code:
+        raise RuntimeError(f"distributed training failed: torchrun exited with code {code}")
+
+
+def _spec(opts: TrainOptions, version: str, root: Path) -> dict[str, Any]:
+    """What the launcher hands its ranks: options, version and the prepared data."""
+    options = {
+        **asdict(opts),
+        "registry": str(opts.registry),
+        "data": None if opts.data is None else str(opts.data),
+    }
+    return {"options": options, "version": version, "prepared": str(root)}
+
+
+def _from_spec(spec: dict[str, Any]) -> tuple[TrainOptions, str, Path]:
+    d = spec["options"]
+    opts = TrainOptions(
+        **{
+            **d,
+            "registry": Path(d["registry"]),
+            "data": None if d["data"] is None else Path(d["data"]),
+        }
+    )
+    return opts, str(spec["version"]), Path(spec["prepared"])
+
+
+def torchrun_worker(opts: TrainOptions, version: str, prepared: Path | None = None) -> str:
+    """One rank under torchrun: rank 0 prepares the data (unless ``prepared``), all train.
+
+    Returns rank 0's version name (only rank 0 publishes).
+    """
     with process_group() as rank:
         if opts.nproc > 1 and opts.nproc != rank.world:
             raise ValueError(f"--nproc {opts.nproc} but torchrun started {rank.world} ranks")
-        tmp = Path(tempfile.mkdtemp(prefix="vidrank-ddp-")) if rank.is_main else None
+        own_tmp = rank.is_main and prepared is None
+        tmp = Path(tempfile.mkdtemp(prefix="vidrank-ddp-")) if own_tmp else None
         try:
-            root, version, error = broadcast_object(_prepare_on_main(opts, version, tmp, rank))
+            plan = _plan_on_main(opts, version, prepared or tmp, rank)
+            root, version, error = broadcast_object(plan)
             if error:
                 raise RuntimeError(f"rank 0 could not prepare the training data: {error}")
             train_and_publish(opts, version, PreparedData.load(Path(root)), rank)
@@ -438,14 +481,29 @@ def _torchrun_worker(opts: TrainOptions, version: str) -> str:
     return version
 
 
-def _prepare_on_main(
-    opts: TrainOptions, version: str, tmp: Path | None, rank: Rank
+def _plan_on_main(
+    opts: TrainOptions, version: str, target: Path | None, rank: Rank
 ) -> tuple[str | None, str, str | None]:
-    """(data root, version, error) as decided on rank 0; the other ranks get it broadcast."""
+    """(data root, version, error) as rank 0 decides; the other ranks get it broadcast."""
     if not rank.is_main:
         return None, version, None
-    assert tmp is not None
+    assert target is not None
+    if is_prepared(target):
+        return str(target), version, None
     try:
-        return str(prepare_data(opts, tmp, rank.world).root), version, None
+        return str(prepare_data(opts, target, rank.world).root), version, None
     except Exception as e:  # every rank must learn of it, or the others would wait forever
         return None, version, f"{type(e).__name__}: {e}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m model.distributed SPEC``: one rank of a ``launch`` (torchrun runs this)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not under_torchrun():
+        raise SystemExit("usage (under torchrun): python -m model.distributed SPEC.json")
+    opts, version, prepared = _from_spec(json.loads(Path(args[0]).read_text()))
+    torchrun_worker(opts, version, prepared)
+
+
+if __name__ == "__main__":
+    main()

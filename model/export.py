@@ -21,6 +21,7 @@ exports in about a second, while the dynamo exporter needs more setup and time f
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -222,7 +223,9 @@ def export_onnx(
     model.eval()
     graph.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # The legacy exporter is chosen on purpose (module docstring); its notice is noise.
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
             torch.onnx.export(
                 graph,
                 args,

@@ -82,7 +82,6 @@ class MMoEConfig:
     gate_dropout: float = 0.1
     watch_scale: float = 1.0
     bottom_hidden: tuple[int, ...] = (768, 512)
-    interactions: bool = True
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -136,10 +135,6 @@ def _entity_width(layout: EntityLayout, dim: int) -> int:
     return (len(layout.cat) + len(layout.multi)) * dim + len(layout.num)
 
 
-def _n_fields(layout: EntityLayout) -> int:
-    return len(layout.cat) + len(layout.multi)
-
-
 def _embedding(rows: int, dim: int) -> nn.Embedding:
     # N(0, 0.05) rather than the default N(0, 1), which would swamp the standardised numerics.
     weight = nn.init.normal_(torch.empty(rows, dim), std=0.05)
@@ -155,12 +150,11 @@ class FeatureEmbedding(nn.Module):
     appended. u concatenates the user and context entities.
     """
 
-    def __init__(self, schema: FeatureSchema, dim: int, interactions: bool = False) -> None:
+    def __init__(self, schema: FeatureSchema, dim: int) -> None:
         super().__init__()
         if dim < 1:
             raise ValueError(f"embedding dim must be >= 1, got {dim}")
         self.dim = dim
-        self.interactions = interactions
         self.layouts = {e: schema.layout(e) for e in ENTITIES}
         self.tables = nn.ModuleDict(
             {
@@ -171,10 +165,6 @@ class FeatureEmbedding(nn.Module):
         )
         self.user_dim = sum(_entity_width(self.layouts[e], dim) for e in ("user", "context"))
         self.item_dim = _entity_width(self.layouts["item"], dim)
-        if interactions:
-            self.item_dim += _n_fields(self.layouts["item"]) * sum(
-                _n_fields(self.layouts[e]) for e in ("user", "context")
-            )
         if self.user_dim < 1 or self.item_dim < 1:
             raise ValueError("the schema needs at least one user/context and one item feature")
 
@@ -185,35 +175,28 @@ class FeatureEmbedding(nn.Module):
         names += [f"{entity}_multi", f"{entity}_multi_w"] if lay.multi else []
         return names + ([f"{entity}_num"] if lay.num else [])
 
-    def _fields(self, entity: str, inputs: dict[str, Tensor]) -> Tensor | None:
-        """B x F_e x D: one embedding per categorical feature, then one pooled per multi one."""
+    def _entity_vector(self, entity: str, inputs: dict[str, Tensor]) -> Tensor | None:
+        """B x W_e: flattened categorical embeddings, pooled multi-hot embeddings, numerics."""
         lay = self.layouts[entity]
-        fields: list[Tensor] = []
+        parts: list[Tensor] = []
         if lay.cat:
-            fields.append(self.tables[entity](inputs[f"{entity}_cat"]))
+            parts.append(self.tables[entity](inputs[f"{entity}_cat"]).flatten(1))
         if lay.multi:
             emb = self.tables[entity](inputs[f"{entity}_multi"])  # B x M x L x D
             weights = inputs[f"{entity}_multi_w"].unsqueeze(-1)  # B x M x L x 1
-            fields.append((emb * weights).sum(2))
-        return torch.cat(fields, 1) if fields else None
+            parts.append((emb * weights).sum(2).flatten(1))
+        if lay.num:
+            parts.append(inputs[f"{entity}_num"])
+        return torch.cat(parts, 1) if parts else None
 
     def forward(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """inputs -> (u: B_u x D_u, v: N x D_i); B_u is 1 (serving) or N (training)."""
         if not torch.jit.is_tracing():
             self._check(inputs)
-        fields = {e: self._fields(e, inputs) for e in ENTITIES}
-        user_fields = [f for e in ("user", "context") if (f := fields[e]) is not None]
-        item_fields = fields["item"]
-        user = [f.flatten(1) for f in user_fields]
-        user += [inputs[f"{e}_num"] for e in ("user", "context") if self.layouts[e].num]
-        item = [item_fields.flatten(1)] if item_fields is not None else []
-        item += [inputs["item_num"]] if self.layouts["item"].num else []
-        if self.interactions and user_fields and item_fields is not None:
-            # Dot product of every user/context field with every item field: the affinity
-            # structure an MLP on concatenated embeddings learns only slowly. B_u = 1 broadcasts.
-            dots = torch.matmul(torch.cat(user_fields, 1), item_fields.transpose(1, 2))
-            item.append(dots.flatten(1))  # N x (F_u * F_i)
-        return torch.cat(user, 1), torch.cat(item, 1)
+        user = [x for e in ("user", "context") if (x := self._entity_vector(e, inputs)) is not None]
+        item = self._entity_vector("item", inputs)
+        assert item is not None  # the constructor guarantees item features
+        return torch.cat(user, 1), item
 
     def _check(self, inputs: dict[str, Tensor]) -> None:
         missing = [n for e in ENTITIES for n in self.input_names(e) if n not in inputs]
@@ -411,7 +394,7 @@ class MMoE(nn.Module):
     def __init__(self, config: MMoEConfig, schema: FeatureSchema) -> None:
         super().__init__()
         self.config = config
-        self.embedding = FeatureEmbedding(schema, config.embedding_dim, config.interactions)
+        self.embedding = FeatureEmbedding(schema, config.embedding_dim)
         d_u, d_i = self.embedding.user_dim, self.embedding.item_dim
         self.experts = Experts(d_u, d_i, config.n_experts, config.expert_hidden)
         self.gates = Gates(
@@ -447,7 +430,7 @@ class SharedBottom(nn.Module):
     def __init__(self, config: MMoEConfig, schema: FeatureSchema) -> None:
         super().__init__()
         self.config = config
-        self.embedding = FeatureEmbedding(schema, config.embedding_dim, config.interactions)
+        self.embedding = FeatureEmbedding(schema, config.embedding_dim)
         hidden = config.bottom_hidden
         self.first = SplitLinear(self.embedding.user_dim, self.embedding.item_dim, hidden[0])
         self.rest = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(hidden))

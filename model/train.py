@@ -196,14 +196,17 @@ def weighted_sum(losses: Mapping[str, Tensor], weights: Mapping[str, float]) -> 
 
 
 def train_epoch(
-    model: RankingModel,
+    model: torch.nn.Module,
     batches: Iterable[Batch],
     optimizer: torch.optim.Optimizer,
     loss_weights: Mapping[str, float],
     n_batches: int | None = None,
     desc: str = "train",
 ) -> float:
-    """One pass over ``batches`` (this rank's shard); returns the mean weighted training loss."""
+    """One pass over ``batches`` (this rank's shard); returns the mean weighted training loss.
+
+    ``model`` is a ranking model or its DistributedDataParallel wrapper.
+    """
     model.train()
     total, seen = 0.0, 0
     bar = tqdm(batches, total=n_batches, desc=desc, disable=None, leave=False, unit="batch")

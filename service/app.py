@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from model.bundle import BundleError
 from model.features import FeatureError
@@ -42,7 +43,7 @@ from service.manager import ModelManager
 from service.middleware import AccessMiddleware
 from service.ranking import Ranker
 from service.schemas import ErrorResponse, RankRequest, RankResponse, Status
-from service.scorer import WARMUP_SIZES
+from service.scorer import WARMUP_MAX, WARMUP_SIZES
 from service.settings import Settings
 
 log = logging.getLogger("vidrank.app")
@@ -83,7 +84,9 @@ def error_response(exc: BaseException) -> Response:
 
 
 def _warmup_sizes(settings: Settings) -> tuple[int, ...]:
-    return tuple(sorted({min(n, settings.max_candidates) for n in WARMUP_SIZES}))
+    """Typical sizes and the largest allowed one (capped): no first request pays for a shape."""
+    largest = min(settings.max_candidates, WARMUP_MAX)
+    return tuple(sorted({min(n, largest) for n in (*WARMUP_SIZES, largest)}))
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -236,6 +239,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
         return Response(body, exc.status_code, headers=exc.headers, media_type=JSON)
 
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        # The client hung up while sending its body: nothing to answer, nothing to alarm about.
+        return json_response(error_body("client_disconnected", "client disconnected"), 400)
+
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
 

@@ -19,7 +19,8 @@ from model.bundle import TASKS, Bundle, BundleError, validate_against_session_io
 from model.features import FeatureSchema
 from service.fusion import FusionError, FusionSpec
 
-WARMUP_SIZES: tuple[int, ...] = (1, 100, 500)
+WARMUP_SIZES: tuple[int, ...] = (1, 100, 500)  # plus the largest request, capped at WARMUP_MAX
+WARMUP_MAX = 2000
 
 
 @dataclass(frozen=True)

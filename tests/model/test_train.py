@@ -158,8 +158,6 @@ def test_options_are_validated(tmp_path: Path) -> None:
     for bad in ("dwell=1", "click", "click=-1", "click=nan"):
         with pytest.raises(ValueError):
             parse_loss_weights(bad, TASKS)
-    with pytest.raises(NotImplementedError, match="distributed"):
-        run_train(TrainOptions(registry=tmp_path, simulate=100, nproc=2))
     with pytest.raises(ValueError, match="exactly one"):
         run_train(TrainOptions(registry=tmp_path))
     with pytest.raises(ValueError, match="version"):
