@@ -55,6 +55,7 @@ SECOND_SUFFIX = "-next"
 # Generous, not a performance target: a replica notices the change at its next poll, then loads,
 # verifies and warms the bundle, on a machine that is also serving the traffic.
 CONVERGE_MARGIN_S = 2.0
+PHASES = ("baseline", "activate", "kill", "rollback")
 
 
 # -- configuration and report ------------------------------------------------------------------
@@ -113,6 +114,7 @@ class RolloutReport:
     nginx_retried: int  # /rank requests nginx sent to more than one replica
     errors: list[str]  # a sample of failure descriptions
     duration_s: float
+    ports: dict[str, int]  # replica name (and "nginx") -> 127.0.0.1 port
 
     @property
     def requests(self) -> int:
@@ -234,6 +236,28 @@ class Proc:
             return ""
 
 
+class Processes:
+    """Every process a run started, stopped in reverse order by ``stop_all`` (context exit)."""
+
+    def __init__(self) -> None:
+        self.started: list[Proc] = []
+
+    def start(self, name: str, cmd: list[str], log: Path, env: dict[str, str]) -> Proc:
+        proc = Proc(name, cmd, log, env)
+        self.started.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.started):
+            proc.stop()
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+
 def http_get_json(port: int, path: str, timeout: float = 2.0) -> tuple[int, Any]:
     """(status, JSON body) of a GET to 127.0.0.1:port; raises httpx errors."""
     r = httpx.get(f"http://{HOST}:{port}{path}", timeout=timeout, trust_env=False)
@@ -269,7 +293,7 @@ class Replica:
         return body.get("model_version") if status == 200 and isinstance(body, dict) else None
 
 
-def start_replicas(cfg: RolloutConfig, ports: list[int]) -> list[Replica]:
+def start_replicas(cfg: RolloutConfig, ports: list[int], procs: Processes) -> list[Replica]:
     """Start one ``vidrank serve`` per port (all at once); the caller waits for readiness."""
     env = dict(
         os.environ,
@@ -283,7 +307,9 @@ def start_replicas(cfg: RolloutConfig, ports: list[int]) -> list[Replica]:
         cmd = [*vidrank_cmd(), "serve", "--registry", str(cfg.registry)]
         cmd += ["--host", HOST, "--port", str(port)]
         name = f"r{i}"
-        replicas.append(Replica(name, port, Proc(name, cmd, cfg.workdir / f"{name}.log", env)))
+        replicas.append(
+            Replica(name, port, procs.start(name, cmd, cfg.workdir / f"{name}.log", env))
+        )
     return replicas
 
 
@@ -308,11 +334,13 @@ def render_nginx(prefix: Path, listen_port: int, upstream_ports: list[int]) -> P
     return conf
 
 
-def start_nginx(nginx: str, prefix: Path, listen_port: int, upstream_ports: list[int]) -> Proc:
+def start_nginx(
+    nginx: str, prefix: Path, listen_port: int, upstream_ports: list[int], procs: Processes
+) -> Proc:
     """Start nginx (foreground, ``daemon off``) and wait until it accepts connections."""
     conf = render_nginx(prefix, listen_port, upstream_ports)
     cmd = [nginx, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)]
-    proc = Proc("nginx", cmd, prefix / "stdout.log", dict(os.environ))
+    proc = procs.start("nginx", cmd, prefix / "stdout.log", dict(os.environ))
 
     def listening() -> bool:
         socket.create_connection((HOST, listen_port), timeout=0.2).close()
@@ -416,7 +444,9 @@ class Traffic:
         self._sent = 0
         self._deadline = time.monotonic() + cfg.deadline_s
         self._threads = [
-            threading.Thread(target=self._client, args=(i,), name=f"rollout-client-{i}")
+            threading.Thread(
+                target=self._client, args=(i,), name=f"rollout-client-{i}", daemon=True
+            )
             for i in range(cfg.clients)
         ]
 
@@ -535,22 +565,16 @@ def run_rollout(cfg: RolloutConfig, log: Any = print) -> RolloutReport:
     second = publish_second(cfg.registry, first)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     *ports, listen = free_ports(cfg.replicas + 1)
-    procs: list[Proc] = []
     started = time.monotonic()
-    try:
-        replicas = start_replicas(cfg, ports)
-        procs += [r.proc for r in replicas]
+    with Processes() as procs:  # on the way out, failure or not: nginx, then the replicas
+        replicas = start_replicas(cfg, ports, procs)
         wait_ready(replicas, cfg.start_timeout_s)
-        procs.append(start_nginx(nginx, cfg.workdir / "nginx", listen, ports))
+        start_nginx(nginx, cfg.workdir / "nginx", listen, ports, procs)
         log(f"{len(replicas)} replicas ready on {ports}; nginx on {listen}; serving {first}")
         with Traffic(listen, cfg) as traffic:
             phases, killed = _phases(cfg, replicas, traffic, first, second, log)
             end = time.monotonic()
-        outcomes = traffic.snapshot()
-    finally:
-        for p in reversed(procs):  # nginx first, then the replicas
-            p.stop()
-    errors = _tally(phases, outcomes, end, grace_s=1.0)
+    errors = _tally(phases, traffic.snapshot(), end, grace_s=1.0)
     return RolloutReport(
         replicas=cfg.replicas,
         poll_interval_s=cfg.poll_interval_s,
@@ -560,6 +584,7 @@ def run_rollout(cfg: RolloutConfig, log: Any = print) -> RolloutReport:
         nginx_retried=nginx_retried(cfg.workdir / "nginx" / "access.log"),
         errors=errors[:10],
         duration_s=round(time.monotonic() - started, 2),
+        ports={**{r.name: r.port for r in replicas}, "nginx": listen},
     )
 
 
@@ -572,21 +597,21 @@ def _phases(
     log: Any,
 ) -> tuple[list[_Phase], str]:
     """Baseline, activate, kill, rollback - while ``traffic`` flows."""
-    phases = [_Phase(PhaseReport("baseline", first), time.monotonic())]
+    phases = [_Phase(PhaseReport(PHASES[0], first), time.monotonic())]
     time.sleep(cfg.baseline_s)
 
-    phases.append(_Phase(PhaseReport("activate", second), time.monotonic()))
+    phases.append(_Phase(PhaseReport(PHASES[1], second), time.monotonic()))
     _converge(cfg, phases[-1], replicas, ("activate", second))
     log(f"activate {second}: all replicas serve it after {phases[-1].report.max_converge_s:.2f}s")
     time.sleep(cfg.settle_s)
 
     victim, survivors = replicas[0], replicas[1:]
-    phases.append(_Phase(PhaseReport("kill", second), time.monotonic()))
+    phases.append(_Phase(PhaseReport(PHASES[2], second), time.monotonic()))
     victim.proc.signal_group(signal.SIGKILL)
     log(f"SIGKILL {victim.name} (pid {victim.proc.pid}, port {victim.port})")
     time.sleep(cfg.after_kill_s)
 
-    phases.append(_Phase(PhaseReport("rollback", first), time.monotonic()))
+    phases.append(_Phase(PhaseReport(PHASES[3], first), time.monotonic()))
     _converge(cfg, phases[-1], survivors, ("rollback",))
     log(f"rollback to {first}: survivors serve it after {phases[-1].report.max_converge_s:.2f}s")
     time.sleep(cfg.settle_s)

@@ -109,7 +109,9 @@ def serve(settings: Settings, sock: socket.socket) -> None:
 def _worker_main(settings: Settings, index: int) -> None:
     """Entry point of a spawned worker process."""
     configure_logging(settings.log_level)
-    sock = bind_socket(settings.host, settings.port, reuse_port=True)
+    # Bound but not listening: uvicorn listens once the model is loaded, so a (re)starting
+    # worker never queues connections that the ready workers could have served.
+    sock = bind_socket(settings.host, settings.port, reuse_port=True, listen=False)
     log_fields(log, logging.INFO, "worker starting", worker=index, pid=os.getpid())
     serve(settings, sock)
 
@@ -209,7 +211,7 @@ def run_server(settings: Settings) -> None:
     safe["admin_token_set"] = settings.admin_token is not None
     log_fields(log, logging.INFO, "starting", settings={k: str(v) for k, v in safe.items()})
     if settings.workers == 1:
-        serve(settings, bind_socket(settings.host, settings.port, reuse_port=False))
+        serve(settings, bind_socket(settings.host, settings.port, reuse_port=False, listen=False))
         return
     code = Supervisor(settings).run()
     if code:

@@ -233,3 +233,27 @@ def test_two_workers(start_server: Start, live_registry: Path, version: str) -> 
         if rec.get("msg") == "request" and rec.get("route") == "/rank"
     }
     assert len(pids) == 2, pids
+
+
+def test_supervisor_restarts_a_dead_worker(start_server: Start, live_registry: Path) -> None:
+    import os
+    import signal
+
+    server = start_server(live_registry, workers=2)
+
+    def worker_pids() -> list[int]:
+        return [r["pid"] for r in server.log_records() if r.get("msg") == "worker starting"]
+
+    deadline = time.monotonic() + 30
+    while len(worker_pids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    first = worker_pids()
+    os.kill(first[0], signal.SIGKILL)
+    while len(worker_pids()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(worker_pids()) == 3, server.logs()[-2000:]
+    assert any(r.get("msg") == "worker died" for r in server.log_records())
+    server.wait_ready()
+    for _ in range(20):  # whichever worker a connection lands on, it answers
+        assert httpx.post(f"{server.url}/rank", json=rank_body(3), timeout=10).status_code == 200
+    assert server.stop() == 0

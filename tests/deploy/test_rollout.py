@@ -1,0 +1,108 @@
+"""Multi-replica rollout for real: 3 `vidrank serve` processes behind real nginx on loopback.
+
+Drives ``benchmarks/rollout.py`` (what ``make rollout`` shows) on a copy of the tiny registry:
+with /rank traffic flowing through nginx it activates a second version with
+``vidrank models activate``, SIGKILLs a replica, and rolls back with ``vidrank models rollback``.
+Runs in the normal suite whenever nginx is installed (``.ci/run`` installs it); takes ~15 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import socket
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from model.registry import Registry
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_rollout() -> ModuleType:
+    """benchmarks/rollout.py by path: benchmarks/ is not an installed package (and the suite runs
+    with --import-mode=importlib, which puts no directory on sys.path)."""
+    name = "vidrank_benchmarks_rollout"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "rollout.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before exec: dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+rollout = _load_rollout()
+
+pytestmark = pytest.mark.skipif(
+    rollout.find_nginx() is None,
+    reason="nginx is not installed (.ci/run installs Debian's nginx-light for this test)",
+)
+
+
+@pytest.fixture
+def registry(tiny_bundle: tuple[Path, str], tmp_path: Path) -> Path:
+    """A private copy of the tiny registry: the rollout publishes and changes aliases."""
+    src, _ = tiny_bundle
+    dest = tmp_path / "registry"
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".lock", ".tmp-*"))
+    return dest
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_rollout_kill_and_rollback_behind_nginx(
+    registry: Path, tiny_bundle: tuple[Path, str], tmp_path: Path
+) -> None:
+    first = tiny_bundle[1]
+    cfg = rollout.RolloutConfig(registry=registry, workdir=tmp_path / "run")
+    report = rollout.run_rollout(cfg)
+    print(report.to_text())  # shown with -s, or on failure
+    second = first + rollout.SECOND_SUFFIX
+    baseline, activate, kill, rollback = (report.phase(n) for n in rollout.PHASES)
+
+    # Traffic flowed through every phase.
+    for phase in (baseline, activate, kill, rollback):
+        assert phase.requests >= 20, phase
+
+    # (1) Activation: every replica serves the new version within the poll interval (+ margin
+    # for noticing, loading and warming it); not one request fails; once all have converged,
+    # nothing answers with the old version any more (after a grace for requests in flight).
+    assert set(activate.converge_s) == {"r0", "r1", "r2"}
+    assert activate.max_converge_s is not None
+    assert activate.max_converge_s <= cfg.converge_bound_s
+    assert activate.failures == 0, report.errors
+    assert activate.stale_after_converge == 0
+    assert second in activate.versions
+
+    # (2) SIGKILL of a replica: requests that were in flight on it, or that nginx sends to it
+    # before it notices, fail at the connection level, and nginx resends them to another replica
+    # (`proxy_next_upstream error timeout http_502 http_503 non_idempotent`, up to 3 tries;
+    # POST /rank is idempotent), so the client sees no failure at all.
+    assert report.killed == "r0"
+    assert kill.failures == 0, report.errors
+    assert set(kill.versions) == {second}
+
+    # (3) Rollback: the two surviving replicas converge on the first version again.
+    assert set(rollback.converge_s) == {"r1", "r2"}
+    assert rollback.max_converge_s is not None
+    assert rollback.max_converge_s <= cfg.converge_bound_s
+    assert rollback.failures == 0, report.errors
+    assert rollback.stale_after_converge == 0
+    assert first in rollback.versions
+
+    assert report.problems() == []
+    aliases = Registry(registry).read_aliases()
+    assert aliases.production == first and second in Registry(registry).versions()
+    # Every process the run started is gone: no port is still served.
+    assert not [name for name, port in report.ports.items() if _listening(port)]
