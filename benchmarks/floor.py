@@ -70,11 +70,10 @@ def interleaved(
 
 
 def measure_floor(
-    onnx_path: Path,
+    graphs: Mapping[str, tuple[Path, int]],
     encoded_by_n: Mapping[int, Sequence[Mapping[str, np.ndarray]]],
-    threads: Sequence[int],
     min_time_s: float,
 ) -> dict[str, Any]:
-    """{"threads<k>": {str(n): percentiles}} for each thread count and candidate count."""
-    sessions = {f"threads{t}": session(onnx_path, t) for t in threads}
+    """{name: {str(n): percentiles}} for each (graph, intra-op threads) and candidate count."""
+    sessions = {name: session(path, threads) for name, (path, threads) in graphs.items()}
     return interleaved(sessions, encoded_by_n, min_time_s)

@@ -5,7 +5,6 @@ converted, and the held-out AUC cost of int8.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,44 +15,23 @@ import onnx
 import pandas as pd
 
 from benchmarks.floor import OUTPUTS, interleaved, session
-from model.export import compare, export_onnx
+from model.export import compare, export_onnx, predict_frame, quantize_int8
 from model.features import FeatureSchema
 from model.metrics import auc
 from model.mmoe import RankingModel
 
-VARIANTS = ("fused", "naive")
+VARIANTS = ("fused", "trained", "naive")
 FLOAT_MATMULS = frozenset({"MatMul", "Gemm", "FusedGemm", "FusedMatMul"})
 INT8_MATMULS = frozenset(
     {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm"}
 )
 
 
-def quantize_int8(src: Path, dest: Path) -> Path:
-    """int8 dynamic quantisation (weights int8, activations quantised per call).
-
-    Uses the exporter's own quantiser when model/export.py provides one (the flag behind
-    ``vidrank train --quantize``), so the benchmark measures what would be published.
-    """
-    from model import export
-
-    own = getattr(export, "quantize_dynamic_int8", None)
-    if own is not None:
-        own(src, dest)
-        return dest
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # "consider pre-processing": shape inference adds nothing here
-    try:
-        quantize_dynamic(str(src), str(dest), weight_type=QuantType.QInt8)
-    finally:
-        root.setLevel(level)
-    return dest
-
-
 def export_graphs(model: RankingModel, schema: FeatureSchema, out_dir: Path) -> dict[str, Path]:
-    """{name: path} for fused/naive x fp32/int8 exports of ``model``."""
+    """{name: path} for fused/trained/naive x fp32/int8 exports of ``model``.
+
+    int8 is the exporter's own quantiser (the one behind ``vidrank train --quantize``).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for variant in VARIANTS:
@@ -125,46 +103,19 @@ def time_graphs(
 
 # -- held-out AUC --------------------------------------------------------------------------------
 
-REQUEST_KEYS = ("user_id", "hour", "day_of_week", "tab")
-
-
-def heldout_requests(
-    frame: pd.DataFrame, schema: FeatureSchema
-) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """The held-out impressions grouped into requests (one user + context, N items).
-
-    Returns (row positions, encoded inputs) per request; rows of one user at one hour, day and
-    tab form one request, as the ranking service would have scored them.
-    """
-    columns = {n: frame[n].to_numpy() for n in schema.names() if n in frame.columns}
-    encoded = schema.encode_rows(columns, len(frame))
-    keys = [k for k in REQUEST_KEYS if k in frame.columns]
-    groups = frame.groupby(keys, sort=False).indices
-    out = []
-    for rows in groups.values():
-        first = rows[:1]
-        feed = {k: v[rows] if k.startswith("item_") else v[first] for k, v in encoded.items()}
-        out.append((rows, feed))
-    return out
-
 
 def heldout_auc(
     paths: Mapping[str, Path], frame: pd.DataFrame, schema: FeatureSchema
 ) -> dict[str, Any]:
-    """Click/like AUC on the held-out frame for each graph, and int8 - fp32 deltas."""
-    requests = heldout_requests(frame, schema)
+    """Click/like AUC on the held-out frame (scored as requests) per graph; int8 - fp32 deltas."""
     labels = {"click": frame["click"].to_numpy(), "like": frame["like"].to_numpy()}
     scores: dict[str, dict[str, float]] = {}
     for name, path in paths.items():
-        preds = {t: np.empty(len(frame), dtype=np.float64) for t in labels}
-        outputs = run_graph(path, [feed for _, feed in requests])
-        for (rows, _), out in zip(requests, outputs, strict=True):
-            for t in labels:
-                preds[t][rows] = out[t]
+        preds = predict_frame(path, schema, frame)
         scores[name] = {t: auc(labels[t], preds[t]) for t in labels}
     deltas = {
         f"{v}_int8": {t: scores[f"{v}_int8"][t] - scores[f"{v}_fp32"][t] for t in labels}
         for v in VARIANTS
         if f"{v}_int8" in scores and f"{v}_fp32" in scores
     }
-    return {"rows": len(frame), "requests": len(requests), "auc": scores, "delta": deltas}
+    return {"rows": len(frame), "auc": scores, "delta": deltas}

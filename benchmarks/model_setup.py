@@ -20,10 +20,11 @@ from model.data import split_by_time
 from model.features import FeatureSchema
 from model.mmoe import MMoEConfig, RankingModel, build_model
 from model.registry import Registry
-from model.train import fit, simulated_impressions, write_result_bundle
+from model.train import TrainResult, fit, simulated_impressions, write_result_bundle
 
 VERSION = "bench-a"
 SWAP_VERSION = "bench-b"
+INT8_VERSION = "bench-int8"
 _SOURCES = ("mmoe.py", "export.py", "train.py", "features.py")
 
 
@@ -38,10 +39,15 @@ class BenchModel:
     registry: Path
     version: str
     metrics: dict[str, Any]
+    int8_version: str | None = None  # None when int8 lost too much AUC to be published
+    int8_note: str = ""
 
     @property
     def bundle_dir(self) -> Path:
         return Registry(self.registry).version_dir(self.version)
+
+    def bundle_of(self, version: str) -> Path:
+        return Registry(self.registry).version_dir(version)
 
 
 def _code_hash() -> str:
@@ -75,8 +81,27 @@ def prepare_model(
         with tempfile.TemporaryDirectory(prefix="vidrank-bench-") as tmp:
             write_result_bundle(result, Path(tmp) / VERSION, VERSION, seed)
             registry.publish(Path(tmp) / VERSION)
+            _publish_int8(result, registry, Path(tmp), seed, home)
         torch.save(result.model.state_dict(), state_path)
         model, schema, config = result.model.eval(), result.schema, result.config
         metrics = dict(result.metrics)
     registry.activate(VERSION)
-    return BenchModel(model, schema, config, test, registry.root, VERSION, metrics)
+    bm = BenchModel(model, schema, config, test, registry.root, VERSION, metrics)
+    if registry.has(INT8_VERSION):
+        bm.int8_version = INT8_VERSION
+    else:
+        refused = home / "int8-refused.txt"
+        bm.int8_note = refused.read_text().strip() if refused.exists() else "no int8 bundle"
+    return bm
+
+
+def _publish_int8(
+    result: TrainResult, registry: Registry, tmp: Path, seed: int, home: Path
+) -> None:
+    """The same weights published as an int8 bundle (``vidrank train --quantize``), if allowed."""
+    try:
+        write_result_bundle(result, tmp / INT8_VERSION, INT8_VERSION, seed, quantize=True)
+    except RuntimeError as e:  # int8 refused (held-out AUC drop): record why, measure fp32 only
+        (home / "int8-refused.txt").write_text(str(e))
+        return
+    registry.publish(tmp / INT8_VERSION)

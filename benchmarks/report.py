@@ -175,6 +175,7 @@ def latency_table(r: dict[str, Any]) -> list[str]:
     header = [
         "N", "floor 1t p50", "floor 2t p50", "vidrank p50", "vidrank p99", "vidrank/floor",
         "vidrank columnar p50", "textbook p50", "textbook p99", "textbook/floor",
+        "int8 floor p50", "vidrank int8 p50", "vidrank int8 p99",
     ]  # fmt: skip
     rows = []
     for n in map(str, r["settings"]["ns"]):
@@ -182,12 +183,15 @@ def latency_table(r: dict[str, Any]) -> list[str]:
         v = _get(r, "vidrank", "latency_c1", n, "latency_ms") or {}
         col = _get(r, "vidrank", "latency_c1_columnar", n, "latency_ms", "p50")
         t = _get(r, "textbook", "latency_c1", n, "latency_ms") or {}
+        q = _get(r, "vidrank_int8", "latency_c1", n, "latency_ms") or {}
         rows.append(
             [
                 n, _fmt(f1), _fmt(_get(r, "floor", "threads2", n, "p50")),
                 _fmt(v.get("p50")), _fmt(v.get("p99")), _fmt(ratio(v.get("p50"), f1)) + "×",
                 _fmt(col), _fmt(t.get("p50")), _fmt(t.get("p99")),
                 _fmt(ratio(t.get("p50"), f1)) + "×",
+                _fmt(_get(r, "floor", "int8_threads1", n, "p50")), _fmt(q.get("p50")),
+                _fmt(q.get("p99")),
             ]
         )  # fmt: skip
     return _table(header, rows)
@@ -197,7 +201,7 @@ def background_note(r: dict[str, Any]) -> str:
     """How busy the rest of the machine was during the HTTP runs (other processes' CPU)."""
     seen = [
         run.get("background_cores", 0.0)
-        for name in ("vidrank", "textbook")
+        for name in ("vidrank", "vidrank_int8", "textbook")
         for key in ("latency_c1", "throughput_c8", "latency_c1_columnar")
         for run in (_get(r, name, key) or {}).values()
     ]
@@ -215,7 +219,8 @@ def background_note(r: dict[str, Any]) -> str:
 def throughput_table(r: dict[str, Any]) -> list[str]:
     cores = r["machine"]["cores"]
     header = ["N", "limit (cores/floor)", "vidrank req/s", "of limit", "textbook req/s",
-              "vidrank/textbook", "vidrank p50 @c8", "textbook p50 @c8"]  # fmt: skip
+              "vidrank/textbook", "vidrank p50 @c8", "textbook p50 @c8",
+              "vidrank int8 req/s"]  # fmt: skip
     rows = []
     for n in map(str, r["settings"]["ns"]):
         f1 = _get(r, "floor", "threads1", n, "p50")
@@ -227,6 +232,7 @@ def throughput_table(r: dict[str, Any]) -> list[str]:
                 n, _fmt(limit, 0), _fmt(v.get("rps"), 0), _fmt(ratio(v.get("rps"), limit)),
                 _fmt(t.get("rps"), 0), _fmt(ratio(v.get("rps"), t.get("rps"))) + "×",
                 _fmt(_get(v, "latency_ms", "p50")), _fmt(_get(t, "latency_ms", "p50")),
+                _fmt(_get(r, "vidrank_int8", "throughput_c8", n, "rps"), 0),
             ]
         )  # fmt: skip
     return _table(header, rows)
@@ -235,7 +241,10 @@ def throughput_table(r: dict[str, Any]) -> list[str]:
 def graph_table(r: dict[str, Any]) -> list[str]:
     lat = _get(r, "graphs", "latency") or {}
     names = list(lat)
-    header = ["N", *[f"{g} p50" for g in names], "naive/fused fp32", "naive fp32/fused int8"]
+    header = [
+        "N", *[f"{g} p50" for g in names], "naive/fused fp32", "trained/fused fp32",
+        "naive fp32/fused int8",
+    ]  # fmt: skip
     rows = []
     for n in map(str, r["settings"]["ns"]):
         p = {g: _get(lat, g, n, "p50") for g in names}
@@ -243,6 +252,7 @@ def graph_table(r: dict[str, Any]) -> list[str]:
             [
                 n, *[_fmt(p[g]) for g in names],
                 _fmt(ratio(p.get("naive_fp32"), p.get("fused_fp32"))) + "×",
+                _fmt(ratio(p.get("trained_fp32"), p.get("fused_fp32"))) + "×",
                 _fmt(ratio(p.get("naive_fp32"), p.get("fused_int8"))) + "×",
             ]
         )  # fmt: skip
@@ -318,7 +328,11 @@ def plot(r: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     floor = [_get(r, "floor", "threads1", str(n), "p50") for n in ns]
     ax.plot(ns, floor, "k-o", label="floor: session.run, 1 thread (p50)")
-    for name, color in (("vidrank", "tab:blue"), ("textbook", "tab:red")):
+    int8 = [_get(r, "floor", "int8_threads1", str(n), "p50") for n in ns]
+    if any(y is not None for y in int8):
+        ax.plot(ns, int8, "--o", color="gray", label="floor, int8 graph (p50)")
+    series = (("vidrank", "tab:blue"), ("vidrank_int8", "tab:cyan"), ("textbook", "tab:red"))
+    for name, color in series:
         for q, style in (("p50", "-o"), ("p99", ":s")):
             ys = [_get(r, name, "latency_c1", str(n), "latency_ms", q) for n in ns]
             if any(y is not None for y in ys):

@@ -43,6 +43,7 @@ from benchmarks.procs import (
     start_server,
 )
 from benchmarks.workload import Workload, build_workload
+from model.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "bench-admin-token"
@@ -132,9 +133,12 @@ def log(msg: str) -> None:
 
 
 def run_floor(s: BenchSettings, bm: BenchModel, wl: Workload) -> dict[str, Any]:
-    log("floor: session.run on pre-encoded inputs (1 and 2 threads)")
+    log("floor: session.run on pre-encoded inputs (1 and 2 threads; int8 with 1)")
     encoded = {n: wl.encoded(n) for n in s.ns}
-    return measure_floor(bm.bundle_dir / "model.onnx", encoded, (1, 2), s.floor_s)
+    graphs_by_name = {f"threads{t}": (bm.bundle_dir / "model.onnx", t) for t in (1, 2)}
+    if bm.int8_version is not None:
+        graphs_by_name["int8_threads1"] = (bm.bundle_of(bm.int8_version) / "model.onnx", 1)
+    return measure_floor(graphs_by_name, encoded, s.floor_s)
 
 
 def run_graphs(s: BenchSettings, bm: BenchModel, wl: Workload) -> dict[str, Any]:
@@ -161,7 +165,11 @@ def vidrank_cmd(registry: Path, port: int, workers: int) -> list[str]:
     return [*base, "serve", *args]
 
 
-def start_vidrank(s: BenchSettings, bm: BenchModel, workers: int, tag: str = "") -> Server:
+def start_vidrank(
+    s: BenchSettings, bm: BenchModel, workers: int, tag: str = "", version: str | None = None
+) -> Server:
+    """``vidrank serve`` on the benchmark registry, serving ``version`` (default: fp32)."""
+    Registry(bm.registry).activate(version or bm.version)
     port = free_port()
     env = {
         "VIDRANK_LOG_LEVEL": "warning",
@@ -220,7 +228,7 @@ def run_http(
         "latency_c1": {},
         "throughput_c8": {},
     }
-    if name == "vidrank":
+    if name == "vidrank":  # the columnar candidate format, same requests
         out["latency_c1_columnar"] = {}
     for n in s.ns:
         bodies = write_bodies(s.work_dir / f"bodies-{n}.jsonl", wl.json_lines(n))
@@ -243,9 +251,12 @@ def run_http(
 def measure_server(
     name: str, s: BenchSettings, bm: BenchModel, wl: Workload, wrk: str | None, workers: int
 ) -> dict[str, Any]:
-    start = start_vidrank if name == "vidrank" else start_textbook
     log(f"{name}: starting with {workers} workers")
-    server = start(s, bm, workers)
+    if name == "textbook":
+        server = start_textbook(s, bm, workers)
+    else:
+        version = bm.int8_version if name == "vidrank_int8" else bm.version
+        server = start_vidrank(s, bm, workers, version=version)
     try:
         return run_http(name, server, s, wl, wrk)
     finally:
@@ -333,8 +344,11 @@ def run(s: BenchSettings) -> dict[str, Any]:
         results["floor"] = run_floor(s, bm, wl)
     if "graphs" not in s.skip:
         results["graphs"] = run_graphs(s, bm, wl)
-    for name in ("vidrank", "textbook"):
-        if name not in s.skip:
+    for name in ("vidrank", "vidrank_int8", "textbook"):
+        if name == "vidrank_int8" and bm.int8_version is None:
+            s.notes.append(f"int8 not measured: {bm.int8_note}")
+            continue
+        if name.split("_")[0] not in s.skip:
             results[name] = measure_server(name, s, bm, wl, wrk, workers)
     if "lifecycle" not in s.skip:
         results["lifecycle"] = run_lifecycle(s, bm, wl, wrk)

@@ -24,24 +24,28 @@ same rows as ``fit``. Layout::
     valid/part-00000-of-00001.parquet      validation split
     test/part-00000-of-00001.parquet       test split
 
-Per rank: ``read_shard(train, rank, world)``, encode, wrap the model in DDP, and train with
-per-rank batch = ``batch_size / world`` so the global batch (and hence the learning rate) means
-what it means in a single process. Every rank runs the same number of steps per epoch (the
-shards differ by at most one row; the extra row sits out that epoch), since a rank that stops
-early would leave the others waiting in the gradient all-reduce. Rank 0 validates after every
-epoch and broadcasts the early-stopping decision; at the end it restores the best weights,
-evaluates on the test split, exports, checks parity and publishes. One torch thread per rank.
+Per rank: ``read_shard(train, rank, world)``, encode, wrap the model in DDP (same seeded
+initial weights as ``fit``). The world size changes the speed, not the algorithm: every rank
+draws the permutation of the whole training split that ``fit`` draws (same seed) and, at step k,
+trains on its own rows of single-process mini-batch k - about ``batch_size / world`` of them, so
+the global batch, and hence the learning rate, mean what they mean in one process. A DDP
+communication hook (``weighted_allreduce``) weights each rank's gradient by its share of the
+global batch, which makes the all-reduced gradient exactly the single-process one (DDP's plain
+average would weight a rank's rows by how many happened to land on it). All ranks take the same
+number of steps, as the all-reduce requires. Rank 0 validates after every epoch and broadcasts
+the early-stopping decision; at the end it restores the best weights, evaluates on the test
+split, exports, checks parity and publishes. One torch thread per rank.
 
 Results match a single-process run with the same seed and data closely but not bit for bit: the
-initial weights are the same, but each rank shuffles its own shard (so the mini-batches hold
-other rows), gradients are averaged across ranks (float sums in another order), and gate
-dropout draws per-rank random numbers.
+initial weights, the batches and the gradient formula are the same, but floating-point sums run
+in another order (per-rank partial sums, then the all-reduce) and gate dropout draws its masks
+per rank from other random streams; Adam amplifies such last-bit differences a little over
+hundreds of steps.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import math
 import os
@@ -51,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -68,6 +73,7 @@ from model.evaluate import has_truth, ranking_eval
 from model.features import FeatureSchema, default_schema
 from model.mmoe import MMoEConfig, RankingModel, build_model, init_output_bias
 from model.train import (
+    Batch,
     EncodedSplit,
     TrainOptions,
     TrainResult,
@@ -75,7 +81,6 @@ from model.train import (
     evaluate_split,
     gate_diagnostics,
     load_frame,
-    make_batches,
     parse_loss_weights,
     predict,
     publish,
@@ -86,6 +91,7 @@ from model.train import (
 META_FILE = "meta.json"
 META_FORMAT = 1
 SPLITS = ("train", "valid", "test")
+ROW_COLUMN = "train_row"  # a training row's index in the whole (time-ordered) training split
 THREADS_PER_RANK = 1
 BACKEND = "gloo"
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -139,6 +145,7 @@ def prepare_frame(frame: pd.DataFrame, out_dir: Path, n_shards: int) -> Prepared
         raise ValueError(f"{len(train_df)} training rows cannot fill {n_shards} shards")
     names = default_schema().names()
     schema = default_schema().fit({n: train_df[n].to_numpy() for n in names})
+    train_df = train_df.assign(**{ROW_COLUMN: np.arange(len(train_df), dtype=np.int64)})
     for split, df in zip(SPLITS, (train_df, valid_df, test_df), strict=True):
         write_shards(df, out_dir / split, n_shards if split == "train" else 1)
     meta = {
@@ -219,12 +226,6 @@ def _loopback_interface() -> str | None:
 # -- training on one rank ----------------------------------------------------------------------
 
 
-def _all_min(value: int) -> int:
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
-
-
 def _all_mean(value: float, weight: float) -> float:
     """The ``weight``-weighted mean of ``value`` over all ranks."""
     t = torch.tensor([value * weight, weight], dtype=torch.float64)
@@ -238,10 +239,67 @@ def _broadcast_flag(flag: bool) -> bool:
     return bool(t.item())
 
 
-def _rank_seeds(seed: int, rank: int) -> tuple[np.random.Generator, int]:
-    """Per-rank numpy generator (shuffling the shard) and torch seed (gate dropout)."""
-    seq = np.random.SeedSequence([seed, rank])
-    return np.random.default_rng(seq), int(seq.generate_state(1)[0])
+@dataclass
+class StepShare:
+    """This rank's share of the current global batch (rows here / rows in the batch)."""
+
+    value: float = 1.0
+
+
+def weighted_allreduce(
+    share: StepShare, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: sum over ranks of (share x this rank's mean-loss gradient).
+
+    That sum is the gradient of the mean loss over the whole global batch however its rows fell
+    on the ranks - exactly the single-process gradient. DDP's default hook (the plain average of
+    the ranks' gradients) equals it only when every rank holds the same number of rows.
+    """
+    buffer = bucket.buffer()
+    buffer.mul_(share.value)
+    future = dist.all_reduce(buffer, async_op=True).get_future()
+    return future.then(lambda f: f.value()[0])
+
+
+# DDP checks a hook's annotations as objects; ``from __future__ import annotations`` made them
+# strings, so resolve them once.
+weighted_allreduce.__annotations__ = typing.get_type_hints(weighted_allreduce)
+
+
+def global_batches(
+    split: EncodedSplit,
+    local_of: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator,
+    share: StepShare,
+) -> Iterator[Batch]:
+    """This rank's rows of each mini-batch of one permutation of the *global* training split.
+
+    Every rank draws the same permutation (same seed) as ``fit`` does, so step k trains on the
+    very rows of single-process step k; each rank takes those of its shard (about
+    ``batch_size / world``) and sets ``share`` for ``weighted_allreduce``. ``local_of`` maps a
+    global training row to its index in this rank's shard (-1: another rank's row).
+    """
+    perm = rng.permutation(len(local_of))
+    for start in range(0, len(perm), batch_size):
+        rows = perm[start : start + batch_size]
+        mine = local_of[rows]
+        mine = mine[mine >= 0]
+        share.value = len(mine) / len(rows)
+        if len(mine) == 0:  # none of this batch is here: join the all-reduce with a zero share
+            mine = np.zeros(1, dtype=np.int64)
+        idx = torch.from_numpy(mine)
+        yield (
+            {k: v[idx] for k, v in split.inputs.items()},
+            {k: v[idx] for k, v in split.labels.items()},
+        )
+
+
+def _local_index(frame: pd.DataFrame, n_global: int) -> np.ndarray:
+    """Global training row -> index in this rank's shard frame, -1 for rows of other ranks."""
+    local_of = np.full(n_global, -1, dtype=np.int64)
+    local_of[frame[ROW_COLUMN].to_numpy()] = np.arange(len(frame), dtype=np.int64)
+    return local_of
 
 
 def _config(opts: TrainOptions, data: PreparedData) -> MMoEConfig:
@@ -280,22 +338,25 @@ def fit_rank(
     config = _config(opts, data)
     weights = parse_loss_weights(opts.loss_weights, config.tasks)
     model = _build(opts, data, config)
+    share = StepShare()
     ddp = DistributedDataParallel(model)
+    ddp.register_comm_hook(share, weighted_allreduce)
     optimizer = torch.optim.Adam(ddp.parameters(), lr=opts.lr)
-    rng, torch_seed = _rank_seeds(opts.seed, rank.rank)
-    torch.manual_seed(torch_seed)
+    rng = np.random.default_rng(opts.seed)  # as in ``fit``: the same permutation on every rank
+    if not rank.is_main:  # gate dropout: rank 0 continues ``fit``'s stream, the others their own
+        torch.manual_seed(int(np.random.SeedSequence([opts.seed, rank.rank]).generate_state(1)[0]))
     train = _read_split(data, "train", config, rank)
+    local_of = _local_index(train.frame, data.rows["train"])
     valid = _read_split(data, "valid", config, rank) if rank.is_main else None
-    per_rank_batch = opts.batch_size // rank.world
-    steps = math.ceil(_all_min(len(train)) / per_rank_batch)
+    steps = math.ceil(data.rows["train"] / opts.batch_size)
     history: list[dict[str, float]] = []
     best_loss, best_state = math.inf, copy.deepcopy(model.state_dict())
     started = time.perf_counter()
     for epoch in range(1, opts.epochs + 1):
         t0 = time.perf_counter()
-        batches = itertools.islice(make_batches(train, per_rank_batch, rng), steps)
+        batches = global_batches(train, local_of, opts.batch_size, rng, share)
         local = train_epoch(ddp, batches, optimizer, weights, steps, f"epoch {epoch}")
-        train_loss = _all_mean(local, min(len(train), steps * per_rank_batch))
+        train_loss = _all_mean(local, len(train))
         improved = False
         if valid is not None:
             m = evaluate_split(predict(model, valid), valid, weights)
@@ -364,8 +425,6 @@ def _result(
 
 def train_and_publish(opts: TrainOptions, version: str, data: PreparedData, rank: Rank) -> None:
     """One rank's whole job: fit; rank 0 then exports, checks parity and publishes."""
-    if opts.batch_size % rank.world:
-        raise ValueError(f"--batch-size {opts.batch_size} must be a multiple of {rank.world} ranks")
     result = fit_rank(opts, data, rank)
     if result is None:
         return
@@ -389,8 +448,6 @@ def launch(opts: TrainOptions, version: str) -> str:
     world = opts.nproc
     if world < 2:
         raise ValueError("--nproc must be >= 2 for a distributed launch")
-    if opts.batch_size % world:
-        raise ValueError(f"--batch-size {opts.batch_size} must be a multiple of --nproc {world}")
     with tempfile.TemporaryDirectory(prefix="vidrank-ddp-") as tmp:
         data = prepare_data(opts, Path(tmp) / "data", world)
         spec = Path(tmp) / "spec.json"

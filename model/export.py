@@ -4,7 +4,7 @@ The exported graph is request-shaped (see docs/internals.md): inputs in
 ``schema.input_specs()`` order and names, user/context tensors with batch 1, item tensors with a
 dynamic batch "N"; outputs ``click``, ``watch_time``, ``like``, each float32 [N].
 
-Two variants of the same function:
+Variants of the same function:
 
 ``fused`` (published)
     the user side is embedded once and its part of every first layer (all experts and the gates)
@@ -12,6 +12,9 @@ Two variants of the same function:
     is laid out for onnxruntime's CPU kernels (:class:`ServingMMoE`): per-expert 2-D GEMMs that
     fuse bias and ReLU, and the gate mixture as one batched matmul. A shared-bottom model is
     exported as trained.
+``trained`` (benchmark reference)
+    the trained module traced as it is: batched 3-D matmuls over experts and a broadcast
+    mixture; what ``fused`` was before it was laid out for onnxruntime.
 ``naive`` (benchmark baseline)
     the graph as usually written: user/context inputs tiled to N rows, one Linear per expert and
     per gate over the full concatenated input. Same weights, same outputs (within float error).
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
 OUTPUTS: tuple[str, ...] = ("click", "watch_time", "like")
 PROB_OUTPUTS: tuple[str, ...] = ("click", "like")
 DEFAULT_OPSET = 17
-Variant = Literal["fused", "naive"]
+Variant = Literal["fused", "naive", "trained"]
 
 
 # -- serving graphs ----------------------------------------------------------------------------
@@ -204,10 +207,12 @@ class ServingMMoE(nn.Module):
 
 
 def serving_module(model: RankingModel, variant: Variant) -> nn.Module:
-    """The module traced for ``variant``: fused (the published layout) or naive."""
+    """The module traced for ``variant``: fused (the published layout), naive or trained."""
     if variant == "naive":
         return NaiveMMoE(model)  # type: ignore[arg-type]
-    return ServingMMoE(model) if isinstance(model, MMoE) else model
+    if variant == "fused" and isinstance(model, MMoE):
+        return ServingMMoE(model)
+    return model
 
 
 # -- random valid requests ---------------------------------------------------------------------

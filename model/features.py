@@ -19,7 +19,9 @@ blake2b. ``42`` and ``"42"`` land in the same bucket.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -250,22 +252,20 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return z
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _str_key(s: str) -> int:
-    """A stable 64-bit key for a string; strings that spell an integer key as that integer."""
+    """A stable 64-bit key for a string; strings that spell an integer key as that integer.
+
+    Cached: ids and tag strings repeat across requests, and blake2b per value would dominate.
+    """
     t = s.strip()
     if t.lstrip("-").isdigit() and len(t) < 19:
         return int(t) & 0xFFFFFFFFFFFFFFFF
     return int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little")
 
 
-def _bucket_ints(values: np.ndarray, buckets: int) -> np.ndarray:
-    return (_mix64(values.astype(np.int64).view(np.uint64)) % np.uint64(buckets)).astype(np.int64)
-
-
-def _bucket_strs(values: np.ndarray, buckets: int) -> np.ndarray:
-    uniq, inverse = np.unique(values, return_inverse=True)
-    keys = np.fromiter((_str_key(str(u)) for u in uniq), dtype=np.uint64, count=len(uniq))
-    return (_mix64(keys) % np.uint64(buckets)).astype(np.int64)[inverse.reshape(-1)]
+def _bucket(keys: np.ndarray, buckets: int) -> np.ndarray:
+    return (_mix64(keys) % np.uint64(buckets)).astype(np.int64)
 
 
 def _key_of(f: Feature, v: Any, row: int) -> int:
@@ -287,104 +287,123 @@ def _key_of(f: Feature, v: Any, row: int) -> int:
 
 def _hash_column(f: Feature, values: Any, n: int) -> np.ndarray:
     """Bucket ids [n] for one categorical column; vectorised for homogeneous columns."""
-    if values is None:
-        values = [f.default if f.default is not None else ""] * n
+    if values is None:  # absent column: one default, broadcast
+        return np.full(n, _bucket(np.array([_key_of(f, None, 0)], np.uint64), f.buckets)[0])
     arr = _as_array(f, values, n)
     kind = arr.dtype.kind
     if kind in "iub":
-        return _bucket_ints(arr, f.buckets)
+        return _bucket(arr.astype(np.int64).view(np.uint64), f.buckets)
     if kind == "f":
         bad = ~np.isfinite(arr) | (arr != np.round(arr))
         if bad.any():
             row = int(np.argmax(bad))
             raise FeatureError(f.name, f"expected a string or integer, got {arr[row]!r}", row=row)
-        return _bucket_ints(arr.astype(np.int64), f.buckets)
+        return _bucket(arr.astype(np.int64).view(np.uint64), f.buckets)
     if kind in "US":
-        return _bucket_strs(arr.astype(str), f.buckets)
-    keys = np.fromiter((_key_of(f, v, i) for i, v in enumerate(arr)), dtype=np.uint64, count=n)
-    return (_mix64(keys) % np.uint64(f.buckets)).astype(np.int64)
+        arr = arr.astype(object)
+    if all(type(v) is str for v in arr):
+        keys = np.fromiter(map(_str_key, arr), dtype=np.uint64, count=n)
+    else:
+        keys = np.fromiter((_key_of(f, v, i) for i, v in enumerate(arr)), np.uint64, count=n)
+    return _bucket(keys, f.buckets)
 
 
 def _as_array(f: Feature, values: Any, n: int) -> np.ndarray:
-    arr = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=object)
-    if arr.dtype == object and n and all(type(v) is int for v in arr[: min(n, 8)]):
-        try:  # homogeneous int lists are the common case: take the vectorised path
-            arr = np.asarray(values, dtype=np.int64)
-        except (TypeError, ValueError, OverflowError):
-            pass
-    elif arr.dtype == object and n and all(type(v) is str for v in arr[: min(n, 8)]):
-        if all(type(v) is str for v in arr):
-            arr = arr.astype(str)
+    """A 1-D array of the column: int64 for all-int lists (the common, vectorised case)."""
+    if isinstance(values, np.ndarray):
+        arr = values
+    else:
+        seq = values if isinstance(values, list) else list(values)
+        try:
+            if set(map(type, seq)) != {int}:
+                raise TypeError
+            arr = np.array(seq, dtype=np.int64)
+        except (TypeError, OverflowError):  # mixed types, or ids beyond int64: per value
+            arr = _object_1d(seq)
     if arr.ndim != 1 or len(arr) != n:
         raise FeatureError(f.name, f"expected {n} values, got shape {arr.shape}")
     return arr
 
 
 # -- multi-categorical -----------------------------------------------------------------------
-def _tokens(f: Feature, v: Any, row: int) -> list[int]:
+@functools.lru_cache(maxsize=1 << 16)
+def _str_tokens(s: str, max_len: int) -> tuple[int, ...]:
+    """Keys of a comma-separated string such as KuaiRand's tag "12,65" (cached per string)."""
+    return tuple(_str_key(p) for p in s.split(",") if p.strip())[:max_len]
+
+
+def _tokens(f: Feature, v: Any, row: int) -> tuple[int, ...]:
     if v is None:
         v = f.default if f.default is not None else ""
     if isinstance(v, str):
-        parts = [p for p in v.split(",") if p.strip()]
-    elif isinstance(v, list | tuple | np.ndarray):
-        parts = list(v)
-    else:
-        raise FeatureError(f.name, "expected a list or a comma-separated string", row=row)
-    return [_key_of(f, p, row) for p in parts[: f.max_len]]
+        return _str_tokens(v, f.max_len)
+    if isinstance(v, list | tuple | np.ndarray):
+        return tuple(_key_of(f, p, row) for p in list(v)[: f.max_len])
+    raise FeatureError(f.name, "expected a list or a comma-separated string", row=row)
 
 
 def _encode_multi(f: Feature, values: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(bucket ids [n, max_len], mean-pooling weights [n, max_len]) for one list column."""
-    if values is None:
-        values = [None] * n
-    arr = values if isinstance(values, np.ndarray) and values.ndim == 1 else _object_1d(values)
-    if len(arr) != n:
-        raise FeatureError(f.name, f"expected {n} values, got {len(arr)}")
-    # Tag strings repeat a lot ("12,65"): tokenise each distinct string once.
-    is_str = arr.dtype.kind in "US" or all(isinstance(v, str) for v in arr)
-    if is_str and n:
-        uniq, inverse = np.unique(arr.astype(str), return_inverse=True)
-        rows = [_tokens(f, str(u), 0) for u in uniq]
-        tok, cnt = _pad(rows, f.max_len)
-        tok, cnt = tok[inverse.reshape(-1)], cnt[inverse.reshape(-1)]
+    if values is None:  # absent column: one default row, broadcast
+        ids, w = _encode_multi(f, [None], 1)
+        return np.repeat(ids, n, axis=0), np.repeat(w, n, axis=0)
+    if isinstance(values, np.ndarray) and values.ndim == 1:
+        seq = values.tolist()
     else:
-        tok, cnt = _pad([_tokens(f, v, i) for i, v in enumerate(arr)], f.max_len)
-    ids = (_mix64(tok) % np.uint64(f.buckets)).astype(np.int64)
+        seq = values if isinstance(values, list) else list(values)
+    if len(seq) != n:
+        raise FeatureError(f.name, f"expected {n} values, got {len(seq)}")
+    if all(type(v) is str for v in seq):
+        rows = [_str_tokens(v, f.max_len) for v in seq]
+    else:
+        rows = [_tokens(f, v, i) for i, v in enumerate(seq)]
+    tok, cnt = _pad(rows, f.max_len)
     present = np.arange(f.max_len)[None, :] < cnt[:, None]
+    ids = np.where(present, _bucket(tok, f.buckets), 0)
     w = np.where(present, 1.0 / np.maximum(cnt, 1)[:, None], 0.0).astype(np.float32)
-    return np.where(present, ids, 0), w
+    return ids, w
 
 
 def _object_1d(values: Any) -> np.ndarray:
     """A 1-D object array whose elements may themselves be lists (np.asarray would nest them)."""
     seq = list(values)
     arr = np.empty(len(seq), dtype=object)
-    for i, v in enumerate(seq):
-        arr[i] = v
+    if any(isinstance(v, list | tuple | np.ndarray) for v in seq):
+        for i, v in enumerate(seq):
+            arr[i] = v
+    else:
+        arr[:] = seq
     return arr
 
 
-def _pad(rows: Sequence[list[int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+def _pad(rows: Sequence[tuple[int, ...]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scatter variable-length rows into a zero-padded [len(rows), max_len] array, vectorised."""
+    cnt = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.uint64, count=int(cnt.sum()))
     tok = np.zeros((len(rows), max_len), dtype=np.uint64)
-    cnt = np.zeros(len(rows), dtype=np.int64)
-    for i, r in enumerate(rows):
-        tok[i, : len(r)] = r
-        cnt[i] = len(r)
+    row_idx = np.repeat(np.arange(len(rows)), cnt)
+    col_idx = np.arange(len(flat)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    tok[row_idx, col_idx] = flat
     return tok, cnt
 
 
 # -- numerics --------------------------------------------------------------------------------
 def _to_float(f: Feature, values: Any, n: int) -> np.ndarray:
-    """float64 [n]; None -> the default (the training mean when the default is None)."""
-    arr = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=object)
+    """float64 [n]; None -> the default (inf marks "no default: the training mean")."""
+    if isinstance(values, np.ndarray):
+        arr = values
+    else:
+        seq = values if isinstance(values, list) else list(values)
+        numbers = set(map(type, seq)) <= {int, float}
+        arr = np.array(seq, dtype=np.float64) if numbers else _object_1d(seq)
     if arr.dtype.kind in "iufb":
         x = arr.astype(np.float64)
     elif arr.dtype.kind == "O":
         x = np.empty(len(arr), dtype=np.float64)
         for i, v in enumerate(arr):
-            if v is None:  # inf marks "no default: use the mean" for _encode_numeric
+            if v is None:
                 x[i] = np.inf if f.default is None else float(f.default)
-            elif isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, str):
+            elif isinstance(v, int | float | np.integer | np.floating):
                 x[i] = float(v)
                 if not math.isfinite(x[i]):
                     raise FeatureError(f.name, f"must be a finite number, got {v!r}", row=i)
@@ -393,8 +412,8 @@ def _to_float(f: Feature, values: Any, n: int) -> np.ndarray:
         return x
     else:
         raise FeatureError(f.name, f"expected numbers, got {arr.dtype}")
-    if len(x) != n:
-        raise FeatureError(f.name, f"expected {n} values, got {len(x)}")
+    if x.ndim != 1 or len(x) != n:
+        raise FeatureError(f.name, f"expected {n} values, got shape {x.shape}")
     bad = ~np.isfinite(x)
     if bad.any():
         row = int(np.argmax(bad))

@@ -164,3 +164,18 @@ def test_batch_encoding_equals_row_by_row(ids: list, durations: list) -> None:
         row = encode_items({k: [v[i]] for k, v in cols.items()}, 1)
         for name in batch:
             np.testing.assert_array_equal(batch[name][i], row[name][0])
+
+
+def test_fractional_value_after_many_ints_is_rejected_not_truncated() -> None:
+    with pytest.raises(FeatureError) as err:
+        encode_items({"video_id": [1] * 20 + [2.5]}, 21)
+    assert (err.value.feature, err.value.row) == ("video_id", 20)
+
+
+def test_absent_columns_broadcast_the_default_row() -> None:
+    absent = encode_items({}, 3)
+    explicit = encode_items(
+        {"video_type": ["NORMAL"] * 3, "tag": [""] * 3, "author_id": [0] * 3}, 3
+    )
+    for name in absent:
+        np.testing.assert_array_equal(absent[name], explicit[name])
