@@ -34,8 +34,8 @@ def feeds(sess: ort.InferenceSession, encoded: Sequence[Mapping[str, np.ndarray]
 
 def sample_session(
     sess: ort.InferenceSession, encoded: Sequence[Mapping[str, np.ndarray]], min_time_s: float
-) -> list[float]:
-    """Seconds per ``session.run``, cycling over the requests for about ``min_time_s``."""
+) -> tuple[list[float], list[float]]:
+    """(wall, thread CPU) seconds per ``session.run``, cycling over the requests."""
     prepared = feeds(sess, encoded)
     state = {"i": 0}
 
@@ -55,18 +55,25 @@ def interleaved(
     """{name: {str(n): percentiles (ms)}}, timing the sessions in turn over several rounds.
 
     Round-robin rather than one after the other: a burst of background load then spreads over
-    every session instead of skewing whichever happened to run during it.
+    every session instead of skewing whichever happened to run during it. ``cpu_p50`` is the
+    median CPU time of the calling thread (the compute itself with one intra-op thread).
     """
-    samples: dict[tuple[str, int], list[float]] = {}
+    wall: dict[tuple[str, int], list[float]] = {}
+    cpu: dict[tuple[str, int], list[float]] = {}
     for _ in range(rounds):
         for n, enc in encoded_by_n.items():
             for name, sess in sessions.items():
-                got = sample_session(sess, enc, min_time_s / rounds)
-                samples.setdefault((name, n), []).extend(got)
-    return {
-        name: {str(n): percentiles_ms(samples[(name, n)]) for n in encoded_by_n}
-        for name in sessions
-    }
+                w, c = sample_session(sess, enc, min_time_s / rounds)
+                wall.setdefault((name, n), []).extend(w)
+                cpu.setdefault((name, n), []).extend(c)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name in sessions:
+        out[name] = {}
+        for n in encoded_by_n:
+            stats = percentiles_ms(wall[(name, n)])
+            stats["cpu_p50"] = float(np.median(cpu[(name, n)]) * 1e3)
+            out[name][str(n)] = stats
+    return out
 
 
 def measure_floor(

@@ -23,17 +23,24 @@ def percentiles_ms(samples_s: list[float]) -> dict[str, float]:
 
 def time_calls(
     fn: Callable[[], object], min_time_s: float, min_calls: int = 20, warmup: int = 5
-) -> list[float]:
-    """Call ``fn`` until both ``min_time_s`` and ``min_calls`` are reached; seconds per call."""
+) -> tuple[list[float], list[float]]:
+    """Call ``fn`` until both ``min_time_s`` and ``min_calls`` are reached.
+
+    Returns (wall seconds, CPU seconds of the calling thread) per call. With one intra-op thread
+    onnxruntime computes on the calling thread, so its CPU time is the compute time without the
+    waits a busy machine adds: the two agree on a quiet machine.
+    """
     for _ in range(warmup):
         fn()
-    samples: list[float] = []
+    wall: list[float] = []
+    cpu: list[float] = []
     end = time.perf_counter() + min_time_s
-    while len(samples) < min_calls or time.perf_counter() < end:
-        start = time.perf_counter()
+    while len(wall) < min_calls or time.perf_counter() < end:
+        start, start_cpu = time.perf_counter(), time.thread_time()
         fn()
-        samples.append(time.perf_counter() - start)
-    return samples
+        cpu.append(time.thread_time() - start_cpu)
+        wall.append(time.perf_counter() - start)
+    return wall, cpu
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

@@ -10,7 +10,7 @@ The network is built from named parts, each shape-checked at construction:
     ``h1 = relu(u @ W_u + v @ W_v + b)``: when B_u = 1 the user row broadcasts over the N
     candidates, so the user/context part of the first layer -- the largest matmul of the network --
     is computed once per request instead of once per candidate. Deeper layers run as one batched
-    matmul over experts.
+    matmul over experts; activations are expert-major, E x N x H.
 ``Gates``
     per task k, ``softmax(W_k [u, v] / temperature)`` over the experts, with the same user/item
     split. In training, experts are dropped from the gate (probability ``gate_dropout``) and the
@@ -69,7 +69,9 @@ class MMoEConfig:
     ``bottom_hidden`` sizes the shared-bottom baseline: (768, 512) costs about the same multiply-
     adds per candidate as the default 8 experts of (256, 128). ``watch_scale`` (seconds) is set by
     the trainer to the mean watch time of the training data; the Poisson head predicts
-    ``watch / watch_scale`` so its logit starts near 0.
+    ``watch / watch_scale`` so its logit starts near 0. ``gate_dropout`` defaults to 0.1, the
+    expert dropout YouTube used against gate polarisation; ``gate_temperature`` > 1 flattens the
+    gates (Merlin exposes the same knob).
     """
 
     arch: str = "mmoe"
@@ -492,8 +494,8 @@ def flops_per_candidate(
         SB    = 2 * [ d*B1 + sum_j B_j*B_{j+1} + T*MLP(BL, t1..tm, 1) ]
 
     (first layers, deeper expert layers, gates, gate mixture, towers). Embedding lookups, biases
-    and activations are left out. ``user_side_once`` drops the u-terms (D_u*E*H1 and D_u*T*E),
-    i.e. the per-candidate cost when a request's user side is computed once and N is large.
+    and activations are left out. ``user_side_once`` drops the D_u rows of the first layers and
+    gates: the per-candidate cost when a request's user side is computed once and N is large.
     """
     layouts = {e: schema.layout(e) for e in ENTITIES}
     d_u = sum(_entity_width(layouts[e], cfg.embedding_dim) for e in ("user", "context"))

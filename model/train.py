@@ -48,10 +48,11 @@ EVAL_BATCH = 16_384
 # A published graph must match torch far tighter than this; looser means a broken export.
 PARITY_MAX_ABS_PROB = 1e-4
 PARITY_MAX_REL_WATCH = 1e-3
-# --quantize: int8 moves probabilities by ~1e-4; far more means a broken quantisation. The graph
-# is published only if held-out click and like AUC each drop by at most INT8_MAX_AUC_DROP.
-INT8_MAX_ABS_PROB = 1e-2
-INT8_MAX_REL_WATCH = 5e-2
+# --quantize: the decisive check is held-out AUC (click and like may each drop by at most
+# INT8_MAX_AUC_DROP). The parity bounds only catch a broken quantisation: on parity()'s random,
+# out-of-range requests int8 moves probabilities by up to ~1e-2 and watch time by ~5%.
+INT8_MAX_ABS_PROB = 5e-2
+INT8_MAX_REL_WATCH = 0.25
 INT8_MAX_AUC_DROP = 0.002
 
 
@@ -427,6 +428,9 @@ def quantize_result(result: TrainResult, fp32_path: Path, seed: int = 0) -> dict
     fp32 = predict_frame(fp32_path, result.schema, result.test)
     int8 = predict_frame(int8_path, result.schema, result.test)
     report: dict[str, Any] = {"method": "int8-dynamic", "parity": checked}
+    report["heldout_max_abs_prob"] = max(
+        float(np.max(np.abs(fp32[t] - int8[t]), initial=0.0)) for t in ("click", "like")
+    )
     for task in ("click", "like"):
         labels = result.test[task].to_numpy()
         before, after = auc(labels, fp32[task]), auc(labels, int8[task])

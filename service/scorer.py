@@ -8,8 +8,9 @@ once (``InferenceSession.run`` is thread-safe).
 
 from __future__ import annotations
 
+import ctypes
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,29 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
     return opts
 
 
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+    return trim
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_heap() -> None:
+    """Hand the heap pages that are free back to the OS (glibc's ``malloc_trim``).
+
+    Releasing a swapped-out session frees tens of MB, but glibc keeps freed pages in its
+    arenas (one per thread that allocated), so without a trim every swap ratchets the worker's
+    RSS up: measured with the default model, +60 MB after four swaps, plateauing near two
+    models; with the trim RSS returns to its pre-swap level each time.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 class Scorer:
     """A verified, warmed model version ready to score requests."""
 
@@ -86,6 +110,14 @@ class Scorer:
         )
         self.output_names = list(TASKS)
         self.input_names = frozenset(i.name for i in self.session.get_inputs())
+
+    def __del__(self) -> None:
+        # The last reference to a swapped-out scorer goes when its last in-flight request ends
+        # (or at the swap itself): free the session now, then return its pages (~ms, once).
+        session = self.__dict__.pop("session", None)
+        if session is not None:
+            del session
+            release_heap()
 
     def score(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the graph on encoded inputs; returns {task: float32 [N]}."""
