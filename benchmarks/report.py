@@ -97,16 +97,16 @@ def graph_targets(r: dict[str, Any], n: str) -> list[Target]:
     drop = max((-d for d in deltas.values()), default=None)
     return [
         Target(
-            "fused_vs_naive_fp32", f"naive fp32 / fused fp32 latency at {n}", ">= 1.5", fp32,
-            "x", _check(fp32, lambda x: x >= 1.5), f"CPU-time ratio {_fmt(fp32_cpu)}",
+            "fused_vs_naive_fp32", f"naive fp32 / fused fp32 at {n} (CPU time)", ">= 1.5",
+            fp32_cpu, "x", _check(fp32_cpu, lambda x: x >= 1.5), f"wall-clock ratio {_fmt(fp32)}",
         ),
         Target(
             "fused_naive_parity", "max |fused - naive| over outputs (fp32)", "<= 1e-5",
             max_diff, "", _check(max_diff, lambda x: x <= 1e-5),
         ),
         Target(
-            "fused_int8_vs_naive", f"naive fp32 / fused int8 latency at {n}", ">= 2", int8, "x",
-            _check(int8, lambda x: x >= 2.0), f"CPU-time ratio {_fmt(int8_cpu)}",
+            "fused_int8_vs_naive", f"naive fp32 / fused int8 at {n} (CPU time)", ">= 2", int8_cpu,
+            "x", _check(int8_cpu, lambda x: x >= 2.0), f"wall-clock ratio {_fmt(int8)}",
         ),
         Target(
             "int8_auc_drop", "held-out AUC drop (fp32 - int8), worst of click/like", "<= 0.002",
@@ -245,15 +245,16 @@ def graph_table(r: dict[str, Any]) -> list[str]:
     lat = _get(r, "graphs", "latency") or {}
     names = list(lat)
     header = [
-        "N", *[f"{g} p50" for g in names], "naive/fused fp32", "trained/fused fp32",
+        "N", *[f"{g} p50 (cpu)" for g in names], "naive/fused fp32", "trained/fused fp32",
         "naive fp32/fused int8",
     ]  # fmt: skip
     rows = []
     for n in map(str, r["settings"]["ns"]):
-        p = {g: _get(lat, g, n, "p50") for g in names}
+        p = {g: _get(lat, g, n, "cpu_p50") for g in names}
+        wall = {g: _get(lat, g, n, "p50") for g in names}
         rows.append(
             [
-                n, *[_fmt(p[g]) for g in names],
+                n, *[f"{_fmt(wall[g])} ({_fmt(p[g])})" for g in names],
                 _fmt(ratio(p.get("naive_fp32"), p.get("fused_fp32"))) + "×",
                 _fmt(ratio(p.get("trained_fp32"), p.get("fused_fp32"))) + "×",
                 _fmt(ratio(p.get("naive_fp32"), p.get("fused_int8"))) + "×",
@@ -262,13 +263,21 @@ def graph_table(r: dict[str, Any]) -> list[str]:
     return _table(header, rows)
 
 
+MATMUL_KERNELS = ("Gemm", "FusedGemm", "MatMul", "FusedMatMul", "DynamicQuantizeMatMul",
+                  "MatMulIntegerToFloat", "MatMulInteger", "Relu", "Add", "Mul")  # fmt: skip
+
+
 def census_table(r: dict[str, Any]) -> list[str]:
     census = _get(r, "graphs", "census") or {}
-    rows = [
-        [g, str(len(c["float_matmuls"])), str(c["int8_matmuls"]), _fmt(c["size_bytes"] / MB)]
-        for g, c in census.items()
-    ]
-    return _table(["graph", "float MatMul/Gemm", "int8 matmuls", "file MB"], rows)
+    optimised = _get(r, "graphs", "optimised_ops") or {}
+    rows = []
+    for g, c in census.items():
+        ops = optimised.get(g, {})
+        kernels = ", ".join(f"{ops[k]} {k}" for k in MATMUL_KERNELS if ops.get(k))
+        row = [g, str(len(c["float_matmuls"])), str(c["int8_matmuls"]), _fmt(c["size_bytes"] / MB)]
+        rows.append([*row, kernels])
+    header = ["graph", "float MatMul/Gemm", "int8 matmuls", "file MB", "onnxruntime runs"]
+    return _table(header, rows)
 
 
 def targets_table(r: dict[str, Any]) -> list[str]:
@@ -308,7 +317,7 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         *throughput_table(r),
         "",
-        "## Model graphs (onnxruntime, 1 thread, ms)",
+        "## Model graphs (onnxruntime, 1 thread, ms: wall p50 (thread CPU p50); ratios of CPU)",
         "",
         *graph_table(r),
         "",

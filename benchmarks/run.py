@@ -21,6 +21,7 @@ import argparse
 import os
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -69,7 +70,8 @@ class BenchSettings:
     client: str = "auto"  # auto | wrk | python
     skip: list[str] = field(default_factory=list)
     out_dir: Path = ROOT / "benchmarks" / "results"
-    work_dir: Path = ROOT / "benchmarks" / ".work"
+    # trained model, exported graphs, request files, server logs: kept between runs, not in git
+    work_dir: Path = Path(tempfile.gettempdir()) / "vidrank-bench"
     notes: list[str] = field(default_factory=list)
 
 
@@ -100,7 +102,7 @@ def parse_args(argv: list[str] | None) -> BenchSettings:
     p.add_argument("--starts", type=int, help="server starts timed for start-to-ready")
     p.add_argument("--skip", default="", help=f"comma-separated parts to skip: {','.join(PARTS)}")
     p.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
-    p.add_argument("--work-dir", type=Path, help="cache for the model and request files")
+    p.add_argument("--work-dir", type=Path, help="cache for the model, graphs, requests, logs")
     a = p.parse_args(argv)
     s = BenchSettings(**QUICK) if a.quick else BenchSettings()
     updates: dict[str, Any] = {

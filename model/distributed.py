@@ -266,6 +266,24 @@ def weighted_allreduce(
 weighted_allreduce.__annotations__ = typing.get_type_hints(weighted_allreduce)
 
 
+def global_batch_rows(
+    local_of: np.ndarray, batch_size: int, rng: np.random.Generator
+) -> Iterator[tuple[np.ndarray, float]]:
+    """(this rank's rows, its share) of each mini-batch of one permutation of the *global* split.
+
+    Every rank draws the permutation ``fit`` draws (same seed and length), so step k covers the
+    very rows of single-process step k; each rank keeps those of its shard (about
+    ``batch_size / world``). ``local_of`` maps a global training row to its index in this rank's
+    shard, -1 for another rank's row. The share is rows here / rows in the global batch.
+    """
+    perm = rng.permutation(len(local_of))
+    for start in range(0, len(perm), batch_size):
+        rows = perm[start : start + batch_size]
+        mine = local_of[rows]
+        mine = mine[mine >= 0]
+        yield mine, len(mine) / len(rows)
+
+
 def global_batches(
     split: EncodedSplit,
     local_of: np.ndarray,
@@ -273,20 +291,10 @@ def global_batches(
     rng: np.random.Generator,
     share: StepShare,
 ) -> Iterator[Batch]:
-    """This rank's rows of each mini-batch of one permutation of the *global* training split.
-
-    Every rank draws the same permutation (same seed) as ``fit`` does, so step k trains on the
-    very rows of single-process step k; each rank takes those of its shard (about
-    ``batch_size / world``) and sets ``share`` for ``weighted_allreduce``. ``local_of`` maps a
-    global training row to its index in this rank's shard (-1: another rank's row).
-    """
-    perm = rng.permutation(len(local_of))
-    for start in range(0, len(perm), batch_size):
-        rows = perm[start : start + batch_size]
-        mine = local_of[rows]
-        mine = mine[mine >= 0]
-        share.value = len(mine) / len(rows)
-        if len(mine) == 0:  # none of this batch is here: join the all-reduce with a zero share
+    """The tensors of ``global_batch_rows``, setting ``share`` for ``weighted_allreduce``."""
+    for mine, fraction in global_batch_rows(local_of, batch_size, rng):
+        share.value = fraction
+        if len(mine) == 0:  # none of this batch is here: still join the all-reduce, weight 0
             mine = np.zeros(1, dtype=np.int64)
         idx = torch.from_numpy(mine)
         yield (

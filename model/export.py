@@ -147,9 +147,9 @@ def _frozen(t: Tensor) -> nn.Parameter:
 class ServingMMoE(nn.Module):
     """The published MMoE graph: the trained weights, laid out for onnxruntime on CPU.
 
-    Measured against the trained module's own layout (batched 3-D matmuls over experts and a
-    T x E x N x H broadcast mixture) at 500 candidates, one thread, this is about 1.2x faster in
-    fp32 and 1.15x in int8, with outputs equal within float error:
+    Against the trained module's own layout (batched 3-D matmuls over experts and a T x E x N x H
+    broadcast mixture) this measured 1.1-1.2x faster in fp32 and 1.15-1.4x in int8 (100-1000
+    candidates, one thread, default config; benchmarks/), with outputs equal within float error:
 
     - the user/context part of every first layer, experts and gates alike, is one row
       ``u @ W_u + b`` computed once per request; each expert's item-side layer takes its slice as

@@ -42,7 +42,7 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     work = tmp_path_factory.mktemp("work")
     cmd = [
         sys.executable, "-m", "benchmarks.run", "--quick", "--small",
-        "--ns", "8,16", "--per-n", "3", "--impressions", "5000", "--epochs", "1",
+        "--ns", "16", "--per-n", "3", "--impressions", "5000", "--epochs", "1",
         "--http-seconds", "1", "--floor-seconds", "0.1", "--starts", "1",
         "--out", str(out), "--work-dir", str(work),
     ]  # fmt: skip
@@ -59,10 +59,10 @@ def test_json_has_every_part(bench_run: tuple[Path, dict[str, Any]]) -> None:
         assert key in results, key
     machine = results["machine"]
     assert {"cpu_model", "cores", "avx2", "packages"} <= machine.keys()
-    assert results["settings"]["ns"] == [8, 16]
+    assert results["settings"]["ns"] == [16]
     for threads in ("threads1", "threads2"):
-        assert set(results["floor"][threads]) == {"8", "16"}
-        assert results["floor"][threads]["8"]["p50"] > 0
+        assert set(results["floor"][threads]) == {"16"}
+        assert results["floor"][threads]["16"]["p50"] > 0
 
 
 def test_http_results(bench_run: tuple[Path, dict[str, Any]]) -> None:
@@ -89,7 +89,7 @@ def test_load_generator_is_recorded(bench_run: tuple[Path, dict[str, Any]]) -> N
     settings = results["settings"]
     if shutil.which("wrk"):
         assert settings["load_generator"] == "wrk"
-        assert results["vidrank"]["latency_c1"]["8"]["client"] == "wrk"
+        assert results["vidrank"]["latency_c1"]["16"]["client"] == "wrk"
     else:
         assert settings["load_generator"] == "python-fallback"
         assert any("Python keep-alive" in note for note in settings["notes"])
