@@ -134,9 +134,9 @@ class Server:
     def worker_pids(self) -> list[int]:
         """The processes that serve requests: the workers, or the server itself if it has none.
 
-        Only python processes count: a multi-worker supervisor may also run helpers.
+        Helpers of a multi-worker supervisor (multiprocessing's resource tracker) do not count.
         """
-        kids = [p for p in descendants(self.proc.pid) if _is_python(p)]
+        kids = [p for p in descendants(self.proc.pid) if _is_worker(p)]
         return kids or [self.proc.pid]
 
     def rss(self) -> dict[str, int | None]:
@@ -160,13 +160,12 @@ class Server:
             pass
 
 
-def _is_python(pid: int) -> bool:
+def _is_worker(pid: int) -> bool:
     try:
-        return "python" in Path(f"/proc/{pid}/comm").read_text() or "vidrank" in Path(
-            f"/proc/{pid}/cmdline"
-        ).read_text(errors="replace")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return False
+    return "python" in cmdline and "resource_tracker" not in cmdline
 
 
 def start_server(

@@ -219,11 +219,20 @@ def background_note(r: dict[str, Any]) -> str:
     )
 
 
+def cpu_per_request(run: dict[str, Any]) -> float | None:
+    """Server CPU milliseconds per request in a load run (all workers)."""
+    used = run.get("server_cpu_s")
+    if not used or not run.get("requests"):
+        return None
+    return float(sum(used.values())) * 1000.0 / run["requests"]
+
+
 def throughput_table(r: dict[str, Any]) -> list[str]:
     cores = r["machine"]["cores"]
     header = ["N", "limit (cores/floor)", "vidrank req/s", "of limit", "textbook req/s",
               "vidrank/textbook", "vidrank p50 @c8", "textbook p50 @c8",
-              "vidrank int8 req/s"]  # fmt: skip
+              "vidrank int8 req/s", "vidrank CPU ms/req", "textbook CPU ms/req",
+              "vidrank req/s on idle cores"]  # fmt: skip
     rows = []
     for n in map(str, r["settings"]["ns"]):
         f1 = _get(r, "floor", "threads1", n, "p50")
@@ -236,6 +245,8 @@ def throughput_table(r: dict[str, Any]) -> list[str]:
                 _fmt(t.get("rps"), 0), _fmt(ratio(v.get("rps"), t.get("rps"))) + "×",
                 _fmt(_get(v, "latency_ms", "p50")), _fmt(_get(t, "latency_ms", "p50")),
                 _fmt(_get(r, "vidrank_int8", "throughput_c8", n, "rps"), 0),
+                _fmt(cpu_per_request(v)), _fmt(cpu_per_request(t)),
+                _fmt(ratio(cores * 1000.0, cpu_per_request(v)), 0),
             ]
         )  # fmt: skip
     return _table(header, rows)

@@ -3,14 +3,21 @@
 One run on one machine, in this order (nothing else of the harness runs while a server is
 measured):
 
-1. train (or reload) the default-config MMoE on simulated impressions and publish it;
+1. train (or reload) the default-config MMoE on simulated impressions and publish it, fp32
+   and int8 (``--quantize``), to a registry of its own;
 2. build realistic requests from the held-out impressions for each candidate count N;
-3. floor: ``session.run`` on pre-encoded inputs in-process, 1 and 2 intra-op threads;
-4. model graphs: fused vs naive export of the same weights, fp32 and int8, parity, op census,
-   held-out AUC of int8;
-5. vidrank: a real ``vidrank serve`` process, POST /rank over loopback, p50/p99 at c=1 and
-   throughput at c=8 with one worker per core; then the textbook app the same way;
+3. floor: ``session.run`` on pre-encoded inputs in-process, 1 and 2 intra-op threads (and the
+   int8 graph with 1);
+4. model graphs: fused (published) vs trained-layout vs naive export of the same weights, fp32
+   and int8: latency, parity, op census before/after onnxruntime's optimiser, held-out AUC;
+5. vidrank: a real ``vidrank serve`` process, POST /rank over loopback, p50/p99 at c=1 (rows
+   and columnar bodies) and throughput at c=8 with one worker per core; the int8 bundle the
+   same way; then the textbook app (benchmarks/textbook_app.py) under plain uvicorn;
 6. lifecycle: start-to-ready, RSS of one worker, RSS through model swaps.
+
+Load comes from wrk and rank.lua (one client thread, pre-built bodies); without wrk a Python
+keep-alive client is used and the results say so. No assertion here is timed: targets are
+reported as met or missed, with the figures.
 
 Writes ``<out>/<machine>-<date>.json``, ``<out>/latest.md`` and ``<out>/latency.png``.
 """

@@ -76,6 +76,8 @@ class TextbookRanker:
         )
         self.item_features = [n for n in self.schema.names("item") if n != "video_id"]
         self.weights = _weights(self.bundle.default_fusion)
+        self.product = self.bundle.default_fusion.get("method") == "weighted_product"
+        self.epsilon = float(self.bundle.default_fusion.get("epsilon", 1e-6))
 
     def rank(self, req: RankRequest) -> RankResponse:
         user = {"user_id": req.user.user_id, **req.user.features}
@@ -92,7 +94,12 @@ class TextbookRanker:
         items = []
         for i, cand in enumerate(req.candidates):
             preds = {task: float(outputs[task][i]) for task in TASKS}
-            score = sum(_term(preds[t], spec) for t, spec in self.weights.items())
+            score = 0.0
+            for task, spec in self.weights.items():
+                value = _transform(preds[task], spec)
+                if self.product:  # log of prod (t + eps)^w: same order, no underflow
+                    value = math.log(value + self.epsilon)
+                score += float(spec["weight"]) * value
             items.append(
                 RankedItem(video_id=cand.video_id, score=score, predictions=Predictions(**preds))
             )
@@ -105,20 +112,20 @@ class TextbookRanker:
 
 
 def _weights(default_fusion: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The manifest's weighted-sum terms as {task: {weight, transform, scale}}."""
+    """The manifest's fusion terms as {task: {weight, transform, scale}}."""
     out: dict[str, dict[str, Any]] = {}
     for task, value in default_fusion.get("weights", {}).items():
         out[task] = value if isinstance(value, dict) else {"weight": value}
     return out or {task: {"weight": 1.0} for task in TASKS}
 
 
-def _term(p: float, spec: dict[str, Any]) -> float:
+def _transform(p: float, spec: dict[str, Any]) -> float:
     transform = spec.get("transform", "identity")
     if transform == "log1p":
-        p = math.log1p(p)
-    elif transform == "scale":
-        p = p / spec.get("scale", 1.0)
-    return float(spec["weight"]) * p
+        return math.log1p(p)
+    if transform == "scale":
+        return p / spec.get("scale", 1.0)
+    return p
 
 
 def create_app(bundle_dir: Path) -> FastAPI:

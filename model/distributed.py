@@ -155,7 +155,9 @@ def prepare_frame(frame: pd.DataFrame, out_dir: Path, n_shards: int) -> Prepared
         "label_means": {c: float(train_df[c].mean()) for c in ("click", "watch_s", "like")},
         "schema": schema.to_dict(),
     }
-    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    tmp = out_dir / f".{META_FILE}.tmp"  # meta.json last, whole: it marks the data complete
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(out_dir / META_FILE)
     return PreparedData.load(out_dir)
 
 
@@ -336,6 +338,29 @@ def _read_split(data: PreparedData, split: str, config: MMoEConfig, rank: Rank) 
     return encode_split(data.schema, frame, config.watch_scale)
 
 
+def _seed_dropout(seed: int, rank: Rank) -> None:
+    """Gate dropout: rank 0 continues ``fit``'s torch stream, every other rank its own one."""
+    if not rank.is_main:
+        torch.manual_seed(int(np.random.SeedSequence([seed, rank.rank]).generate_state(1)[0]))
+
+
+@dataclass
+class _Progress:
+    """Rank 0's view of the run: per-epoch validation metrics and the best weights so far."""
+
+    history: list[dict[str, float]]
+    best_loss: float
+    best_state: dict[str, torch.Tensor]
+
+    def record(self, model: RankingModel, metrics: dict[str, float]) -> bool:
+        """Add an epoch's metrics; keep its weights if it improved (True) - patience 1."""
+        self.history.append(metrics)
+        if metrics["loss"] >= self.best_loss:
+            return False
+        self.best_loss, self.best_state = metrics["loss"], copy.deepcopy(model.state_dict())
+        return True
+
+
 def fit_rank(
     opts: TrainOptions, data: PreparedData, rank: Rank, verbose: bool = True
 ) -> TrainResult | None:
@@ -351,14 +376,12 @@ def fit_rank(
     ddp.register_comm_hook(share, weighted_allreduce)
     optimizer = torch.optim.Adam(ddp.parameters(), lr=opts.lr)
     rng = np.random.default_rng(opts.seed)  # as in ``fit``: the same permutation on every rank
-    if not rank.is_main:  # gate dropout: rank 0 continues ``fit``'s stream, the others their own
-        torch.manual_seed(int(np.random.SeedSequence([opts.seed, rank.rank]).generate_state(1)[0]))
+    _seed_dropout(opts.seed, rank)
     train = _read_split(data, "train", config, rank)
     local_of = _local_index(train.frame, data.rows["train"])
     valid = _read_split(data, "valid", config, rank) if rank.is_main else None
     steps = math.ceil(data.rows["train"] / opts.batch_size)
-    history: list[dict[str, float]] = []
-    best_loss, best_state = math.inf, copy.deepcopy(model.state_dict())
+    progress = _Progress([], math.inf, copy.deepcopy(model.state_dict()))
     started = time.perf_counter()
     for epoch in range(1, opts.epochs + 1):
         t0 = time.perf_counter()
@@ -367,27 +390,26 @@ def fit_rank(
         train_loss = _all_mean(local, len(train))
         improved = False
         if valid is not None:
-            m = evaluate_split(predict(model, valid), valid, weights)
-            history.append({"epoch": epoch, "train_loss": train_loss, **m})
+            metrics = evaluate_split(predict(model, valid), valid, weights)
+            m = {"epoch": epoch, "train_loss": train_loss, **metrics}
+            improved = progress.record(model, m)
             if verbose:
-                print(_epoch_line(epoch, rank.world, train_loss, m, time.perf_counter() - t0))
-            if m["loss"] < best_loss:
-                best_loss, best_state, improved = m["loss"], copy.deepcopy(model.state_dict()), True
-        if not _broadcast_flag(improved):  # patience 1, decided by rank 0 as in ``fit``
+                print(_epoch_line(epoch, rank.world, m, time.perf_counter() - t0))
+        if not _broadcast_flag(improved):  # rank 0 decides early stopping, as ``fit`` does
             break
-    if not rank.is_main:
+    if valid is None:
         return None
-    assert valid is not None
-    model.load_state_dict(best_state)
+    model.load_state_dict(progress.best_state)
     test = _read_split(data, "test", config, rank)
-    return _result(model, data, config, valid, test, weights, history, best_loss, rank, started)
+    return _result(model, data, config, valid, test, weights, progress, rank, started)
 
 
-def _epoch_line(epoch: int, world: int, train_loss: float, m: dict[str, float], s: float) -> str:
+def _epoch_line(epoch: int, world: int, m: dict[str, float], secs: float) -> str:
     return (
-        f"epoch {epoch} ({world} ranks): train loss {train_loss:.4f} | valid loss {m['loss']:.4f} "
+        f"epoch {epoch} ({world} ranks): train loss {m['train_loss']:.4f} | "
+        f"valid loss {m['loss']:.4f} "
         f"click AUC {m['click_auc']:.4f} like AUC {m['like_auc']:.4f} "
-        f"watch RMSE {m['watch_rmse']:.2f}s XAUC {m['watch_xauc']:.4f} | {s:.1f}s"
+        f"watch RMSE {m['watch_rmse']:.2f}s XAUC {m['watch_xauc']:.4f} | {secs:.1f}s"
     )
 
 
@@ -398,8 +420,7 @@ def _result(
     valid: EncodedSplit,
     test: EncodedSplit,
     weights: dict[str, float],
-    history: list[dict[str, float]],
-    best_loss: float,
+    progress: _Progress,
     rank: Rank,
     started: float,
 ) -> TrainResult:
@@ -415,8 +436,8 @@ def _result(
         rows_train=float(data.rows["train"]),
         rows_valid=float(len(valid)),
         rows_test=float(len(test)),
-        epochs=float(len(history)),
-        best_valid_loss=best_loss,
+        epochs=float(len(progress.history)),
+        best_valid_loss=progress.best_loss,
         world_size=float(rank.world),
     )
     return TrainResult(
@@ -427,7 +448,7 @@ def _result(
         test_preds={t: test_preds[t] for t in config.tasks},
         metrics=metrics,
         gate_diagnostics=None if gates is None else gate_diagnostics(gates, config.tasks),
-        history=history,
+        history=progress.history,
     )
 
 
