@@ -37,5 +37,9 @@ test: lint pytest
 bench: install
 	$(BIN)/python -m benchmarks.run
 
+# 3 replicas behind a real nginx on loopback: activate, SIGKILL one, roll back, under traffic.
+rollout: install
+	$(BIN)/python -m benchmarks.rollout
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

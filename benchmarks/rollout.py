@@ -63,7 +63,7 @@ PHASES = ("baseline", "activate", "kill", "rollback")
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """What to run and for how long (the defaults finish in about 15 s after start-up)."""
+    """What to run and for how long (the defaults take about 10 s once the replicas are up)."""
 
     registry: Path
     workdir: Path
@@ -149,7 +149,8 @@ class RolloutReport:
         lines = [
             f"rollout on loopback: {self.replicas} replicas behind nginx, poll interval "
             f"{self.poll_interval_s}s (converge bound {self.converge_bound_s:.1f}s)",
-            f"{'phase':10s} {'version':16s} {'requests':>8s} {'failed':>6s}  converge (s)",
+            f"{'phase':10s} {'version':16s} {'requests':>8s} {'failed':>6s}  "
+            "converge (s from the aliases.json write)",
         ]
         for p in self.phases:
             conv = " ".join(f"{r}={s:.2f}" for r, s in p.converge_s.items()) or "-"

@@ -127,6 +127,7 @@ def parse_args(argv: list[str] | None) -> BenchSettings:
     }
     s = replace(s, **{k: v for k, v in updates.items() if v is not None})
     s.warmup_s = min(s.warmup_s, s.http_s)
+    s.starts = max(1, s.starts)
     s.small, s.client = a.small, a.client
     s.skip = [x for x in a.skip.split(",") if x]
     if unknown := set(s.skip) - set(PARTS):

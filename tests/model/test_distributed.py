@@ -93,7 +93,9 @@ def test_nproc_2_matches_single_process(tmp_path: Path, sim_dir: Path, frame: pd
     assert manifest["metrics"]["world_size"] == 2.0
     assert set(manifest["gate_diagnostics"]["tasks"]) == set(TASKS)
 
-    single = fit(frame, verbose=False, **TRAIN)
+    # One thread, as each rank uses (the results equal fit's default two threads here, and a
+    # 2-thread fit slows down many times over when the machine is busy).
+    single = fit(frame, verbose=False, threads=1, **TRAIN)
     ddp_valid = _best_valid(manifest["training"]["history"])
     one_valid = _best_valid(single.history)
     print(
@@ -139,6 +141,7 @@ def test_torchrun_module_entry_equals_single_process(tmp_path: Path) -> None:
         small=True,
         epochs=epochs,
         batch_size=1024,
+        threads=1,
         verbose=False,
     )
     ddp_valid = _best_valid(manifest["training"]["history"])
