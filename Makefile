@@ -6,7 +6,7 @@ REGISTRY ?= registry
 PORT   ?= 8000
 DEMO_IMPRESSIONS ?= 300000
 
-.PHONY: install run serve demo-model test lint pytest bench rollout clean
+.PHONY: install run serve demo-model test lint pytest bench bench-quick rollout clean
 
 # Create/update the virtualenv from the project's own files (re-run when pyproject.toml changes).
 $(BIN)/.installed: pyproject.toml
@@ -34,8 +34,14 @@ pytest: install
 
 test: lint pytest
 
+# Benchmarks (not part of `make test`): needs Debian's wrk (apt-get install -y wrk), else a
+# slower Python client is used and the results say so.
 bench: install
+	@command -v wrk >/dev/null || echo "wrk not found: apt-get install -y wrk (falling back to a Python client)"
 	$(BIN)/python -m benchmarks.run
+
+bench-quick: install
+	$(BIN)/python -m benchmarks.run --quick
 
 # 3 replicas behind a real nginx on loopback: activate, SIGKILL one, roll back, under traffic.
 rollout: install

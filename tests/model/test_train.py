@@ -162,3 +162,21 @@ def test_options_are_validated(tmp_path: Path) -> None:
         run_train(TrainOptions(registry=tmp_path))
     with pytest.raises(ValueError, match="version"):
         run_train(TrainOptions(registry=tmp_path, simulate=100, version="../x"))
+
+
+def test_quantize_publishes_an_int8_graph_with_its_auc_check(
+    tmp_path: Path, trained_model: TrainResult
+) -> None:
+    opts = TrainOptions(registry=tmp_path, simulate=1, quantize=True)
+    version = publish(trained_model, opts, "q8")
+    bundle = load_bundle(Registry(tmp_path).version_dir(version))
+    q = bundle.manifest["quantization"]
+    assert q["int8_bytes"] < q["fp32_bytes"] / 2
+    for task in ("click", "like"):
+        assert not q[f"{task}_auc_drop"] > 0.002  # NaN (a single class) is allowed through
+    graph = bundle.onnx_path.read_bytes()
+    assert b"MatMulInteger" in graph or b"DynamicQuantize" in graph
+    out = run_session(
+        make_session(bundle.onnx_path), random_encoded(bundle.schema, 7, np.random.default_rng(1))
+    )
+    assert all(np.isfinite(out[t]).all() for t in TASKS)
