@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 REGISTRY ?= registry
 PORT   ?= 8000
 DEMO_IMPRESSIONS ?= 300000
+FUSION_PROFILES ?= docker/fusion_profiles.toml
 
 .PHONY: install run serve demo-model test lint pytest bench bench-quick rollout clean
 
@@ -22,7 +23,8 @@ demo-model: install
 	$(BIN)/vidrank train --registry $(REGISTRY) --simulate $(DEMO_IMPRESSIONS) --if-empty
 
 run: demo-model
-	$(BIN)/vidrank serve --registry $(REGISTRY) --host 0.0.0.0 --port $(PORT)
+	VIDRANK_FUSION_PROFILES=$(FUSION_PROFILES) \
+		$(BIN)/vidrank serve --registry $(REGISTRY) --host 0.0.0.0 --port $(PORT)
 
 lint: install
 	$(BIN)/ruff check model service tests benchmarks
