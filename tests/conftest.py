@@ -6,6 +6,7 @@ that the service runs without torch are not affected by merely collecting this f
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,3 +56,11 @@ def tiny_bundle(
         registry=registry, simulate=TINY_IMPRESSIONS, small=True, epochs=1, activate=True
     )
     return registry, publish(trained_model, opts, TINY_VERSION)
+
+
+@pytest.fixture
+def registry_copy(tiny_bundle: tuple[Path, str], tmp_path: Path) -> Path:
+    """A private copy of the tiny registry, for tests that publish or change aliases."""
+    dest = tmp_path / "registry"
+    shutil.copytree(tiny_bundle[0], dest, ignore=shutil.ignore_patterns(".lock", ".tmp-*"))
+    return dest

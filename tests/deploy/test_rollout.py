@@ -9,7 +9,6 @@ Runs in the normal suite whenever nginx is installed (``.ci/run`` installs it); 
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import socket
 import sys
 from pathlib import Path
@@ -45,12 +44,9 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture
-def registry(tiny_bundle: tuple[Path, str], tmp_path: Path) -> Path:
+def registry(registry_copy: Path) -> Path:
     """A private copy of the tiny registry: the rollout publishes and changes aliases."""
-    src, _ = tiny_bundle
-    dest = tmp_path / "registry"
-    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".lock", ".tmp-*"))
-    return dest
+    return registry_copy
 
 
 def _listening(port: int) -> bool:

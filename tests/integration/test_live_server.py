@@ -14,7 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from live_helpers import AUTH, LiveServer, rank_body
+
+from tests.integration.live_helpers import AUTH, LiveServer, rank_body
 
 pytestmark = pytest.mark.slow
 

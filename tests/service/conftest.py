@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,32 +12,10 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 
 
-def _load_helpers() -> None:
-    """Make ``service_helpers`` importable by the test modules next to this file.
-
-    The suite runs with ``--import-mode=importlib``, which puts no test directory on sys.path,
-    so the shared helpers module is registered under its own name here, before collection.
-    """
-    if "service_helpers" in sys.modules:
-        return
-    path = Path(__file__).with_name("service_helpers.py")
-    spec = importlib.util.spec_from_file_location("service_helpers", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["service_helpers"] = module
-    spec.loader.exec_module(module)
-
-
-_load_helpers()
-
-
 @pytest.fixture
-def registry_dir(tiny_bundle: tuple[Path, str], tmp_path: Path) -> Path:
+def registry_dir(registry_copy: Path) -> Path:
     """A private copy of the tiny registry (tests change its aliases and add versions)."""
-    src, _ = tiny_bundle
-    dest = tmp_path / "registry"
-    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".lock", ".tmp-*"))
-    return dest
+    return registry_copy
 
 
 @pytest.fixture
@@ -54,7 +29,7 @@ def make_client(registry_dir: Path) -> Iterator[Callable[..., TestClient]]:
     clients: list[TestClient] = []
 
     def make(registry: Path | None = None, **overrides: Any) -> TestClient:
-        from service_helpers import settings_for
+        from tests.service.service_helpers import settings_for
 
         app = create_app(settings_for(registry or registry_dir, **overrides))
         client = TestClient(app)
@@ -75,7 +50,7 @@ def client(
 
     Tests that change aliases or add versions use ``make_client`` on a private copy instead.
     """
-    from service_helpers import PROFILES, settings_for
+    from tests.service.service_helpers import PROFILES, settings_for
 
     profiles = tmp_path_factory.mktemp("profiles") / "profiles.toml"
     profiles.write_text(PROFILES)

@@ -12,7 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from service_helpers import rank_body, to_columnar
+
+from tests.service.service_helpers import rank_body, to_columnar
 
 USER = {"user_id": 7}
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from service_helpers import AUTH, corrupt_copy, publish_as, rank_body, sample
 
 from model.registry import Registry
+from tests.service.service_helpers import AUTH, corrupt_copy, publish_as, rank_body, sample
 
 HEALTH = ["/healthz", "/v2/health/live"]
 READY = ["/readyz", "/v2/health/ready"]

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from service_helpers import PROFILES, rank_body, sample, to_columnar
 
 from model.registry import Registry
 from service.fusion import FusionSpec, fuse, rank_order
+from tests.service.service_helpers import PROFILES, rank_body, sample, to_columnar
 
 
 def spec_of(fusion: dict[str, Any]) -> FusionSpec:

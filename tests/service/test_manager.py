@@ -9,11 +9,11 @@ import weakref
 from pathlib import Path
 
 import pytest
-from service_helpers import corrupt_copy, publish_as, sample
 
 from model.registry import Registry
 from service.errors import NotReady, SwapFailed
 from service.manager import FAILED_RETRY_S, ModelManager, ServingState, canary_bucket
+from tests.service.service_helpers import corrupt_copy, publish_as, sample
 
 
 class FakeClock:

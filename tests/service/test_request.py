@@ -9,13 +9,13 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from service_helpers import rank_body, to_columnar
 
 from model.features import default_schema
 from service.errors import InvalidRequest, MalformedBody
 from service.request import items_of, parse_request
 from service.scorer import SchemaView
 from service.settings import Settings
+from tests.service.service_helpers import rank_body, to_columnar
 
 SCHEMA = default_schema()
 VIEW = SchemaView.of(SCHEMA)
