@@ -1,0 +1,98 @@
+"""The serving image's environment, built the way the Dockerfile's serve stage builds it.
+
+There is no Docker engine on the CI machine, so this test does what the serve stage does: a fresh
+virtualenv with only ``.[serve]`` installed (no torch, no pandas), then ``vidrank serve`` from it
+against a real bundle, and a real ``POST /rank`` over loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def serve_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with the project installed with the ``serve`` extra only (non-editable)."""
+    venv = tmp_path_factory.mktemp("serve-venv") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, f"{ROOT}[serve]"], check=True, cwd=venv.parent, timeout=600)
+    return venv
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def server(serve_venv: Path, registry_copy: Path) -> Iterator[str]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIDRANK_")}
+    env.update(VIDRANK_REGISTRY=str(registry_copy), VIDRANK_PORT=str(port), VIDRANK_WORKERS="1")
+    proc = subprocess.Popen(
+        [str(serve_venv / "bin" / "vidrank"), "serve", "--host", "127.0.0.1"],
+        env=env,
+        cwd=registry_copy.parent,  # not the repo: the installed package must be what runs
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("vidrank serve from the serve-only venv never became ready")
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_serve_extra_has_no_torch(serve_venv: Path) -> None:
+    python = str(serve_venv / "bin" / "python")
+    for heavy in ("torch", "pandas", "onnx"):
+        code = f"import importlib.util, sys; sys.exit(importlib.util.find_spec('{heavy}') is None)"
+        assert subprocess.run([python, "-c", code]).returncode == 1, f"{heavy} is installed"
+
+
+def test_serve_only_venv_ranks_a_request(server: str) -> None:
+    body = {
+        "user": {"user_id": 7, "features": {"user_active_degree": "high_active"}},
+        "context": {"hour": 21},
+        "candidates": [
+            {"video_id": 1, "features": {"duration_s": 30, "tag": "3,9"}},
+            {"video_id": 2, "features": {"duration_s": 300, "video_type": "AD"}},
+            {"video_id": 3},
+        ],
+    }
+    r = httpx.post(f"{server}/rank", json=body, timeout=10)
+    assert r.status_code == 200, r.text
+    items = r.json()["items"]
+    assert sorted(i["video_id"] for i in items) == [1, 2, 3]
+    scores = [i["score"] for i in items]
+    assert scores == sorted(scores, reverse=True)
+    assert all(0 <= i["predictions"]["click"] <= 1 for i in items)
