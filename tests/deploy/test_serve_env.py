@@ -8,16 +8,15 @@ against a real bundle, and a real ``POST /rank`` over loopback.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.integration.live_helpers import LiveServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,44 +31,23 @@ def serve_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
-def server(serve_venv: Path, registry_copy: Path) -> Iterator[str]:
-    port = _free_port()
+def server(serve_venv: Path, registry_copy: Path, tmp_path: Path) -> Iterator[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIDRANK_")}
-    env.update(VIDRANK_REGISTRY=str(registry_copy), VIDRANK_PORT=str(port), VIDRANK_WORKERS="1")
-    proc = subprocess.Popen(
-        [str(serve_venv / "bin" / "vidrank"), "serve", "--host", "127.0.0.1"],
+    live = LiveServer(
+        registry_copy,
+        tmp_path / "serve.log",
         env=env,
-        cwd=registry_copy.parent,  # not the repo: the installed package must be what runs
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        executable=serve_venv / "bin" / "vidrank",
+        cwd=tmp_path,  # not the repo: the installed package must be what runs
     )
-    url = f"http://127.0.0.1:{port}"
+    live.env = {**env, "VIDRANK_LOG_LEVEL": "info"}  # the image's defaults, nothing from tests
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("vidrank serve from the serve-only venv never became ready")
-        yield url
+        live.start()
+        yield live.url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        code = live.stop()
+    assert code == 0, live.logs()  # SIGTERM: drained and exited cleanly
 
 
 def test_serve_extra_has_no_torch(serve_venv: Path) -> None:

@@ -38,8 +38,12 @@ class LiveServer:
         workers: int = 1,
         env: dict[str, str] | None = None,
         python_path: Path | None = None,
+        executable: Path = VIDRANK,
+        cwd: Path | None = None,
     ) -> None:
         self.registry = registry
+        self.executable = executable
+        self.cwd = cwd
         self.log_path = log_path
         self.workers = workers
         self.port = free_port()
@@ -59,10 +63,13 @@ class LiveServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait_ready: bool = True) -> None:
-        cmd = [str(VIDRANK), "serve", "--registry", str(self.registry), "--port", str(self.port)]
+        cmd = [str(self.executable), "serve", "--registry", str(self.registry)]
+        cmd += ["--port", str(self.port)]
         cmd += ["--host", "127.0.0.1", "--workers", str(self.workers)]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=self._log)
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, cwd=self.cwd, stdout=self._log, stderr=self._log
+        )
         if wait_ready:
             self.wait_ready()
 

@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from model.bundle import MANIFEST_FILE, MODEL_FILE, TASKS, BundleError, build_manifest, write_bundle
-from model.features import default_schema
+from model.bundle import MANIFEST_FILE, MODEL_FILE, BundleError
 from model.registry import (
     MAX_PREVIOUS,
     VERSION_RE,
@@ -28,6 +27,7 @@ from model.registry import (
     VersionExists,
     VersionNotFound,
 )
+from tests.model.test_bundle import make_bundle
 
 SPAWN = mp.get_context("spawn")  # like a fleet of fresh processes: nothing inherited but args
 PROC_TIMEOUT_S = 60
@@ -35,21 +35,7 @@ PROC_TIMEOUT_S = 60
 
 def make_src(dest: Path, version: str = "v1", payload: bytes | None = None) -> Path:
     """A bundle directory with random bytes for model.onnx (the registry never parses it)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    manifest_onnx = dest / MODEL_FILE
-    manifest_onnx.write_bytes(payload if payload is not None else os.urandom(256))
-    manifest = build_manifest(
-        version=version,
-        schema=default_schema(),
-        onnx_path=manifest_onnx,
-        tasks=TASKS,
-        mmoe_config={"n_experts": 4},
-        metrics={"auc_click": 0.7},
-        default_fusion={"method": "weighted_sum", "weights": {"click": 1.0}},
-        opset=17,
-        versions={"onnxruntime": "1.20.0", "torch": "2.13.0", "onnx": "1.16", "vidrank": "0.1"},
-    )
-    return write_bundle(dest, manifest_onnx, manifest).path
+    return make_bundle(dest, version, payload).path
 
 
 @pytest.fixture
