@@ -172,6 +172,12 @@ class RolloutReport:
 # -- processes ---------------------------------------------------------------------------------
 
 
+NGINX_MISSING = (
+    "nginx is not installed: .ci/run installs Debian's nginx-light; to run these tests locally, "
+    "apt-get install nginx-light"
+)
+
+
 def find_nginx() -> str | None:
     """The nginx binary (PATH, then the usual sbin directories), or None."""
     return shutil.which("nginx") or next(

@@ -1,10 +1,10 @@
 """Consistency checks of the deployment files: docker/k8s/*.yaml, docker/compose.yaml,
 docker/fusion_profiles.toml, docker/nginx.conf and its loopback template.
 
-Static checks need only pyyaml. When nginx is installed, the loopback template is also rendered
-and run for real: `nginx -t`, then a few requests through it to stub upstreams to prove the retry
-policy (POST /rank is retried on another replica, /admin/ never is). When the `vidrank` CLI
-imports, its help is checked for the flags the manifests use.
+Static checks need only pyyaml. With nginx installed (.ci/run installs it), the loopback template
+is also rendered and run for real: `nginx -t`, then a few requests through it to stub upstreams to
+prove the retry policy (POST /rank is retried on another replica, /admin/ never is). The `vidrank`
+CLI's help is checked for the flags the manifests use.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -27,10 +26,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+import yaml
 
+from benchmarks.rollout import NGINX_MISSING, find_nginx
 from service.settings import Settings
-
-yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -381,10 +380,8 @@ def test_fusion_profiles_file() -> None:
 
 
 def test_fusion_profiles_load_in_the_service() -> None:
-    try:
-        from service.fusion import parse_profiles
-    except ImportError as exc:  # the service is being written in parallel
-        pytest.skip(f"service.fusion does not import: {exc}")
+    from service.fusion import parse_profiles
+
     cfg = tomllib.loads(FUSION.read_text())
     profiles, default = parse_profiles(cfg)
     assert set(profiles) == set(cfg["profiles"])
@@ -705,10 +702,8 @@ def test_loopback_template_matches_nginx_conf() -> None:
 # real nginx on loopback (skipped without nginx)
 # --------------------------------------------------------------------------------------------
 
-NGINX = shutil.which("nginx") or next(
-    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
-)
-needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+NGINX = find_nginx()
+needs_nginx = pytest.mark.skipif(NGINX is None, reason=NGINX_MISSING)
 
 
 def _free_port() -> int:
@@ -887,16 +882,6 @@ def test_nginx_gateway_errors_are_json(run_nginx: Any) -> None:
 def _cli_help(*args: str) -> str:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
     code = "import sys; from model.cli import main; sys.argv = ['vidrank', *sys.argv[1:]]; main()"
-    probe = subprocess.run(
-        [sys.executable, "-c", "import model.cli"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=60,
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"model.cli does not import yet: {probe.stderr.strip().splitlines()[-1:]}")
     done = subprocess.run(
         [sys.executable, "-c", code, *args, "--help"],
         capture_output=True,

@@ -8,38 +8,20 @@ Runs in the normal suite whenever nginx is installed (``.ci/run`` installs it); 
 
 from __future__ import annotations
 
-import importlib.util
 import socket
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from benchmarks import rollout
 from model.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_rollout() -> ModuleType:
-    """benchmarks/rollout.py by path: benchmarks/ is not an installed package (and the suite runs
-    with --import-mode=importlib, which puts no directory on sys.path)."""
-    name = "vidrank_benchmarks_rollout"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "rollout.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # before exec: dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-rollout = _load_rollout()
-
 pytestmark = pytest.mark.skipif(
     rollout.find_nginx() is None,
-    reason="nginx is not installed (.ci/run installs Debian's nginx-light for this test)",
+    reason=rollout.NGINX_MISSING,
 )
 
 
