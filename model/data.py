@@ -25,26 +25,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from model.features import default_schema
+
 BEIJING_OFFSET_MS = 8 * 3600 * 1000
 TRUTH_COLUMNS = ("true_p_click", "true_watch_s", "true_p_like")
-FEATURE_COLUMNS = (
-    "user_id",
-    "user_active_degree",
-    "is_video_author",
-    "follow_user_num",
-    "fans_user_num",
-    "register_days",
-    "hour",
-    "day_of_week",
-    "tab",
-    "video_id",
-    "author_id",
-    "video_type",
-    "music_id",
-    "tag",
-    "duration_s",
-    "upload_age_days",
-)
+# The default schema's features, in its order: the loader emits exactly these columns.
+FEATURE_COLUMNS = tuple(default_schema().names())
 LABEL_COLUMNS = ("click", "watch_s", "like")
 LOG_COLUMNS = (
     "user_id",
@@ -59,14 +45,7 @@ LOG_COLUMNS = (
     "tab",
     *TRUTH_COLUMNS,
 )
-USER_COLUMNS = (
-    "user_id",
-    "user_active_degree",
-    "is_video_author",
-    "follow_user_num",
-    "fans_user_num",
-    "register_days",
-)
+USER_COLUMNS = tuple(default_schema().names("user"))  # read from user_features*
 VIDEO_COLUMNS = (
     "video_id",
     "author_id",
