@@ -124,10 +124,11 @@ class FeatureSchema:
         return [f.name for f in self.features if entity is None or f.entity == entity]
 
     def by_name(self, name: str) -> Feature:
-        for f in self.features:
-            if f.name == name:
-                return f
-        raise KeyError(name)
+        return self._by_name[name]
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Feature]:
+        return {f.name: f for f in self.features}
 
     def fit(self, columns: Mapping[str, Any]) -> FeatureSchema:
         """Return a copy whose numeric features carry mean/std fitted on ``columns``."""
@@ -142,6 +143,14 @@ class FeatureSchema:
 
     # -- layout ------------------------------------------------------------------------------
     def layout(self, entity: str) -> EntityLayout:
+        """Sizes and offsets of one entity's groups (computed once: the schema is immutable)."""
+        return self._layouts[entity]
+
+    @functools.cached_property
+    def _layouts(self) -> dict[str, EntityLayout]:
+        return {e: self._layout(e) for e in ENTITIES}
+
+    def _layout(self, entity: str) -> EntityLayout:
         feats = [f for f in self.features if f.entity == entity]
         offsets: dict[str, int] = {}
         size = 0
@@ -359,9 +368,8 @@ def _encode_multi(f: Feature, values: Any, n: int) -> tuple[np.ndarray, np.ndarr
         rows = [_tokens(f, v, i) for i, v in enumerate(seq)]
     tok, cnt = _pad(rows, f.max_len)
     present = np.arange(f.max_len)[None, :] < cnt[:, None]
-    ids = np.where(present, _bucket(tok, f.buckets), 0)
     w = np.where(present, 1.0 / np.maximum(cnt, 1)[:, None], 0.0).astype(np.float32)
-    return ids, w
+    return _bucket(tok, f.buckets), w  # padding slots: weight 0 (the caller zeroes their ids)
 
 
 def _object_1d(values: Any) -> np.ndarray:
@@ -395,7 +403,10 @@ def _to_float(f: Feature, values: Any, n: int) -> np.ndarray:
     else:
         seq = values if isinstance(values, list) else list(values)
         numbers = set(map(type, seq)) <= {int, float}
-        arr = np.array(seq, dtype=np.float64) if numbers else _object_1d(seq)
+        try:
+            arr = np.array(seq, dtype=np.float64) if numbers else _object_1d(seq)
+        except OverflowError:  # an int beyond float range: the per-value path names its row
+            arr = _object_1d(seq)
     if arr.dtype.kind in "iufb":
         x = arr.astype(np.float64)
     elif arr.dtype.kind == "O":
@@ -404,7 +415,10 @@ def _to_float(f: Feature, values: Any, n: int) -> np.ndarray:
             if v is None:
                 x[i] = np.inf if f.default is None else float(f.default)
             elif isinstance(v, int | float | np.integer | np.floating):
-                x[i] = float(v)
+                try:
+                    x[i] = float(v)
+                except OverflowError:  # an int beyond float range
+                    x[i] = math.inf
                 if not math.isfinite(x[i]):
                     raise FeatureError(f.name, f"must be a finite number, got {v!r}", row=i)
             else:

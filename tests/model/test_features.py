@@ -179,3 +179,9 @@ def test_absent_columns_broadcast_the_default_row() -> None:
     )
     for name in absent:
         np.testing.assert_array_equal(absent[name], explicit[name])
+
+
+def test_integer_beyond_float_range_is_rejected_with_its_row() -> None:
+    with pytest.raises(FeatureError) as err:
+        encode_items({"duration_s": [1, 10**400]}, 2)
+    assert (err.value.feature, err.value.row) == ("duration_s", 1)
