@@ -27,6 +27,7 @@ from service import metrics
 from service.admin import admin_router
 from service.catalog import Catalog
 from service.errors import (
+    InvalidRequest,
     MalformedBody,
     NotReady,
     PayloadTooLarge,
@@ -232,9 +233,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             return error_response(MalformedBody("body is not valid JSON"))
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")]
-        field = ".".join(loc) or None
-        body = error_body("invalid_request", str(first.get("msg")), field_details(field))
-        return json_response(body, 422)
+        return error_response(InvalidRequest(str(first.get("msg")), ".".join(loc) or None))
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)

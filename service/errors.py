@@ -87,18 +87,6 @@ class Forbidden(ServiceError):
     code = "forbidden"
 
 
-class NotFound(ServiceError):
-    """An unknown route."""
-
-    code = "not_found"
-
-
-class MethodNotAllowed(ServiceError):
-    """A known route called with the wrong method."""
-
-    code = "method_not_allowed"
-
-
 # Most specific first: the first isinstance match wins. (status, code or None = the class's code)
 _TABLE: tuple[tuple[type[BaseException], int, str | None], ...] = (
     (InvalidRequest, 422, None),
@@ -109,8 +97,6 @@ _TABLE: tuple[tuple[type[BaseException], int, str | None], ...] = (
     (SwapFailed, 409, None),
     (Unauthorized, 401, None),
     (Forbidden, 403, None),
-    (NotFound, 404, None),
-    (MethodNotAllowed, 405, None),
     (FusionError, 422, "invalid_fusion"),
     (FeatureError, 422, "invalid_feature"),
     (VersionNotFound, 404, "version_not_found"),

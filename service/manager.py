@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from model.bundle import BundleError
-from model.registry import Aliases, Canary, Registry, RegistryError, VersionNotFound
+from model.registry import (
+    Aliases,
+    Canary,
+    InvalidVersionName,
+    Registry,
+    RegistryError,
+    VersionNotFound,
+)
 from service import metrics
 from service.errors import NotReady, SwapFailed
 from service.logging import log_fields
@@ -120,7 +127,7 @@ class ModelManager:
             bundle = self.registry.bundle(version)  # checksum + schema
             scorer = Scorer(bundle, self.intra_op_threads)  # session + I/O check
             warm_s = scorer.warm_up(self.warmup_sizes)
-        except VersionNotFound:
+        except (VersionNotFound, InvalidVersionName):  # 404, not a failed swap
             raise
         except Exception as e:  # anything at all: the old model must keep serving
             reason = e.reason if isinstance(e, BundleError) else f"{type(e).__name__}: {e}"
@@ -149,9 +156,7 @@ class ModelManager:
     def _install(self, new: ServingState, trigger: str) -> None:
         """Swap the served state (holds ``_swap_lock``)."""
         old = self.state
-        if (old.production, old.canary, old.canary_percent) == (
-            new.production, new.canary, new.canary_percent,
-        ):  # fmt: skip
+        if old == new:  # the same scorers (compared by identity) and canary share
             return
         self.state = new  # the swap: one reference, atomic for readers
         metrics.set_served(old.roles(), new.roles())
@@ -267,7 +272,6 @@ class ModelManager:
         Raises ``VersionNotFound`` (404) or ``SwapFailed`` (409); on failure nothing changes.
         """
         with self._swap_lock:
-            self.registry.version_dir(version)  # InvalidVersionName for names like ../x
             scorer = self._get(version, "admin")
             return self._apply(lambda: self.registry.activate(version), {version: scorer})
 

@@ -15,8 +15,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 from service.errors import error_body
+from service.logging import ACCESS_LOGGER
+from service.request import MAX_REQUEST_ID_LEN
 
-access_log = logging.getLogger("vidrank.access")
+access_log = logging.getLogger(ACCESS_LOGGER)
 error_log = logging.getLogger("vidrank.error")
 
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"})
@@ -27,7 +29,7 @@ def _client_request_id(scope: Scope) -> str | None:
     for name, value in scope["headers"]:
         if name == b"x-request-id":
             rid = value.decode("latin-1")
-            if 0 < len(rid) <= 128 and rid.isprintable():
+            if 0 < len(rid) <= MAX_REQUEST_ID_LEN and rid.isprintable():
                 return rid
             return None
     return None
