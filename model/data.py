@@ -31,7 +31,6 @@ BEIJING_OFFSET_MS = 8 * 3600 * 1000
 TRUTH_COLUMNS = ("true_p_click", "true_watch_s", "true_p_like")
 # The default schema's features, in its order: the loader emits exactly these columns.
 FEATURE_COLUMNS = tuple(default_schema().names())
-LABEL_COLUMNS = ("click", "watch_s", "like")
 LOG_COLUMNS = (
     "user_id",
     "video_id",
@@ -302,10 +301,6 @@ def load_impressions(
     frame = _build_frame(joined, max_watch_ratio)
     order = np.argsort(frame["time_ms"].to_numpy(), kind="stable")
     return frame.iloc[order].reset_index(drop=True)
-
-
-# docs/internals.md's package map calls the loader by this name.
-load_kuairand = load_impressions
 
 
 # -- splitting and sharding ------------------------------------------------------------------

@@ -45,11 +45,6 @@ def has_truth(df: pd.DataFrame) -> bool:
     return all(c in df.columns for c in TRUTH_COLUMNS.values())
 
 
-def utility(df: pd.DataFrame, weights: Mapping[str, float] | None = None) -> np.ndarray:
-    """True expected utility per impression (float64 [n]); see the module docstring."""
-    return true_utility(df, None if weights is None else dict(weights))
-
-
 def ranking_eval(
     df_test: pd.DataFrame,
     preds: Mapping[str, np.ndarray],
@@ -63,7 +58,7 @@ def ranking_eval(
     Orderings: ``fused`` (the model's predictions through ``fusion``), ``click_only`` (model
     p_click), ``fused_truth`` (the true per-task values through the same fusion: the ceiling of
     this fusion formula), ``oracle`` (the utility itself; 1 by construction, a sanity check) and
-    ``random``. Relevance is ``utility(df_test, utility_weights)``.
+    ``random``. Relevance is ``true_utility(df_test, utility_weights)``.
     """
     if not has_truth(df_test):
         raise ValueError(f"ranking_eval needs the truth columns {list(TRUTH_COLUMNS.values())}")
@@ -71,7 +66,7 @@ def ranking_eval(
     _, inverse, counts = np.unique(users, return_inverse=True, return_counts=True)
     keep = counts[inverse.reshape(-1)] >= 2
     groups = users[keep]
-    relevance = utility(df_test, utility_weights)[keep]
+    relevance = true_utility(df_test, utility_weights)[keep]
     spec = FusionSpec.from_dict(dict(fusion))
     truth = {t: df_test[c].to_numpy(dtype=np.float64) for t, c in TRUTH_COLUMNS.items()}
     model_preds = {t: np.asarray(p, dtype=np.float64) for t, p in preds.items()}

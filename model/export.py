@@ -38,14 +38,15 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from model.bundle import TASKS, normalise_dtype
 from model.features import FeatureSchema
-from model.mmoe import MMoE, RankingModel, batched
+from model.mmoe import BINARY_TASKS, MMoE, RankingModel, batched
 
 if TYPE_CHECKING:
     import pandas as pd
 
-OUTPUTS: tuple[str, ...] = ("click", "watch_time", "like")
-PROB_OUTPUTS: tuple[str, ...] = ("click", "like")
+OUTPUTS: tuple[str, ...] = TASKS  # the bundle's heads, in the graph's output order
+PROB_OUTPUTS: tuple[str, ...] = tuple(t for t in TASKS if t in BINARY_TASKS)
 DEFAULT_OPSET = 17
 Variant = Literal["fused", "naive", "trained"]
 
@@ -333,12 +334,11 @@ def _check_session(
     example: dict[str, np.ndarray],
 ) -> None:
     got = [
-        {"name": i.name, "dtype": i.type.removeprefix("tensor(").rstrip(")"), "shape": i.shape}
+        {"name": i.name, "dtype": normalise_dtype(i.type), "shape": i.shape}
         for i in session.get_inputs()
     ]
-    want = [dict(s, dtype="float" if s["dtype"] == "float32" else s["dtype"]) for s in specs]
-    if got != want:
-        raise RuntimeError(f"exported inputs {got} differ from the schema's {want}")
+    if got != specs:
+        raise RuntimeError(f"exported inputs {got} differ from the schema's {specs}")
     outputs = [(o.name, o.type, o.shape) for o in session.get_outputs()]
     if outputs != [(name, "tensor(float)", ["N"]) for name in OUTPUTS]:
         raise RuntimeError(f"exported outputs {outputs} are not click/watch_time/like float [N]")

@@ -45,9 +45,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812 -- the conventional alias
 
+from model.bundle import TASKS
 from model.features import ENTITIES, EntityLayout, FeatureSchema
 
-TASKS: tuple[str, ...] = ("click", "watch_time", "like")
 BINARY_TASKS: frozenset[str] = frozenset({"click", "like"})
 POISSON_TASKS: frozenset[str] = frozenset({"watch_time"})
 ARCHS: tuple[str, ...] = ("mmoe", "shared_bottom")

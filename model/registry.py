@@ -99,7 +99,8 @@ class NothingToRollBack(RegistryError):
     """``rollback`` was asked for but the ``previous`` stack is empty."""
 
 
-def _check_name(version: Any) -> str:
+def check_version_name(version: Any) -> str:
+    """``version`` if it is a valid version name, else ``InvalidVersionName``."""
     if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
         raise InvalidVersionName(
             f"invalid version name {version!r}: must match {VERSION_RE.pattern}"
@@ -122,7 +123,7 @@ class Canary:
     percent: float
 
     def __post_init__(self) -> None:
-        _check_name(self.version)
+        check_version_name(self.version)
         p = self.percent
         if isinstance(p, bool) or not isinstance(p, int | float) or not math.isfinite(p):
             raise InvalidCanary(f"canary percent must be a number, not {p!r}")
@@ -153,9 +154,9 @@ class Aliases:
 
     def __post_init__(self) -> None:
         if self.production is not None:
-            _check_name(self.production)
+            check_version_name(self.production)
         # Accept any sequence (e.g. a JSON list) but store a tuple so the value stays immutable.
-        object.__setattr__(self, "previous", tuple(_check_name(v) for v in self.previous))
+        object.__setattr__(self, "previous", tuple(check_version_name(v) for v in self.previous))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form, as documented in docs/internals.md."""
@@ -241,7 +242,7 @@ class Registry:
 
         Validating here is also what keeps names like ``../x`` out of the file system.
         """
-        return self.versions_root / _check_name(version)
+        return self.versions_root / check_version_name(version)
 
     def bundle(self, version: str, *, verify: bool = True) -> Bundle:
         """Load (and by default checksum-verify) a published version's bundle.
@@ -272,7 +273,7 @@ class Registry:
         The temp directory is removed on any failure.
         """
         source = load_bundle(Path(src), verify=True)
-        name = _check_name(source.version if version is None else version)
+        name = check_version_name(source.version if version is None else version)
         final = self.versions_root / name
         if final.exists():  # cheap early refusal; the rename below is the real guard
             raise VersionExists(f"version {name!r} is already published")
@@ -437,7 +438,7 @@ class Registry:
 
     # -- internals -----------------------------------------------------------------------------
     def _require(self, version: str) -> None:
-        _check_name(version)
+        check_version_name(version)
         if not self.has(version):
             raise VersionNotFound(f"version {version!r} is not published in {self.root}")
 

@@ -33,14 +33,14 @@ from torch import Tensor
 from torch.nn import functional as F  # noqa: N812 -- the conventional alias
 from tqdm import tqdm
 
-from model.bundle import VERSION_RE, build_manifest, write_bundle
+from model.bundle import build_manifest, write_bundle
 from model.data import load_impressions, split_by_time
 from model.evaluate import DEFAULT_FUSION, has_truth, ranking_eval
 from model.export import DEFAULT_OPSET, export_onnx, parity, predict_frame, quantize_int8
 from model.features import FeatureSchema, default_schema
 from model.metrics import auc, rmse, xauc
 from model.mmoe import MMoEConfig, RankingModel, build_model, init_output_bias
-from model.registry import Registry
+from model.registry import Registry, check_version_name
 from model.simulate import SimConfig, simulate, write_simulation
 
 TRAIN_THREADS = 2  # fixed so that results are reproducible (and fit the 2-core target machine)
@@ -536,8 +536,7 @@ def run_train(opts: TrainOptions) -> str:
         print(f"registry {opts.registry} already serves {production}; nothing to do (--if-empty)")
         return production
     version = opts.version or default_version()
-    if not VERSION_RE.fullmatch(version):
-        raise ValueError(f"invalid version name {version!r}: must match {VERSION_RE.pattern}")
+    check_version_name(version)  # InvalidVersionName is a ValueError
     if registry.has(version):  # fail before training, not after
         raise ValueError(f"version {version!r} is already published in {opts.registry}")
     from model import distributed  # DDP (model/distributed.py); it imports this module
