@@ -40,6 +40,7 @@ __all__ = [
     "BundleError",
     "build_manifest",
     "fsync_dir",
+    "write_atomic",
     "load_bundle",
     "normalise_dtype",
     "sha256_file",
@@ -298,7 +299,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(dest: Path, chunks: Iterable[bytes]) -> str:
+def write_atomic(dest: Path, chunks: Iterable[bytes]) -> str:
     """Write ``chunks`` to ``dest`` via a fsynced temp file + rename; return the data's sha256.
 
     Readers (and a crash) see either the old file or the complete new one, never a torn one.
@@ -353,17 +354,17 @@ def write_bundle(dest_dir: Path, onnx_src: Path | bytes, manifest: Mapping[str, 
     model_dest = dest_dir / MODEL_FILE
     if isinstance(onnx_src, bytes | bytearray | memoryview):
         data = bytes(onnx_src)
-        digest, size = _write_atomic(model_dest, [data]), len(data)
+        digest, size = write_atomic(model_dest, [data]), len(data)
     elif _same_file(Path(onnx_src), model_dest):
         # The exporter wrote straight into the bundle directory: nothing to copy.
         _sync_file(model_dest)
         digest, size = sha256_file(model_dest), model_dest.stat().st_size
     else:
-        digest = _write_atomic(model_dest, _file_chunks(Path(onnx_src)))
+        digest = write_atomic(model_dest, _file_chunks(Path(onnx_src)))
         size = model_dest.stat().st_size
     final = dict(manifest)
     final["sha256"], final["size_bytes"] = digest, size
-    _write_atomic(dest_dir / MANIFEST_FILE, [_manifest_bytes(final)])
+    write_atomic(dest_dir / MANIFEST_FILE, [_manifest_bytes(final)])
     fsync_dir(dest_dir)
     return load_bundle(dest_dir, verify=True)
 

@@ -50,6 +50,7 @@ from model.bundle import (
     BundleError,
     fsync_dir,
     load_bundle,
+    write_atomic,
 )
 
 __all__ = [
@@ -486,12 +487,6 @@ def _write_durable(dest: Path, data: bytes) -> None:
 
 
 def _replace_durable(dest: Path, data: bytes) -> None:
-    """Atomically replace ``dest``: temp file in the same directory, fsync, rename, fsync dir."""
-    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        _write_durable(tmp, data)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Atomically replace ``dest`` (temp file, fsync, rename), then fsync its directory."""
+    write_atomic(dest, [data])
     fsync_dir(dest.parent)
