@@ -79,8 +79,7 @@ def prepare_model(
     else:
         result = fit(frame, small=small, epochs=epochs, seed=seed, verbose=False)
         with tempfile.TemporaryDirectory(prefix="vidrank-bench-") as tmp:
-            write_result_bundle(result, Path(tmp) / VERSION, VERSION, seed)
-            registry.publish(Path(tmp) / VERSION)
+            registry.publish(write_result_bundle(result, Path(tmp) / VERSION, VERSION, seed))
             _publish_int8(result, registry, Path(tmp), seed, home)
         torch.save(result.model.state_dict(), state_path)
         model, schema, config = result.model.eval(), result.schema, result.config
@@ -100,8 +99,8 @@ def _publish_int8(
 ) -> None:
     """The same weights published as an int8 bundle (``vidrank train --quantize``), if allowed."""
     try:
-        write_result_bundle(result, tmp / INT8_VERSION, INT8_VERSION, seed, quantize=True)
+        bundle = write_result_bundle(result, tmp / INT8_VERSION, INT8_VERSION, seed, quantize=True)
     except RuntimeError as e:  # int8 refused (held-out AUC drop): record why, measure fp32 only
         (home / "int8-refused.txt").write_text(str(e))
         return
-    registry.publish(tmp / INT8_VERSION)
+    registry.publish(bundle)

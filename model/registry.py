@@ -261,11 +261,12 @@ class Registry:
             )
         return bundle
 
-    def publish(self, src: Path | str, version: str | None = None) -> str:
+    def publish(self, src: Path | str | Bundle, version: str | None = None) -> str:
         """Publish the bundle at ``src`` as ``version`` (default: the manifest's) atomically.
 
-        The source is verified, copied into ``versions/.tmp-<uuid>/``, fsynced, verified again
-        and renamed to ``versions/<version>``; only then does the version become visible. If the
+        The source is verified (unless it is a ``Bundle``, which ``load_bundle`` or
+        ``write_bundle`` already verified), copied into ``versions/.tmp-<uuid>/``, fsynced,
+        verified again and renamed to ``versions/<version>``; only then is it visible. If the
         name differs from the manifest's, the copy's manifest is rewritten to it (the sha256
         covers model.onnx only, so it stays valid). Only the bundle's two files are copied.
 
@@ -273,7 +274,7 @@ class Registry:
         ``VersionExists`` (also when a concurrent publisher of the same name wins the race).
         The temp directory is removed on any failure.
         """
-        source = load_bundle(Path(src), verify=True)
+        source = src if isinstance(src, Bundle) else load_bundle(Path(src), verify=True)
         name = check_version_name(source.version if version is None else version)
         final = self.versions_root / name
         if final.exists():  # cheap early refusal; the rename below is the real guard

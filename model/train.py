@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.nn import functional as F  # noqa: N812 -- the conventional alias
 from tqdm import tqdm
 
-from model.bundle import build_manifest, write_bundle
+from model.bundle import Bundle, build_manifest, write_bundle
 from model.data import load_impressions, split_by_time
 from model.evaluate import DEFAULT_FUSION, has_truth, ranking_eval
 from model.export import DEFAULT_OPSET, export_onnx, parity, predict_frame, quantize_int8
@@ -459,8 +459,10 @@ def write_result_bundle(
     seed: int = 0,
     training: Mapping[str, Any] | None = None,
     quantize: bool = False,
-) -> dict[str, Any]:
-    """Export, check parity and write the bundle into ``dest``; returns the parity figures.
+) -> Bundle:
+    """Export, check parity and write the (verified) bundle into ``dest``.
+
+    The manifest's ``parity`` holds the torch-vs-onnxruntime figures.
 
     With ``quantize`` the bundle holds the int8 graph (see :func:`quantize_result`) and its
     manifest a ``quantization`` section with the held-out AUC before and after.
@@ -490,8 +492,7 @@ def write_result_bundle(
         gate_diagnostics=result.gate_diagnostics,
         extra={**extra, "training": dict(training or {}, history=result.history)},
     )
-    write_bundle(dest, onnx_path, manifest)
-    return checked
+    return write_bundle(dest, onnx_path, manifest)  # verifies checksum and schema once
 
 
 def publish(result: TrainResult, opts: TrainOptions, version: str) -> str:
@@ -506,10 +507,11 @@ def publish(result: TrainResult, opts: TrainOptions, version: str) -> str:
         "loss_weights": parse_loss_weights(opts.loss_weights, result.config.tasks),
     }
     with tempfile.TemporaryDirectory(prefix="vidrank-bundle-") as tmp:
-        checked = write_result_bundle(
+        bundle = write_result_bundle(
             result, Path(tmp) / version, version, opts.seed, training, opts.quantize
         )
-        published = registry.publish(Path(tmp) / version)
+        published = registry.publish(bundle)
+    checked = bundle.manifest["parity"]
     print(
         f"parity torch vs onnxruntime: max |dp| {checked['max_abs_prob']:.2e}, "
         f"max rel watch {checked['max_rel_watch']:.2e}"
