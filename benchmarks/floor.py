@@ -10,19 +10,16 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.stats import percentiles_ms, time_calls
+from model.bundle import TASKS
+from service.scorer import session_options
 
-OUTPUTS = ["click", "watch_time", "like"]
+OUTPUTS = list(TASKS)
 ROUNDS = 5
 
 
 def session(path: Path | str, threads: int) -> ort.InferenceSession:
-    """A CPU session with full graph optimisation, sequential execution and ``threads`` intra-op."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    """A session with exactly the options the service uses, and ``threads`` intra-op threads."""
+    opts = session_options(threads)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

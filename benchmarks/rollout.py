@@ -425,7 +425,7 @@ def rank_body(rng: random.Random, n: int) -> dict[str, Any]:
         "context": {"hour": rng.randrange(24), "day_of_week": rng.randrange(7), "tab": 1},
         "candidates": [
             {
-                "video_id": rng.randrange(10_000_000),
+                "video_id": video_id,
                 "features": {
                     "author_id": rng.randrange(5000),
                     "video_type": rng.choice(["NORMAL", "AD"]),
@@ -435,7 +435,7 @@ def rank_body(rng: random.Random, n: int) -> dict[str, Any]:
                     "upload_age_days": rng.randrange(400),
                 },
             }
-            for _ in range(n)
+            for video_id in rng.sample(range(10_000_000), n)  # distinct: duplicates are a 422
         ],
     }
 

@@ -185,6 +185,7 @@ def start_vidrank(
         "VIDRANK_LOG_LEVEL": "warning",
         "VIDRANK_ADMIN_TOKEN": ADMIN_TOKEN,
         "VIDRANK_POLL_INTERVAL_S": "3600",
+        "MALLOC_ARENA_MAX": "2",  # as the serving image sets it (Dockerfile)
     }
     cmd = vidrank_cmd(bm.registry, port, workers)
     return start_server(f"vidrank{tag}-w{workers}", cmd, port, s.work_dir, env, cwd=ROOT)

@@ -20,6 +20,8 @@ import pandas as pd
 from model.data import load_impressions
 from model.features import FeatureSchema
 from model.simulate import SimConfig, simulate, write_simulation
+from service.request import items_of, parse_request
+from service.scorer import SchemaView
 
 Body = dict[str, Any]
 
@@ -110,13 +112,10 @@ def to_columnar(body: Body) -> Body:
 
 
 def encode_body(schema: FeatureSchema, body: Body) -> dict[str, np.ndarray]:
-    """Model inputs for a row-format body, encoded exactly as the service encodes them."""
-    cands = body["candidates"]
-    user = {"user_id": body["user"]["user_id"], **body["user"].get("features", {})}
-    names = [k for k in schema.names("item") if k != "video_id"]
-    columns: dict[str, list[Any]] = {"video_id": [c["video_id"] for c in cands]}
-    columns.update({k: [c["features"].get(k) for c in cands] for k in names})
-    return schema.encode(user, body.get("context") or {}, columns, len(cands))
+    """Model inputs for a body, through the service's own parse -> columns -> encode path."""
+    req = parse_request(orjson.dumps(body), max(len(body["candidates"]), 1))
+    items = items_of(req, SchemaView.of(schema))
+    return schema.encode(req.user, req.context, items.columns, req.n)
 
 
 def dumps(body: Body) -> bytes:

@@ -64,3 +64,9 @@ def registry_copy(tiny_bundle: tuple[Path, str], tmp_path: Path) -> Path:
     dest = tmp_path / "registry"
     shutil.copytree(tiny_bundle[0], dest, ignore=shutil.ignore_patterns(".lock", ".tmp-*"))
     return dest
+
+
+@pytest.fixture
+def version(tiny_bundle: tuple[Path, str]) -> str:
+    """The tiny bundle's version name (production in ``registry_copy``)."""
+    return tiny_bundle[1]

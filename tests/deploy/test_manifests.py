@@ -188,10 +188,9 @@ def test_selectors_match_pod_labels(
     assert match.items() <= pod_labels.items()
     service = _one(k8s, "Service")
     assert service["spec"]["selector"].items() <= pod_labels.items()
-    pdb = k8s.get(("PodDisruptionBudget", deployment["metadata"]["name"]))
-    if pdb:
-        assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
-        assert pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+    pdb = _one(k8s, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]
     spread = deployment["spec"]["template"]["spec"].get("topologySpreadConstraints", [])
     for constraint in spread:
         assert constraint["labelSelector"]["matchLabels"].items() <= pod_labels.items()
@@ -354,9 +353,7 @@ def test_training_job(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
 
 def test_namespace(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
     kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    ns = [name for (kind, name) in k8s if kind == "Namespace"]
-    if ns:
-        assert kust.get("namespace") == ns[0]
+    assert kust.get("namespace") == _one(k8s, "Namespace")["metadata"]["name"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ against a real bundle, and a real ``POST /rank`` over loopback.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -33,15 +32,14 @@ def serve_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def server(serve_venv: Path, registry_copy: Path, tmp_path: Path) -> Iterator[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VIDRANK_")}
-    live = LiveServer(
+    live = LiveServer(  # the image's defaults: no VIDRANK_* from the tests or the shell
         registry_copy,
         tmp_path / "serve.log",
-        env=env,
+        env={"VIDRANK_LOG_LEVEL": "info"},
         executable=serve_venv / "bin" / "vidrank",
         cwd=tmp_path,  # not the repo: the installed package must be what runs
+        test_defaults=False,
     )
-    live.env = {**env, "VIDRANK_LOG_LEVEL": "info"}  # the image's defaults, nothing from tests
     try:
         live.start()
         yield live.url

@@ -21,11 +21,6 @@ def live_registry(registry_copy: Path, tiny_bundle: tuple[Path, str]) -> Path:
 
 
 @pytest.fixture
-def version(tiny_bundle: tuple[Path, str]) -> str:
-    return tiny_bundle[1]
-
-
-@pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
     """Factory of started servers; any still running at teardown are stopped."""
     servers: list[LiveServer] = []

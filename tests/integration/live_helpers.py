@@ -40,6 +40,7 @@ class LiveServer:
         python_path: Path | None = None,
         executable: Path = VIDRANK,
         cwd: Path | None = None,
+        test_defaults: bool = True,
     ) -> None:
         self.registry = registry
         self.executable = executable
@@ -48,12 +49,16 @@ class LiveServer:
         self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            **os.environ,
+        defaults = {
             "VIDRANK_ADMIN_TOKEN": ADMIN_TOKEN,
             "VIDRANK_POLL_INTERVAL_S": "0.5",
             "VIDRANK_ORT_INTRA_OP_THREADS": "1",
             "VIDRANK_LOG_LEVEL": "info",
+        }
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("VIDRANK_")}
+        self.env = {
+            **(os.environ if test_defaults else inherited),
+            **(defaults if test_defaults else {}),
             **(env or {}),
         }
         if python_path is not None:

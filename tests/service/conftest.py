@@ -19,11 +19,6 @@ def registry_dir(registry_copy: Path) -> Path:
 
 
 @pytest.fixture
-def version(tiny_bundle: tuple[Path, str]) -> str:
-    return tiny_bundle[1]
-
-
-@pytest.fixture
 def make_client(registry_dir: Path) -> Iterator[Callable[..., TestClient]]:
     """Factory of started TestClients (lifespan run); all are closed at teardown."""
     clients: list[TestClient] = []
