@@ -30,6 +30,7 @@ import yaml
 
 from benchmarks.rollout import NGINX_MISSING, find_nginx
 from service.settings import Settings
+from tests.integration.live_helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -703,12 +704,6 @@ NGINX = find_nginx()
 needs_nginx = pytest.mark.skipif(NGINX is None, reason=NGINX_MISSING)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class _Stub:
     """An HTTP/1.1 keep-alive upstream that answers every request with one fixed status."""
 
@@ -776,7 +771,7 @@ def run_nginx(tmp_path: Path) -> Iterator[Any]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(upstreams: list[str]) -> int:
-        port = _free_port()
+        port = free_port()
         prefix = tmp_path / f"nginx{len(procs)}"
         _write_conf(prefix, f"127.0.0.1:{port}", upstreams)
         proc = subprocess.Popen(
@@ -864,7 +859,7 @@ def test_nginx_retries_rank_but_never_admin(run_nginx: Any) -> None:
 
 @needs_nginx
 def test_nginx_gateway_errors_are_json(run_nginx: Any) -> None:
-    dead = _free_port()  # nothing listens there
+    dead = free_port()  # nothing listens there
     port = run_nginx([f"server 127.0.0.1:{dead};"])
     status, payload = _request(port, "POST", "/rank", b"{}")
     assert status == 502
