@@ -30,6 +30,7 @@ lint: install
 	$(BIN)/ruff check model service tests benchmarks
 	$(BIN)/ruff format --check model service tests benchmarks
 	$(BIN)/mypy model service
+	$(BIN)/lint-imports
 
 pytest: install
 	$(BIN)/pytest -q

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.stats import percentiles_ms, time_calls
-from model.bundle import TASKS
+from model.core.bundle import TASKS
 from service.scorer import session_options
 
 OUTPUTS = list(TASKS)

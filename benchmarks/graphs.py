@@ -15,10 +15,10 @@ import onnx
 import pandas as pd
 
 from benchmarks.floor import OUTPUTS, interleaved, session
-from model.export import compare, export_onnx, predict_frame, quantize_int8
-from model.features import FeatureSchema
-from model.metrics import auc
-from model.mmoe import RankingModel
+from model.core.features import FeatureSchema
+from model.core.metrics import auc
+from model.training.export import compare, export_onnx, predict_frame, quantize_int8
+from model.training.mmoe import RankingModel
 
 VARIANTS = ("fused", "trained", "naive")
 FLOAT_MATMULS = frozenset({"MatMul", "Gemm", "FusedGemm", "FusedMatMul"})

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.procs import RssSampler, Server, http_post, rss_bytes
-from model.registry import Registry
+from model.core.registry import Registry
 
 # Run in a fresh interpreter: RSS after the imports, then after one session is created and run.
 _FOOTPRINT = """
 import sys, numpy as np, onnxruntime as ort
 from pathlib import Path
-from model.bundle import load_bundle
+from model.core.bundle import load_bundle
 def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):

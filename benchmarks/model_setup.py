@@ -16,16 +16,15 @@ from typing import Any
 import pandas as pd
 import torch
 
-from model.data import split_by_time
-from model.features import FeatureSchema
-from model.mmoe import MMoEConfig, RankingModel, build_model
-from model.registry import Registry
-from model.train import TrainResult, fit, simulated_impressions, write_result_bundle
+from model.core.features import FeatureSchema
+from model.core.registry import Registry
+from model.training.data import split_by_time
+from model.training.mmoe import MMoEConfig, RankingModel, build_model
+from model.training.train import TrainResult, fit, simulated_impressions, write_result_bundle
 
 VERSION = "bench-a"
 SWAP_VERSION = "bench-b"
 INT8_VERSION = "bench-int8"
-_SOURCES = ("mmoe.py", "export.py", "train.py", "features.py")
 
 
 @dataclass
@@ -51,10 +50,12 @@ class BenchModel:
 
 
 def _code_hash() -> str:
+    """A hash of the offline code: a cached model is retrained whenever model/ changes."""
     root = Path(__file__).resolve().parent.parent / "model"
     h = hashlib.sha256()
-    for name in _SOURCES:
-        h.update((root / name).read_bytes())
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
 

@@ -18,7 +18,7 @@ nginx retried) and exits non-zero when a check fails. ``tests/deploy/test_rollou
 the same code. Everything stays on loopback; traffic is bounded in rate, count and time; every
 process started here runs in its own process group and is stopped on the way out, failure or not.
 
-This module is self-contained (standard library, httpx and ``model.registry``) so the test can
+This module is self-contained (standard library, httpx and ``model.core.registry``) so the test can
 load it by path.
 """
 
@@ -46,7 +46,7 @@ from typing import Any
 
 import httpx
 
-from model.registry import Registry
+from model.core.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 NGINX_TEMPLATE = ROOT / "docker" / "nginx.loopback.conf.template"

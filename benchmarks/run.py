@@ -51,7 +51,7 @@ from benchmarks.procs import (
     start_server,
 )
 from benchmarks.workload import Workload, build_workload
-from model.registry import Registry
+from model.core.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "bench-admin-token"

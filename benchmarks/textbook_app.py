@@ -22,7 +22,7 @@ import onnxruntime as ort
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
-from model.bundle import load_bundle
+from model.core.bundle import load_bundle
 
 BUNDLE_ENV = "VIDRANK_BENCH_BUNDLE"
 TASKS = ("click", "watch_time", "like")

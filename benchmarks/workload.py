@@ -17,9 +17,9 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from model.data import load_impressions
-from model.features import FeatureSchema
-from model.simulate import SimConfig, simulate, write_simulation
+from model.core.features import FeatureSchema
+from model.training.data import load_impressions
+from model.training.simulate import SimConfig, simulate, write_simulation
 from service.request import items_of, parse_request
 from service.scorer import SchemaView
 

@@ -31,7 +31,7 @@ def simulate(
     ] = 0.5,
 ) -> None:
     """Simulate video-interaction logs (KuaiRand schema) with ground truth."""
-    from model.simulate import run_simulate
+    from model.training.simulate import run_simulate
 
     run_simulate(out, impressions=impressions, seed=seed, task_correlation=task_correlation)
 
@@ -86,7 +86,7 @@ def train(
     ] = False,
 ) -> None:
     """Train an MMoE (or the shared-bottom baseline), export it to ONNX and publish the bundle."""
-    from model.train import TrainOptions, run_train
+    from model.training.train import TrainOptions, run_train
 
     opts = TrainOptions(
         registry=registry,
@@ -127,7 +127,7 @@ def serve(
 
 
 def _registry(path: Path):  # type: ignore[no-untyped-def]
-    from model.registry import Registry
+    from model.core.registry import Registry
 
     return Registry(path)
 
@@ -162,8 +162,8 @@ def models_list(registry: RegistryOpt = Path("registry")) -> None:
 @models_app.command("show")
 def models_show(version: str, registry: RegistryOpt = Path("registry")) -> None:
     """Print a version's manifest."""
-    from model.bundle import BundleError
-    from model.registry import RegistryError
+    from model.core.bundle import BundleError
+    from model.core.registry import RegistryError
 
     try:
         typer.echo(json.dumps(_registry(registry).bundle(version).manifest, indent=2))
@@ -178,8 +178,8 @@ def _print_aliases(aliases) -> None:  # type: ignore[no-untyped-def]
 @models_app.command("activate")
 def models_activate(version: str, registry: RegistryOpt = Path("registry")) -> None:
     """Make VERSION production (verifies the bundle first); every replica converges on it."""
-    from model.bundle import BundleError
-    from model.registry import RegistryError
+    from model.core.bundle import BundleError
+    from model.core.registry import RegistryError
 
     reg = _registry(registry)
     try:
@@ -192,7 +192,7 @@ def models_activate(version: str, registry: RegistryOpt = Path("registry")) -> N
 @models_app.command("rollback")
 def models_rollback(registry: RegistryOpt = Path("registry")) -> None:
     """Return production to the previously active version."""
-    from model.registry import RegistryError
+    from model.core.registry import RegistryError
 
     try:
         _print_aliases(_registry(registry).rollback())
@@ -210,8 +210,8 @@ def models_canary(
     registry: RegistryOpt = Path("registry"),
 ) -> None:
     """Send PERCENT of users (stable by user_id) to VERSION, or clear the canary."""
-    from model.bundle import BundleError
-    from model.registry import RegistryError
+    from model.core.bundle import BundleError
+    from model.core.registry import RegistryError
 
     reg = _registry(registry)
     try:

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header
 
-from model.registry import Aliases
+from model.core.registry import Aliases
 from service.errors import Forbidden, Unauthorized
 from service.logging import log_fields
 from service.manager import ModelManager

@@ -20,9 +20,10 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from model.bundle import BundleError
-from model.features import FeatureError
-from model.registry import Registry, RegistryError
+from model.core.bundle import BundleError
+from model.core.features import FeatureError
+from model.core.fusion import FusionError, FusionSpec, ProfileStore, TaskTerm
+from model.core.registry import Registry, RegistryError
 from service import metrics
 from service.admin import admin_router
 from service.catalog import Catalog
@@ -39,7 +40,6 @@ from service.errors import (
     error_status,
     field_details,
 )
-from service.fusion import FusionError, FusionSpec, ProfileStore, TaskTerm
 from service.manager import ModelManager
 from service.middleware import AccessMiddleware
 from service.ranking import Ranker

@@ -9,8 +9,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from model.bundle import BundleError
-from model.registry import Registry, RegistryError, VersionNotFound
+from model.core.bundle import BundleError
+from model.core.registry import Registry, RegistryError, VersionNotFound
 from service.manager import ModelManager
 
 

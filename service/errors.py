@@ -13,16 +13,16 @@ from typing import Any
 
 import orjson
 
-from model.bundle import BundleError
-from model.features import FeatureError
-from model.registry import (
+from model.core.bundle import BundleError
+from model.core.features import FeatureError
+from model.core.fusion import FusionError
+from model.core.registry import (
     InvalidCanary,
     InvalidVersionName,
     NothingToRollBack,
     RegistryError,
     VersionNotFound,
 )
-from service.fusion import FusionError
 
 
 class ServiceError(Exception):

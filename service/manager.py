@@ -29,8 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from model.bundle import BundleError
-from model.registry import (
+from model.core.bundle import BundleError
+from model.core.registry import (
     Aliases,
     Canary,
     InvalidVersionName,

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from model.features import FeatureError
+from model.core.features import FeatureError
+from model.core.fusion import FusionSpec, ProfileStore, fuse, rank_order, resolve
 from service import metrics
 from service.errors import InvalidRequest
-from service.fusion import FusionSpec, ProfileStore, fuse, rank_order, resolve
 from service.manager import ModelManager
 from service.request import Items, RankRequest, items_of, parse_request
 from service.scorer import Scorer

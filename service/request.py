@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from model.features import FeatureError
+from model.core.features import FeatureError
 from service.errors import InvalidRequest, MalformedBody
 from service.scorer import SchemaView
 

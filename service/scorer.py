@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from model.bundle import TASKS, Bundle, BundleError, validate_against_session_io
-from model.features import FeatureSchema
-from service.fusion import FusionError, FusionSpec
+from model.core.bundle import TASKS, Bundle, BundleError, validate_against_session_io
+from model.core.features import FeatureSchema
+from model.core.fusion import FusionError, FusionSpec
 
 WARMUP_SIZES: tuple[int, ...] = (1, 100, 500)  # plus the largest request, capped at WARMUP_MAX
 WARMUP_MAX = 2000

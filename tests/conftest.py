@@ -15,7 +15,7 @@ import pytest
 if TYPE_CHECKING:
     import pandas as pd
 
-    from model.train import TrainResult
+    from model.training.train import TrainResult
 
 TINY_IMPRESSIONS = 20_000
 TINY_SEED = 0
@@ -25,21 +25,21 @@ TINY_VERSION = "v-tiny"
 @pytest.fixture(scope="session")
 def tiny_frame() -> pd.DataFrame:
     """20k simulated impressions (seeded) in the trainer's frame layout, with truth columns."""
-    from model.train import simulated_impressions
+    from model.training.train import simulated_impressions
 
     return simulated_impressions(TINY_IMPRESSIONS, TINY_SEED)
 
 
 @pytest.fixture(scope="session")
 def tiny_fit_kwargs() -> dict[str, Any]:
-    """``model.train.fit`` keyword arguments of the tiny model (small config, 1 epoch, seed 0)."""
+    """``fit`` keyword arguments of the tiny model (small config, 1 epoch, seed 0)."""
     return {"small": True, "epochs": 1, "seed": TINY_SEED, "verbose": False}
 
 
 @pytest.fixture(scope="session")
 def trained_model(tiny_frame: pd.DataFrame, tiny_fit_kwargs: dict[str, Any]) -> TrainResult:
     """A ``TrainResult``: torch model, fitted schema, config, test frame and its predictions."""
-    from model.train import fit
+    from model.training.train import fit
 
     return fit(tiny_frame, **tiny_fit_kwargs)
 
@@ -49,7 +49,7 @@ def tiny_bundle(
     tmp_path_factory: pytest.TempPathFactory, trained_model: TrainResult
 ) -> tuple[Path, str]:
     """(registry path, version): the tiny model exported, published and activated."""
-    from model.train import TrainOptions, publish
+    from model.training.train import TrainOptions, publish
 
     registry = tmp_path_factory.mktemp("registry")
     opts = TrainOptions(

@@ -378,7 +378,7 @@ def test_fusion_profiles_file() -> None:
 
 
 def test_fusion_profiles_load_in_the_service() -> None:
-    from service.fusion import parse_profiles
+    from model.core.fusion import parse_profiles
 
     cfg = tomllib.loads(FUSION.read_text())
     profiles, default = parse_profiles(cfg)

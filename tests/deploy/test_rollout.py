@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import rollout
-from model.registry import Registry
+from model.core.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ from tests.integration.live_helpers import LiveServer
 @pytest.fixture
 def live_registry(registry_copy: Path, tiny_bundle: tuple[Path, str]) -> Path:
     """A private copy of the tiny registry, with the same bundle also published as ``v2``."""
-    from model.registry import Registry
+    from model.core.registry import Registry
 
     Registry(registry_copy).publish(registry_copy / "versions" / tiny_bundle[1], version="v2")
     return registry_copy

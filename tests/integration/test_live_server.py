@@ -196,8 +196,8 @@ def test_serves_with_torch_absent(
 def test_service_modules_do_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "import model.features, model.bundle, model.registry, model.cli\n"
-        "import service.app, service.server, service.manager, service.scorer, service.fusion\n"
+        "import model.core.features, model.core.bundle, model.core.registry, model.cli\n"
+        "import service.app, service.server, service.manager, service.scorer, model.core.fusion\n"
         "from service.app import create_app\n"
         "from service.settings import Settings\n"
         "create_app(Settings(registry='/nonexistent'))\n"

@@ -9,8 +9,8 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
-from model.bundle import MANIFEST_FILE, MODEL_FILE
-from model.registry import Registry
+from model.core.bundle import MANIFEST_FILE, MODEL_FILE
+from model.core.registry import Registry
 from service.settings import Settings
 
 PROFILES = """\
@@ -85,7 +85,7 @@ def corrupt_copy(registry: Path, source_version: str, name: str, how: str) -> st
 
 
 def _rewrite_checksum(d: Path) -> None:
-    from model.bundle import sha256_file
+    from model.core.bundle import sha256_file
 
     manifest = json.loads((d / MANIFEST_FILE).read_text())
     manifest["sha256"] = sha256_file(d / MODEL_FILE)
@@ -94,7 +94,7 @@ def _rewrite_checksum(d: Path) -> None:
 
 
 def _specs_after_adding(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    from model.features import FeatureSchema
+    from model.core.features import FeatureSchema
 
     return FeatureSchema.from_dict(manifest["feature_schema"]).input_specs()
 

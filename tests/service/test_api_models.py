@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from model.registry import Registry
+from model.core.registry import Registry
 from tests.service.service_helpers import AUTH, corrupt_copy, publish_as, rank_body, sample
 
 HEALTH = ["/healthz", "/v2/health/live"]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from model.registry import Registry
-from service.fusion import FusionSpec, fuse, rank_order
+from model.core.fusion import FusionSpec, fuse, rank_order
+from model.core.registry import Registry
 from tests.service.service_helpers import PROFILES, rank_body, sample, to_columnar
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from model.registry import Registry
+from model.core.registry import Registry
 from service.errors import NotReady, SwapFailed
 from service.manager import FAILED_RETRY_S, ModelManager, ServingState, canary_bucket
 from tests.service.service_helpers import corrupt_copy, publish_as, sample

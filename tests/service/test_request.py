@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.features import default_schema
+from model.core.features import default_schema
 from service.errors import InvalidRequest, MalformedBody
 from service.request import items_of, parse_request
 from service.scorer import SchemaView

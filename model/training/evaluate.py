@@ -6,11 +6,12 @@ the simulator's ``true_utility`` (one definition for the whole repo):
 
     U = w_click * true_p_click + w_watch * true_watch_s + w_like * true_p_like
 
-with ``model.simulate.DEFAULT_UTILITY_WEIGHTS`` (click 1, watch 0.1 per second, like 20), under
-which the three terms contribute about equally on average. Fusion is ``service.fusion.fuse``, the
+with ``simulate.DEFAULT_UTILITY_WEIGHTS`` (click 1, watch 0.1 per second, like 20), under
+which the three terms contribute about equally on average. Fusion is ``model.core.fusion.fuse``, the
 exact code the service ranks with (pure numpy).
 
-``python -m model.evaluate --impressions 300000`` trains both architectures on the same simulated
+``python -m model.training.evaluate --impressions 300000`` trains both architectures on the same
+simulated
 data and seed and prints their metrics side by side.
 """
 
@@ -23,9 +24,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from model.metrics import ndcg_at_k
-from model.simulate import true_utility
-from service.fusion import FusionSpec, fuse
+from model.core.fusion import FusionSpec, fuse
+from model.core.metrics import ndcg_at_k
+from model.training.simulate import true_utility
 
 # The trainer's recommended fusion (manifest ``default_fusion``): YouTube-style weighted product,
 # watch seconds through log1p so that a long video does not drown the probabilities.
@@ -121,7 +122,7 @@ def compare_archs(
     small: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Train MMoE and shared-bottom on the same simulated data and seed; metrics by arch."""
-    from model.train import fit, simulated_impressions  # torch only when comparing
+    from model.training.train import fit, simulated_impressions  # torch only when comparing
 
     frame = simulated_impressions(impressions, seed, task_correlation=task_correlation)
     results: dict[str, dict[str, Any]] = {}
@@ -132,7 +133,7 @@ def compare_archs(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``python -m model.evaluate --impressions 300000``."""
+    """CLI: ``python -m model.training.evaluate --impressions 300000``."""
     parser = argparse.ArgumentParser(description="MMoE vs shared-bottom on simulated data.")
     parser.add_argument("--impressions", type=int, default=300_000)
     parser.add_argument("--seed", type=int, default=0)

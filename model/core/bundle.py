@@ -27,7 +27,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from model.features import FeatureError, FeatureSchema
+from model.core.features import FeatureError, FeatureSchema
 
 __all__ = [
     "FORMAT_VERSION",
@@ -64,8 +64,9 @@ TASK_SPECS: dict[str, dict[str, str]] = {
 TASK_KINDS: tuple[str, ...] = ("probability", "expected_value")
 _TASK_KEYS: tuple[str, ...] = ("name", "kind", "unit")
 
-# The registry's version-name pattern. It lives here (re-exported by model.registry) because the
-# bundle layer checks it too and model.registry imports this module, not the other way round.
+# The registry's version-name pattern. It lives here (re-exported by model.core.registry)
+# because the
+# bundle layer checks it too and model.core.registry imports this module, not the other way round.
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 _CHUNK = 1 << 20  # 1 MiB: streams large graphs without holding them in memory

@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from model.bundle import (
+from model.core.bundle import (
     MANIFEST_FILE,
     MODEL_FILE,
     VERSION_RE,

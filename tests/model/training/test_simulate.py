@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from model.metrics import ndcg_at_k
-from model.simulate import (
+from model.core.metrics import ndcg_at_k
+from model.training.simulate import (
     SimConfig,
     SimData,
     run_simulate,

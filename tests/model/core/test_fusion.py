@@ -1,4 +1,4 @@
-"""Tests for service/fusion.py: methods, validation, profiles, hot reload and properties."""
+"""Tests for model/core/fusion.py: methods, validation, profiles, hot reload and properties."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.fusion import (
+from model.core.fusion import (
     METHODS,
     TASKS,
     TRANSFORMS,

@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from model.bundle import load_bundle
-from model.export import make_session, random_encoded, run_session
-from model.mmoe import MMoE, MMoEConfig
-from model.registry import Registry
-from model.train import (
+from model.core.bundle import load_bundle
+from model.core.registry import Registry
+from model.training.export import make_session, random_encoded, run_session
+from model.training.mmoe import MMoE, MMoEConfig
+from model.training.train import (
     TrainOptions,
     TrainResult,
     encode_split,

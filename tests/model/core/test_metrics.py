@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.metrics import _count_ascending_pairs, auc, log_loss, ndcg_at_k, rmse, xauc
+from model.core.metrics import _count_ascending_pairs, auc, log_loss, ndcg_at_k, rmse, xauc
 
 
 def brute_auc(labels: list[int], scores: list[float]) -> float:

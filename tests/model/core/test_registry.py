@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from model.bundle import MANIFEST_FILE, MODEL_FILE, BundleError
-from model.registry import (
+from model.core.bundle import MANIFEST_FILE, MODEL_FILE, BundleError
+from model.core.registry import (
     MAX_PREVIOUS,
     VERSION_RE,
     Aliases,
@@ -27,7 +27,7 @@ from model.registry import (
     VersionExists,
     VersionNotFound,
 )
-from tests.model.test_bundle import make_bundle
+from tests.model.core.test_bundle import make_bundle
 
 SPAWN = mp.get_context("spawn")  # like a fleet of fresh processes: nothing inherited but args
 PROC_TIMEOUT_S = 60

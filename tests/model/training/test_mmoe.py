@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.export import random_encoded, random_request
-from model.features import default_schema
-from model.mmoe import (
+from model.core.features import default_schema
+from model.training.export import random_encoded, random_request
+from model.training.mmoe import (
     BatchedLinear,
     Experts,
     FeatureEmbedding,

@@ -1,11 +1,11 @@
-"""Distributed training (model/distributed.py): DDP over sharded Parquet, gloo on CPU.
+"""Distributed training (model/training/distributed.py): DDP over sharded Parquet, gloo on CPU.
 
 Two real 2-rank runs against single-process ``fit`` on the same data and seed:
 
 - ``vidrank train --nproc 2`` (``run_train``: the launcher prepares the data once and runs
   torchrun) with the MMoE: the bundle loads and scores, and its validation AUCs are within 0.01
   of the single-process run's;
-- ``torchrun --nproc_per_node 2 -m model.train`` (rank 0 simulates and prepares) with the
+- ``torchrun --nproc_per_node 2 -m model.training.train`` (rank 0 simulates and prepares) with the
   dropout-free shared-bottom model: there the two runs agree to float rounding, which pins
   down that the ranks train on the very batches, with the very gradients, of ``fit``.
 
@@ -25,13 +25,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from model import distributed
-from model.data import read_shard, split_by_time
-from model.export import make_session, random_encoded, run_session
-from model.features import default_schema
-from model.registry import Registry
-from model.simulate import SimConfig, simulate, write_simulation
-from model.train import TrainOptions, fit, run_train, simulated_impressions
+from model.training import distributed
+from model.core.features import default_schema
+from model.core.registry import Registry
+from model.training.data import read_shard, split_by_time
+from model.training.export import make_session, random_encoded, run_session
+from model.training.simulate import SimConfig, simulate, write_simulation
+from model.training.train import TrainOptions, fit, run_train, simulated_impressions
 
 TASKS = ("click", "watch_time", "like")
 
@@ -60,7 +60,7 @@ def sim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def frame(sim_dir: Path) -> pd.DataFrame:
-    from model.data import load_impressions
+    from model.training.data import load_impressions
 
     return load_impressions(sim_dir)
 
@@ -116,13 +116,13 @@ def test_nproc_2_matches_single_process(tmp_path: Path, sim_dir: Path, frame: pd
 
 
 def test_torchrun_module_entry_equals_single_process(tmp_path: Path) -> None:
-    """`torchrun -m model.train` with `vidrank train`'s options; rank 0 simulates the data."""
+    """`torchrun -m model.training.train` with `vidrank train`'s options; rank 0 simulates."""
     registry, n, epochs = tmp_path / "registry", 20_000, 2
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", "1", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(distributed.free_port()),
-        "-m", "model.train",
+        "-m", "model.training.train",
         "--registry", str(registry), "--simulate", str(n), "--arch", "shared_bottom",
         "--small", "--epochs", str(epochs), "--batch-size", "1024", "--version", "v-torchrun",
     ]  # fmt: skip

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from model.bundle import (
+from model.core.bundle import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     MODEL_FILE,
@@ -27,7 +27,7 @@ from model.bundle import (
     validate_against_session_io,
     write_bundle,
 )
-from model.features import default_schema
+from model.core.features import default_schema
 
 VERSIONS = {"onnxruntime": "1.20.0", "torch": "2.13.0", "onnx": "1.16.0", "vidrank": "0.1.0"}
 FUSION = {"method": "weighted_sum", "weights": {"click": 1.0, "watch_time": 0.1, "like": 2.0}}
@@ -401,7 +401,7 @@ def test_no_heavy_imports() -> None:
         "import sys\n"
         "for m in ('torch', 'onnx', 'onnxruntime'):\n"
         "    sys.modules[m] = None  # any import of these now raises ImportError\n"
-        "import model.bundle, model.registry\n"
+        "import model.core.bundle, model.core.registry\n"
         "heavy = [m for m in ('torch', 'onnx', 'onnxruntime') if sys.modules.get(m) is not None]\n"
         "assert not heavy, heavy\n"
     )

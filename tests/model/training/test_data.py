@@ -9,14 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from model.data import (
+from model.training.data import (
     FEATURE_COLUMNS,
     load_impressions,
     read_shard,
     split_by_time,
     write_shards,
 )
-from model.simulate import SimConfig, SimData, simulate, write_simulation
+from model.training.simulate import SimConfig, SimData, simulate, write_simulation
 
 # KuaiRand-Pure's real column names; rows out of time order; some values missing as in the data.
 LOG_CSV = """\

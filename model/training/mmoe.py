@@ -45,8 +45,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812 -- the conventional alias
 
-from model.bundle import TASKS
-from model.features import ENTITIES, EntityLayout, FeatureSchema
+from model.core.bundle import TASKS
+from model.core.features import ENTITIES, EntityLayout, FeatureSchema
 
 BINARY_TASKS: frozenset[str] = frozenset({"click", "like"})
 POISSON_TASKS: frozenset[str] = frozenset({"watch_time"})

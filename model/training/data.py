@@ -3,7 +3,8 @@
 `load_impressions(dir)` joins the log(s) with user and basic video features and returns one row per
 impression, sorted by time_ms, with the default feature schema's column names, the labels
 `click`, `watch_s`, `like`, `time_ms`, and the simulator's truth columns when present (see
-docs/internals.md). It works for the real KuaiRand files and for `model.simulate` output alike.
+docs/internals.md). It works for the real KuaiRand files and for
+`model.training.simulate` output alike.
 
 Choices worth knowing:
 - watch_s = play_time_ms / 1000 for clicked impressions, clipped to [0, max_watch_ratio x duration]
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from model.features import default_schema
+from model.core.features import default_schema
 
 BEIJING_OFFSET_MS = 8 * 3600 * 1000
 TRUTH_COLUMNS = ("true_p_click", "true_watch_s", "true_p_like")

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.features import Feature, FeatureError, FeatureSchema, default_schema
+from model.core.features import Feature, FeatureError, FeatureSchema, default_schema
 
 SCHEMA = default_schema().fit(
     {

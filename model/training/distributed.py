@@ -5,11 +5,12 @@ Two ways in, one code path per rank:
 ``vidrank train --nproc N ...``
     This process is the launcher: it loads (or simulates) the data once, prepares it (below)
     in a temp directory and runs ``torchrun`` (``python -m torch.distributed.run``) with N ranks
-    on 127.0.0.1 and a free MASTER_PORT; each rank runs ``python -m model.distributed SPEC``
+    on 127.0.0.1 and a free MASTER_PORT; each rank runs
+    ``python -m model.training.distributed SPEC``
     (options, version, data directory). torchrun stops every rank when one fails. The launcher
     returns once rank 0 has published.
-``torchrun --nproc_per_node N -m model.train ...`` (the options of ``vidrank train``)
-    ``model/train.py``'s ``__main__`` runs ``vidrank train``, whose ``run_train`` sees
+``torchrun --nproc_per_node N -m model.training.train ...`` (the options of ``vidrank train``)
+    ``model/training/train.py``'s ``__main__`` runs ``vidrank train``, whose ``run_train`` sees
     torchrun's environment and comes here. Rank 0 prepares the data in a temp directory and
     broadcasts its path (one machine), or, when ``--data DIR`` already holds prepared data
     (e.g. on a shared volume, for several nodes), every rank reads DIR as it is.
@@ -20,7 +21,7 @@ split, so every rank encodes with the same standardisation stats and rank 0 vali
 same rows as ``fit``. Layout::
 
     meta.json                              schema, label means, row counts
-    train/part-0000r-of-0000N.parquet      the training split in N shards (model.data.write_shards)
+    train/part-0000r-of-0000N.parquet      training split in N shards (data.write_shards)
     valid/part-00000-of-00001.parquet      validation split
     test/part-00000-of-00001.parquet       test split
 
@@ -68,11 +69,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from model.data import read_shard, split_by_time, write_shards
-from model.evaluate import has_truth, ranking_eval
-from model.features import FeatureSchema, default_schema
-from model.mmoe import MMoEConfig, RankingModel, build_model, init_output_bias
-from model.train import (
+from model.core.features import FeatureSchema, default_schema
+from model.training.data import read_shard, split_by_time, write_shards
+from model.training.evaluate import has_truth, ranking_eval
+from model.training.mmoe import MMoEConfig, RankingModel, build_model, init_output_bias
+from model.training.train import (
     Batch,
     EncodedSplit,
     TrainOptions,
@@ -493,7 +494,7 @@ def torchrun_command(world: int, port: int, spec: Path) -> list[str]:
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", "1", "--nproc_per_node", str(world),
         "--master_addr", "127.0.0.1", "--master_port", str(port),
-        "-m", "model.distributed", str(spec),
+        "-m", "model.training.distributed", str(spec),
     ]  # fmt: skip
 
 
@@ -583,10 +584,10 @@ def _plan_on_main(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m model.distributed SPEC``: one rank of a ``launch`` (torchrun runs this)."""
+    """``python -m model.training.distributed SPEC``: one rank of a ``launch`` (torchrun)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not under_torchrun():
-        raise SystemExit("usage (under torchrun): python -m model.distributed SPEC.json")
+        raise SystemExit("usage (under torchrun): python -m model.training.distributed SPEC.json")
     opts, version, prepared = _from_spec(json.loads(Path(args[0]).read_text()))
     torchrun_worker(opts, version, prepared)
 

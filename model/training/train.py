@@ -7,7 +7,8 @@ own: ``fit(frame, ...)`` trains and evaluates on an impression frame and returns
 Data is encoded once with the feature schema (the same code the service runs) into tensors and
 batched by indexing with a seeded permutation: no DataLoader, no per-row Python. The loss is
 BCE(click) + Poisson NLL(watch_s / watch_scale, log input) + BCE(like), all over the impression
-space (see model/mmoe.py for why Poisson). Training is deterministic per seed on a given machine:
+space (see model/training/mmoe.py for why Poisson). Training is deterministic per seed on a given
+machine:
 seeded torch and numpy generators and a fixed torch thread count.
 """
 
@@ -33,15 +34,15 @@ from torch import Tensor
 from torch.nn import functional as F  # noqa: N812 -- the conventional alias
 from tqdm import tqdm
 
-from model.bundle import Bundle, build_manifest, write_bundle
-from model.data import load_impressions, split_by_time
-from model.evaluate import DEFAULT_FUSION, has_truth, ranking_eval
-from model.export import DEFAULT_OPSET, export_onnx, parity, predict_frame, quantize_int8
-from model.features import FeatureSchema, default_schema
-from model.metrics import auc, rmse, xauc
-from model.mmoe import MMoEConfig, RankingModel, build_model, init_output_bias
-from model.registry import Registry, check_version_name
-from model.simulate import SimConfig, simulate, write_simulation
+from model.core.bundle import Bundle, build_manifest, write_bundle
+from model.core.features import FeatureSchema, default_schema
+from model.core.metrics import auc, rmse, xauc
+from model.core.registry import Registry, check_version_name
+from model.training.data import load_impressions, split_by_time
+from model.training.evaluate import DEFAULT_FUSION, has_truth, ranking_eval
+from model.training.export import DEFAULT_OPSET, export_onnx, parity, predict_frame, quantize_int8
+from model.training.mmoe import MMoEConfig, RankingModel, build_model, init_output_bias
+from model.training.simulate import SimConfig, simulate, write_simulation
 
 TRAIN_THREADS = 2  # fixed so that results are reproducible (and fit the 2-core target machine)
 EVAL_BATCH = 16_384
@@ -541,7 +542,7 @@ def run_train(opts: TrainOptions) -> str:
     check_version_name(version)  # InvalidVersionName is a ValueError
     if registry.has(version):  # fail before training, not after
         raise ValueError(f"version {version!r} is already published in {opts.registry}")
-    from model import distributed  # DDP (model/distributed.py); it imports this module
+    from model.training import distributed  # DDP (model/training/distributed.py); it imports this module
 
     if opts.nproc > 1 or distributed.under_torchrun():
         return distributed.run_distributed(opts, version)
@@ -563,9 +564,11 @@ def run_train(opts: TrainOptions) -> str:
     return published
 
 
-if __name__ == "__main__":  # torchrun --nproc_per_node N -m model.train <vidrank train options>
+if (
+    __name__ == "__main__"
+):  # torchrun --nproc_per_node N -m model.training.train <vidrank train options>
     import sys
 
     from model.cli import app
 
-    app(["train", *sys.argv[1:]], prog_name="python -m model.train")
+    app(["train", *sys.argv[1:]], prog_name="python -m model.training.train")

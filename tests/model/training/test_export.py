@@ -9,7 +9,8 @@ import onnx
 import pytest
 import torch
 
-from model.export import (
+from model.core.features import default_schema
+from model.training.export import (
     NaiveMMoE,
     compare,
     export_onnx,
@@ -19,9 +20,8 @@ from model.export import (
     run_session,
     torch_predict,
 )
-from model.features import default_schema
-from model.mmoe import MMoE, MMoEConfig, SharedBottom
-from model.train import TrainResult
+from model.training.mmoe import MMoE, MMoEConfig, SharedBottom
+from model.training.train import TrainResult
 
 DTYPES: dict[int, str] = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32"}
 
