@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 from benchmarks.stats import percentiles_ms, time_calls
 from model.core.bundle import TASKS
-from service.scorer import session_options
+from model.core.runtime import session_options
 
 OUTPUTS = list(TASKS)
 ROUNDS = 5

@@ -7,9 +7,12 @@ exactly what it accepts and returns, and /docs renders them.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from model.core.fusion import METHODS, TRANSFORMS
+from model.core.tasks import TASKS
 
 FeatureValue = str | int | float | list[str | int] | None
 
@@ -41,13 +44,16 @@ class ColumnarCandidates(_Strict):
 
 class TaskWeight(_Strict):
     weight: float
-    transform: Literal["identity", "log1p", "scale"] = "identity"
+    transform: str = Field("identity", json_schema_extra={"enum": list(TRANSFORMS)})
     scale: float = 1.0
 
 
 class FusionParams(_Strict):
-    method: Literal["weighted_sum", "weighted_product", "rank_sum"]
-    weights: dict[Literal["click", "watch_time", "like"], float | TaskWeight]
+    method: str = Field(json_schema_extra={"enum": list(METHODS)})
+    weights: dict[str, float | TaskWeight] = Field(
+        json_schema_extra={"propertyNames": {"enum": list(TASKS)}},
+        description="Per task: a weight, or a weight with a transform.",
+    )
     epsilon: float = Field(1e-6, description="weighted_product: added before the log.")
     beta: float = Field(1.0, description="rank_sum: score = sum_k w_k / (rank_k + beta).")
 

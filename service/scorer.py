@@ -14,11 +14,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import onnxruntime as ort
 
-from model.core.bundle import TASKS, Bundle, BundleError, validate_against_session_io
+from model.core.bundle import Bundle, BundleError, validate_against_session_io
 from model.core.features import FeatureSchema
 from model.core.fusion import FusionError, FusionSpec
+from model.core.runtime import make_session
+from model.core.tasks import TASKS
 
 WARMUP_SIZES: tuple[int, ...] = (1, 100, 500)  # plus the largest request, capped at WARMUP_MAX
 WARMUP_MAX = 2000
@@ -46,17 +47,6 @@ class SchemaView:
             numeric=frozenset(f.name for f in schema.features if f.kind == "numeric"),
             categorical=frozenset(f.name for f in schema.features if f.kind == "categorical"),
         )
-
-
-def session_options(intra_op_threads: int) -> ort.SessionOptions:
-    """Deliberate onnxruntime settings: full graph optimisation, sized thread pools."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = intra_op_threads
-    opts.inter_op_num_threads = 1  # sequential execution never uses the inter-op pool
-    opts.log_severity_level = 3  # warnings from the optimiser are not actionable at serving time
-    return opts
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
@@ -96,11 +86,7 @@ class Scorer:
         except FusionError as e:
             raise BundleError(f"invalid default fusion in the manifest: {e}") from e
         try:
-            self.session = ort.InferenceSession(
-                str(bundle.onnx_path),
-                sess_options=session_options(intra_op_threads),
-                providers=["CPUExecutionProvider"],
-            )
+            self.session = make_session(bundle.onnx_path, intra_op_threads)
         except Exception as e:  # onnxruntime raises its own types for corrupt graphs
             raise BundleError(f"onnxruntime cannot load {bundle.onnx_path.name}: {e}") from e
         validate_against_session_io(

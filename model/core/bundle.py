@@ -14,36 +14,38 @@ This module is on the serving path: it must not import torch, onnx or onnxruntim
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
-import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from model.core.features import FeatureError, FeatureSchema
+from model.core.fileio import (
+    file_chunks,
+    fsync_dir,
+    fsync_file,
+    json_bytes,
+    sha256_file,
+    utc_now_iso,
+    write_atomic,
+)
+from model.core.tasks import TASK_KINDS, TASK_SPECS, TASKS
 
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_FILE",
     "MODEL_FILE",
-    "TASKS",
-    "TASK_SPECS",
     "VERSION_RE",
     "Bundle",
     "BundleError",
     "build_manifest",
-    "fsync_dir",
-    "write_atomic",
     "load_bundle",
     "normalise_dtype",
-    "sha256_file",
     "validate_against_session_io",
     "write_bundle",
 ]
@@ -52,24 +54,12 @@ MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS: frozenset[int] = frozenset({1})
-TASKS: tuple[str, ...] = ("click", "watch_time", "like")
-
-# Default head descriptions; watch_time is an expected value in seconds per impression (over the
-# whole impression space, so not conditioned on a click).
-TASK_SPECS: dict[str, dict[str, str]] = {
-    "click": {"name": "click", "kind": "probability", "unit": "probability"},
-    "watch_time": {"name": "watch_time", "kind": "expected_value", "unit": "seconds"},
-    "like": {"name": "like", "kind": "probability", "unit": "probability"},
-}
-TASK_KINDS: tuple[str, ...] = ("probability", "expected_value")
 _TASK_KEYS: tuple[str, ...] = ("name", "kind", "unit")
 
 # The registry's version-name pattern. It lives here (re-exported by model.core.registry)
-# because the
-# bundle layer checks it too and model.core.registry imports this module, not the other way round.
+# because the bundle checks it too and the registry imports this module, not the reverse.
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
-_CHUNK = 1 << 20  # 1 MiB: streams large graphs without holding them in memory
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _INPUT_DTYPES: frozenset[str] = frozenset({"int64", "float32"})
 
@@ -179,15 +169,6 @@ class Bundle:
 # -- hashing / JSON ----------------------------------------------------------------------------
 
 
-def sha256_file(path: Path | str) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks so large graphs need no extra memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _jsonable(obj: Any, where: str = "manifest") -> Any:
     """Convert ``obj`` into plain JSON types.
 
@@ -209,15 +190,6 @@ def _jsonable(obj: Any, where: str = "manifest") -> Any:
     if callable(tolist):
         return _jsonable(tolist(), where)
     raise BundleError(f"{where}: value of type {type(obj).__name__} is not JSON-serialisable")
-
-
-def _manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
-    text = json.dumps(_jsonable(manifest), indent=2, ensure_ascii=False, allow_nan=False)
-    return (text + "\n").encode("utf-8")
-
-
-def _utc_now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # -- building ----------------------------------------------------------------------------------
@@ -266,7 +238,7 @@ def build_manifest(
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "version": version,
-        "created_at": _utc_now_iso(),
+        "created_at": utc_now_iso(),
         "feature_schema": schema.to_dict(),
         "inputs": schema.input_specs(),
         "outputs": [{"name": t["name"], "dtype": "float32", "shape": ["N"]} for t in task_specs],
@@ -291,55 +263,11 @@ def build_manifest(
 # -- writing -----------------------------------------------------------------------------------
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so that entries created/renamed in it survive a crash."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(dest: Path, chunks: Iterable[bytes]) -> str:
-    """Write ``chunks`` to ``dest`` via a fsynced temp file + rename; return the data's sha256.
-
-    Readers (and a crash) see either the old file or the complete new one, never a torn one.
-    """
-    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
-    h = hashlib.sha256()
-    try:
-        with open(tmp, "xb") as f:
-            for chunk in chunks:
-                h.update(chunk)
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return h.hexdigest()
-
-
-def _file_chunks(path: Path) -> Iterable[bytes]:
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            yield chunk
-
-
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
         return False
-
-
-def _sync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_bundle(dest_dir: Path, onnx_src: Path | bytes, manifest: Mapping[str, Any]) -> Bundle:
@@ -358,14 +286,14 @@ def write_bundle(dest_dir: Path, onnx_src: Path | bytes, manifest: Mapping[str, 
         digest, size = write_atomic(model_dest, [data]), len(data)
     elif _same_file(Path(onnx_src), model_dest):
         # The exporter wrote straight into the bundle directory: nothing to copy.
-        _sync_file(model_dest)
+        fsync_file(model_dest)
         digest, size = sha256_file(model_dest), model_dest.stat().st_size
     else:
-        digest = write_atomic(model_dest, _file_chunks(Path(onnx_src)))
+        digest = write_atomic(model_dest, file_chunks(Path(onnx_src)))
         size = model_dest.stat().st_size
     final = dict(manifest)
     final["sha256"], final["size_bytes"] = digest, size
-    write_atomic(dest_dir / MANIFEST_FILE, [_manifest_bytes(final)])
+    write_atomic(dest_dir / MANIFEST_FILE, [json_bytes(_jsonable(final))])
     fsync_dir(dest_dir)
     return load_bundle(dest_dir, verify=True)
 

@@ -44,7 +44,8 @@ from typing import Any, Final
 
 import numpy as np
 
-TASKS: Final = ("click", "watch_time", "like")
+from model.core.tasks import TASKS
+
 METHODS: Final = ("weighted_sum", "weighted_product", "rank_sum")
 TRANSFORMS: Final = ("identity", "log1p", "scale")
 

@@ -38,7 +38,6 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +47,15 @@ from model.core.bundle import (
     VERSION_RE,
     Bundle,
     BundleError,
-    fsync_dir,
     load_bundle,
-    write_atomic,
+)
+from model.core.fileio import (
+    copy_durable,
+    fsync_dir,
+    json_bytes,
+    replace_durable,
+    utc_now_iso,
+    write_durable,
 )
 
 __all__ = [
@@ -73,7 +78,6 @@ ALIASES_FILE = "aliases.json"
 LOCK_FILE = ".lock"
 TEMP_PREFIX = ".tmp-"
 MAX_PREVIOUS = 20  # rollback depth; bounded so aliases.json stays small
-_CHUNK = 1 << 20
 
 
 class RegistryError(Exception):
@@ -107,10 +111,6 @@ def check_version_name(version: Any) -> str:
             f"invalid version name {version!r}: must match {VERSION_RE.pattern}"
         )
     return version
-
-
-def _utc_now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 # -- aliases -----------------------------------------------------------------------------------
@@ -292,13 +292,12 @@ class Registry:
 
     def _stage(self, source: Bundle, tmp: Path, name: str) -> None:
         """Copy the bundle into ``tmp``, make it durable and verify the copy."""
-        _copy_durable(source.onnx_path, tmp / MODEL_FILE)
+        copy_durable(source.onnx_path, tmp / MODEL_FILE)
         if name == source.version:
-            _copy_durable(source.manifest_path, tmp / MANIFEST_FILE)
+            copy_durable(source.manifest_path, tmp / MANIFEST_FILE)
         else:
             manifest = dict(source.manifest, version=name)
-            data = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-            _write_durable(tmp / MANIFEST_FILE, data)
+            write_durable(tmp / MANIFEST_FILE, json_bytes(manifest))
         fsync_dir(tmp)
         staged = load_bundle(tmp, verify=True)  # re-read from disk: catches a bad copy
         if staged.version != name:
@@ -458,36 +457,10 @@ class Registry:
     def _update(self, change: Callable[[Aliases], Aliases]) -> Aliases:
         """Read-modify-write ``aliases.json`` under the lock, so no concurrent update is lost."""
         with self._locked():
-            new = replace(change(self.read_aliases()), updated_at=_utc_now_iso())
-            data = (json.dumps(new.to_dict(), indent=2) + "\n").encode("utf-8")
-            _replace_durable(self.aliases_path, data)
+            new = replace(change(self.read_aliases()), updated_at=utc_now_iso())
+            replace_durable(self.aliases_path, json_bytes(new.to_dict()))
             return new
 
 
 def _drop_canary_of(canary: Canary | None, version: str) -> Canary | None:
     return None if canary is not None and canary.version == version else canary
-
-
-# -- durable file helpers ----------------------------------------------------------------------
-
-
-def _copy_durable(src: Path, dest: Path) -> None:
-    """Stream-copy ``src`` to a new file ``dest`` and fsync it."""
-    with open(src, "rb") as fin, open(dest, "xb") as fout:
-        shutil.copyfileobj(fin, fout, _CHUNK)
-        fout.flush()
-        os.fsync(fout.fileno())
-
-
-def _write_durable(dest: Path, data: bytes) -> None:
-    """Write ``data`` to a new file ``dest`` and fsync it."""
-    with open(dest, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _replace_durable(dest: Path, data: bytes) -> None:
-    """Atomically replace ``dest`` (temp file, fsync, rename), then fsync its directory."""
-    write_atomic(dest, [data])
-    fsync_dir(dest.parent)

@@ -27,9 +27,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from model.core.features import default_schema
+from model.core.tasks import TRUTH_COLUMNS
 
 BEIJING_OFFSET_MS = 8 * 3600 * 1000
-TRUTH_COLUMNS = ("true_p_click", "true_watch_s", "true_p_like")
 # The default schema's features, in its order: the loader emits exactly these columns.
 FEATURE_COLUMNS = tuple(default_schema().names())
 LOG_COLUMNS = (
@@ -43,7 +43,7 @@ LOG_COLUMNS = (
     "play_time_ms",
     "duration_ms",
     "tab",
-    *TRUTH_COLUMNS,
+    *TRUTH_COLUMNS.values(),
 )
 USER_COLUMNS = tuple(default_schema().names("user"))  # read from user_features*
 VIDEO_COLUMNS = (
@@ -268,7 +268,7 @@ def _build_frame(joined: pd.DataFrame, max_watch_ratio: float | None) -> pd.Data
             "time_ms": time_ms,
         }
     )
-    for col in TRUTH_COLUMNS:
+    for col in TRUTH_COLUMNS.values():
         if col in joined.columns:
             out[col] = joined[col].to_numpy(dtype=np.float32)
     return out

@@ -26,6 +26,7 @@ import pandas as pd
 
 from model.core.fusion import FusionSpec, fuse
 from model.core.metrics import ndcg_at_k
+from model.core.tasks import TRUTH_COLUMNS
 from model.training.simulate import true_utility
 
 # The trainer's recommended fusion (manifest ``default_fusion``): YouTube-style weighted product,
@@ -33,11 +34,6 @@ from model.training.simulate import true_utility
 DEFAULT_FUSION: dict[str, Any] = {
     "method": "weighted_product",
     "weights": {"click": 1.0, "watch_time": {"weight": 0.6, "transform": "log1p"}, "like": 0.4},
-}
-TRUTH_COLUMNS: dict[str, str] = {
-    "click": "true_p_click",
-    "watch_time": "true_watch_s",
-    "like": "true_p_like",
 }
 
 

@@ -38,15 +38,17 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from model.core.bundle import TASKS, normalise_dtype
+from model.core.bundle import normalise_dtype
 from model.core.features import FeatureSchema
-from model.training.mmoe import BINARY_TASKS, MMoE, RankingModel, batched
+from model.core.runtime import make_session
+from model.core.tasks import PROBABILITY_TASKS, TASKS
+from model.training.mmoe import MMoE, RankingModel, batched
 
 if TYPE_CHECKING:
     import pandas as pd
 
 OUTPUTS: tuple[str, ...] = TASKS  # the bundle's heads, in the graph's output order
-PROB_OUTPUTS: tuple[str, ...] = tuple(t for t in TASKS if t in BINARY_TASKS)
+PROB_OUTPUTS: tuple[str, ...] = tuple(t for t in TASKS if t in PROBABILITY_TASKS)
 DEFAULT_OPSET = 17
 Variant = Literal["fused", "naive", "trained"]
 
@@ -250,14 +252,6 @@ def random_encoded(
 # -- running -----------------------------------------------------------------------------------
 
 
-def make_session(path: Path | str, threads: int = 0) -> ort.InferenceSession:
-    """An onnxruntime CPU session with full graph optimisation (``threads`` 0 = ort's default)."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def run_session(session: ort.InferenceSession, encoded: Mapping[str, np.ndarray]) -> dict:
     """{output name: array} for one encoded request."""
     feed = {i.name: encoded[i.name] for i in session.get_inputs()}
@@ -416,7 +410,7 @@ def predict_frame(
     Rows are scored as the service scores them: rows that share every user and context feature
     form one request (user side batch 1, the rows as candidates).
     """
-    session = make_session(onnx_path, threads=1)
+    session = make_session(onnx_path, intra_op_threads=1)
     columns = {n: frame[n].to_numpy() for n in schema.names() if n in frame.columns}
     encoded = schema.encode_rows(columns, len(frame))
     keys = [n for n in (*schema.names("user"), *schema.names("context")) if n in frame.columns]

@@ -45,11 +45,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812 -- the conventional alias
 
-from model.core.bundle import TASKS
 from model.core.features import ENTITIES, EntityLayout, FeatureSchema
+from model.core.tasks import PROBABILITY_TASKS, TASKS
 
-BINARY_TASKS: frozenset[str] = frozenset({"click", "like"})
-POISSON_TASKS: frozenset[str] = frozenset({"watch_time"})
+BINARY_TASKS: frozenset[str] = PROBABILITY_TASKS  # trained with BCE on a logit
+POISSON_TASKS: frozenset[str] = frozenset(TASKS) - PROBABILITY_TASKS  # Poisson NLL, log rate
 ARCHS: tuple[str, ...] = ("mmoe", "shared_bottom")
 # Clamp of the watch-time log-rate (relative to watch_scale): exp(10) ~ 2.2e4 times the mean
 # keeps float32 finite and the gradient alive over any plausible range.

@@ -542,7 +542,9 @@ def run_train(opts: TrainOptions) -> str:
     check_version_name(version)  # InvalidVersionName is a ValueError
     if registry.has(version):  # fail before training, not after
         raise ValueError(f"version {version!r} is already published in {opts.registry}")
-    from model.training import distributed  # DDP (model/training/distributed.py); it imports this module
+    from model.training import (
+        distributed,  # DDP (model/training/distributed.py); it imports this module
+    )
 
     if opts.nproc > 1 or distributed.under_torchrun():
         return distributed.run_distributed(opts, version)

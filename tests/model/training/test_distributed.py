@@ -25,15 +25,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from model.training import distributed
 from model.core.features import default_schema
 from model.core.registry import Registry
+from model.core.runtime import make_session
+from model.core.tasks import TASKS
+from model.training import distributed
 from model.training.data import read_shard, split_by_time
-from model.training.export import make_session, random_encoded, run_session
+from model.training.export import random_encoded, run_session
 from model.training.simulate import SimConfig, simulate, write_simulation
 from model.training.train import TrainOptions, fit, run_train, simulated_impressions
-
-TASKS = ("click", "watch_time", "like")
 
 # A small world (100 users, 150 videos) seen 100k times, with one shared driver behind click,
 # completion and like (task_correlation 1.0), so that in 3 epochs the like head - 2-3% positives

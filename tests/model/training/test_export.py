@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from model.core.features import default_schema
+from model.core.runtime import make_session
 from model.training.export import (
     NaiveMMoE,
     compare,
     export_onnx,
-    make_session,
     parity,
     random_encoded,
     run_session,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from model.core.features import default_schema
+from model.core.tasks import TASKS
 from model.training.export import random_encoded, random_request
 from model.training.mmoe import (
     BatchedLinear,
@@ -25,7 +26,6 @@ from model.training.mmoe import (
 )
 
 SCHEMA = default_schema()
-TASKS = ("click", "watch_time", "like")
 
 
 def tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

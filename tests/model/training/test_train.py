@@ -14,7 +14,9 @@ import torch
 
 from model.core.bundle import load_bundle
 from model.core.registry import Registry
-from model.training.export import make_session, random_encoded, run_session
+from model.core.runtime import make_session
+from model.core.tasks import TASKS
+from model.training.export import random_encoded, run_session
 from model.training.mmoe import MMoE, MMoEConfig
 from model.training.train import (
     TrainOptions,
@@ -28,7 +30,6 @@ from model.training.train import (
     run_train,
 )
 
-TASKS = ("click", "watch_time", "like")
 HEADLINE = ("click_auc", "like_auc", "watch_rmse", "watch_xauc", "ndcg10_fused")
 
 
