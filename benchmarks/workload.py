@@ -20,8 +20,7 @@ import pandas as pd
 from model.core.features import FeatureSchema
 from model.training.data import load_impressions
 from model.training.simulate import SimConfig, simulate, write_simulation
-from service.request import items_of, parse_request
-from service.scorer import SchemaView
+from service.request import SchemaView, encoder_input, parse_request
 
 Body = dict[str, Any]
 
@@ -114,8 +113,8 @@ def to_columnar(body: Body) -> Body:
 def encode_body(schema: FeatureSchema, body: Body) -> dict[str, np.ndarray]:
     """Model inputs for a body, through the service's own parse -> columns -> encode path."""
     req = parse_request(orjson.dumps(body), max(len(body["candidates"]), 1))
-    items = items_of(req, SchemaView.of(schema))
-    return schema.encode(req.user, req.context, items.columns, req.n)
+    given = encoder_input(req, SchemaView.of(schema))
+    return schema.encode(given.user, given.context, given.items, given.n)
 
 
 def dumps(body: Body) -> bytes:

@@ -1,19 +1,23 @@
-"""Domain errors and the one table that maps them to HTTP status codes (no FastAPI here).
+"""The service's own domain errors and the one table that maps every domain error to HTTP.
 
-Every error response has one shape, ``{"error": {"code", "message", "details"?}}``, where
-``details`` carries the offending field path (``candidates[3].features.duration_s``) when there
-is one. ``app.py`` turns exceptions into that body with :func:`error_status` and
-:func:`error_body`; unknown exceptions become a 500 that says "internal error" and the request id,
-never the exception text.
+Every error derives from :class:`model.core.errors.VidrankError` (``code``, ``message``,
+``field``, ``details``), so the response needs no per-class code: the table below says only
+which HTTP status each class gets (the most specific class in the table wins, by MRO). Every
+error response has one shape, ``{"error": {"code", "message", "details"?}}``, where ``details``
+carries the offending field path (``candidates[3].features.duration_s``) when there is one plus
+the error's own details. Exceptions that are not domain errors become a 500 that says "internal
+error" and the request id, never the exception text (``service/middleware.py``). No FastAPI here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
 from model.core.bundle import BundleError
+from model.core.errors import VidrankError
 from model.core.features import FeatureError
 from model.core.fusion import FusionError
 from model.core.registry import (
@@ -25,114 +29,84 @@ from model.core.registry import (
 )
 
 
-class ServiceError(Exception):
-    """Base of the service's own errors: a stable ``code``, a message and an optional field."""
-
-    code = "error"
-
-    def __init__(
-        self, message: str, field: str | None = None, details: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
-        self.details = details
-
-
-class InvalidRequest(ServiceError):
+class InvalidRequest(VidrankError):
     """The body is JSON but not a valid request; ``field`` names the offending value."""
 
     code = "invalid_request"
 
 
-class MalformedBody(ServiceError):
+class MalformedBody(VidrankError):
     """The body is not JSON at all."""
 
     code = "malformed_json"
 
 
-class UnsupportedMediaType(ServiceError):
+class UnsupportedMediaType(VidrankError):
     """The body was declared as something other than JSON."""
 
     code = "unsupported_media_type"
 
 
-class PayloadTooLarge(ServiceError):
+class PayloadTooLarge(VidrankError):
     """The body exceeds the size that ``max_candidates`` candidates could plausibly need."""
 
     code = "payload_too_large"
 
 
-class NotReady(ServiceError):
+class NotReady(VidrankError):
     """No model is loaded and warmed yet."""
 
     code = "not_ready"
 
 
-class SwapFailed(ServiceError):
+class SwapFailed(VidrankError):
     """A version could not be loaded, verified or warmed; the old model keeps serving."""
 
     code = "invalid_bundle"
 
 
-class Unauthorized(ServiceError):
+class Unauthorized(VidrankError):
     """An admin call without a bearer token."""
 
     code = "unauthorized"
 
 
-class Forbidden(ServiceError):
+class Forbidden(VidrankError):
     """An admin call with a wrong token, or admin disabled (no token configured)."""
 
     code = "forbidden"
 
 
-# Most specific first: the first isinstance match wins. (status, code or None = the class's code)
-_TABLE: tuple[tuple[type[BaseException], int, str | None], ...] = (
-    (InvalidRequest, 422, None),
-    (MalformedBody, 400, None),
-    (UnsupportedMediaType, 415, None),
-    (PayloadTooLarge, 413, None),
-    (NotReady, 503, None),
-    (SwapFailed, 409, None),
-    (Unauthorized, 401, None),
-    (Forbidden, 403, None),
-    (FusionError, 422, "invalid_fusion"),
-    (FeatureError, 422, "invalid_feature"),
-    (VersionNotFound, 404, "version_not_found"),
-    (InvalidVersionName, 404, "version_not_found"),
-    (InvalidCanary, 422, "invalid_request"),
-    (NothingToRollBack, 409, "nothing_to_roll_back"),
-    (BundleError, 409, "invalid_bundle"),
-    (RegistryError, 409, "registry_conflict"),
-)
+HTTP_STATUS: Mapping[type[VidrankError], int] = {
+    InvalidRequest: 422,
+    MalformedBody: 400,
+    UnsupportedMediaType: 415,
+    PayloadTooLarge: 413,
+    NotReady: 503,
+    SwapFailed: 409,
+    Unauthorized: 401,
+    Forbidden: 403,
+    FusionError: 422,
+    FeatureError: 422,
+    VersionNotFound: 404,
+    InvalidVersionName: 404,
+    InvalidCanary: 422,
+    NothingToRollBack: 409,
+    BundleError: 409,
+    RegistryError: 409,  # VersionExists and the rest: the registry's state forbids it
+}
 
 
-def error_status(exc: BaseException) -> tuple[int, str]:
-    """(HTTP status, error code) for a domain exception; (500, "internal_error") otherwise."""
-    for cls, status, code in _TABLE:
-        if isinstance(exc, cls):
-            return status, code or str(getattr(exc, "code", "error"))
-    return 500, "internal_error"
+def http_status(exc: VidrankError) -> int:
+    """The HTTP status of a domain error: its most specific class in the table, else 500."""
+    for cls in type(exc).__mro__:
+        status = HTTP_STATUS.get(cls)
+        if status is not None:
+            return status
+    return 500
 
 
-def error_message(exc: BaseException) -> str:
-    """The client-facing message of a domain exception (never called for a 500)."""
-    if isinstance(exc, ServiceError | FusionError):
-        return exc.message
-    if isinstance(exc, BundleError):
-        return exc.reason
-    return str(exc)
-
-
-def error_field(exc: BaseException) -> str | None:
-    """The field path a domain exception names, if any."""
-    if isinstance(exc, ServiceError | FusionError):
-        return exc.field
-    return None
-
-
-def error_body(code: str, message: str, details: Any = None) -> bytes:
+def error_body(code: str, message: str, details: Mapping[str, Any] | None = None) -> bytes:
     """The one error body, serialised."""
     err: dict[str, Any] = {"code": code, "message": message}
     if details is not None:
@@ -140,6 +114,9 @@ def error_body(code: str, message: str, details: Any = None) -> bytes:
     return orjson.dumps({"error": err})
 
 
-def field_details(field: str | None) -> dict[str, str] | None:
-    """``details`` for an error that names a field."""
-    return {"field": field} if field else None
+def domain_error_body(exc: VidrankError) -> bytes:
+    """The error body of a domain error: its code, message, field and details."""
+    details = {"field": exc.field} if exc.field else None
+    if exc.details:
+        details = {**(details or {}), **exc.details}
+    return error_body(exc.code, exc.message, details)

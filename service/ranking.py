@@ -1,8 +1,11 @@
 """POST /rank without HTTP: bytes in, bytes out.
 
-parse (orjson) → pick the version (canary by user) → resolve the fusion → build item columns →
-encode (vectorised) → session.run → fuse → stable sort → top_k → serialise (orjson). Everything
-here is blocking and runs in a worker thread, never in the event loop.
+:meth:`Ranker.rank` reads as the request's way through the service: parse (``service.request``)
+→ pick the version (canary by user) → resolve the fusion → encode (the bundle's feature encoder,
+vectorised) → score (``session.run``) → fuse → stable sort → top_k → serialise (orjson). Domain
+errors propagate as they are, except the encoder's, which get the request field they point at;
+``service/errors.py`` turns them all into responses. Everything here is blocking and runs in a
+worker thread, never in the event loop.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from model.core.fusion import FusionSpec, ProfileStore, fuse, rank_order, resolv
 from service import metrics
 from service.errors import InvalidRequest
 from service.manager import ModelManager
-from service.request import Items, RankRequest, items_of, parse_request
+from service.request import EncoderInput, RankRequest, encoder_input, parse_request
 from service.scorer import Scorer
 
 log = logging.getLogger("vidrank.rank")
@@ -45,90 +48,48 @@ class Ranker:
         self.manager = manager
         self.profiles = profiles
         self.max_candidates = max_candidates
-        self._profile_failures = profiles.reload_failures if profiles is not None else 0
 
     def rank(self, body: bytes, request_id: str) -> RankResult:
         """Rank one request; raises domain errors (InvalidRequest, FusionError, NotReady ...)."""
         req = parse_request(body, self.max_candidates)
         scorer = self.manager.state.pick(req.user_id)
         spec = resolve(self.profiles, req.fusion, scorer.default_fusion)
-        self._check_profiles()
-        try:
-            items = items_of(req, scorer.view)
-        except FeatureError as e:
-            raise InvalidRequest(e.message, feature_path(e, req.columnar)) from None
-        unknown = items.unknown | (req.user.keys() - scorer.view.user - {"user_id"})
-        unknown |= req.context.keys() - scorer.view.context
-        if unknown:
-            metrics.count_unknown_features(unknown)
+        given = encoder_input(req, scorer.view)
+        if given.unknown:
+            metrics.count_unknown_features(given.unknown)
         rid = req.request_id or request_id
         metrics.CANDIDATES.observe(req.n)
         metrics.RANK_BY_VERSION.labels(scorer.version).inc()
-        if req.n == 0:
-            body_out = _serialise(rid, scorer.version, spec, [], None, None, {})
-        else:
-            preds = self._predict(req, items, scorer)
+        items: list[dict[str, Any]] = []
+        if req.n:
+            preds = score(scorer, encode(scorer, req, given))
             scores = fuse(spec, preds)
             order = rank_order(scores)[: req.top_k]
-            body_out = _serialise(rid, scorer.version, spec, items.video_ids, order, scores, preds)
+            items = ranked_items(given.video_ids, order, scores, preds)
+        body_out = serialise(rid, scorer.version, spec, items)
         return RankResult(body_out, rid, scorer.version, req.n)
 
-    def _predict(self, req: RankRequest, items: Items, scorer: Scorer) -> dict[str, np.ndarray]:
-        try:
-            inputs = scorer.schema.encode(req.user, req.context, items.columns, req.n)
-        except FeatureError as e:
-            raise InvalidRequest(e.message, feature_path(e, req.columnar)) from None
-        except (TypeError, ValueError, OverflowError, AttributeError) as e:
-            # Not a FeatureError: find the column the encoder choked on to name it.
-            raise self._locate(req, items, scorer, e) from None
-        start = time.perf_counter()
-        preds = scorer.score(inputs)
-        metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
-        return preds
 
-    def _locate(
-        self, req: RankRequest, items: Items, scorer: Scorer, exc: Exception
-    ) -> InvalidRequest:
-        log.warning("feature encoding failed", exc_info=exc)
-        schema = scorer.schema
-        for entity, columns, n in (
-            ("user", {k: [v] for k, v in req.user.items()}, 1),
-            ("context", {k: [v] for k, v in req.context.items()}, 1),
-            ("item", items.columns, req.n),
-        ):
-            for name, col in columns.items():
-                try:
-                    schema.encode_entity(entity, {name: col}, n)
-                except Exception:
-                    err = FeatureError(name, "invalid value(s)", entity=entity)
-                    return InvalidRequest("invalid value(s)", feature_path(err, req.columnar))
-        return InvalidRequest("invalid feature values", "candidates")
-
-    def _check_profiles(self) -> None:
-        """Count and log profile-file reload failures (the store keeps the last good file)."""
-        store = self.profiles
-        if store is not None and store.reload_failures != self._profile_failures:
-            metrics.PROFILE_RELOAD_FAILURES.inc(store.reload_failures - self._profile_failures)
-            self._profile_failures = store.reload_failures
-            log.warning(
-                "fusion profiles reload failed", extra={"fields": {"error": store.last_error}}
-            )
+def encode(scorer: Scorer, req: RankRequest, given: EncoderInput) -> dict[str, np.ndarray]:
+    """The model inputs; a bad feature value becomes a 422 naming its request field."""
+    try:
+        return scorer.schema.encode(given.user, given.context, given.items, given.n)
+    except FeatureError as e:
+        raise InvalidRequest(e.message, req.field_of(e)) from None
 
 
-def feature_path(e: FeatureError, columnar: bool) -> str:
-    """The request field a FeatureError points at."""
-    if e.entity == "user":
-        return "user.user_id" if e.feature == "user_id" else f"user.features.{e.feature}"
-    if e.entity == "context":
-        return f"context.{e.feature}"
-    row = e.row
-    if columnar:
-        base = (
-            "candidates.video_id" if e.feature == "video_id" else f"candidates.features.{e.feature}"
-        )
-        return base if row is None else f"{base}[{row}]"
-    where = f"candidates[{'*' if row is None else row}]"
-    return f"{where}.video_id" if e.feature == "video_id" else f"{where}.features.{e.feature}"
+def score(scorer: Scorer, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run the graph, timing it for the inference histogram."""
+    start = time.perf_counter()
+    preds = scorer.score(inputs)
+    metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
+    return preds
+
+
+def profiles_failed(error: str) -> None:
+    """ProfileStore's failure callback: count and log it (the store keeps the last good file)."""
+    metrics.PROFILE_RELOAD_FAILURES.inc()
+    log.warning("fusion profiles failed to load", extra={"fields": {"error": error}})
 
 
 def fusion_view(spec: FusionSpec) -> dict[str, Any]:
@@ -146,28 +107,26 @@ def fusion_view(spec: FusionSpec) -> dict[str, Any]:
     return out
 
 
-def _serialise(
-    request_id: str,
-    version: str,
-    spec: FusionSpec,
-    video_ids: list[Any],
-    order: np.ndarray | None,
-    scores: np.ndarray | None,
-    preds: dict[str, np.ndarray],
+def ranked_items(
+    video_ids: list[Any], order: np.ndarray, scores: np.ndarray, preds: dict[str, np.ndarray]
+) -> list[dict[str, Any]]:
+    """The response's items in ``order``, each with its fused score and the three predictions."""
+    # float32 predictions become the exact float64 values, so a client recomputing the fused
+    # score from them gets the same number the service sorted by.
+    ids = [video_ids[i] for i in order.tolist()]
+    click = preds["click"][order].tolist()
+    watch = preds["watch_time"][order].tolist()
+    like = preds["like"][order].tolist()
+    return [
+        {"video_id": v, "score": s, "predictions": {"click": c, "watch_time": w, "like": lk}}
+        for v, s, c, w, lk in zip(ids, scores[order].tolist(), click, watch, like, strict=True)
+    ]
+
+
+def serialise(
+    request_id: str, version: str, spec: FusionSpec, items: list[dict[str, Any]]
 ) -> bytes:
-    items: list[dict[str, Any]] = []
-    if order is not None and scores is not None and len(order):
-        # float32 predictions become the exact float64 values, so a client recomputing the
-        # fused score from them gets the same number the service sorted by.
-        idx = order.tolist()
-        ids = [video_ids[i] for i in idx]
-        click = preds["click"][order].tolist()
-        watch = preds["watch_time"][order].tolist()
-        like = preds["like"][order].tolist()
-        items = [
-            {"video_id": v, "score": s, "predictions": {"click": c, "watch_time": w, "like": lk}}
-            for v, s, c, w, lk in zip(ids, scores[order].tolist(), click, watch, like, strict=True)
-        ]
+    """The response body."""
     return orjson.dumps(
         {
             "request_id": request_id,

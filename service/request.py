@@ -1,9 +1,13 @@
-"""Decoding a /rank body into encoder-ready columns, cheaply and with precise error paths.
+"""A /rank body as encoder input: parsed once, checked for structure, with precise field paths.
 
-The body is parsed once by orjson. Structure is validated with set operations and one list
-comprehension per feature (C-level loops), never with a Python object per candidate or per
-feature value; when a check fails, a slow path walks the input to name the exact field
-(``candidates[3].features.duration_s``). Values themselves are validated by the feature encoder.
+This module owns the way from bytes to what the feature encoder takes: the user row, the context
+row, one column per item feature, the video ids, the feature names the model does not know, and
+the request field any error points at. The body is parsed once by orjson. Structure is validated
+with set operations and one list comprehension per feature (C-level loops), never with a Python
+object per candidate or per feature value; when a check fails, a slow path walks the input to
+name the exact field (``candidates[3].features.duration_s``). Feature *values* are coerced and
+checked only by the encoder (``model/core/features.py``); its :class:`FeatureError` names entity,
+feature and row, which :meth:`RankRequest.field_of` turns into the request's field path.
 
 Two candidate layouts give identical results:
 
@@ -19,12 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import orjson
 
-from model.core.features import FeatureError
+from model.core.features import FeatureError, FeatureSchema
 from service.errors import InvalidRequest, MalformedBody
-from service.scorer import SchemaView
 
 REQUEST_KEYS = frozenset({"request_id", "user", "context", "candidates", "fusion", "top_k"})
 USER_KEYS = frozenset({"user_id", "features"})
@@ -32,6 +34,26 @@ CANDIDATE_KEYS = frozenset({"video_id", "features"})
 MAX_REQUEST_ID_LEN = 128
 _EMPTY: dict[str, Any] = {}
 _ID_TYPES = frozenset({str, int})
+
+
+@dataclass(frozen=True)
+class SchemaView:
+    """What the request path needs to know about a version's feature schema, precomputed once."""
+
+    user: frozenset[str]
+    context: frozenset[str]
+    item: frozenset[str]
+    item_columns: tuple[str, ...]  # item features other than video_id, in schema order
+
+    @classmethod
+    def of(cls, schema: FeatureSchema) -> SchemaView:
+        item = schema.names("item")
+        return cls(
+            user=frozenset(schema.names("user")),
+            context=frozenset(schema.names("context")),
+            item=frozenset(item),
+            item_columns=tuple(n for n in item if n != "video_id"),
+        )
 
 
 @dataclass(slots=True)
@@ -48,14 +70,29 @@ class RankRequest:
     fusion: Any
     top_k: int | None
 
+    def field_of(self, e: FeatureError) -> str:
+        """The request field a FeatureError from the encoder points at."""
+        if e.entity == "user":
+            return "user.user_id" if e.feature == "user_id" else f"user.features.{e.feature}"
+        if e.entity == "context":
+            return f"context.{e.feature}"
+        feature = "video_id" if e.feature == "video_id" else f"features.{e.feature}"
+        if self.columnar:
+            base = f"candidates.{feature}"
+            return base if e.row is None else f"{base}[{e.row}]"
+        return f"candidates[{'*' if e.row is None else e.row}].{feature}"
+
 
 @dataclass(slots=True)
-class Items:
-    """Candidates as encoder input: ids in request order, one column per item feature."""
+class EncoderInput:
+    """A request as the feature encoder takes it, plus what the model does not know."""
 
-    video_ids: list[Any]
-    columns: dict[str, Any]
-    unknown: set[str]
+    user: dict[str, Any]
+    context: dict[str, Any]
+    items: dict[str, Any]  # one column (list of n values) per item feature the schema has
+    n: int
+    video_ids: list[Any]  # in request order
+    unknown: set[str]  # feature names, of any entity, the schema does not have
 
 
 # -- the body -----------------------------------------------------------------------------------
@@ -167,21 +204,22 @@ def _candidates(cands: Any, max_candidates: int) -> tuple[list[Any] | dict[str, 
 
 
 # -- candidates ---------------------------------------------------------------------------------
-def items_of(req: RankRequest, view: SchemaView) -> Items:
-    """Columns for the item features ``view`` knows; unknown feature names are collected."""
+def encoder_input(req: RankRequest, view: SchemaView) -> EncoderInput:
+    """Item columns for the features ``view`` knows; unknown names of every entity collected."""
     if req.columnar:
         assert isinstance(req.candidates, dict)
-        ids, raw, unknown = _columnar(req.candidates, req.n, view)
+        ids, columns, unknown = _columnar(req.candidates, req.n, view)
         path: Callable[[int], str] = "candidates.video_id[{}]".format
     else:
         assert isinstance(req.candidates, list)
-        ids, raw, unknown = _rows(req.candidates, view)
+        ids, columns, unknown = _rows(req.candidates, view)
         path = "candidates[{}].video_id".format
     _check_ids(ids, path)
-    columns = {name: _typed(name, col, view) for name, col in raw.items()}
     if "video_id" in view.item:  # the id is a feature too (hashed like any categorical)
-        columns["video_id"] = _typed("video_id", ids, view)
-    return Items(ids, columns, unknown)
+        columns["video_id"] = ids
+    unknown |= req.user.keys() - view.user - {"user_id"}
+    unknown |= req.context.keys() - view.context
+    return EncoderInput(req.user, req.context, columns, req.n, ids, unknown)
 
 
 def _rows(cands: list[Any], view: SchemaView) -> tuple[list[Any], dict[str, Any], set[str]]:
@@ -252,29 +290,3 @@ def _check_ids(ids: list[Any], path: Callable[[int], str]) -> None:
         raise InvalidRequest(
             f"duplicate video_id(s): {shown}{more}", "candidates", {"duplicates": dupes[:100]}
         )
-
-
-def _typed(name: str, col: list[Any], view: SchemaView) -> Any:
-    """Hand homogeneous numeric columns to the encoder as numpy arrays (its vectorised path).
-
-    Semantics are unchanged: the encoder treats these values the same way on its object path.
-    """
-    if not col:
-        return col
-    types = set(map(type, col))
-    if types == {int}:
-        try:
-            return np.array(col, dtype=np.int64)
-        except OverflowError:
-            return col
-    if name in view.numeric and types <= {int, float}:
-        return np.array(col, dtype=np.float64)
-    if name in view.categorical and float in types:
-        # A float id must be integral; check here rather than let a list mixing ints and
-        # floats be cast to int64 (which would truncate 2.7 to 2).
-        for i, v in enumerate(col):
-            if type(v) is float and not (math.isfinite(v) and v.is_integer()):
-                raise FeatureError(
-                    name, f"expected a string or integer, got {v!r}", entity="item", row=i
-                )
-    return col

@@ -11,42 +11,17 @@ from __future__ import annotations
 import ctypes
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import numpy as np
 
 from model.core.bundle import Bundle, BundleError, validate_against_session_io
-from model.core.features import FeatureSchema
 from model.core.fusion import FusionError, FusionSpec
 from model.core.runtime import make_session
 from model.core.tasks import TASKS
+from service.request import SchemaView
 
 WARMUP_SIZES: tuple[int, ...] = (1, 100, 500)  # plus the largest request, capped at WARMUP_MAX
 WARMUP_MAX = 2000
-
-
-@dataclass(frozen=True)
-class SchemaView:
-    """What the request path needs to know about a version's feature schema, precomputed."""
-
-    user: frozenset[str]
-    context: frozenset[str]
-    item: frozenset[str]
-    item_columns: tuple[str, ...]  # item features other than video_id, in schema order
-    numeric: frozenset[str]
-    categorical: frozenset[str]
-
-    @classmethod
-    def of(cls, schema: FeatureSchema) -> SchemaView:
-        item = schema.names("item")
-        return cls(
-            user=frozenset(schema.names("user")),
-            context=frozenset(schema.names("context")),
-            item=frozenset(item),
-            item_columns=tuple(n for n in item if n != "video_id"),
-            numeric=frozenset(f.name for f in schema.features if f.kind == "numeric"),
-            categorical=frozenset(f.name for f in schema.features if f.kind == "categorical"),
-        )
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:

@@ -24,6 +24,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from model.core.errors import VidrankError
 from model.core.features import FeatureError, FeatureSchema
 from model.core.fileio import (
     file_chunks,
@@ -87,15 +88,21 @@ _OPTIONAL_KEYS: dict[str, tuple[type, ...]] = {
 }
 
 
-class BundleError(Exception):
-    """A bundle that cannot be served; ``reason`` is a human-readable explanation.
+class BundleError(VidrankError):
+    """A bundle that cannot be served; ``message`` (also ``reason``) says why.
 
-    The service turns it into HTTP 409 with ``reason`` as the message.
+    The service turns it into HTTP 409 with the message.
     """
+
+    code = "invalid_bundle"
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
-        self.reason = reason
+
+    @property
+    def reason(self) -> str:
+        """The message, under the name the CLI and the manager log it by."""
+        return self.message
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from model.core.errors import VidrankError
+
 ENTITIES: tuple[str, ...] = ("user", "context", "item")
 KINDS: tuple[str, ...] = ("categorical", "multi_categorical", "numeric")
 TRANSFORMS: tuple[str, ...] = ("identity", "log1p")
@@ -38,18 +40,26 @@ Entity = Literal["user", "context", "item"]
 Kind = Literal["categorical", "multi_categorical", "numeric"]
 
 
-class FeatureError(ValueError):
-    """A feature value that cannot be encoded; names the feature (and row, for batches)."""
+class FeatureError(VidrankError, ValueError):
+    """A feature value that cannot be encoded: names the entity, the feature and the row.
+
+    The encoder raises only this for bad values, so a caller can name the input that held the
+    value (the service turns ``entity``/``feature``/``row`` into a request field path).
+    """
+
+    code = "invalid_feature"
 
     def __init__(self, feature: str, message: str, *, entity: str = "", row: int | None = None):
+        super().__init__(message)
         self.feature = feature
         self.entity = entity
         self.row = row
-        self.message = message
-        where = f"{entity}.{feature}" if entity else feature
-        if row is not None:
-            where += f"[{row}]"
-        super().__init__(f"{where}: {message}")
+
+    def __str__(self) -> str:
+        where = f"{self.entity}.{self.feature}" if self.entity else self.feature
+        if self.row is not None:
+            where += f"[{self.row}]"
+        return f"{where}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -194,7 +204,8 @@ class FeatureSchema:
         try:
             return self._encode_entity(self.layout(entity), columns, n)
         except FeatureError as e:
-            raise FeatureError(e.feature, e.message, entity=entity, row=e.row) from None
+            e.entity = entity  # the value-level helpers know the feature, not its entity
+            raise
 
     def _encode_entity(self, lay: EntityLayout, columns: Mapping[str, Any], n: int) -> dict:
         entity = lay.entity
@@ -269,7 +280,10 @@ def _str_key(s: str) -> int:
     """
     t = s.strip()
     if t.lstrip("-").isdigit() and len(t) < 19:
-        return int(t) & 0xFFFFFFFFFFFFFFFF
+        try:
+            return int(t) & 0xFFFFFFFFFFFFFFFF
+        except ValueError:  # digits int() does not read ("²", "--5"): an ordinary string
+            pass
     return int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little")
 
 

@@ -44,6 +44,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from model.core.errors import VidrankError
 from model.core.tasks import TASKS
 
 METHODS: Final = ("weighted_sum", "weighted_product", "rank_sum")
@@ -54,17 +55,18 @@ _TERM_KEYS: Final = ("weight", "transform", "scale")
 _FILE_KEYS: Final = ("default", "profiles")
 
 
-class FusionError(ValueError):
+class FusionError(VidrankError, ValueError):
     """An invalid fusion spec, profile file or profile name.
 
     ``field`` is the dotted path of the offending value (``fusion.weights.clik``,
     ``fusion.profile``, ``profiles.balanced.method`` ...); ``message`` says what is wrong with it.
     """
 
+    code = "invalid_fusion"
+    field: str
+
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+        super().__init__(message, field)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +399,7 @@ def _file_signature(path: Path) -> tuple[int, int] | None:
 
 
 class ProfileStore:
-    """Named fusion profiles from a TOML file, hot-reloaded, with a fallback spec.
+    """Named fusion profiles from a TOML file, hot-reloaded, with an optional fallback spec.
 
     File format::
 
@@ -418,19 +420,26 @@ class ProfileStore:
     parse cannot be told apart from an intended edit.
 
     Counters (for logs and metrics) include the constructor's load: :attr:`reloads` counts
-    successful loads, :attr:`reload_failures` failed ones. Thread-safe.
+    successful loads, :attr:`reload_failures` failed ones; ``on_failure`` (if given) is called
+    with the error text on each failed load, the constructor's included, with the store's lock
+    held (keep it cheap: count, log). Thread-safe.
+
+    Without a ``fallback`` (the service passes the serving bundle's default to :meth:`get`
+    instead) a lookup of "the default" in a file that names none raises ``FusionError``.
     """
 
     def __init__(
         self,
         path: Path | None,
-        fallback: FusionSpec,
+        fallback: FusionSpec | None = None,
         *,
         check_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.path = path
         self.fallback = fallback
+        self.on_failure = on_failure
         self.check_interval_s = check_interval_s
         self.last_error: str | None = None
         self.reloads = 0
@@ -447,14 +456,17 @@ class ProfileStore:
     def get(self, name: str | None = None, fallback: FusionSpec | None = None) -> FusionSpec:
         """The profile called ``name``; for None the file's default profile, else the fallback.
 
-        ``fallback`` overrides the store's fallback for this call. An unknown name raises
-        ``FusionError("fusion.profile", ...)``.
+        ``fallback`` overrides the store's fallback for this call. An unknown name, or None with
+        neither a default profile nor a fallback, raises ``FusionError("fusion.profile", ...)``.
         """
         profiles = self._current()
         if name is None:
             if profiles.default is not None:
                 return profiles.specs[profiles.default]
-            return fallback if fallback is not None else self.fallback
+            spec = fallback if fallback is not None else self.fallback
+            if spec is None:
+                raise FusionError("fusion.profile", "no default profile and no fallback")
+            return spec
         spec = profiles.specs.get(name)
         if spec is None:
             known = ", ".join(profiles.specs) or "none"
@@ -515,6 +527,8 @@ class ProfileStore:
             self._signature = signature
             self.reload_failures += 1
             self.last_error = f"{self.path}: {exc}"
+            if self.on_failure is not None:
+                self.on_failure(self.last_error)
             return False
         self._profiles = _Profiles(specs=MappingProxyType(specs), default=default)
         self.reloads += 1

@@ -49,6 +49,7 @@ from model.core.bundle import (
     BundleError,
     load_bundle,
 )
+from model.core.errors import VidrankError
 from model.core.fileio import (
     copy_durable,
     fsync_dir,
@@ -80,12 +81,16 @@ TEMP_PREFIX = ".tmp-"
 MAX_PREVIOUS = 20  # rollback depth; bounded so aliases.json stays small
 
 
-class RegistryError(Exception):
+class RegistryError(VidrankError):
     """A registry operation that cannot be carried out; the message says why."""
+
+    code = "registry_conflict"
 
 
 class VersionNotFound(RegistryError):
     """The named version is not published in the registry."""
+
+    code = "version_not_found"
 
 
 class VersionExists(RegistryError):
@@ -93,15 +98,21 @@ class VersionExists(RegistryError):
 
 
 class InvalidVersionName(RegistryError, ValueError):
-    """The name does not match ``VERSION_RE``."""
+    """The name does not match ``VERSION_RE`` (to a client: no such version)."""
+
+    code = "version_not_found"
 
 
 class InvalidCanary(RegistryError, ValueError):
     """A canary percent outside (0, 100] or otherwise malformed canary settings."""
 
+    code = "invalid_request"
+
 
 class NothingToRollBack(RegistryError):
     """``rollback`` was asked for but the ``previous`` stack is empty."""
+
+    code = "nothing_to_roll_back"
 
 
 def check_version_name(version: Any) -> str:

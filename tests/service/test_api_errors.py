@@ -251,6 +251,23 @@ def test_internal_error_is_opaque_and_logged(
     assert logged[0].fields["request_id"] == "rid-500"  # type: ignore[attr-defined]
 
 
+def test_domain_error_without_a_status_is_an_opaque_500(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from model.core.errors import VidrankError
+
+    class Unmapped(VidrankError):
+        code = "unmapped"
+
+    def boom(body: bytes, request_id: str) -> Any:
+        raise Unmapped("secret detail")
+
+    monkeypatch.setattr(client.app.state.ranker, "rank", boom)  # type: ignore[attr-defined]
+    r = client.post("/rank", json=rank_body(2))
+    assert_error(r, 500, code="internal_error")
+    assert "secret" not in r.text
+
+
 # -- fuzzing: whatever the values, never a 500 ---------------------------------------------------
 scalars = (
     st.none()

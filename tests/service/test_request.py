@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 
 from model.core.features import default_schema
 from service.errors import InvalidRequest, MalformedBody
-from service.request import items_of, parse_request
-from service.scorer import SchemaView
+from service.request import SchemaView, encoder_input, parse_request
 from service.settings import Settings
 from tests.service.service_helpers import rank_body, to_columnar
 
@@ -23,29 +22,35 @@ VIEW = SchemaView.of(SCHEMA)
 
 def encoded(body: dict[str, Any]) -> dict[str, np.ndarray]:
     req = parse_request(orjson.dumps(body), 5000)
-    items = items_of(req, VIEW)
-    return SCHEMA.encode(req.user, req.context, items.columns, req.n)
+    given = encoder_input(req, VIEW)
+    return SCHEMA.encode(given.user, given.context, given.items, given.n)
 
 
 def test_parse_basic_fields() -> None:
-    req = parse_request(orjson.dumps(rank_body(3, request_id="r", top_k=2)), 10)
+    body = rank_body(3, request_id="r", top_k=2)
+    req = parse_request(orjson.dumps(body), 10)
     assert (req.request_id, req.user_id, req.n, req.top_k, req.columnar) == ("r", 42, 3, 2, False)
     assert req.user["user_id"] == 42 and req.user["fans_user_num"] == 8
-    items = items_of(req, VIEW)
-    assert items.video_ids == [c["video_id"] for c in rank_body(3)["candidates"]]
-    assert items.unknown == set()
-    assert isinstance(items.columns["duration_s"], np.ndarray)  # handed over vectorised
-    assert items.columns["duration_s"].dtype == np.float64
-    assert items.columns["video_id"].dtype == np.int64
+    given = encoder_input(req, VIEW)
+    assert given.video_ids == [c["video_id"] for c in rank_body(3)["candidates"]]
+    assert given.unknown == set()
+    # Columns reach the encoder as the body's lists; it hands homogeneous ones to numpy in one
+    # call (tests/model/core/test_features.py::test_homogeneous_columns_take_the_numpy_path).
+    assert given.items["duration_s"] == [c["features"]["duration_s"] for c in body["candidates"]]
+    assert given.items["video_id"] == given.video_ids
 
 
 def test_unknown_names_collected() -> None:
     body = rank_body(3)
     body["candidates"][1]["features"]["colour"] = "red"
     req = parse_request(orjson.dumps(body), 10)
-    assert items_of(req, VIEW).unknown == {"colour"}
+    assert encoder_input(req, VIEW).unknown == {"colour"}
     req = parse_request(orjson.dumps(to_columnar(body)), 10)
-    assert items_of(req, VIEW).unknown == {"colour"}
+    assert encoder_input(req, VIEW).unknown == {"colour"}
+    body["user"]["features"]["shoe_size"] = 44  # user and context names are collected too
+    body["context"] = {"weather": "rain", "hour": 3}
+    req = parse_request(orjson.dumps(body), 10)
+    assert encoder_input(req, VIEW).unknown == {"colour", "shoe_size", "weather"}
 
 
 def test_integral_float_ids_accepted_fractional_rejected() -> None:

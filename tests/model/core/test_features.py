@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from model.core import features
 from model.core.features import Feature, FeatureError, FeatureSchema, default_schema
 
 SCHEMA = default_schema().fit(
@@ -185,3 +186,68 @@ def test_integer_beyond_float_range_is_rejected_with_its_row() -> None:
     with pytest.raises(FeatureError) as err:
         encode_items({"duration_s": [1, 10**400]}, 2)
     assert (err.value.feature, err.value.row) == ("duration_s", 1)
+
+
+def test_homogeneous_columns_take_the_numpy_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The request path hands the body's lists over as they are: all-int and all-number columns
+    # must become int64/float64 arrays in one numpy call, never the per-value object path.
+    cols = {
+        "video_id": [11, 12, 13],
+        "author_id": [5, 6, 7],
+        "duration_s": [12.5, 30.0, 7.25],
+        "upload_age_days": [1, 2.5, 40],
+    }
+    expected = encode_items({k: np.asarray(v) for k, v in cols.items()}, 3)
+
+    def per_value(values: object) -> np.ndarray:
+        raise AssertionError("a homogeneous column took the per-value path")
+
+    monkeypatch.setattr(features, "_object_1d", per_value)
+    got = encode_items(cols, 3)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+@pytest.mark.parametrize(("text", "same_as"), [("²", None), ("--5", None), ("٣", 3), (" 42 ", 42)])
+def test_digit_like_strings_encode(text: str, same_as: int | None) -> None:
+    # isdigit() is true for all of these; those int() cannot read hash as ordinary strings.
+    enc = encode_items({"video_id": [text]}, 1)["item_cat"]
+    assert enc.shape == (1, 4)
+    if same_as is not None:
+        np.testing.assert_array_equal(enc, encode_items({"video_id": [same_as]}, 1)["item_cat"])
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()
+    | st.text(max_size=6)
+    | st.sampled_from(["²", "--5", "-", "1e3", "12,x,", " 7 "]),
+    lambda kids: (
+        st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=3), kids, max_size=2)
+    ),
+    max_leaves=5,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.sampled_from(["author_id", "tag", "duration_s", "video_id"]),
+    values=st.lists(json_values, min_size=1, max_size=4),
+    user_value=json_values,
+)
+def test_encoder_raises_only_feature_errors(name: str, values: list, user_value: object) -> None:
+    # The service names the request field from a FeatureError; any other exception would be a
+    # 500. So whatever JSON holds, the encoder either encodes it or raises a FeatureError.
+    for entity, columns, n in (
+        ("item", {name: values}, len(values)),
+        ("user", {"user_active_degree": [user_value]}, 1),
+        ("user", {"fans_user_num": [user_value]}, 1),
+        ("user", {"user_id": [user_value]}, 1),
+    ):
+        try:
+            SCHEMA.encode_entity(entity, columns, n)
+        except FeatureError as e:
+            assert e.entity == entity and e.feature in columns
+            assert e.row is None or 0 <= e.row < n

@@ -432,6 +432,25 @@ def test_broken_file_keeps_last_good(profile_file: Path) -> None:
     assert store.last_error is None and store.reloads == 2
 
 
+def test_failures_reach_the_callback_without_a_fallback(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    failures: list[str] = []
+    clock = FakeClock()
+    store = ProfileStore(path, clock=clock, on_failure=failures.append)  # missing at start
+    assert len(failures) == 1 and str(path) in failures[0]
+    with pytest.raises(FusionError) as info:  # no default profile, no fallback
+        store.get(None)
+    assert info.value.field == "fusion.profile"
+    assert store.get(None, fallback=FALLBACK) == FALLBACK
+    write_profiles(path, PROFILES_TOML, 10)
+    clock.advance(1.0)
+    assert store.get(None).name == "balanced" and len(failures) == 1
+    write_profiles(path, "default = [[[ not toml", 20)
+    clock.advance(1.0)
+    assert store.get(None).name == "balanced"  # the last good profiles stay
+    assert len(failures) == 2 and failures[1] == store.last_error
+
+
 def test_empty_file_is_a_failed_reload(profile_file: Path) -> None:
     # what a reader sees between the truncate and the write of a non-atomic rewrite
     clock = FakeClock()
