@@ -96,9 +96,6 @@ class BundleError(VidrankError):
 
     code = "invalid_bundle"
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-
     @property
     def reason(self) -> str:
         """The message, under the name the CLI and the manager log it by."""
