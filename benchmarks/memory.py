@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.procs import RssSampler, Server, http_post, rss_bytes
+from benchmarks.harness import Server, http_request, rss_bytes
 from model.core.registry import Registry
 
 # Run in a fresh interpreter: RSS after the imports, then after one session is created and run.
 _FOOTPRINT = """
-import sys, numpy as np, onnxruntime as ort
+import sys, numpy as np, onnxruntime as ort, psutil
 from pathlib import Path
 from model.core.bundle import load_bundle
 def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
+    return psutil.Process().memory_info().rss
 b = load_bundle(Path(sys.argv[1]))
 o = ort.SessionOptions(); o.intra_op_num_threads = 1
 before = rss()
@@ -53,16 +52,36 @@ def publish_copy(registry_dir: Path, version: str, name: str) -> str:
 
 def _activate(server: Server, version: str, token: str) -> float:
     start = time.perf_counter()
-    status, body = http_post(
-        server.host,
-        server.port,
-        f"/admin/models/{version}/activate",
-        b"",
-        {"Authorization": f"Bearer {token}"},
+    path = f"/admin/models/{version}/activate"
+    status, body = http_request(
+        server.port, "POST", path, b"", {"Authorization": f"Bearer {token}"}
     )
     if status != 200:
         raise RuntimeError(f"activate {version}: HTTP {status} {body[:300]!r}")
     return time.perf_counter() - start
+
+
+class RssSampler(threading.Thread):
+    """Samples the RSS of a set of processes every ``interval_s`` until stopped; keeps the peak."""
+
+    def __init__(self, pids: list[int], interval_s: float = 0.005) -> None:
+        super().__init__(daemon=True)
+        self.pids, self.interval_s = pids, interval_s
+        self.peak: dict[int, int] = {}
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            for pid in self.pids:
+                rss = rss_bytes(pid)
+                if rss is not None and rss > self.peak.get(pid, 0):
+                    self.peak[pid] = rss
+            time.sleep(self.interval_s)
+
+    def stop(self) -> dict[int, int]:
+        self._stop_event.set()
+        self.join()
+        return self.peak
 
 
 def swap_rss(server: Server, versions: list[str], token: str, settle_s: float = 0.5) -> dict:

@@ -18,22 +18,18 @@ nginx retried) and exits non-zero when a check fails. ``tests/deploy/test_rollou
 the same code. Everything stays on loopback; traffic is bounded in rate, count and time; every
 process started here runs in its own process group and is stopped on the way out, failure or not.
 
-This module is self-contained (standard library, httpx and ``model.core.registry``) so the test can
-load it by path.
+Processes, ports, nginx and request bodies come from ``benchmarks.harness``, as in the tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
-import os
 import random
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -46,11 +42,22 @@ from typing import Any
 
 import httpx
 
+from benchmarks.harness import (
+    HOST,
+    Processes,
+    Server,
+    child_env,
+    find_nginx,
+    free_ports,
+    http_json,
+    rank_body,
+    start_nginx,
+    start_vidrank,
+    upstream_servers,
+    vidrank_cmd,
+)
 from model.core.registry import Registry
 
-ROOT = Path(__file__).resolve().parents[1]
-NGINX_TEMPLATE = ROOT / "docker" / "nginx.loopback.conf.template"
-HOST = "127.0.0.1"
 SECOND_SUFFIX = "-next"
 # Generous, not a performance target: a replica notices the change at its next poll, then loads,
 # verifies and warms the bundle, on a machine that is also serving the traffic.
@@ -172,194 +179,39 @@ class RolloutReport:
 # -- processes ---------------------------------------------------------------------------------
 
 
-NGINX_MISSING = (
-    "nginx is not installed: .ci/run installs Debian's nginx-light; to run these tests locally, "
-    "apt-get install nginx-light"
-)
-
-
-def find_nginx() -> str | None:
-    """The nginx binary (PATH, then the usual sbin directories), or None."""
-    return shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
-    )
-
-
-def vidrank_cmd() -> list[str]:
-    """How to run the ``vidrank`` CLI of this interpreter's environment."""
-    script = Path(sys.executable).with_name("vidrank")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "model.cli"]
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports free right now on 127.0.0.1."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-class Proc:
-    """A child process in its own process group (so stopping it reaches its children too)."""
-
-    def __init__(self, name: str, cmd: list[str], log: Path, env: dict[str, str]) -> None:
-        self.name, self.log = name, log
-        with open(log, "wb") as out:
-            self.popen = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def signal_group(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, sig)  # group id = pid (start_new_session)
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM the group, wait, then SIGKILL whatever is left of it."""
-        if self.alive():
-            self.signal_group(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout_s)
-        self.signal_group(signal.SIGKILL)  # stragglers (e.g. nginx workers), even if leader died
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(5)
-
-    def tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-
-class Processes:
-    """Every process a run started, stopped in reverse order by ``stop_all`` (context exit)."""
-
-    def __init__(self) -> None:
-        self.started: list[Proc] = []
-
-    def start(self, name: str, cmd: list[str], log: Path, env: dict[str, str]) -> Proc:
-        proc = Proc(name, cmd, log, env)
-        self.started.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.started):
-            proc.stop()
-
-    def __enter__(self) -> Processes:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_all()
-
-
-def http_get_json(port: int, path: str, timeout: float = 2.0) -> tuple[int, Any]:
-    """(status, JSON body) of a GET to 127.0.0.1:port; raises httpx errors."""
-    r = httpx.get(f"http://{HOST}:{port}{path}", timeout=timeout, trust_env=False)
-    try:
-        return r.status_code, r.json()
-    except ValueError:
-        return r.status_code, None
-
-
-def wait_until(check: Any, timeout_s: float, what: str, proc: Proc | None = None) -> None:
-    """Call ``check()`` until it returns True; raise TimeoutError (with a log tail) otherwise."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and not proc.alive():
-            raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.tail()}")
-        with contextlib.suppress(httpx.HTTPError, OSError):
-            if check():
-                return
-        time.sleep(0.05)
-    tail = f":\n{proc.tail()}" if proc is not None else ""
-    raise TimeoutError(f"{what} not within {timeout_s}s{tail}")
-
-
 @dataclass
 class Replica:
     name: str
-    port: int
-    proc: Proc
+    server: Server
+
+    @property
+    def port(self) -> int:
+        return self.server.port
 
     def served_version(self) -> str | None:
         """The production version /readyz reports (None when not ready)."""
-        status, body = http_get_json(self.port, "/readyz", timeout=1.0)
+        status, body = http_json(self.port, "GET", "/readyz", timeout=1.0)
         return body.get("model_version") if status == 200 and isinstance(body, dict) else None
 
 
 def start_replicas(cfg: RolloutConfig, ports: list[int], procs: Processes) -> list[Replica]:
-    """Start one ``vidrank serve`` per port (all at once); the caller waits for readiness."""
-    env = dict(
-        os.environ,
-        VIDRANK_POLL_INTERVAL_S=str(cfg.poll_interval_s),
-        VIDRANK_ORT_INTRA_OP_THREADS="1",
-        VIDRANK_WORKERS="1",
-        VIDRANK_LOG_LEVEL="warning",
+    """Start one ``vidrank serve`` per port (all at once), then wait until all are ready."""
+    env = child_env(
+        {
+            "VIDRANK_POLL_INTERVAL_S": str(cfg.poll_interval_s),
+            "VIDRANK_ORT_INTRA_OP_THREADS": "1",
+            "VIDRANK_LOG_LEVEL": "warning",
+        }
     )
     replicas = []
     for i, port in enumerate(ports):
-        cmd = [*vidrank_cmd(), "serve", "--registry", str(cfg.registry)]
-        cmd += ["--host", HOST, "--port", str(port)]
         name = f"r{i}"
-        replicas.append(
-            Replica(name, port, procs.start(name, cmd, cfg.workdir / f"{name}.log", env))
-        )
-    return replicas
-
-
-def wait_ready(replicas: list[Replica], timeout_s: float) -> None:
+        log = cfg.workdir / f"{name}.log"
+        server = start_vidrank(cfg.registry, log, port=port, env=env, name=name, wait=False)
+        replicas.append(Replica(name, procs.add(server)))
     for r in replicas:
-        wait_until(lambda r=r: r.served_version() is not None, timeout_s, f"{r.name} ready", r.proc)
-
-
-def render_nginx(prefix: Path, listen_port: int, upstream_ports: list[int]) -> Path:
-    """Write the loopback template, filled in, to ``prefix/nginx.conf``."""
-    servers = [f"server {HOST}:{p} max_fails=1 fail_timeout=2s;" for p in upstream_ports]
-    text = NGINX_TEMPLATE.read_text()
-    for key, value in (
-        ("PREFIX", str(prefix)),
-        ("LISTEN", f"{HOST}:{listen_port}"),
-        ("UPSTREAMS", "\n        ".join(servers)),
-    ):
-        text = text.replace("{{" + key + "}}", value)
-    prefix.mkdir(parents=True, exist_ok=True)
-    conf = prefix / "nginx.conf"
-    conf.write_text(text)
-    return conf
-
-
-def start_nginx(
-    nginx: str, prefix: Path, listen_port: int, upstream_ports: list[int], procs: Processes
-) -> Proc:
-    """Start nginx (foreground, ``daemon off``) and wait until it accepts connections."""
-    conf = render_nginx(prefix, listen_port, upstream_ports)
-    cmd = [nginx, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)]
-    proc = procs.start("nginx", cmd, prefix / "stdout.log", dict(os.environ))
-
-    def listening() -> bool:
-        socket.create_connection((HOST, listen_port), timeout=0.2).close()
-        return True
-
-    try:
-        wait_until(listening, 10.0, "nginx listening", proc)
-    except Exception as e:
-        proc.stop()
-        log = prefix / "error.log"
-        raise RuntimeError(f"nginx did not start: {log.read_text() if log.exists() else ''}") from e
-    return proc
+        r.server.wait_ready(cfg.start_timeout_s)
+    return replicas
 
 
 def nginx_retried(access_log: Path) -> int:
@@ -379,7 +231,7 @@ def nginx_retried(access_log: Path) -> int:
 
 def models_cli(registry: Path, *args: str) -> datetime:
     """Run ``vidrank models ARGS --registry R``; returns the new aliases' ``updated_at``."""
-    cmd = [*vidrank_cmd(), "models", *args, "--registry", str(registry)]
+    cmd = vidrank_cmd("models", *args, "--registry", str(registry))
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
@@ -407,37 +259,6 @@ class Outcome:
     status: int  # HTTP status; 0 when no response arrived
     version: str | None
     error: str | None
-
-
-def rank_body(rng: random.Random, n: int) -> dict[str, Any]:
-    """A /rank request for one user with ``n`` candidates (default-schema feature names)."""
-    return {
-        "user": {
-            "user_id": rng.randrange(100_000),
-            "features": {
-                "user_active_degree": rng.choice(["high_active", "full_active", "middle_active"]),
-                "is_video_author": rng.randrange(2),
-                "follow_user_num": rng.randrange(500),
-                "fans_user_num": rng.randrange(500),
-                "register_days": rng.randrange(2000),
-            },
-        },
-        "context": {"hour": rng.randrange(24), "day_of_week": rng.randrange(7), "tab": 1},
-        "candidates": [
-            {
-                "video_id": video_id,
-                "features": {
-                    "author_id": rng.randrange(5000),
-                    "video_type": rng.choice(["NORMAL", "AD"]),
-                    "music_id": rng.randrange(3000),
-                    "tag": f"{rng.randrange(60)},{rng.randrange(60)}",
-                    "duration_s": round(rng.uniform(5, 600), 1),
-                    "upload_age_days": rng.randrange(400),
-                },
-            }
-            for video_id in rng.sample(range(10_000_000), n)  # distinct: duplicates are a 422
-        ],
-    }
 
 
 class Traffic:
@@ -484,7 +305,8 @@ class Traffic:
         with httpx.Client(timeout=15.0, trust_env=False) as client:  # one keep-alive connection
             next_at = time.monotonic()
             while not self._stop.is_set() and self._take_ticket():
-                body = rank_body(rng, self.cfg.candidates)
+                user, seed = rng.randrange(100_000), rng.randrange(1 << 30)
+                body = rank_body(self.cfg.candidates, user_id=user, seed=seed)
                 outcome = self._send(client, url, body)
                 with self._lock:
                     self.outcomes.append(outcome)
@@ -527,7 +349,7 @@ def wait_converged(
             raise TimeoutError(f"{missing} did not serve {version} within {timeout_s}s")
         for r in replicas:
             if r.name not in seen:
-                with contextlib.suppress(httpx.HTTPError):
+                with contextlib.suppress(OSError, http.client.HTTPException):
                     if r.served_version() == version:
                         seen[r.name] = max(0.0, time.time() - since.timestamp())
         time.sleep(0.02)
@@ -575,8 +397,7 @@ def run_rollout(cfg: RolloutConfig, log: Any = print) -> RolloutReport:
     started = time.monotonic()
     with Processes() as procs:  # on the way out, failure or not: nginx, then the replicas
         replicas = start_replicas(cfg, ports, procs)
-        wait_ready(replicas, cfg.start_timeout_s)
-        start_nginx(nginx, cfg.workdir / "nginx", listen, ports, procs)
+        procs.add(start_nginx(nginx, cfg.workdir / "nginx", listen, upstream_servers(ports)))
         log(f"{len(replicas)} replicas ready on {ports}; nginx on {listen}; serving {first}")
         with Traffic(listen, cfg) as traffic:
             phases, killed = _phases(cfg, replicas, traffic, first, second, log)
@@ -614,8 +435,8 @@ def _phases(
 
     victim, survivors = replicas[0], replicas[1:]
     phases.append(_Phase(PhaseReport(PHASES[2], second), time.monotonic()))
-    victim.proc.signal_group(signal.SIGKILL)
-    log(f"SIGKILL {victim.name} (pid {victim.proc.pid}, port {victim.port})")
+    victim.server.signal_group(signal.SIGKILL)
+    log(f"SIGKILL {victim.name} (pid {victim.server.pid}, port {victim.port})")
     time.sleep(cfg.after_kill_s)
 
     phases.append(_Phase(PhaseReport(PHASES[3], first), time.monotonic()))
@@ -640,7 +461,7 @@ def _converge(
 
 def train_small(registry: Path, impressions: int) -> None:
     """``vidrank train --small --simulate N``: the first version of a fresh registry."""
-    cmd = [*vidrank_cmd(), "train", "--registry", str(registry), "--small"]
+    cmd = vidrank_cmd("train", "--registry", str(registry), "--small")
     cmd += ["--simulate", str(impressions), "--epochs", "1", "--version", "v1", "--activate"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=600)
 

@@ -37,24 +37,26 @@ from typing import Any
 
 from benchmarks import graphs, report
 from benchmarks.floor import measure_floor
-from benchmarks.loadgen import WRK_INSTALL_HINT, find_wrk, run_load, write_bodies
-from benchmarks.machine import machine_info, machine_slug, usable_cores
-from benchmarks.memory import model_footprint, publish_copy, swap_rss
-from benchmarks.model_setup import SWAP_VERSION, BenchModel, prepare_model
-from benchmarks.procs import (
+from benchmarks.harness import (
+    ADMIN_TOKEN,
     Server,
     busy_cpu_seconds,
+    child_env,
     cpu_seconds,
     free_port,
     python_cmd,
     rss_bytes,
     start_server,
+    start_vidrank,
 )
+from benchmarks.loadgen import WRK_INSTALL_HINT, find_wrk, run_load, write_bodies
+from benchmarks.machine import machine_info, machine_slug, usable_cores
+from benchmarks.memory import model_footprint, publish_copy, swap_rss
+from benchmarks.model_setup import SWAP_VERSION, BenchModel, prepare_model
 from benchmarks.workload import Workload, build_workload
 from model.core.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
-ADMIN_TOKEN = "bench-admin-token"
 PARTS = ("floor", "graphs", "vidrank", "textbook", "lifecycle")
 
 
@@ -168,27 +170,22 @@ def run_graphs(s: BenchSettings, bm: BenchModel, wl: Workload) -> dict[str, Any]
 # -- HTTP parts ---------------------------------------------------------------------------------
 
 
-def vidrank_cmd(registry: Path, port: int, workers: int) -> list[str]:
-    script = Path(sys.executable).with_name("vidrank")
-    base = [str(script)] if script.exists() else python_cmd("-m", "model.cli")
-    args = ["--registry", str(registry), "--port", str(port), "--workers", str(workers)]
-    return [*base, "serve", *args]
-
-
-def start_vidrank(
+def start_vidrank_on(
     s: BenchSettings, bm: BenchModel, workers: int, tag: str = "", version: str | None = None
 ) -> Server:
     """``vidrank serve`` on the benchmark registry, serving ``version`` (default: fp32)."""
     Registry(bm.registry).activate(version or bm.version)
-    port = free_port()
-    env = {
-        "VIDRANK_LOG_LEVEL": "warning",
-        "VIDRANK_ADMIN_TOKEN": ADMIN_TOKEN,
-        "VIDRANK_POLL_INTERVAL_S": "3600",
-        "MALLOC_ARENA_MAX": "2",  # as the serving image sets it (Dockerfile)
-    }
-    cmd = vidrank_cmd(bm.registry, port, workers)
-    return start_server(f"vidrank{tag}-w{workers}", cmd, port, s.work_dir, env, cwd=ROOT)
+    env = child_env(
+        {
+            "VIDRANK_LOG_LEVEL": "warning",
+            "VIDRANK_ADMIN_TOKEN": ADMIN_TOKEN,
+            "VIDRANK_POLL_INTERVAL_S": "3600",
+            "MALLOC_ARENA_MAX": "2",  # as the serving image sets it (Dockerfile)
+        }
+    )
+    name = f"vidrank{tag}-w{workers}"
+    log = s.work_dir / f"{name}.log"
+    return start_vidrank(bm.registry, log, workers=workers, env=env, cwd=ROOT, name=name)
 
 
 def start_textbook(s: BenchSettings, bm: BenchModel, workers: int) -> Server:
@@ -198,8 +195,9 @@ def start_textbook(s: BenchSettings, bm: BenchModel, workers: int) -> Server:
         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
         "--log-level", "warning",
     )  # fmt: skip
-    env = {"VIDRANK_BENCH_BUNDLE": str(bm.bundle_dir)}
-    return start_server(f"textbook-w{workers}", cmd, port, s.work_dir, env, cwd=ROOT)
+    env = child_env({"VIDRANK_BENCH_BUNDLE": str(bm.bundle_dir)})
+    name = f"textbook-w{workers}"
+    return start_server(name, cmd, port, s.work_dir / f"{name}.log", env, cwd=ROOT)
 
 
 def _children_cpu() -> float:
@@ -267,7 +265,7 @@ def measure_server(
         server = start_textbook(s, bm, workers)
     else:
         version = bm.int8_version if name == "vidrank_int8" else bm.version
-        server = start_vidrank(s, bm, workers, version=version)
+        server = start_vidrank_on(s, bm, workers, version=version)
     try:
         return run_http(name, server, s, wl, wrk)
     finally:
@@ -279,9 +277,10 @@ def run_lifecycle(
 ) -> dict[str, Any]:
     """Start-to-ready (median of ``starts``), one worker's RSS under traffic, RSS through swaps."""
     log("lifecycle: start-to-ready, RSS, swaps (1 worker)")
-    starts = []
+    starts: list[float] = []
     for i in range(s.starts):
-        server = start_vidrank(s, bm, 1, tag=f"-start{i}")
+        server = start_vidrank_on(s, bm, 1, tag=f"-start{i}")
+        assert server.start_to_ready_s is not None  # start_vidrank waits until it is ready
         starts.append(server.start_to_ready_s)
         if i < s.starts - 1:
             server.stop()

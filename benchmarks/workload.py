@@ -17,6 +17,7 @@ import numpy as np
 import orjson
 import pandas as pd
 
+from benchmarks.harness import to_columnar
 from model.core.features import FeatureSchema
 from model.training.data import load_impressions
 from model.training.simulate import SimConfig, simulate, write_simulation
@@ -97,17 +98,6 @@ def _distinct_videos(frame: pd.DataFrame, n: int, rng: np.random.Generator) -> n
             raise ValueError(f"the log has {len(first_all)} distinct videos, fewer than {n}")
         return rng.permutation(first_all)[:n]
     return rows[rng.permutation(first)[:n]]
-
-
-def to_columnar(body: Body) -> Body:
-    """The same request with candidates as columns: {video_id: [...], features: {name: [...]}}."""
-    cands = body["candidates"]
-    names = list(cands[0]["features"]) if cands else []
-    columnar = {
-        "video_id": [c["video_id"] for c in cands],
-        "features": {k: [c["features"].get(k) for c in cands] for k in names},
-    }
-    return {**body, "candidates": columnar}
 
 
 def encode_body(schema: FeatureSchema, body: Body) -> dict[str, np.ndarray]:

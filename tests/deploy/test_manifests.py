@@ -9,17 +9,14 @@ CLI's help is checked for the flags the manifests use.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
-import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
@@ -28,16 +25,26 @@ from typing import Any
 import pytest
 import yaml
 
-from benchmarks.rollout import NGINX_MISSING, find_nginx
+from benchmarks.harness import (
+    NGINX_MISSING,
+    NGINX_TEMPLATE,
+    Processes,
+    find_nginx,
+    free_port,
+    http_json,
+    nginx_cmd,
+    render_nginx,
+    start_nginx,
+    upstream_servers,
+    write_nginx_conf,
+)
 from service.settings import Settings
-from tests.integration.live_helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 K8S = DOCKER / "k8s"
 COMPOSE = DOCKER / "compose.yaml"
 NGINX_CONF = DOCKER / "nginx.conf"
-NGINX_TEMPLATE = DOCKER / "nginx.loopback.conf.template"
 FUSION = DOCKER / "fusion_profiles.toml"
 DOCKERFILE = ROOT / "Dockerfile"
 
@@ -564,20 +571,11 @@ def _locations(conf: Directive) -> dict[str, Directive]:
     return {" ".join(loc.args): loc for loc in _server(conf).find("location")}
 
 
-def _render(prefix: Path, listen: str, upstreams: list[str]) -> str:
-    text = NGINX_TEMPLATE.read_text()
-    return (
-        text.replace("{{PREFIX}}", str(prefix))
-        .replace("{{LISTEN}}", listen)
-        .replace("{{UPSTREAMS}}", "\n        ".join(upstreams))
-    )
-
-
 @pytest.fixture(scope="module", params=["nginx.conf", "loopback template"])
 def nginx_conf(request: pytest.FixtureRequest) -> Directive:
     if request.param == "nginx.conf":
         return parse_nginx(NGINX_CONF.read_text())
-    rendered = _render(Path("/tmp/x"), "127.0.0.1:18080", ["server 127.0.0.1:18001;"])
+    rendered = render_nginx(Path("/tmp/x"), "127.0.0.1:18080", ["server 127.0.0.1:18001;"])
     return parse_nginx(rendered)
 
 
@@ -650,7 +648,7 @@ def test_nginx_limits_timeouts_and_json_log(nginx_conf: Directive) -> None:
 
 def test_loopback_template_matches_nginx_conf() -> None:
     conf = parse_nginx(NGINX_CONF.read_text())
-    tmpl = parse_nginx(_render(Path("/p"), "127.0.0.1:1", ["server 127.0.0.1:2;"]))
+    tmpl = parse_nginx(render_nginx(Path("/p"), "127.0.0.1:1", ["server 127.0.0.1:2;"]))
 
     def shape(block: Directive, skip: set[str]) -> list[tuple[str, tuple[str, ...]]]:
         return sorted(
@@ -747,86 +745,34 @@ class _Stub:
         self.server.server_close()
 
 
-def _nginx_cmd(prefix: Path, *extra: str) -> list[str]:
-    assert NGINX
-    return [
-        NGINX,
-        *extra,
-        "-p",
-        str(prefix),
-        "-e",
-        str(prefix / "error.log"),
-        "-c",
-        str(prefix / "nginx.conf"),
-    ]
-
-
-def _write_conf(prefix: Path, listen: str, upstreams: list[str]) -> None:
-    prefix.mkdir(parents=True, exist_ok=True)
-    (prefix / "nginx.conf").write_text(_render(prefix, listen, upstreams))
-
-
 @pytest.fixture
-def run_nginx(tmp_path: Path) -> Iterator[Any]:
-    procs: list[subprocess.Popen[bytes]] = []
+def run_nginx(tmp_path: Path) -> Iterator[Callable[[list[str]], int]]:
+    """Starts nginx in front of the given upstream ``server`` lines; returns its port."""
+    with Processes() as procs:
 
-    def start(upstreams: list[str]) -> int:
-        port = free_port()
-        prefix = tmp_path / f"nginx{len(procs)}"
-        _write_conf(prefix, f"127.0.0.1:{port}", upstreams)
-        proc = subprocess.Popen(
-            _nginx_cmd(prefix), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        procs.append(proc)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                log = (prefix / "error.log").read_text() if (prefix / "error.log").exists() else ""
-                pytest.fail(f"nginx exited {proc.returncode}: {err}\n{log}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return port
-            except OSError:
-                time.sleep(0.05)
-        pytest.fail("nginx did not start listening")
+        def start(upstreams: list[str]) -> int:
+            assert NGINX
+            port = free_port()
+            procs.add(start_nginx(NGINX, tmp_path / f"nginx{len(procs.started)}", port, upstreams))
+            return port
 
-    yield start
-    for proc in procs:
-        proc.terminate()  # SIGTERM: fast shutdown of master and workers
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        conn.request(method, path, body=body, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read() or b"null")
-    finally:
-        conn.close()
+        yield start
 
 
 @needs_nginx
 def test_nginx_accepts_rendered_template(tmp_path: Path) -> None:
     prefix = tmp_path / "ngx"
-    _write_conf(
-        prefix,
-        "127.0.0.1:18080",
-        [f"server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;" for p in (18001, 18002, 18003)],
+    write_nginx_conf(prefix, "127.0.0.1:18080", upstream_servers((18001, 18002, 18003)))
+    assert NGINX
+    done = subprocess.run(
+        nginx_cmd(NGINX, prefix, "-t"), capture_output=True, text=True, timeout=30
     )
-    done = subprocess.run(_nginx_cmd(prefix, "-t"), capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert "test is successful" in done.stderr
 
 
 @needs_nginx
-def test_nginx_retries_rank_but_never_admin(run_nginx: Any) -> None:
+def test_nginx_retries_rank_but_never_admin(run_nginx: Callable[[list[str]], int]) -> None:
     bad, good = _Stub("bad", 503), _Stub("good", 200)
     try:
         # max_fails=0: the failing replica is never parked, so it keeps being picked in turn.
@@ -834,12 +780,12 @@ def test_nginx_retries_rank_but_never_admin(run_nginx: Any) -> None:
         body = json.dumps({"user": {"user_id": "u1"}, "candidates": [{"video_id": "v1"}]})
         n = 8
         for _ in range(n):
-            status, payload = _request(port, "POST", "/rank", body.encode())
+            status, payload = http_json(port, "POST", "/rank", body.encode())
             assert (status, payload) == (200, {"upstream": "good"})
         assert good.count("POST", "/rank") == n
         assert bad.count("POST", "/rank") >= 1, "the failing replica was never tried"
 
-        statuses = [_request(port, "POST", "/admin/models/rollback", b"{}")[0] for _ in range(n)]
+        statuses = [http_json(port, "POST", "/admin/models/rollback", b"{}")[0] for _ in range(n)]
         # Each admin request reached exactly one replica: a 503 came back to the client as is.
         assert statuses.count(503) == bad.count("POST", "/admin/models/rollback") >= 1
         assert statuses.count(200) == good.count("POST", "/admin/models/rollback")
@@ -847,7 +793,7 @@ def test_nginx_retries_rank_but_never_admin(run_nginx: Any) -> None:
 
         # GETs are retried too.
         for _ in range(4):
-            assert _request(port, "GET", "/models")[0] == 200
+            assert http_json(port, "GET", "/models")[0] == 200
         # Upstream keep-alive headers and request ids reach the replicas.
         for _, _, headers in good.hits:
             assert "close" not in headers.get("Connection", "").lower()
@@ -858,10 +804,10 @@ def test_nginx_retries_rank_but_never_admin(run_nginx: Any) -> None:
 
 
 @needs_nginx
-def test_nginx_gateway_errors_are_json(run_nginx: Any) -> None:
+def test_nginx_gateway_errors_are_json(run_nginx: Callable[[list[str]], int]) -> None:
     dead = free_port()  # nothing listens there
     port = run_nginx([f"server 127.0.0.1:{dead};"])
-    status, payload = _request(port, "POST", "/rank", b"{}")
+    status, payload = http_json(port, "POST", "/rank", b"{}")
     assert status == 502
     assert payload["error"]["code"] == "bad_gateway"
 

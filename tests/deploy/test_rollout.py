@@ -8,35 +8,21 @@ Runs in the normal suite whenever nginx is installed (``.ci/run`` installs it); 
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
 from benchmarks import rollout
+from benchmarks.harness import NGINX_MISSING, find_nginx, listening
 from model.core.registry import Registry
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-pytestmark = pytest.mark.skipif(
-    rollout.find_nginx() is None,
-    reason=rollout.NGINX_MISSING,
-)
+pytestmark = pytest.mark.skipif(find_nginx() is None, reason=NGINX_MISSING)
 
 
 @pytest.fixture
 def registry(registry_copy: Path) -> Path:
     """A private copy of the tiny registry: the rollout publishes and changes aliases."""
     return registry_copy
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-    except OSError:
-        return False
-    return True
 
 
 def test_rollout_kill_and_rollback_behind_nginx(
@@ -83,4 +69,4 @@ def test_rollout_kill_and_rollback_behind_nginx(
     aliases = Registry(registry).read_aliases()
     assert aliases.production == first and second in Registry(registry).versions()
     # Every process the run started is gone: no port is still served.
-    assert not [name for name, port in report.ports.items() if _listening(port)]
+    assert not [name for name, port in report.ports.items() if listening(port)]

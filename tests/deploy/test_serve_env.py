@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.live_helpers import LiveServer
+from benchmarks.harness import child_env, start_vidrank
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,16 +32,15 @@ def serve_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def server(serve_venv: Path, registry_copy: Path, tmp_path: Path) -> Iterator[str]:
-    live = LiveServer(  # the image's defaults: no VIDRANK_* from the tests or the shell
+    live = start_vidrank(
         registry_copy,
         tmp_path / "serve.log",
-        env={"VIDRANK_LOG_LEVEL": "info"},
+        # the image's defaults: no VIDRANK_* from the tests or the shell
+        env=child_env({"VIDRANK_LOG_LEVEL": "info"}, drop_prefix="VIDRANK_"),
         executable=serve_venv / "bin" / "vidrank",
         cwd=tmp_path,  # not the repo: the installed package must be what runs
-        test_defaults=False,
     )
     try:
-        live.start()
         yield live.url
     finally:
         code = live.stop()

@@ -1,14 +1,21 @@
-"""Fixtures that run real ``vidrank serve`` processes on loopback."""
+"""Fixtures that run real ``vidrank serve`` processes on loopback (``benchmarks.harness``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.integration.live_helpers import LiveServer
+from benchmarks.harness import ADMIN_TOKEN, Processes, Server, child_env, start_vidrank
+
+# What every live test server runs with, unless a test overrides it.
+LIVE_ENV = {
+    "VIDRANK_ADMIN_TOKEN": ADMIN_TOKEN,
+    "VIDRANK_POLL_INTERVAL_S": "0.5",
+    "VIDRANK_ORT_INTRA_OP_THREADS": "1",
+    "VIDRANK_LOG_LEVEL": "info",
+}
 
 
 @pytest.fixture
@@ -21,16 +28,22 @@ def live_registry(registry_copy: Path, tiny_bundle: tuple[Path, str]) -> Path:
 
 
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
-    """Factory of started servers; any still running at teardown are stopped."""
-    servers: list[LiveServer] = []
+def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Factory of ready servers (logs in ``tmp_path``); any still running at teardown are stopped.
 
-    def start(registry: Path, **kwargs: Any) -> LiveServer:
-        server = LiveServer(registry, tmp_path / f"server-{len(servers)}.log", **kwargs)
-        servers.append(server)
-        server.start()
-        return server
+    ``env`` adds to LIVE_ENV; ``python_path`` goes first on the server's PYTHONPATH.
+    """
+    with Processes() as procs:
 
-    yield start
-    for s in servers:
-        s.stop()
+        def start(
+            registry: Path,
+            *,
+            workers: int = 1,
+            env: Mapping[str, str] | None = None,
+            python_path: Path | None = None,
+        ) -> Server:
+            log = tmp_path / f"server-{len(procs.started)}.log"
+            full_env = child_env({**LIVE_ENV, **(env or {})}, python_path=python_path)
+            return procs.add(start_vidrank(registry, log, workers=workers, env=full_env))
+
+        yield start

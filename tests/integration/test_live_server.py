@@ -15,11 +15,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.live_helpers import AUTH, LiveServer, rank_body
+from benchmarks.harness import AUTH, Server, rank_body
 
 pytestmark = pytest.mark.slow
 
-Start = Callable[..., LiveServer]
+Start = Callable[..., Server]
 
 
 def test_rank_health_metrics_over_http(

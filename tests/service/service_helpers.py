@@ -1,14 +1,17 @@
-"""Helpers for the service tests: settings, extra/broken versions, request builders."""
+"""Helpers for the service tests: settings, extra and broken versions, metric samples.
+
+Request bodies and the admin token come from ``benchmarks.harness``, as in the live tests.
+"""
 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import REGISTRY
 
+from benchmarks.harness import ADMIN_TOKEN
 from model.core.bundle import MANIFEST_FILE, MODEL_FILE
 from model.core.registry import Registry
 from service.settings import Settings
@@ -29,9 +32,6 @@ method = "rank_sum"
 weights = { click = 1.0, watch_time = 1.0, like = 0.5 }
 beta = 2.0
 """
-
-ADMIN_TOKEN = "test-admin-token"
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def settings_for(registry: Path, **overrides: Any) -> Settings:
@@ -97,60 +97,6 @@ def _specs_after_adding(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     from model.core.features import FeatureSchema
 
     return FeatureSchema.from_dict(manifest["feature_schema"]).input_specs()
-
-
-# -- requests ------------------------------------------------------------------------------------
-def candidate(rng: random.Random, video_id: Any) -> dict[str, Any]:
-    """A candidate with every item feature of the default schema, realistic values."""
-    return {
-        "video_id": video_id,
-        "features": {
-            "author_id": rng.randrange(5000),
-            "video_type": rng.choice(["NORMAL", "NORMAL", "AD"]),
-            "music_id": rng.randrange(3000),
-            "tag": ",".join(str(rng.randrange(60)) for _ in range(rng.randrange(1, 4))),
-            "duration_s": round(rng.uniform(5, 600), 3),
-            "upload_age_days": rng.randrange(400),
-        },
-    }
-
-
-def rank_body(n: int, user_id: Any = 42, seed: int = 0, **extra: Any) -> dict[str, Any]:
-    """A realistic /rank request with ``n`` distinct candidates."""
-    rng = random.Random(seed)
-    ids = rng.sample(range(1, 10_000_000), n)
-    body: dict[str, Any] = {
-        "user": {
-            "user_id": user_id,
-            "features": {
-                "user_active_degree": "high_active",
-                "is_video_author": 0,
-                "follow_user_num": 21,
-                "fans_user_num": 8,
-                "register_days": 594,
-            },
-        },
-        "context": {"hour": 20, "day_of_week": 3, "tab": 1},
-        "candidates": [candidate(rng, v) for v in ids],
-    }
-    body.update(extra)
-    return body
-
-
-def to_columnar(body: dict[str, Any]) -> dict[str, Any]:
-    """The same request with columnar candidates (None where a row lacks a feature)."""
-    cands = body["candidates"]
-    names: list[str] = []
-    for c in cands:
-        for k in c.get("features") or {}:
-            if k not in names:
-                names.append(k)
-    out = dict(body)
-    out["candidates"] = {
-        "video_id": [c["video_id"] for c in cands],
-        "features": {k: [(c.get("features") or {}).get(k) for c in cands] for k in names},
-    }
-    return out
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.service.service_helpers import rank_body, to_columnar
+from benchmarks.harness import rank_body, to_columnar
 
 USER = {"user_id": 7}
 

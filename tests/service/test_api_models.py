@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from benchmarks.harness import AUTH, rank_body
 from model.core.registry import Registry
-from tests.service.service_helpers import AUTH, corrupt_copy, publish_as, rank_body, sample
+from tests.service.service_helpers import corrupt_copy, publish_as, sample
 
 HEALTH = ["/healthz", "/v2/health/live"]
 READY = ["/readyz", "/v2/health/ready"]

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from benchmarks.harness import rank_body, to_columnar
 from model.core.fusion import FusionSpec, fuse, rank_order
 from model.core.registry import Registry
-from tests.service.service_helpers import PROFILES, rank_body, sample, to_columnar
+from tests.service.service_helpers import PROFILES, sample
 
 
 def spec_of(fusion: dict[str, Any]) -> FusionSpec:

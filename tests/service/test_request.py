@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks.harness import rank_body, to_columnar
 from model.core.features import default_schema
 from service.errors import InvalidRequest, MalformedBody
 from service.request import SchemaView, encoder_input, parse_request
 from service.settings import Settings
-from tests.service.service_helpers import rank_body, to_columnar
 
 SCHEMA = default_schema()
 VIEW = SchemaView.of(SCHEMA)
