@@ -8,7 +8,7 @@ One implementation of each:
   pipe that could fill - stopped with SIGTERM to its leader (which drains and stops its own
   workers), then SIGKILL to whatever is left of the group (``Proc``, ``Processes``);
 - an HTTP server process waited on until ``/readyz`` answers 200, with its workers' pids and
-  their RSS and CPU time read through psutil (``Server``, ``start_server``, ``start_vidrank``);
+  their RSS and CPU time read through psutil (``Server``, ``start_vidrank``);
 - nginx rendered from ``docker/nginx.loopback.conf.template`` in front of loopback upstreams;
 - small HTTP calls over ``http.client`` (no client library's overhead in the measurements);
 - realistic /rank bodies with the default schema's features, as rows or columns.
@@ -318,7 +318,11 @@ def _serves_requests(p: psutil.Process) -> bool:
 
 
 class Server(Proc):
-    """An HTTP server process on HOST:``port`` (and the workers it forks)."""
+    """An HTTP server process on HOST:``port`` (and the workers it forks).
+
+    Started by the constructor, which (with ``wait``) returns once /readyz answers 200 and
+    stops the server again if it never does.
+    """
 
     def __init__(
         self,
@@ -328,10 +332,19 @@ class Server(Proc):
         log_path: Path,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        *,
+        wait: bool = True,
+        timeout_s: float = START_TIMEOUT_S,
     ) -> None:
         super().__init__(name, cmd, log_path, env, cwd)
         self.host, self.port = HOST, port
         self.start_to_ready_s: float | None = None
+        if wait:
+            try:
+                self.wait_ready(timeout_s)
+            except BaseException:
+                self.stop()
+                raise
 
     @property
     def url(self) -> str:
@@ -362,27 +375,6 @@ class Server(Proc):
         return out
 
 
-def start_server(
-    name: str,
-    cmd: list[str],
-    port: int,
-    log_path: Path,
-    env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
-    timeout_s: float = START_TIMEOUT_S,
-    wait: bool = True,
-) -> Server:
-    """Start ``cmd`` and (with ``wait``) return once /readyz answers; stopped if it never does."""
-    server = Server(name, cmd, port, log_path, env, cwd)
-    if wait:
-        try:
-            server.wait_ready(timeout_s)
-        except BaseException:
-            server.stop()
-            raise
-    return server
-
-
 def start_vidrank(
     registry: Path,
     log_path: Path,
@@ -395,10 +387,10 @@ def start_vidrank(
     name: str = "vidrank",
     wait: bool = True,
 ) -> Server:
-    """``vidrank serve`` of ``registry`` on a free loopback port (see ``start_server``)."""
+    """``vidrank serve`` of ``registry`` on a free loopback port (see ``Server``)."""
     port = port or free_port()
     cmd = serve_cmd(registry, port, workers, executable)
-    return start_server(name, cmd, port, log_path, env, cwd, wait=wait)
+    return Server(name, cmd, port, log_path, env, cwd, wait=wait)
 
 
 # -- nginx in front of loopback upstreams -------------------------------------------------------

@@ -46,7 +46,6 @@ from benchmarks.harness import (
     free_port,
     python_cmd,
     rss_bytes,
-    start_server,
     start_vidrank,
 )
 from benchmarks.loadgen import WRK_INSTALL_HINT, find_wrk, run_load, write_bodies
@@ -197,7 +196,7 @@ def start_textbook(s: BenchSettings, bm: BenchModel, workers: int) -> Server:
     )  # fmt: skip
     env = child_env({"VIDRANK_BENCH_BUNDLE": str(bm.bundle_dir)})
     name = f"textbook-w{workers}"
-    return start_server(name, cmd, port, s.work_dir / f"{name}.log", env, cwd=ROOT)
+    return Server(name, cmd, port, s.work_dir / f"{name}.log", env, cwd=ROOT)
 
 
 def _children_cpu() -> float:
