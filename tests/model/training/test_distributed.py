@@ -2,10 +2,10 @@
 
 Two real 2-rank runs against single-process ``fit`` on the same data and seed:
 
-- ``vidrank train --nproc 2`` (``run_train``: the launcher prepares the data once and runs
-  torchrun) with the MMoE: the bundle loads and scores, and its validation AUCs are within 0.01
-  of the single-process run's;
-- ``torchrun --nproc_per_node 2 -m model.training.train`` (rank 0 simulates and prepares) with the
+- ``vidrank train --nproc 2`` (``run_train``: the launcher prepares the data once and starts
+  the ranks with torch's elastic launcher) with the MMoE: the bundle loads and scores, and its
+  validation AUCs are within 0.01 of the single-process run's;
+- ``torchrun --nproc_per_node 2 -m model.cli train`` (rank 0 simulates and prepares) with the
   dropout-free shared-bottom model: there the two runs agree to float rounding, which pins
   down that the ranks train on the very batches, with the very gradients, of ``fit``.
 
@@ -16,6 +16,7 @@ About 40 s on a 2-core machine.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,10 +31,13 @@ from model.core.registry import Registry
 from model.core.runtime import make_session
 from model.core.tasks import TASKS
 from model.training import distributed
+from model.training.config import TrainConfig, TrainJob
 from model.training.data import read_shard, split_by_time
 from model.training.export import random_encoded, run_session
+from model.training.fit import fit
 from model.training.simulate import SimConfig, simulate, write_simulation
-from model.training.train import TrainOptions, fit, run_train, simulated_impressions
+from model.training.sources import simulated_impressions
+from model.training.train import run_train
 
 # A small world (100 users, 150 videos) seen 100k times, with one shared driver behind click,
 # completion and like (task_correlation 1.0), so that in 3 epochs the like head - 2-3% positives
@@ -47,7 +51,7 @@ SIM = SimConfig(
     seed=2,
     task_correlation=1.0,
 )
-TRAIN: dict[str, Any] = {"small": True, "epochs": 3, "seed": 0, "batch_size": 2048, "lr": 5e-3}
+TRAIN = TrainConfig(small=True, epochs=3, seed=0, batch_size=2048, lr=5e-3)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +83,8 @@ def _manifest(registry: Path, version: str) -> dict[str, Any]:
 
 def test_nproc_2_matches_single_process(tmp_path: Path, sim_dir: Path, frame: pd.DataFrame) -> None:
     registry = tmp_path / "registry"
-    opts = TrainOptions(registry=registry, data=sim_dir, nproc=2, version="v-ddp", **TRAIN)
-    assert run_train(opts) == "v-ddp"
+    job = TrainJob(registry=registry, data=sim_dir, nproc=2, version="v-ddp", train=TRAIN)
+    assert run_train(job) == "v-ddp"
 
     reg = Registry(registry)
     assert reg.read_aliases().production == "v-ddp"  # rank 0 published and activated it
@@ -95,7 +99,7 @@ def test_nproc_2_matches_single_process(tmp_path: Path, sim_dir: Path, frame: pd
 
     # One thread, as each rank uses (the results equal fit's default two threads here, and a
     # 2-thread fit slows down many times over when the machine is busy).
-    single = fit(frame, verbose=False, threads=1, **TRAIN)
+    single = fit(frame, TRAIN, threads=1, verbose=False)
     ddp_valid = _best_valid(manifest["training"]["history"])
     one_valid = _best_valid(single.history)
     print(
@@ -116,34 +120,26 @@ def test_nproc_2_matches_single_process(tmp_path: Path, sim_dir: Path, frame: pd
 
 
 def test_torchrun_module_entry_equals_single_process(tmp_path: Path) -> None:
-    """`torchrun -m model.training.train` with `vidrank train`'s options; rank 0 simulates."""
+    """`torchrun -m model.cli train` with `vidrank train`'s options; rank 0 simulates."""
     registry, n, epochs = tmp_path / "registry", 20_000, 2
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", "1", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(distributed.free_port()),
-        "-m", "model.training.train",
+        "-m", "model.cli", "train",
         "--registry", str(registry), "--simulate", str(n), "--arch", "shared_bottom",
         "--small", "--epochs", str(epochs), "--batch-size", "1024", "--version", "v-torchrun",
     ]  # fmt: skip
-    done = subprocess.run(
-        cmd, env=distributed._launch_env(), capture_output=True, text=True, timeout=300
-    )
+    env = dict(os.environ, **distributed.loopback_env())
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "published v-torchrun" in done.stdout
     manifest = _manifest(registry, "v-torchrun")
     assert manifest["metrics"]["world_size"] == 2.0
     assert manifest["training"]["data"] == f"simulated:{n}"
 
-    single = fit(
-        simulated_impressions(n, 0),
-        arch="shared_bottom",
-        small=True,
-        epochs=epochs,
-        batch_size=1024,
-        threads=1,
-        verbose=False,
-    )
+    config = TrainConfig(arch="shared_bottom", small=True, epochs=epochs, batch_size=1024)
+    single = fit(simulated_impressions(n, 0), config, threads=1, verbose=False)
     ddp_valid = _best_valid(manifest["training"]["history"])
     one_valid = _best_valid(single.history)
     # No random dropout in this model: only the order of float sums differs from `fit`.
@@ -172,8 +168,8 @@ def test_prepare_frame_shards_the_training_split(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(valid, valid_df)
 
     names = default_schema().names()
-    assert data.schema == default_schema().fit({n: train_df[n].to_numpy() for n in names})
-    assert data.label_means["watch_s"] == pytest.approx(float(train_df["watch_s"].mean()))
+    assert data.basis.schema == default_schema().fit({n: train_df[n].to_numpy() for n in names})
+    assert data.basis.label_means["watch_s"] == pytest.approx(float(train_df["watch_s"].mean()))
     assert distributed.PreparedData.load(data.root) == data
 
 
@@ -206,4 +202,4 @@ def test_ranks_split_the_single_process_batches(n: int, batch: int, world: int) 
 
 def test_launch_needs_two_ranks(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="nproc"):
-        distributed.launch(TrainOptions(registry=tmp_path, simulate=100, nproc=1), "v")
+        distributed.launch(TrainJob(registry=tmp_path, simulate=100, nproc=1), "v")
