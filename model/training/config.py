@@ -31,11 +31,13 @@ def parse_loss_weights(text: str) -> dict[str, float]:
         name, sep, value = part.partition("=")
         name = name.strip()
         if not sep or name not in weights:
-            raise ValueError(f"loss weight {part!r}: expected task=weight with a task in {TASKS}")
+            raise ValueError(f"--loss-weights {part!r}: expected task=weight, a task in {TASKS}")
         try:
             weights[name] = float(value)
         except ValueError:
-            raise ValueError(f"loss weight {part!r}: {value.strip()!r} is not a number") from None
+            raise ValueError(
+                f"--loss-weights {part!r}: {value.strip()!r} is not a number"
+            ) from None
     _check_loss_weights(weights)
     return weights
 

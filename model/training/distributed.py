@@ -15,14 +15,8 @@ weights), ``EpochLoop.run`` with this rank's ``GlobalBatches`` and the ``Rank`` 
     a temp directory and broadcasts its path (one machine), or, when ``--data DIR`` already
     holds prepared data (e.g. on a shared volume, for several nodes), every rank reads it.
 
-Prepared data (``prepare_frame``) is ``fit``'s ``split_frame`` done once: the chronological
-train/valid/test split and the ``Basis`` (schema and label means) of the whole training split,
-so every rank encodes with the same statistics and rank 0 validates on the rows ``fit`` does::
-
-    meta.json                              schema, label means, row counts
-    train/part-0000r-of-0000N.parquet      training split in N shards (data.write_shards)
-    valid/part-00000-of-00001.parquet      validation split
-    test/part-00000-of-00001.parquet       test split
+The data every rank reads is prepared once (model/training/prepared.py): the split and the
+``Basis`` of the whole training split, the training split as one Parquet shard per rank.
 
 The world size changes the speed, not the algorithm: every rank draws the permutation of the
 whole training split that ``fit`` draws (same seed) and, at step k, trains on its own rows of
@@ -38,7 +32,6 @@ dropout draws its masks per rank from other random streams.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -60,93 +53,18 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from torch.nn.parallel import DistributedDataParallel
 
-from model.core.features import FeatureSchema
 from model.training.batches import Batch, EncodedSplit
 from model.training.config import TrainConfig, TrainJob
-from model.training.data import read_shard, write_shards
-from model.training.fit import SPLITS, Basis, TrainResult, build, finalise, split_frame
+from model.training.data import read_shard
+from model.training.fit import TrainResult, build, finalise
 from model.training.loop import EpochLoop
+from model.training.prepared import ROW_COLUMN, PreparedData, is_prepared, prepare_data
 from model.training.publish import announce, publish
-from model.training.sources import load_frame
 
-META_FILE = "meta.json"
-META_FORMAT = 1
-ROW_COLUMN = "train_row"  # a training row's index in the whole (time-ordered) training split
 THREADS_PER_RANK = 1
 BACKEND = "gloo"
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 LAUNCHER_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # the elastic agent's defaults
-
-
-# -- prepared data -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    """A prepared data directory (see the module docstring) and its ``meta.json``."""
-
-    root: Path
-    basis: Basis
-    rows: dict[str, int]
-    n_shards: int
-
-    @classmethod
-    def load(cls, root: Path) -> PreparedData:
-        """Read ``root/meta.json``; raises ValueError when it is missing or of another format."""
-        try:
-            meta = json.loads((root / META_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{root} holds no prepared training data: {e}") from e
-        if meta.get("format") != META_FORMAT:
-            raise ValueError(f"{root / META_FILE}: unknown format {meta.get('format')!r}")
-        schema = FeatureSchema.from_dict(meta["schema"])
-        means = {k: float(v) for k, v in meta["label_means"].items()}
-        return cls(
-            root=root,
-            basis=Basis(schema, means),
-            rows={k: int(v) for k, v in meta["rows"].items()},
-            n_shards=int(meta["n_shards"]),
-        )
-
-    def split_dir(self, split: str) -> Path:
-        return self.root / split
-
-
-def is_prepared(path: Path | None) -> bool:
-    """Whether ``path`` is a prepared data directory (it holds ``meta.json``)."""
-    return path is not None and (Path(path) / META_FILE).is_file()
-
-
-def prepare_frame(frame: pd.DataFrame, out_dir: Path, n_shards: int) -> PreparedData:
-    """``split_frame``, then write the shards and ``meta.json`` into ``out_dir``."""
-    frames, basis = split_frame(frame)
-    train = frames["train"]
-    if len(train) < n_shards:
-        raise ValueError(f"{len(train)} training rows cannot fill {n_shards} shards")
-    frames["train"] = train.assign(**{ROW_COLUMN: np.arange(len(train), dtype=np.int64)})
-    for split in SPLITS:
-        write_shards(frames[split], out_dir / split, n_shards if split == "train" else 1)
-    meta = {
-        "format": META_FORMAT,
-        "n_shards": n_shards,
-        "rows": {split: len(frames[split]) for split in SPLITS},
-        "label_means": basis.label_means,
-        "schema": basis.schema.to_dict(),
-    }
-    tmp = out_dir / f".{META_FILE}.tmp"  # meta.json last, whole: it marks the data complete
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(out_dir / META_FILE)
-    return PreparedData.load(out_dir)
-
-
-def prepare_data(job: TrainJob, out_dir: Path, n_shards: int) -> PreparedData:
-    """The prepared data for ``job``: ``--data`` as is when prepared, else loaded and written."""
-    if is_prepared(job.data):
-        assert job.data is not None
-        return PreparedData.load(Path(job.data))
-    frame = load_frame(job)
-    print(f"{len(frame):,} impressions; {n_shards} training shards in {out_dir}")
-    return prepare_frame(frame, out_dir, n_shards)
 
 
 # -- process group -----------------------------------------------------------------------------

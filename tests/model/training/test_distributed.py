@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ from model.core.features import default_schema
 from model.core.registry import Registry
 from model.core.runtime import make_session
 from model.core.tasks import TASKS
-from model.training import distributed
+from model.training import distributed, prepared
 from model.training.config import TrainConfig, TrainJob
 from model.training.data import read_shard, split_by_time
 from model.training.export import random_encoded, run_session
@@ -84,7 +85,9 @@ def _manifest(registry: Path, version: str) -> dict[str, Any]:
 def test_nproc_2_matches_single_process(tmp_path: Path, sim_dir: Path, frame: pd.DataFrame) -> None:
     registry = tmp_path / "registry"
     job = TrainJob(registry=registry, data=sim_dir, nproc=2, version="v-ddp", train=TRAIN)
+    sigint = signal.getsignal(signal.SIGINT)
     assert run_train(job) == "v-ddp"
+    assert signal.getsignal(signal.SIGINT) is sigint  # the elastic agent's handler is gone again
 
     reg = Registry(registry)
     assert reg.read_aliases().production == "v-ddp"  # rank 0 published and activated it
@@ -152,35 +155,35 @@ def test_torchrun_module_entry_equals_single_process(tmp_path: Path) -> None:
 
 def test_prepare_frame_shards_the_training_split(tmp_path: Path) -> None:
     frame = simulated_impressions(3_001, 5)
-    data = distributed.prepare_frame(frame, tmp_path / "prep", 3)
+    data = prepared.prepare_frame(frame, tmp_path / "prep", 3)
     train_df, valid_df, test_df = split_by_time(frame)
     assert data.rows == {"train": len(train_df), "valid": len(valid_df), "test": len(test_df)}
-    assert distributed.is_prepared(tmp_path / "prep") and not distributed.is_prepared(tmp_path)
+    assert prepared.is_prepared(tmp_path / "prep") and not prepared.is_prepared(tmp_path)
 
     shards = [read_shard(data.split_dir("train"), r, 3) for r in range(3)]
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
-    rows = np.concatenate([s[distributed.ROW_COLUMN].to_numpy() for s in shards])
+    rows = np.concatenate([s[prepared.ROW_COLUMN].to_numpy() for s in shards])
     assert sorted(rows) == list(range(len(train_df)))  # each training row on exactly one rank
     for shard in shards:  # ... carrying its own values
-        back = train_df.iloc[shard[distributed.ROW_COLUMN].to_numpy()].reset_index(drop=True)
-        pd.testing.assert_frame_equal(shard.drop(columns=distributed.ROW_COLUMN), back)
+        back = train_df.iloc[shard[prepared.ROW_COLUMN].to_numpy()].reset_index(drop=True)
+        pd.testing.assert_frame_equal(shard.drop(columns=prepared.ROW_COLUMN), back)
     valid = read_shard(data.split_dir("valid"), 0, 1)
     pd.testing.assert_frame_equal(valid, valid_df)
 
     names = default_schema().names()
     assert data.basis.schema == default_schema().fit({n: train_df[n].to_numpy() for n in names})
     assert data.basis.label_means["watch_s"] == pytest.approx(float(train_df["watch_s"].mean()))
-    assert distributed.PreparedData.load(data.root) == data
+    assert prepared.PreparedData.load(data.root) == data
 
 
 def test_prepared_data_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no prepared training data"):
-        distributed.PreparedData.load(tmp_path)
-    (tmp_path / distributed.META_FILE).write_text(json.dumps({"format": 99}))
+        prepared.PreparedData.load(tmp_path)
+    (tmp_path / prepared.META_FILE).write_text(json.dumps({"format": 99}))
     with pytest.raises(ValueError, match="unknown format"):
-        distributed.PreparedData.load(tmp_path)
+        prepared.PreparedData.load(tmp_path)
     with pytest.raises(ValueError, match="cannot fill"):
-        distributed.prepare_frame(simulated_impressions(20, 0), tmp_path / "p", 64)
+        prepared.prepare_frame(simulated_impressions(20, 0), tmp_path / "p", 64)
 
 
 @pytest.mark.parametrize(("n", "batch", "world"), [(1_000, 64, 2), (997, 100, 3), (10, 4, 4)])

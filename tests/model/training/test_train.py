@@ -11,17 +11,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from model.cli import app
 from model.core.bundle import load_bundle
 from model.core.registry import Registry
 from model.core.runtime import make_session
 from model.core.tasks import TASKS
-from model.training.batches import encode_split, predict
+from model.training.batches import Shuffled, encode_split, predict
 from model.training.config import TrainConfig, TrainJob, parse_loss_weights
 from model.training.export import random_encoded, run_session
-from model.training.fit import TrainResult, fit
+from model.training.fit import TrainResult, build, fit, prepare
+from model.training.loop import EarlyStopping, EpochLoop
 from model.training.mmoe import MMoE, MMoEConfig
-from model.training.objective import gate_diagnostics
+from model.training.objective import evaluate_split, gate_diagnostics
 from model.training.publish import publish
 from model.training.train import run_train
 
@@ -175,3 +178,87 @@ def test_quantize_publishes_an_int8_graph_with_its_auc_check(
         make_session(bundle.onnx_path), random_encoded(bundle.schema, 7, np.random.default_rng(1))
     )
     assert all(np.isfinite(out[t]).all() for t in TASKS)
+
+
+# -- the steps of fit --------------------------------------------------------------------------
+
+
+def test_gate_diagnostics_are_those_of_the_restored_weights(
+    tiny_frame: pd.DataFrame, trained_model: TrainResult
+) -> None:
+    """Taken while validating (no extra pass), they equal a pass with the final weights."""
+    valid = prepare(tiny_frame).valid
+    gates = predict(trained_model.model, valid, return_gates=True)["gates"]
+    assert trained_model.gate_diagnostics == gate_diagnostics(gates, TASKS)
+
+
+def test_early_stopping_keeps_and_restores_the_best_weights(trained_model: TrainResult) -> None:
+    model = copy.deepcopy(trained_model.model)
+    stopper = EarlyStopping(model, patience=2)
+    assert stopper.observe(1, 1.0) and not stopper.should_stop
+    best = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert not stopper.observe(2, 1.5) and not stopper.should_stop  # patience 2: one more
+    assert not stopper.observe(3, float("nan")) and stopper.should_stop
+    assert stopper.best_epoch == 1 and stopper.best_loss == 1.0
+    stopper.restore()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, best[name]), name
+
+
+def test_epoch_loop_runs_hooks_and_stops_early(tiny_frame: pd.DataFrame) -> None:
+    config = TrainConfig(small=True, epochs=3, seed=1, batch_size=256, lr=5e-3)
+    data = prepare(tiny_frame.iloc[:4000])
+    model = build(config, data.basis)
+    seen: list[tuple[int, float]] = []
+    halve = lambda epoch, opt: [g.update(lr=g["lr"] / 2) for g in opt.param_groups]  # noqa: E731
+    loop = EpochLoop(
+        model, config, verbose=False, hooks=[lambda e, o: seen.append((e, 0.0)), halve]
+    )
+    epochs = loop.run(Shuffled(data.train, config.batch_size), data.valid)
+    assert [e for e, _ in seen] == [h["epoch"] for h in epochs.history]
+    losses = [h["loss"] for h in epochs.history]
+    assert epochs.best_loss == min(losses)
+    if len(losses) < config.epochs:  # stopped early: the last epoch did not improve
+        assert losses[-1] >= epochs.best_loss
+    restored = evaluate_split(predict(model, data.valid), data.valid, config.loss_weights)
+    assert restored["loss"] == pytest.approx(epochs.best_loss, rel=1e-6)
+
+
+def test_train_config_checks_every_option(tmp_path: Path) -> None:
+    assert TrainConfig(loss_weights={"like": 2.0}).loss_weights == {
+        "click": 1.0,
+        "watch_time": 1.0,
+        "like": 2.0,
+    }
+    bad = {
+        "--arch": {"arch": "moe"},
+        "--epochs": {"epochs": 0},
+        "--batch-size": {"batch_size": 0},
+        "--lr": {"lr": float("inf")},
+        "--loss-weights": {"loss_weights": {"dwell": 1.0}},
+    }
+    for flag, kwargs in bad.items():
+        with pytest.raises(ValueError, match=flag):
+            TrainConfig(**kwargs)  # type: ignore[arg-type]
+    for flag, kwargs in {
+        "--simulate": {"simulate": 5},
+        "--nproc": {"simulate": 100, "nproc": 0},
+    }.items():
+        with pytest.raises(ValueError, match=flag):
+            TrainJob(registry=tmp_path, **kwargs)  # type: ignore[arg-type]
+
+
+def test_cli_rejects_a_bad_option_before_reading_data(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    args = ["train", "--registry", str(registry), "--simulate", "100000"]
+    for extra, flag in (
+        (["--loss-weights", "dwell=1"], "--loss-weights"),
+        (["--epochs", "0"], "--epochs"),
+    ):
+        done = CliRunner().invoke(app, [*args, *extra])
+        assert done.exit_code == 2, done.output  # click's usage error, not a traceback
+        assert flag in done.output
+    assert not registry.exists()
