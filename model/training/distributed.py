@@ -6,7 +6,7 @@ weights), ``EpochLoop.run`` with this rank's ``GlobalBatches`` and the ``Rank`` 
 ``finalise`` and ``publish``. Two ways in, one ``run_rank`` per process:
 
 ``vidrank train --nproc N ...`` (``launch``)
-    This process loads (or simulates) the data once, prepares it (below) in a temp directory
+    This process loads (or simulates) the data once, prepares it in a temp directory
     and starts N ranks on this machine with torch.distributed's elastic launcher
     (``elastic_launch``: static rendezvous on 127.0.0.1 at a free port, no restarts; a failing
     rank stops the others and the launcher raises). It returns rank 0's published version.
@@ -332,11 +332,11 @@ def launch(job: TrainJob, version: str) -> str:
             logs_specs=DefaultLogsSpecs(log_dir=str(Path(tmp) / "logs")),
         )
         with _handlers_restored():
-            outputs = elastic_launch(config, local_rank)(job, version, str(data.root))
+            outputs = elastic_launch(config, launched_rank)(job, version, str(data.root))
     return str(outputs[0])
 
 
-def local_rank(job: TrainJob, version: str, prepared: str) -> str:
+def launched_rank(job: TrainJob, version: str, prepared: str) -> str:
     """The entry point of each rank of ``launch`` (a fresh, spawned process)."""
     for name, value in loopback_env().items():
         os.environ.setdefault(name, value)
