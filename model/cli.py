@@ -40,7 +40,8 @@ def simulate(
 def train(
     registry: RegistryOpt = Path("registry"),
     data: Annotated[
-        Path | None, typer.Option(help="Directory with logs in KuaiRand's schema.")
+        Path | None,
+        typer.Option(help="Logs in KuaiRand's schema (or data prepared for DDP ranks)."),
     ] = None,
     simulate: Annotated[
         int | None, typer.Option("--simulate", help="Train on N simulated impressions instead.")
