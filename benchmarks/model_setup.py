@@ -18,9 +18,12 @@ import torch
 
 from model.core.features import FeatureSchema
 from model.core.registry import Registry
+from model.training.config import TrainConfig
 from model.training.data import split_by_time
+from model.training.fit import TrainResult, fit
 from model.training.mmoe import MMoEConfig, RankingModel, build_model
-from model.training.train import TrainResult, fit, simulated_impressions, write_result_bundle
+from model.training.publish import write_result_bundle
+from model.training.sources import simulated_impressions
 
 VERSION = "bench-a"
 SWAP_VERSION = "bench-b"
@@ -78,7 +81,7 @@ def prepare_model(
         metrics = dict(bundle.metrics)
         schema = bundle.schema
     else:
-        result = fit(frame, small=small, epochs=epochs, seed=seed, verbose=False)
+        result = fit(frame, TrainConfig(small=small, epochs=epochs, seed=seed), verbose=False)
         with tempfile.TemporaryDirectory(prefix="vidrank-bench-") as tmp:
             registry.publish(write_result_bundle(result, Path(tmp) / VERSION, VERSION, seed))
             _publish_int8(result, registry, Path(tmp), seed, home)

@@ -40,7 +40,8 @@ def simulate(
 def train(
     registry: RegistryOpt = Path("registry"),
     data: Annotated[
-        Path | None, typer.Option(help="Directory with logs in KuaiRand's schema.")
+        Path | None,
+        typer.Option(help="Logs in KuaiRand's schema (or data prepared for DDP ranks)."),
     ] = None,
     simulate: Annotated[
         int | None, typer.Option("--simulate", help="Train on N simulated impressions instead.")
@@ -85,27 +86,38 @@ def train(
         ),
     ] = False,
 ) -> None:
-    """Train an MMoE (or the shared-bottom baseline), export it to ONNX and publish the bundle."""
-    from model.training.train import TrainOptions, run_train
+    """Train an MMoE (or the shared-bottom baseline), export it to ONNX and publish the bundle.
 
-    opts = TrainOptions(
-        registry=registry,
-        data=data,
-        simulate=simulate,
-        arch=arch,
-        version=version,
-        epochs=epochs,
-        seed=seed,
-        batch_size=batch_size,
-        lr=lr,
-        small=small,
-        loss_weights=loss_weights,
-        activate=activate,
-        if_empty=if_empty,
-        nproc=nproc,
-        quantize=quantize,
-    )
-    run_train(opts)
+    Under torchrun (``torchrun --nproc_per_node N -m model.cli train ...``) every process is one
+    DDP rank.
+    """
+    from model.training.config import TrainConfig, TrainJob, parse_loss_weights
+    from model.training.train import run_train
+
+    try:  # every option is parsed and checked here, once: a bad one fails before any data is read
+        config = TrainConfig(
+            arch=arch,
+            small=small,
+            epochs=epochs,
+            seed=seed,
+            batch_size=batch_size,
+            lr=lr,
+            loss_weights=parse_loss_weights(loss_weights),
+        )
+        job = TrainJob(
+            registry=registry,
+            data=data,
+            simulate=simulate,
+            train=config,
+            version=version,
+            activate=activate,
+            if_empty=if_empty,
+            nproc=nproc,
+            quantize=quantize,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    run_train(job)
 
 
 @app.command()

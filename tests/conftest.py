@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from model.training.train import TrainResult
+    from model.training.config import TrainConfig
+    from model.training.fit import TrainResult
 
 TINY_IMPRESSIONS = 20_000
 TINY_SEED = 0
@@ -25,37 +26,38 @@ TINY_VERSION = "v-tiny"
 @pytest.fixture(scope="session")
 def tiny_frame() -> pd.DataFrame:
     """20k simulated impressions (seeded) in the trainer's frame layout, with truth columns."""
-    from model.training.train import simulated_impressions
+    from model.training.sources import simulated_impressions
 
     return simulated_impressions(TINY_IMPRESSIONS, TINY_SEED)
 
 
 @pytest.fixture(scope="session")
-def tiny_fit_kwargs() -> dict[str, Any]:
-    """``fit`` keyword arguments of the tiny model (small config, 1 epoch, seed 0)."""
-    return {"small": True, "epochs": 1, "seed": TINY_SEED, "verbose": False}
+def tiny_config() -> TrainConfig:
+    """The tiny model's ``TrainConfig`` (small network, 1 epoch, seed 0)."""
+    from model.training.config import TrainConfig
+
+    return TrainConfig(small=True, epochs=1, seed=TINY_SEED)
 
 
 @pytest.fixture(scope="session")
-def trained_model(tiny_frame: pd.DataFrame, tiny_fit_kwargs: dict[str, Any]) -> TrainResult:
+def trained_model(tiny_frame: pd.DataFrame, tiny_config: TrainConfig) -> TrainResult:
     """A ``TrainResult``: torch model, fitted schema, config, test frame and its predictions."""
-    from model.training.train import fit
+    from model.training.fit import fit
 
-    return fit(tiny_frame, **tiny_fit_kwargs)
+    return fit(tiny_frame, tiny_config, verbose=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(
-    tmp_path_factory: pytest.TempPathFactory, trained_model: TrainResult
+    tmp_path_factory: pytest.TempPathFactory, trained_model: TrainResult, tiny_config: TrainConfig
 ) -> tuple[Path, str]:
     """(registry path, version): the tiny model exported, published and activated."""
-    from model.training.train import TrainOptions, publish
+    from model.training.config import TrainJob
+    from model.training.publish import publish
 
     registry = tmp_path_factory.mktemp("registry")
-    opts = TrainOptions(
-        registry=registry, simulate=TINY_IMPRESSIONS, small=True, epochs=1, activate=True
-    )
-    return registry, publish(trained_model, opts, TINY_VERSION)
+    job = TrainJob(registry=registry, simulate=TINY_IMPRESSIONS, train=tiny_config, activate=True)
+    return registry, publish(trained_model, job, TINY_VERSION)
 
 
 @pytest.fixture

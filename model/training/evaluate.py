@@ -1,4 +1,4 @@
-"""Offline evaluation: ranking quality against the simulator's truth; MMoE vs shared-bottom.
+"""Offline evaluation: ranking quality against the simulator's truth.
 
 ``ranking_eval`` treats each user's held-out impressions as one candidate list and measures
 NDCG@k of several orderings against the true expected utility of each impression. The utility is
@@ -7,18 +7,14 @@ the simulator's ``true_utility`` (one definition for the whole repo):
     U = w_click * true_p_click + w_watch * true_watch_s + w_like * true_p_like
 
 with ``simulate.DEFAULT_UTILITY_WEIGHTS`` (click 1, watch 0.1 per second, like 20), under
-which the three terms contribute about equally on average. Fusion is ``model.core.fusion.fuse``, the
-exact code the service ranks with (pure numpy).
-
-``python -m model.training.evaluate --impressions 300000`` trains both architectures on the same
-simulated
-data and seed and prints their metrics side by side.
+which the three terms contribute about equally on average. Fusion is ``model.core.fusion.fuse``,
+the exact code the service ranks with (pure numpy). model/training/compare.py sets MMoE and the
+shared-bottom baseline side by side with it.
 """
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -78,74 +74,3 @@ def ranking_eval(
     out = {f"ndcg{k}_{name}": ndcg_at_k(relevance, s, groups, k) for name, s in orderings.items()}
     out["ndcg_lists"] = float(len(np.unique(groups)))
     return out
-
-
-# -- MMoE vs shared-bottom ---------------------------------------------------------------------
-
-COMPARE_METRICS: tuple[str, ...] = (
-    "click_auc",
-    "like_auc",
-    "watch_rmse",
-    "watch_xauc",
-    "watch_calibration",
-    "ndcg10_fused",
-    "ndcg10_click_only",
-    "ndcg10_fused_truth",
-    "ndcg10_random",
-    "epochs",
-    "train_time_s",
-)
-
-
-def format_table(columns: Mapping[str, Mapping[str, Any]], rows: Sequence[str]) -> str:
-    """A plain-text table: one row per metric, one column per run."""
-    names = list(columns)
-    lines = [f"{'metric':22s}" + "".join(f"{n:>16s}" for n in names)]
-    for row in rows:
-        cells = []
-        for n in names:
-            v = columns[n].get(row)
-            cells.append(f"{v:16.4f}" if isinstance(v, float) else f"{v!s:>16s}")
-        lines.append(f"{row:22s}" + "".join(cells))
-    return "\n".join(lines)
-
-
-def compare_archs(
-    impressions: int = 300_000,
-    seed: int = 0,
-    epochs: int = 3,
-    task_correlation: float = 0.5,
-    small: bool = False,
-) -> dict[str, dict[str, Any]]:
-    """Train MMoE and shared-bottom on the same simulated data and seed; metrics by arch."""
-    from model.training.train import fit, simulated_impressions  # torch only when comparing
-
-    frame = simulated_impressions(impressions, seed, task_correlation=task_correlation)
-    results: dict[str, dict[str, Any]] = {}
-    for arch in ("mmoe", "shared_bottom"):
-        result = fit(frame, arch=arch, small=small, epochs=epochs, seed=seed)
-        results[arch] = result.metrics
-    return results
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``python -m model.training.evaluate --impressions 300000``."""
-    parser = argparse.ArgumentParser(description="MMoE vs shared-bottom on simulated data.")
-    parser.add_argument("--impressions", type=int, default=300_000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--task-correlation", type=float, default=0.5)
-    parser.add_argument("--small", action="store_true", help="use the tiny test config")
-    args = parser.parse_args(argv)
-    results = compare_archs(
-        args.impressions, args.seed, args.epochs, args.task_correlation, args.small
-    )
-    print(
-        f"\n{args.impressions:,} simulated impressions, seed {args.seed}, "
-        f"task correlation {args.task_correlation}, up to {args.epochs} epochs"
-    )
-    print(format_table(results, COMPARE_METRICS))
-
-
-if __name__ == "__main__":
-    main()

@@ -29,6 +29,7 @@ import copy
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -402,26 +403,49 @@ def quantize_int8(src: Path | str, dest: Path | str) -> Path:
     return Path(dest)
 
 
+@dataclass
+class FrameRequests:
+    """An impression frame encoded once and cut into requests as the service would get them.
+
+    Rows that share every user and context feature form one request (user side batch 1, the
+    rows as candidates). Scoring several graphs on the same requests encodes the frame once.
+    """
+
+    n_rows: int
+    encoded: dict[str, np.ndarray]
+    groups: list[np.ndarray]  # the frame rows of each request
+
+    @classmethod
+    def of(cls, schema: FeatureSchema, frame: pd.DataFrame) -> FrameRequests:
+        columns = {n: frame[n].to_numpy() for n in schema.names() if n in frame.columns}
+        encoded = schema.encode_rows(columns, len(frame))
+        keys = [n for n in (*schema.names("user"), *schema.names("context")) if n in frame]
+        groups = (
+            frame.groupby(keys, sort=False, dropna=False).indices
+            if keys
+            else {(): np.arange(len(frame))}
+        )
+        return cls(len(frame), encoded, list(groups.values()))
+
+    def predict(self, onnx_path: Path | str) -> dict[str, np.ndarray]:
+        """The graph's predictions {task: [rows]} for every row, request by request."""
+        session = make_session(onnx_path, intra_op_threads=1)
+        out = {t: np.empty(self.n_rows, dtype=np.float32) for t in OUTPUTS}
+        for rows in self.groups:
+            feed = {
+                k: v[rows] if k.startswith("item_") else v[rows[:1]]
+                for k, v in self.encoded.items()
+            }
+            for task, values in run_session(session, feed).items():
+                out[task][rows] = values
+        return out
+
+
 def predict_frame(
     onnx_path: Path | str, schema: FeatureSchema, frame: pd.DataFrame
 ) -> dict[str, np.ndarray]:
     """The graph's predictions {task: [rows]} for every row of an impression frame.
 
-    Rows are scored as the service scores them: rows that share every user and context feature
-    form one request (user side batch 1, the rows as candidates).
+    Rows are scored as the service scores them (see :class:`FrameRequests`).
     """
-    session = make_session(onnx_path, intra_op_threads=1)
-    columns = {n: frame[n].to_numpy() for n in schema.names() if n in frame.columns}
-    encoded = schema.encode_rows(columns, len(frame))
-    keys = [n for n in (*schema.names("user"), *schema.names("context")) if n in frame.columns]
-    groups = (
-        frame.groupby(keys, sort=False, dropna=False).indices
-        if keys
-        else {(): np.arange(len(frame))}
-    )
-    out = {t: np.empty(len(frame), dtype=np.float32) for t in OUTPUTS}
-    for rows in groups.values():
-        feed = {k: v[rows] if k.startswith("item_") else v[rows[:1]] for k, v in encoded.items()}
-        for task, values in run_session(session, feed).items():
-            out[task][rows] = values
-    return out
+    return FrameRequests.of(schema, frame).predict(onnx_path)

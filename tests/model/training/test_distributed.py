@@ -2,10 +2,10 @@
 
 Two real 2-rank runs against single-process ``fit`` on the same data and seed:
 
-- ``vidrank train --nproc 2`` (``run_train``: the launcher prepares the data once and runs
-  torchrun) with the MMoE: the bundle loads and scores, and its validation AUCs are within 0.01
-  of the single-process run's;
-- ``torchrun --nproc_per_node 2 -m model.training.train`` (rank 0 simulates and prepares) with the
+- ``vidrank train --nproc 2`` (``run_train``: the launcher prepares the data once and starts
+  the ranks with torch's elastic launcher) with the MMoE: the bundle loads and scores, and its
+  validation AUCs are within 0.01 of the single-process run's;
+- ``torchrun --nproc_per_node 2 -m model.cli train`` (rank 0 simulates and prepares) with the
   dropout-free shared-bottom model: there the two runs agree to float rounding, which pins
   down that the ranks train on the very batches, with the very gradients, of ``fit``.
 
@@ -16,6 +16,8 @@ About 40 s on a 2-core machine.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,11 +31,14 @@ from model.core.features import default_schema
 from model.core.registry import Registry
 from model.core.runtime import make_session
 from model.core.tasks import TASKS
-from model.training import distributed
+from model.training import distributed, prepared
+from model.training.config import TrainConfig, TrainJob
 from model.training.data import read_shard, split_by_time
 from model.training.export import random_encoded, run_session
+from model.training.fit import fit
 from model.training.simulate import SimConfig, simulate, write_simulation
-from model.training.train import TrainOptions, fit, run_train, simulated_impressions
+from model.training.sources import simulated_impressions
+from model.training.train import run_train
 
 # A small world (100 users, 150 videos) seen 100k times, with one shared driver behind click,
 # completion and like (task_correlation 1.0), so that in 3 epochs the like head - 2-3% positives
@@ -47,7 +52,7 @@ SIM = SimConfig(
     seed=2,
     task_correlation=1.0,
 )
-TRAIN: dict[str, Any] = {"small": True, "epochs": 3, "seed": 0, "batch_size": 2048, "lr": 5e-3}
+TRAIN = TrainConfig(small=True, epochs=3, seed=0, batch_size=2048, lr=5e-3)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +84,10 @@ def _manifest(registry: Path, version: str) -> dict[str, Any]:
 
 def test_nproc_2_matches_single_process(tmp_path: Path, sim_dir: Path, frame: pd.DataFrame) -> None:
     registry = tmp_path / "registry"
-    opts = TrainOptions(registry=registry, data=sim_dir, nproc=2, version="v-ddp", **TRAIN)
-    assert run_train(opts) == "v-ddp"
+    job = TrainJob(registry=registry, data=sim_dir, nproc=2, version="v-ddp", train=TRAIN)
+    sigint = signal.getsignal(signal.SIGINT)
+    assert run_train(job) == "v-ddp"
+    assert signal.getsignal(signal.SIGINT) is sigint  # the elastic agent's handler is gone again
 
     reg = Registry(registry)
     assert reg.read_aliases().production == "v-ddp"  # rank 0 published and activated it
@@ -95,7 +102,7 @@ def test_nproc_2_matches_single_process(tmp_path: Path, sim_dir: Path, frame: pd
 
     # One thread, as each rank uses (the results equal fit's default two threads here, and a
     # 2-thread fit slows down many times over when the machine is busy).
-    single = fit(frame, verbose=False, threads=1, **TRAIN)
+    single = fit(frame, TRAIN, threads=1, verbose=False)
     ddp_valid = _best_valid(manifest["training"]["history"])
     one_valid = _best_valid(single.history)
     print(
@@ -116,34 +123,26 @@ def test_nproc_2_matches_single_process(tmp_path: Path, sim_dir: Path, frame: pd
 
 
 def test_torchrun_module_entry_equals_single_process(tmp_path: Path) -> None:
-    """`torchrun -m model.training.train` with `vidrank train`'s options; rank 0 simulates."""
+    """`torchrun -m model.cli train` with `vidrank train`'s options; rank 0 simulates."""
     registry, n, epochs = tmp_path / "registry", 20_000, 2
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", "1", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(distributed.free_port()),
-        "-m", "model.training.train",
+        "-m", "model.cli", "train",
         "--registry", str(registry), "--simulate", str(n), "--arch", "shared_bottom",
         "--small", "--epochs", str(epochs), "--batch-size", "1024", "--version", "v-torchrun",
     ]  # fmt: skip
-    done = subprocess.run(
-        cmd, env=distributed._launch_env(), capture_output=True, text=True, timeout=300
-    )
+    env = dict(os.environ, **distributed.loopback_env())
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "published v-torchrun" in done.stdout
     manifest = _manifest(registry, "v-torchrun")
     assert manifest["metrics"]["world_size"] == 2.0
     assert manifest["training"]["data"] == f"simulated:{n}"
 
-    single = fit(
-        simulated_impressions(n, 0),
-        arch="shared_bottom",
-        small=True,
-        epochs=epochs,
-        batch_size=1024,
-        threads=1,
-        verbose=False,
-    )
+    config = TrainConfig(arch="shared_bottom", small=True, epochs=epochs, batch_size=1024)
+    single = fit(simulated_impressions(n, 0), config, threads=1, verbose=False)
     ddp_valid = _best_valid(manifest["training"]["history"])
     one_valid = _best_valid(single.history)
     # No random dropout in this model: only the order of float sums differs from `fit`.
@@ -156,35 +155,35 @@ def test_torchrun_module_entry_equals_single_process(tmp_path: Path) -> None:
 
 def test_prepare_frame_shards_the_training_split(tmp_path: Path) -> None:
     frame = simulated_impressions(3_001, 5)
-    data = distributed.prepare_frame(frame, tmp_path / "prep", 3)
+    data = prepared.prepare_frame(frame, tmp_path / "prep", 3)
     train_df, valid_df, test_df = split_by_time(frame)
     assert data.rows == {"train": len(train_df), "valid": len(valid_df), "test": len(test_df)}
-    assert distributed.is_prepared(tmp_path / "prep") and not distributed.is_prepared(tmp_path)
+    assert prepared.is_prepared(tmp_path / "prep") and not prepared.is_prepared(tmp_path)
 
     shards = [read_shard(data.split_dir("train"), r, 3) for r in range(3)]
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
-    rows = np.concatenate([s[distributed.ROW_COLUMN].to_numpy() for s in shards])
+    rows = np.concatenate([s[prepared.ROW_COLUMN].to_numpy() for s in shards])
     assert sorted(rows) == list(range(len(train_df)))  # each training row on exactly one rank
     for shard in shards:  # ... carrying its own values
-        back = train_df.iloc[shard[distributed.ROW_COLUMN].to_numpy()].reset_index(drop=True)
-        pd.testing.assert_frame_equal(shard.drop(columns=distributed.ROW_COLUMN), back)
+        back = train_df.iloc[shard[prepared.ROW_COLUMN].to_numpy()].reset_index(drop=True)
+        pd.testing.assert_frame_equal(shard.drop(columns=prepared.ROW_COLUMN), back)
     valid = read_shard(data.split_dir("valid"), 0, 1)
     pd.testing.assert_frame_equal(valid, valid_df)
 
     names = default_schema().names()
-    assert data.schema == default_schema().fit({n: train_df[n].to_numpy() for n in names})
-    assert data.label_means["watch_s"] == pytest.approx(float(train_df["watch_s"].mean()))
-    assert distributed.PreparedData.load(data.root) == data
+    assert data.basis.schema == default_schema().fit({n: train_df[n].to_numpy() for n in names})
+    assert data.basis.label_means["watch_s"] == pytest.approx(float(train_df["watch_s"].mean()))
+    assert prepared.PreparedData.load(data.root) == data
 
 
 def test_prepared_data_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no prepared training data"):
-        distributed.PreparedData.load(tmp_path)
-    (tmp_path / distributed.META_FILE).write_text(json.dumps({"format": 99}))
+        prepared.PreparedData.load(tmp_path)
+    (tmp_path / prepared.META_FILE).write_text(json.dumps({"format": 99}))
     with pytest.raises(ValueError, match="unknown format"):
-        distributed.PreparedData.load(tmp_path)
+        prepared.PreparedData.load(tmp_path)
     with pytest.raises(ValueError, match="cannot fill"):
-        distributed.prepare_frame(simulated_impressions(20, 0), tmp_path / "p", 64)
+        prepared.prepare_frame(simulated_impressions(20, 0), tmp_path / "p", 64)
 
 
 @pytest.mark.parametrize(("n", "batch", "world"), [(1_000, 64, 2), (997, 100, 3), (10, 4, 4)])
@@ -206,4 +205,4 @@ def test_ranks_split_the_single_process_batches(n: int, batch: int, world: int) 
 
 def test_launch_needs_two_ranks(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="nproc"):
-        distributed.launch(TrainOptions(registry=tmp_path, simulate=100, nproc=1), "v")
+        distributed.launch(TrainJob(registry=tmp_path, simulate=100, nproc=1), "v")

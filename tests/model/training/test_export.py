@@ -20,8 +20,8 @@ from model.training.export import (
     run_session,
     torch_predict,
 )
+from model.training.fit import TrainResult
 from model.training.mmoe import MMoE, MMoEConfig, SharedBottom
-from model.training.train import TrainResult
 
 DTYPES: dict[int, str] = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32"}
 

@@ -4,41 +4,38 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from model.cli import app
 from model.core.bundle import load_bundle
 from model.core.registry import Registry
 from model.core.runtime import make_session
 from model.core.tasks import TASKS
+from model.training.batches import Shuffled, encode_split, predict
+from model.training.config import TrainConfig, TrainJob, parse_loss_weights
 from model.training.export import random_encoded, run_session
+from model.training.fit import TrainResult, build, fit, prepare
+from model.training.loop import EarlyStopping, EpochLoop
 from model.training.mmoe import MMoE, MMoEConfig
-from model.training.train import (
-    TrainOptions,
-    TrainResult,
-    encode_split,
-    fit,
-    gate_diagnostics,
-    parse_loss_weights,
-    predict,
-    publish,
-    run_train,
-)
+from model.training.objective import evaluate_split, gate_diagnostics
+from model.training.publish import publish
+from model.training.train import run_train
 
 HEADLINE = ("click_auc", "like_auc", "watch_rmse", "watch_xauc", "ndcg10_fused")
 
 
 def test_end_to_end_train_publish_load_and_score(tmp_path: Path) -> None:
     registry = tmp_path / "registry"
-    opts = TrainOptions(
-        registry=registry, simulate=5_000, small=True, epochs=2, seed=3, version="v-e2e"
-    )
-    assert run_train(opts) == "v-e2e"
+    config = TrainConfig(small=True, epochs=2, seed=3)
+    job = TrainJob(registry=registry, simulate=5_000, train=config, version="v-e2e")
+    assert run_train(job) == "v-e2e"
     reg = Registry(registry)
     assert reg.read_aliases().production == "v-e2e"  # the first model is activated
     bundle = load_bundle(reg.version_dir("v-e2e"))
@@ -53,26 +50,26 @@ def test_end_to_end_train_publish_load_and_score(tmp_path: Path) -> None:
     )
     assert all(out[t].shape == (11,) and np.isfinite(out[t]).all() for t in TASKS)
     # --if-empty: production exists, so nothing is trained and production is returned.
-    again = TrainOptions(registry=registry, simulate=5_000, if_empty=True)
+    again = TrainJob(registry=registry, simulate=5_000, if_empty=True)
     assert run_train(again) == "v-e2e" and Registry(registry).versions() == ["v-e2e"]
 
 
 def test_publish_activates_only_when_asked_or_first(
     tmp_path: Path, trained_model: TrainResult
 ) -> None:
-    opts = TrainOptions(registry=tmp_path, simulate=1)
-    assert publish(trained_model, opts, "a") == "a"
+    job = TrainJob(registry=tmp_path, simulate=20_000)
+    assert publish(trained_model, job, "a") == "a"
     assert Registry(tmp_path).read_aliases().production == "a"
-    publish(trained_model, opts, "b")
+    publish(trained_model, job, "b")
     assert Registry(tmp_path).read_aliases().production == "a"
-    publish(trained_model, TrainOptions(registry=tmp_path, simulate=1, activate=True), "c")
+    publish(trained_model, TrainJob(registry=tmp_path, simulate=20_000, activate=True), "c")
     assert Registry(tmp_path).read_aliases().production == "c"
 
 
 def test_training_is_deterministic_per_seed(
-    tiny_frame: pd.DataFrame, tiny_fit_kwargs: dict[str, Any], trained_model: TrainResult
+    tiny_frame: pd.DataFrame, tiny_config: TrainConfig, trained_model: TrainResult
 ) -> None:
-    again = fit(tiny_frame, **tiny_fit_kwargs)
+    again = fit(tiny_frame, tiny_config, verbose=False)
     timing = {"train_time_s"}
     assert {k: v for k, v in again.metrics.items() if k not in timing} == {
         k: v for k, v in trained_model.metrics.items() if k not in timing
@@ -80,7 +77,7 @@ def test_training_is_deterministic_per_seed(
     ref = trained_model.model.state_dict()
     for name, tensor in again.model.state_dict().items():
         assert torch.equal(tensor, ref[name]), name
-    other = fit(tiny_frame, **(tiny_fit_kwargs | {"seed": 1}))
+    other = fit(tiny_frame, replace(tiny_config, seed=1), verbose=False)
     assert other.metrics["loss"] != trained_model.metrics["loss"]
 
 
@@ -151,25 +148,25 @@ def test_a_collapsed_gate_shows(trained_model: TrainResult) -> None:
 
 
 def test_options_are_validated(tmp_path: Path) -> None:
-    assert parse_loss_weights("click=2, like=0.5", TASKS) == {
+    assert parse_loss_weights("click=2, like=0.5") == {
         "click": 2.0,
         "watch_time": 1.0,
         "like": 0.5,
     }
-    for bad in ("dwell=1", "click", "click=-1", "click=nan"):
+    for bad in ("dwell=1", "click", "click=-1", "click=nan", "click=x"):
         with pytest.raises(ValueError):
-            parse_loss_weights(bad, TASKS)
+            parse_loss_weights(bad)
     with pytest.raises(ValueError, match="exactly one"):
-        run_train(TrainOptions(registry=tmp_path))
+        run_train(TrainJob(registry=tmp_path))
     with pytest.raises(ValueError, match="version"):
-        run_train(TrainOptions(registry=tmp_path, simulate=100, version="../x"))
+        run_train(TrainJob(registry=tmp_path, simulate=100, version="../x"))
 
 
 def test_quantize_publishes_an_int8_graph_with_its_auc_check(
     tmp_path: Path, trained_model: TrainResult
 ) -> None:
-    opts = TrainOptions(registry=tmp_path, simulate=1, quantize=True)
-    version = publish(trained_model, opts, "q8")
+    job = TrainJob(registry=tmp_path, simulate=20_000, quantize=True)
+    version = publish(trained_model, job, "q8")
     bundle = load_bundle(Registry(tmp_path).version_dir(version))
     q = bundle.manifest["quantization"]
     assert q["int8_bytes"] < q["fp32_bytes"] / 2
@@ -181,3 +178,87 @@ def test_quantize_publishes_an_int8_graph_with_its_auc_check(
         make_session(bundle.onnx_path), random_encoded(bundle.schema, 7, np.random.default_rng(1))
     )
     assert all(np.isfinite(out[t]).all() for t in TASKS)
+
+
+# -- the steps of fit --------------------------------------------------------------------------
+
+
+def test_gate_diagnostics_are_those_of_the_restored_weights(
+    tiny_frame: pd.DataFrame, trained_model: TrainResult
+) -> None:
+    """Taken while validating (no extra pass), they equal a pass with the final weights."""
+    valid = prepare(tiny_frame).valid
+    gates = predict(trained_model.model, valid, return_gates=True)["gates"]
+    assert trained_model.gate_diagnostics == gate_diagnostics(gates, TASKS)
+
+
+def test_early_stopping_keeps_and_restores_the_best_weights(trained_model: TrainResult) -> None:
+    model = copy.deepcopy(trained_model.model)
+    stopper = EarlyStopping(model, patience=2)
+    assert stopper.observe(1, 1.0) and not stopper.should_stop
+    best = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert not stopper.observe(2, 1.5) and not stopper.should_stop  # patience 2: one more
+    assert not stopper.observe(3, float("nan")) and stopper.should_stop
+    assert stopper.best_epoch == 1 and stopper.best_loss == 1.0
+    stopper.restore()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, best[name]), name
+
+
+def test_epoch_loop_runs_hooks_and_stops_early(tiny_frame: pd.DataFrame) -> None:
+    config = TrainConfig(small=True, epochs=3, seed=1, batch_size=256, lr=5e-3)
+    data = prepare(tiny_frame.iloc[:4000])
+    model = build(config, data.basis)
+    seen: list[tuple[int, float]] = []
+    halve = lambda epoch, opt: [g.update(lr=g["lr"] / 2) for g in opt.param_groups]  # noqa: E731
+    loop = EpochLoop(
+        model, config, verbose=False, hooks=[lambda e, o: seen.append((e, 0.0)), halve]
+    )
+    epochs = loop.run(Shuffled(data.train, config.batch_size), data.valid)
+    assert [e for e, _ in seen] == [h["epoch"] for h in epochs.history]
+    losses = [h["loss"] for h in epochs.history]
+    assert epochs.best_loss == min(losses)
+    if len(losses) < config.epochs:  # stopped early: the last epoch did not improve
+        assert losses[-1] >= epochs.best_loss
+    restored = evaluate_split(predict(model, data.valid), data.valid, config.loss_weights)
+    assert restored["loss"] == pytest.approx(epochs.best_loss, rel=1e-6)
+
+
+def test_train_config_checks_every_option(tmp_path: Path) -> None:
+    assert TrainConfig(loss_weights={"like": 2.0}).loss_weights == {
+        "click": 1.0,
+        "watch_time": 1.0,
+        "like": 2.0,
+    }
+    bad = {
+        "--arch": {"arch": "moe"},
+        "--epochs": {"epochs": 0},
+        "--batch-size": {"batch_size": 0},
+        "--lr": {"lr": float("inf")},
+        "--loss-weights": {"loss_weights": {"dwell": 1.0}},
+    }
+    for flag, kwargs in bad.items():
+        with pytest.raises(ValueError, match=flag):
+            TrainConfig(**kwargs)  # type: ignore[arg-type]
+    for flag, kwargs in {
+        "--simulate": {"simulate": 5},
+        "--nproc": {"simulate": 100, "nproc": 0},
+    }.items():
+        with pytest.raises(ValueError, match=flag):
+            TrainJob(registry=tmp_path, **kwargs)  # type: ignore[arg-type]
+
+
+def test_cli_rejects_a_bad_option_before_reading_data(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    args = ["train", "--registry", str(registry), "--simulate", "100000"]
+    for extra, flag in (
+        (["--loss-weights", "dwell=1"], "--loss-weights"),
+        (["--epochs", "0"], "--epochs"),
+    ):
+        done = CliRunner().invoke(app, [*args, *extra])
+        assert done.exit_code == 2, done.output  # click's usage error, not a traceback
+        assert flag in done.output
+    assert not registry.exists()

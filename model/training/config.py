@@ -1,0 +1,112 @@
+"""The options of a training run, parsed and validated once (at the CLI, or by whoever builds them).
+
+``TrainConfig`` is how to fit - what ``fit`` and every DDP rank run with; ``TrainJob`` is what
+``vidrank train`` does around it: where the impressions come from, how many processes, where and
+how to publish. Both are frozen and checked on construction, so a bad option fails before any
+data is read, with a message naming the flag.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.core.registry import check_version_name
+from model.core.tasks import TASKS
+from model.training.mmoe import ARCHS
+
+MIN_SIMULATED = 10  # fewer impressions cannot be split into train/valid/test
+
+
+def default_loss_weights() -> dict[str, float]:
+    """Weight 1 for every task."""
+    return dict.fromkeys(TASKS, 1.0)
+
+
+def parse_loss_weights(text: str) -> dict[str, float]:
+    """``"click=1,watch_time=0.5"`` -> per-task weights; tasks not named keep weight 1."""
+    weights = default_loss_weights()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in weights:
+            raise ValueError(f"--loss-weights {part!r}: expected task=weight, a task in {TASKS}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(
+                f"--loss-weights {part!r}: {value.strip()!r} is not a number"
+            ) from None
+    _check_loss_weights(weights)
+    return weights
+
+
+def _check_loss_weights(weights: dict[str, float]) -> None:
+    unknown = sorted(set(weights) - set(TASKS))
+    if unknown:
+        raise ValueError(f"--loss-weights: unknown task(s) {unknown}; tasks are {TASKS}")
+    for task, w in weights.items():
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"--loss-weights: {task}={w} must be a finite number >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to fit: architecture, epochs, seed, batch size, learning rate and loss weights.
+
+    ``loss_weights`` names a weight per task; tasks left out weigh 1 (the stored dict always
+    holds every task, in ``TASKS`` order). Training is deterministic per seed on a machine.
+    """
+
+    arch: str = "mmoe"
+    small: bool = False  # MMoEConfig.small(): a tiny network for tests
+    epochs: int = 3  # at most: early stopping may end sooner
+    seed: int = 0
+    batch_size: int = 2048
+    lr: float = 2e-3
+    loss_weights: dict[str, float] = field(default_factory=default_loss_weights)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"--arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+        _check_loss_weights(self.loss_weights)
+        # Frozen: fill the tasks left out (weight 1) through object.__setattr__, in TASKS order.
+        full = {t: float(self.loss_weights.get(t, 1.0)) for t in TASKS}
+        object.__setattr__(self, "loss_weights", full)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One ``vidrank train``: the data, the fit, the processes and the publishing."""
+
+    registry: Path
+    data: Path | None = None  # logs in KuaiRand's schema, or prepared DDP data
+    simulate: int | None = None  # ... or this many simulated impressions
+    train: TrainConfig = field(default_factory=TrainConfig)
+    version: str | None = None  # default: a UTC timestamp
+    activate: bool | None = None  # None: only when the registry has no production model
+    if_empty: bool = False  # do nothing when a production model exists
+    nproc: int = 1  # DDP processes on this machine
+    quantize: bool = False  # publish the int8 graph (if the held-out AUC allows)
+
+    def __post_init__(self) -> None:
+        if (self.data is None) == (self.simulate is None):
+            raise ValueError("give exactly one of --data DIR or --simulate N")
+        if self.simulate is not None and self.simulate < MIN_SIMULATED:
+            raise ValueError(f"--simulate needs at least {MIN_SIMULATED} impressions")
+        if self.nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {self.nproc}")
+        if self.version is not None:
+            check_version_name(self.version)  # InvalidVersionName is a ValueError
+
+    @property
+    def data_description(self) -> str:
+        """Where the impressions came from, as the manifest records it."""
+        return str(self.data) if self.data is not None else f"simulated:{self.simulate}"

@@ -1,0 +1,171 @@
+"""``fit``: one training run as four public steps, which the DDP path composes the same way.
+
+1. ``prepare``  - chronological train/valid/test split, feature schema and label means fitted on
+   the training split (``split_frame``), every split encoded once into tensors;
+2. ``build``    - the model config (``model_config``), the seeded initial model, output biases at
+   the training base rates;
+3. ``EpochLoop.run`` (model/training/loop.py) - epochs with early stopping, one progress line per
+   epoch, the best weights restored;
+4. ``finalise`` - test metrics (and the ranking evaluation when the data carry the simulator's
+   truth) plus the gate diagnostics into a ``TrainResult``.
+
+Training is deterministic per seed on a given machine: seeded torch and numpy generators and a
+fixed torch thread count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from model.core.features import FeatureSchema, default_schema
+from model.core.tasks import LABEL_COLUMNS
+from model.training.batches import EncodedSplit, Shuffled, encode_split, predict
+from model.training.config import TrainConfig
+from model.training.data import split_by_time
+from model.training.evaluate import has_truth, ranking_eval
+from model.training.loop import EpochLoop, Epochs
+from model.training.mmoe import MMoEConfig, RankingModel, build_model, init_output_bias
+from model.training.objective import evaluate_split
+
+TRAIN_THREADS = 2  # fixed so that results are reproducible (and fit the 2-core target machine)
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class Basis:
+    """What the training split fixes for a run: the fitted schema and the label means.
+
+    Every DDP rank gets the same ``Basis`` (from the prepared data), so all encode and build
+    alike.
+    """
+
+    schema: FeatureSchema
+    label_means: dict[str, float]  # over the training split, by label column (LABEL_COLUMNS)
+
+    @property
+    def watch_scale(self) -> float:
+        """The watch head's unit (seconds): the mean training watch time, or 1 if it is 0."""
+        mean = self.label_means[LABEL_COLUMNS["watch_time"]]
+        return mean if mean > 0 else 1.0
+
+    def encode(self, frame: pd.DataFrame) -> EncodedSplit:
+        return encode_split(self.schema, frame, self.watch_scale)
+
+
+@dataclass
+class Prepared:
+    """Step 1's output: the basis and the three splits, encoded."""
+
+    basis: Basis
+    train: EncodedSplit
+    valid: EncodedSplit
+    test: EncodedSplit
+
+    @property
+    def rows(self) -> dict[str, int]:
+        return {"train": len(self.train), "valid": len(self.valid), "test": len(self.test)}
+
+
+@dataclass
+class TrainResult:
+    """A fitted model with everything needed to evaluate, export and publish it."""
+
+    model: RankingModel
+    schema: FeatureSchema
+    config: MMoEConfig
+    test: pd.DataFrame
+    test_preds: dict[str, np.ndarray]
+    metrics: dict[str, float]
+    gate_diagnostics: dict[str, Any] | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def split_frame(frame: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], Basis]:
+    """Split by time; fit the schema and take the label means on the training split."""
+    frames = dict(zip(SPLITS, split_by_time(frame), strict=True))
+    if min(len(df) for df in frames.values()) < 1:
+        raise ValueError(f"{len(frame)} impressions are too few to split into train/valid/test")
+    train = frames["train"]
+    schema = default_schema().fit({n: train[n].to_numpy() for n in default_schema().names()})
+    means = {col: float(train[col].mean()) for col in LABEL_COLUMNS.values()}
+    return frames, Basis(schema, means)
+
+
+def prepare(frame: pd.DataFrame) -> Prepared:
+    """Step 1: split, fit the schema on train, encode every split once."""
+    frames, basis = split_frame(frame)
+    return Prepared(basis, *(basis.encode(frames[s]) for s in SPLITS))
+
+
+def model_config(config: TrainConfig, basis: Basis) -> MMoEConfig:
+    """The network's config: ``config.arch`` (tiny with ``small``), watch head in basis units."""
+    base = MMoEConfig.small() if config.small else MMoEConfig()
+    return replace(base, arch=config.arch, watch_scale=basis.watch_scale)
+
+
+def build(config: TrainConfig, basis: Basis) -> RankingModel:
+    """Step 2: the initial model, seeded (every rank starts from the same weights)."""
+    torch.manual_seed(config.seed)
+    model = build_model(model_config(config, basis), basis.schema)
+    # Each head starts at its training base rate rather than spending its first steps on it.
+    init_output_bias(model, {t: basis.label_means[c] for t, c in LABEL_COLUMNS.items()})
+    return model
+
+
+def finalise(
+    model: RankingModel,
+    basis: Basis,
+    epochs: Epochs,
+    test: EncodedSplit,
+    rows: Mapping[str, int],
+    config: TrainConfig,
+    world: int = 1,
+) -> TrainResult:
+    """Step 4: the (restored) model's test metrics, ranking evaluation and gate diagnostics."""
+    test_preds = predict(model, test)
+    metrics = evaluate_split(test_preds, test, config.loss_weights)
+    if has_truth(test.frame):
+        metrics.update(ranking_eval(test.frame, test_preds))
+    metrics.update(
+        train_time_s=round(epochs.train_time_s, 2),
+        rows_train=float(rows["train"]),
+        rows_valid=float(rows["valid"]),
+        rows_test=float(rows["test"]),
+        epochs=float(len(epochs.history)),
+        best_valid_loss=epochs.best_loss,
+    )
+    if world > 1:
+        metrics["world_size"] = float(world)
+    tasks = model.config.tasks
+    return TrainResult(
+        model=model,
+        schema=basis.schema,
+        config=model.config,
+        test=test.frame,
+        test_preds={t: test_preds[t] for t in tasks},
+        metrics=metrics,
+        gate_diagnostics=epochs.gate_diagnostics,
+        history=epochs.history,
+    )
+
+
+def fit(
+    frame: pd.DataFrame,
+    config: TrainConfig,
+    *,
+    threads: int = TRAIN_THREADS,
+    verbose: bool = True,
+) -> TrainResult:
+    """Split by time, fit the schema on train, train with early stopping, evaluate on test."""
+    torch.set_num_threads(threads)
+    data = prepare(frame)
+    model = build(config, data.basis)
+    loop = EpochLoop(model, config, verbose=verbose)
+    epochs = loop.run(Shuffled(data.train, config.batch_size), data.valid)
+    return finalise(model, data.basis, epochs, data.test, data.rows, config)

@@ -1,0 +1,83 @@
+"""The training objective and the figures a run reports: losses, metrics, gate diagnostics.
+
+The loss is BCE(click) + Poisson NLL(watch_s / watch_scale, log input) + BCE(like), each a mean
+over the impression space and weighted per task (see model/training/mmoe.py for why Poisson).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F  # noqa: N812 -- the conventional alias
+
+from model.core.metrics import auc, rmse, xauc
+from model.training.batches import EncodedSplit
+
+
+def task_losses(out: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Mean loss per task over the impression space (BCE for probabilities, Poisson for watch)."""
+    return {
+        "click": F.binary_cross_entropy_with_logits(out["click_logit"], labels["click"]),
+        "watch_time": F.poisson_nll_loss(
+            out["watch_time_logit"], labels["watch_time"], log_input=True, full=False
+        ),
+        "like": F.binary_cross_entropy_with_logits(out["like_logit"], labels["like"]),
+    }
+
+
+def weighted_sum(losses: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
+    """sum_k w_k * loss_k."""
+    return torch.stack([weights[t] * loss for t, loss in losses.items()]).sum()
+
+
+def evaluate_split(
+    preds: Mapping[str, np.ndarray],
+    split: EncodedSplit,
+    loss_weights: Mapping[str, float],
+) -> dict[str, float]:
+    """Losses and metrics of predictions on a split (watch metrics in seconds)."""
+    out = {k: torch.from_numpy(v) for k, v in preds.items() if k.endswith("_logit")}
+    losses = task_losses(out, split.labels)
+    frame = split.frame
+    click, like = frame["click"].to_numpy(), frame["like"].to_numpy()
+    watch = frame["watch_s"].to_numpy(dtype=np.float64)
+    metrics = {f"loss_{t}": float(v) for t, v in losses.items()}
+    metrics["loss"] = float(weighted_sum(losses, loss_weights))
+    metrics["click_auc"] = auc(click, preds["click"])
+    metrics["like_auc"] = auc(like, preds["like"])
+    metrics["watch_rmse"] = rmse(watch, preds["watch_time"])
+    metrics["watch_xauc"] = xauc(watch, preds["watch_time"])
+    # mean prediction / mean label: ~1 when a head estimates the mean over impressions.
+    for task, label in (("click", click), ("watch", watch), ("like", like)):
+        key = "watch_time" if task == "watch" else task
+        metrics[f"{task}_calibration"] = _ratio(preds[key].mean(), label.mean())
+    return metrics
+
+
+def _ratio(a: float, b: float) -> float:
+    return float(a / b) if b else float("nan")
+
+
+def gate_diagnostics(gates: np.ndarray, tasks: Iterable[str]) -> dict[str, Any]:
+    """Per task: mean gate weight per expert, mean gate entropy (nats), largest mean share.
+
+    ``gates`` is N x T x E. A polarised gate (one expert takes everything) shows entropy near 0
+    and ``max_mean_share`` near 1; a uniform one shows entropy near ``max_entropy`` = log E.
+    """
+    g = gates.astype(np.float64)
+    entropy = -(g * np.log(np.clip(g, 1e-12, None))).sum(-1)  # N x T
+    mean_w = g.mean(0)  # T x E
+    per_task = {
+        t: {
+            "mean_weights": [round(float(w), 6) for w in mean_w[i]],
+            "mean_entropy": float(entropy[:, i].mean()),
+            "max_mean_share": float(mean_w[i].max()),
+        }
+        for i, t in enumerate(tasks)
+    }
+    return {"n_rows": int(g.shape[0]), "max_entropy": math.log(g.shape[-1]), "tasks": per_task}
