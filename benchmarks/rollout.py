@@ -63,6 +63,7 @@ SECOND_SUFFIX = "-next"
 # verifies and warms the bundle, on a machine that is also serving the traffic.
 CONVERGE_MARGIN_S = 2.0
 PHASES = ("baseline", "activate", "kill", "rollback")
+BASELINE_REQUESTS = 20  # the baseline phase lasts until this much traffic has completed
 
 
 # -- configuration and report ------------------------------------------------------------------
@@ -329,6 +330,12 @@ class Traffic:
         with self._lock:
             return list(self.outcomes)
 
+    def wait_completed(self, count: int, timeout_s: float) -> None:
+        """Wait until ``count`` requests have completed (a loaded machine starts slowly)."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.snapshot()) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+
 
 # -- the rollout -------------------------------------------------------------------------------
 
@@ -427,6 +434,7 @@ def _phases(
     """Baseline, activate, kill, rollback - while ``traffic`` flows."""
     phases = [_Phase(PhaseReport(PHASES[0], first), time.monotonic())]
     time.sleep(cfg.baseline_s)
+    traffic.wait_completed(BASELINE_REQUESTS, cfg.converge_timeout_s)
 
     phases.append(_Phase(PhaseReport(PHASES[1], second), time.monotonic()))
     _converge(cfg, phases[-1], replicas, ("activate", second))
