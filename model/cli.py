@@ -19,6 +19,10 @@ app.add_typer(models_app, name="models")
 RegistryOpt = Annotated[
     Path, typer.Option("--registry", envvar="VIDRANK_REGISTRY", help="Registry directory.")
 ]
+ReasonOpt = Annotated[
+    str | None, typer.Option(help="Why; recorded in the registry's history.jsonl.")
+]
+ACTOR = "cli"  # the history's actor for changes made from the command line
 
 
 @app.command()
@@ -188,7 +192,9 @@ def _print_aliases(aliases) -> None:  # type: ignore[no-untyped-def]
 
 
 @models_app.command("activate")
-def models_activate(version: str, registry: RegistryOpt = Path("registry")) -> None:
+def models_activate(
+    version: str, registry: RegistryOpt = Path("registry"), reason: ReasonOpt = None
+) -> None:
     """Make VERSION production (verifies the bundle first); every replica converges on it."""
     from model.core.bundle import BundleError
     from model.core.registry import RegistryError
@@ -196,18 +202,18 @@ def models_activate(version: str, registry: RegistryOpt = Path("registry")) -> N
     reg = _registry(registry)
     try:
         reg.bundle(version)  # verify checksum and schema before any replica tries it
-        _print_aliases(reg.activate(version))
+        _print_aliases(reg.activate(version, actor=ACTOR, reason=reason))
     except (RegistryError, BundleError) as e:
         _fail(str(e))
 
 
 @models_app.command("rollback")
-def models_rollback(registry: RegistryOpt = Path("registry")) -> None:
+def models_rollback(registry: RegistryOpt = Path("registry"), reason: ReasonOpt = None) -> None:
     """Return production to the previously active version."""
     from model.core.registry import RegistryError
 
     try:
-        _print_aliases(_registry(registry).rollback())
+        _print_aliases(_registry(registry).rollback(actor=ACTOR, reason=reason))
     except RegistryError as e:
         _fail(str(e))
 
@@ -219,23 +225,96 @@ def models_canary(
     ] = None,
     percent: Annotated[float, typer.Option(help="Percent of users (0 < p <= 100).")] = 10.0,
     clear: Annotated[bool, typer.Option("--clear", help="Remove the canary.")] = False,
+    max_error_ratio: Annotated[
+        float | None, typer.Option(help="Policy: server errors / canary requests.")
+    ] = None,
+    max_p99_ratio: Annotated[
+        float | None, typer.Option(help="Policy: canary p99 / production p99.")
+    ] = None,
+    max_psi: Annotated[
+        float | None, typer.Option(help="Policy: PSI of any task vs the training data.")
+    ] = None,
+    min_requests: Annotated[
+        int | None, typer.Option(help="Policy: canary requests before judging.")
+    ] = None,
+    window_s: Annotated[float | None, typer.Option(help="Policy: window in seconds.")] = None,
     registry: RegistryOpt = Path("registry"),
+    reason: ReasonOpt = None,
 ) -> None:
-    """Send PERCENT of users (stable by user_id) to VERSION, or clear the canary."""
+    """Send PERCENT of users (stable by user_id) to VERSION, or clear the canary.
+
+    The --max-*/--min-requests/--window-s options set this canary's policy for automatic
+    rollback (the service's settings fill in the rest).
+    """
+    from model.core.bundle import BundleError
+    from model.core.policy import CanaryPolicy
+    from model.core.registry import RegistryError
+
+    reg = _registry(registry)
+    try:
+        if clear:
+            _print_aliases(reg.clear_canary(actor=ACTOR, reason=reason))
+        elif version is None:
+            _fail("give a VERSION or --clear")
+        else:
+            bounds = CanaryPolicy(max_error_ratio, max_p99_ratio, max_psi, min_requests, window_s)
+            policy = bounds if bounds.to_dict() else None
+            reg.bundle(version)
+            _print_aliases(reg.set_canary(version, percent, policy, actor=ACTOR, reason=reason))
+    except (RegistryError, BundleError, ValueError) as e:
+        _fail(str(e))
+
+
+@models_app.command("shadow")
+def models_shadow(
+    version: Annotated[
+        str | None, typer.Argument(help="Shadow version; omit with --clear.")
+    ] = None,
+    percent: Annotated[
+        float, typer.Option(help="Percent of requests also scored by VERSION (0 < p <= 100).")
+    ] = 10.0,
+    clear: Annotated[bool, typer.Option("--clear", help="Stop shadow scoring.")] = False,
+    registry: RegistryOpt = Path("registry"),
+    reason: ReasonOpt = None,
+) -> None:
+    """Have VERSION also score PERCENT of requests, off the response path, for comparison."""
     from model.core.bundle import BundleError
     from model.core.registry import RegistryError
 
     reg = _registry(registry)
     try:
         if clear:
-            _print_aliases(reg.clear_canary())
+            _print_aliases(reg.clear_shadow(actor=ACTOR, reason=reason))
         elif version is None:
             _fail("give a VERSION or --clear")
         else:
             reg.bundle(version)
-            _print_aliases(reg.set_canary(version, percent))
+            _print_aliases(reg.set_shadow(version, percent, actor=ACTOR, reason=reason))
     except (RegistryError, BundleError, ValueError) as e:
         _fail(str(e))
+
+
+@models_app.command("history")
+def models_history(
+    registry: RegistryOpt = Path("registry"),
+    limit: Annotated[int, typer.Option(help="Show the last N changes (0: all).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Every change of the aliases (activate, rollback, canary, shadow, automatic rollback)."""
+    history = _registry(registry).history
+    lines = history.tail(limit) if limit > 0 else history.read()
+    for line in lines:
+        if as_json:
+            typer.echo(json.dumps(line))
+            continue
+        change = f"{line.get('from') or '-'} -> {line.get('to') or '-'}"
+        if line.get("percent") is not None:
+            change += f" ({line['percent']:g}%)"
+        reason = f"  {line['reason']}" if line.get("reason") else ""
+        typer.echo(
+            f"{line.get('time', '?'):27s} {line.get('action', '?'):13s} "
+            f"{line.get('actor', '?'):13s} {change}{reason}"
+        )
 
 
 def main() -> None:

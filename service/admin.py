@@ -1,8 +1,9 @@
-"""Admin endpoints: activate, rollback, canary. Bearer-token protected, never open by default.
+"""Admin endpoints: activate, rollback, canary, shadow. Bearer-token protected, never open.
 
 No token configured → 403 for every call; no ``Authorization`` header → 401; a wrong token →
 403. The comparison is constant-time. Handlers are plain ``def`` so loading a model (seconds)
-runs in the thread pool, not in the event loop.
+runs in the thread pool, not in the event loop. Every call may give a ``reason``, which the
+registry's history records with the actor ``admin-api``.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header
 
+from model.core.policy import CanaryPolicy
 from model.core.registry import Aliases
 from service.errors import Forbidden, Unauthorized
 from service.logging import log_fields
 from service.manager import ModelManager
-from service.schemas import AdminResult, CanaryRequest, ErrorResponse
+from service.schemas import AdminResult, CanaryRequest, ErrorResponse, Reason, ShadowRequest
 from service.settings import Settings
 
 log = logging.getLogger("vidrank.admin")
@@ -56,24 +58,39 @@ def admin_router(settings: Settings, manager: ModelManager) -> APIRouter:
         return {"aliases": aliases.to_dict(), "serving": serving}
 
     @router.post("/models/{version}/activate", response_model=AdminResult)
-    def activate(version: str) -> dict[str, Any]:
+    def activate(version: str, body: Reason | None = None) -> dict[str, Any]:
         """Load, verify and warm VERSION, then make it production (here and in the registry)."""
-        return result("activate", manager.activate(version), version=version)
+        reason = body.reason if body else None
+        return result("activate", manager.activate(version, reason), version=version)
 
     @router.post("/models/rollback", response_model=AdminResult)
-    def rollback() -> dict[str, Any]:
+    def rollback(body: Reason | None = None) -> dict[str, Any]:
         """Return production to the previous version (loaded and warmed first)."""
-        return result("rollback", manager.rollback())
+        return result("rollback", manager.rollback(body.reason if body else None))
 
     @router.put("/canary", response_model=AdminResult)
     def set_canary(body: CanaryRequest) -> dict[str, Any]:
-        """Send ``percent`` of users (stable by user_id) to ``version``."""
-        aliases = manager.set_canary(body.version, body.percent)
+        """Send ``percent`` of users (stable by user_id) to ``version``, judged by ``policy``."""
+        policy = None
+        if body.policy is not None:
+            policy = CanaryPolicy.from_dict(body.policy.model_dump(exclude_none=True))
+        aliases = manager.set_canary(body.version, body.percent, policy, body.reason)
         return result("set_canary", aliases, version=body.version, percent=body.percent)
 
     @router.delete("/canary", response_model=AdminResult)
-    def clear_canary() -> dict[str, Any]:
+    def clear_canary(body: Reason | None = None) -> dict[str, Any]:
         """Stop the canary."""
-        return result("clear_canary", manager.clear_canary())
+        return result("clear_canary", manager.clear_canary(body.reason if body else None))
+
+    @router.put("/shadow", response_model=AdminResult)
+    def set_shadow(body: ShadowRequest) -> dict[str, Any]:
+        """Also score ``percent`` of requests with ``version``, off the response path."""
+        aliases = manager.set_shadow(body.version, body.percent, body.reason)
+        return result("set_shadow", aliases, version=body.version, percent=body.percent)
+
+    @router.delete("/shadow", response_model=AdminResult)
+    def clear_shadow(body: Reason | None = None) -> dict[str, Any]:
+        """Stop shadow scoring."""
+        return result("clear_shadow", manager.clear_shadow(body.reason if body else None))
 
     return router

@@ -19,7 +19,9 @@ from fastapi.openapi.utils import get_openapi
 from model.core.fusion import ProfileStore
 from model.core.registry import Registry
 from service.admin import admin_router
+from service.canary import RolloutMonitor, Traffic
 from service.catalog import Catalog
+from service.drift import DriftMonitor
 from service.manager import ModelManager
 from service.middleware import AccessMiddleware
 from service.ranking import Ranker, profiles_failed
@@ -28,6 +30,7 @@ from service.routes import health_router, metrics_router, models_router, rank_ro
 from service.schemas import RankRequest
 from service.scorer import WARMUP_MAX, WARMUP_SIZES
 from service.settings import Settings
+from service.shadow import ShadowScorer
 
 log = logging.getLogger("vidrank.app")
 
@@ -39,30 +42,42 @@ def create_app(settings: Settings) -> FastAPI:
     profiles = None
     if settings.fusion_profiles is not None:  # requests fall back to the bundle's default fusion
         profiles = ProfileStore(settings.fusion_profiles, on_failure=profiles_failed)
-    ranker = Ranker(manager, profiles, settings.max_candidates)
+    drift = DriftMonitor(settings.rollout_window_s)
+    traffic = Traffic(settings.rollout_window_s)
+    ranker = Ranker(manager, profiles, settings.max_candidates, drift, traffic)
+    shadow = ShadowScorer(manager, drift, profiles, settings.shadow_queue_size)
+    monitor = RolloutMonitor(
+        manager, drift, traffic, settings.canary_policy(), settings.canary_auto_rollback
+    )
 
     app = FastAPI(
         title="vidrank",
         summary="Online multi-task (MMoE) ranking for video recommendation.",
         version="0.1.0",
-        lifespan=_lifespan(settings, manager),
+        lifespan=_lifespan(settings, manager, shadow, monitor),
     )
     app.state.settings = settings
     app.state.manager = manager
     app.state.ranker = ranker
+    app.state.shadow = shadow
+    app.state.monitor = monitor
     install_error_handlers(app)
     app.add_middleware(AccessMiddleware)
-    app.include_router(rank_router(ranker, settings))
+    app.include_router(rank_router(ranker, settings, shadow))
     app.include_router(health_router(manager))
-    app.include_router(models_router(Catalog(registry, manager)))
+    app.include_router(models_router(Catalog(registry, manager, shadow)))
     app.include_router(metrics_router(settings))
     app.include_router(admin_router(settings, manager))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
 
-def _lifespan(settings: Settings, manager: ModelManager) -> Any:
-    """Start-up: load what the registry serves (or keep polling for it); shut-down: stop polling."""
+def _lifespan(
+    settings: Settings, manager: ModelManager, shadow: ShadowScorer, monitor: RolloutMonitor
+) -> Any:
+    """Start-up: load what the registry serves (or keep polling for it), start the shadow
+    worker and the rollout monitor; shut-down: stop them all.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -73,7 +88,11 @@ def _lifespan(settings: Settings, manager: ModelManager) -> Any:
                 extra={"fields": {"registry": str(settings.registry)}},
             )
         manager.start_polling(settings.poll_interval_s)
+        shadow.start()
+        monitor.start(settings.rollout_check_interval_s)
         yield
+        await anyio.to_thread.run_sync(monitor.stop)
+        await anyio.to_thread.run_sync(shadow.stop)
         await anyio.to_thread.run_sync(manager.stop_polling)
 
     return lifespan

@@ -12,14 +12,18 @@ from typing import Any
 from model.core.bundle import BundleError
 from model.core.registry import Registry, RegistryError, VersionNotFound
 from service.manager import ModelManager
+from service.shadow import ShadowScorer
+
+HISTORY_ENTRIES = 20  # the latest lines of history.jsonl that /models shows
 
 
 class Catalog:
     """Read-only views of the registry for the HTTP API."""
 
-    def __init__(self, registry: Registry, manager: ModelManager) -> None:
+    def __init__(self, registry: Registry, manager: ModelManager, shadow: ShadowScorer) -> None:
         self.registry = registry
         self.manager = manager
+        self.shadow = shadow
         self._summaries: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
@@ -45,22 +49,26 @@ class Catalog:
         return summary
 
     def models(self) -> dict[str, Any]:
-        """Versions (oldest first) with training metrics, the aliases and what is served here."""
+        """Versions (oldest first) with training metrics, the aliases, what is served here, how
+        the shadow compares (this process) and the latest changes from the registry's history.
+        """
         aliases = self.registry.read_aliases()
-        canary = aliases.canary.version if aliases.canary else None
+        roles = (
+            ("production", aliases.production),
+            ("canary", aliases.canary.version if aliases.canary else None),
+            ("shadow", aliases.shadow.version if aliases.shadow else None),
+        )
         versions = []
         for v in self.registry.versions():
             entry = dict(self._summary(v))
-            entry["aliases"] = [
-                a
-                for a, name in (("production", aliases.production), ("canary", canary))
-                if name == v
-            ]
+            entry["aliases"] = [role for role, name in roles if name == v]
             versions.append(entry)
         return {
             "versions": versions,
             "aliases": aliases.to_dict(),
             "serving": self.manager.describe(),
+            "shadow": self.shadow.describe(),
+            "history": self.registry.history.tail(HISTORY_ENTRIES),
         }
 
     def manifest(self, version: str) -> dict[str, Any]:

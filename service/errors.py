@@ -17,11 +17,14 @@ from typing import Any
 import orjson
 
 from model.core.bundle import BundleError
+from model.core.distribution import DistributionError
 from model.core.errors import VidrankError
 from model.core.features import FeatureError
 from model.core.fusion import FusionError
+from model.core.policy import InvalidPolicy
 from model.core.registry import (
     InvalidCanary,
+    InvalidShadow,
     InvalidVersionName,
     NothingToRollBack,
     RegistryError,
@@ -91,8 +94,11 @@ HTTP_STATUS: Mapping[type[VidrankError], int] = {
     VersionNotFound: 404,
     InvalidVersionName: 404,
     InvalidCanary: 422,
+    InvalidShadow: 422,
+    InvalidPolicy: 422,
     NothingToRollBack: 409,
     BundleError: 409,
+    DistributionError: 409,  # a bundle's stored prediction distribution is malformed
     RegistryError: 409,  # VersionExists and the rest: the registry's state forbids it
 }
 

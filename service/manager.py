@@ -14,9 +14,14 @@ reference until it returns, so Python's reference counting frees the scorer, and
 onnxruntime session, when the last such request finishes - no explicit ref-count is needed and
 no in-flight request loses its session.
 
-Admin changes (activate, rollback, canary) load and warm the target *before* writing the
+Admin changes (activate, rollback, canary, shadow) load and warm the target *before* writing the
 registry's aliases, so a bundle that fails here never reaches the other replicas. Every replica
 runs :meth:`poll_once` periodically (a background thread) and converges on the aliases file.
+Every change names its actor and reason, which the registry records in ``history.jsonl``.
+
+A shadow version is loaded with one intra-op thread: it scores on the shadow worker's single
+thread, off the response path (``service/shadow.py``), and more threads would only compete with
+the versions that answer requests.
 """
 
 from __future__ import annotations
@@ -27,15 +32,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from model.core.bundle import BundleError
+from model.core.policy import CanaryPolicy
 from model.core.registry import (
     Aliases,
     Canary,
     InvalidVersionName,
     Registry,
     RegistryError,
+    Shadow,
     VersionNotFound,
 )
 from service import metrics
@@ -44,8 +52,10 @@ from service.logging import log_fields
 from service.scorer import Scorer
 
 log = logging.getLogger("vidrank.manager")
+ACTOR = "admin-api"  # the history's actor for changes made through this manager's admin calls
 
 FAILED_RETRY_S = 60.0  # a version that failed to load is retried this often while still aliased
+SHADOW_THREADS = 1  # intra-op threads of a shadow-only session (see the module docstring)
 _UNSEEN = object()  # an aliases stamp that equals no real one
 
 
@@ -65,6 +75,9 @@ class ServingState:
     production: Scorer | None = None
     canary: Scorer | None = None
     canary_percent: float = 0.0
+    shadow: Scorer | None = None
+    shadow_percent: float = 0.0
+    canary_policy: CanaryPolicy | None = None  # the canary's own bounds, from aliases.json
 
     def pick(self, user_id: object) -> Scorer:
         """The scorer for a user: the canary for ``canary_percent`` of users, else production."""
@@ -75,17 +88,20 @@ class ServingState:
         return self.production
 
     def roles(self) -> dict[str, str]:
-        """{role: version} of what is served."""
+        """{role: version} of what is served (and shadowed)."""
         out: dict[str, str] = {}
-        if self.production is not None:
-            out["production"] = self.production.version
-        if self.canary is not None:
-            out["canary"] = self.canary.version
+        for role, scorer in (
+            ("production", self.production),
+            ("canary", self.canary),
+            ("shadow", self.shadow),
+        ):
+            if scorer is not None:
+                out[role] = scorer.version
         return out
 
     def loaded(self) -> dict[str, Scorer]:
         out = {}
-        for s in (self.production, self.canary):
+        for s in (self.production, self.canary, self.shadow):
             if s is not None:
                 out[s.version] = s
         return out
@@ -120,12 +136,12 @@ class ModelManager:
         return self.state.production is not None
 
     # -- loading ------------------------------------------------------------------------------
-    def _load(self, version: str, trigger: str) -> Scorer:
+    def _load(self, version: str, trigger: str, threads: int | None = None) -> Scorer:
         """Load, verify and warm ``version``; raises ``SwapFailed`` (or ``VersionNotFound``)."""
         start = time.perf_counter()
         try:
             bundle = self.registry.bundle(version)  # checksum + schema
-            scorer = Scorer(bundle, self.intra_op_threads)  # session + I/O check
+            scorer = Scorer(bundle, threads or self.intra_op_threads)  # session + I/O check
             warm_s = scorer.warm_up(self.warmup_sizes)
         except (VersionNotFound, InvalidVersionName):  # 404, not a failed swap
             raise
@@ -148,10 +164,10 @@ class ModelManager:
         )  # fmt: skip
         return scorer
 
-    def _get(self, version: str, trigger: str) -> Scorer:
-        """The scorer of ``version``: the one already served, else a freshly loaded one."""
+    def _get(self, version: str, trigger: str, threads: int | None = None) -> Scorer:
+        """The scorer of ``version``: the one already loaded, else a freshly loaded one."""
         current = self.state.loaded().get(version)
-        return current if current is not None else self._load(version, trigger)
+        return current if current is not None else self._load(version, trigger, threads)
 
     def _install(self, new: ServingState, trigger: str) -> None:
         """Swap the served state (holds ``_swap_lock``)."""
@@ -164,6 +180,7 @@ class ModelManager:
         log_fields(
             log, logging.INFO, "model swap", trigger=trigger,
             old=old.roles(), new=new.roles(), canary_percent=new.canary_percent,
+            shadow_percent=new.shadow_percent,
         )  # fmt: skip
 
     def _state_for(
@@ -178,30 +195,36 @@ class ModelManager:
         cur = self.state
         ready = ready or {}
 
-        def obtain(version: str | None, fallback: Scorer | None) -> Scorer | None:
-            if version is None:
-                return None
+        def obtain(version: str, fallback: Scorer | None, threads: int | None) -> Scorer | None:
             if version in ready:
                 return ready[version]
             failed_at = self._failed.get(version)
             if failed_at is not None and self._clock() - failed_at < FAILED_RETRY_S:
                 return fallback
             try:
-                return self._get(version, trigger)
+                return self._get(version, trigger, threads)
             except (SwapFailed, RegistryError):
                 return fallback
 
-        production = obtain(aliases.production, cur.production)
-        if aliases.canary is None or production is None:
-            return ServingState(production)
-        canary = obtain(aliases.canary.version, cur.canary)
-        if canary is None or canary.version == production.version:
-            return ServingState(production)
-        # A canary that failed to load keeps the previous canary at its previous percent.
-        same = canary.version == aliases.canary.version
-        return ServingState(
-            production, canary, aliases.canary.percent if same else cur.canary_percent
-        )
+        if aliases.production is None:
+            return ServingState()
+        production = obtain(aliases.production, cur.production, None)
+        if production is None:
+            return ServingState()
+        canary, canary_percent = None, 0.0
+        if aliases.canary is not None:
+            canary, canary_percent = _role(
+                obtain(aliases.canary.version, cur.canary, None),
+                aliases.canary, production, cur.canary_percent,
+            )  # fmt: skip
+        shadow, shadow_percent = None, 0.0
+        if aliases.shadow is not None:
+            shadow, shadow_percent = _role(
+                obtain(aliases.shadow.version, cur.shadow, SHADOW_THREADS),
+                aliases.shadow, production, cur.shadow_percent,
+            )  # fmt: skip
+        policy = aliases.canary.policy if aliases.canary is not None and canary else None
+        return ServingState(production, canary, canary_percent, shadow, shadow_percent, policy)
 
     # -- convergence --------------------------------------------------------------------------
     def poll_once(self, trigger: str = "poll") -> bool:
@@ -222,7 +245,11 @@ class ModelManager:
                 self._install(self._state_for(aliases, trigger), trigger)
                 self._stamp = stamp
                 self._last_poll_error = None
-                wanted = {aliases.production, aliases.canary.version if aliases.canary else None}
+                wanted = {
+                    aliases.production,
+                    aliases.canary.version if aliases.canary else None,
+                    aliases.shadow.version if aliases.shadow else None,
+                }
                 for version in [v for v in self._failed if v not in wanted]:
                     del self._failed[version]
                 return self.state is not before
@@ -266,38 +293,75 @@ class ModelManager:
         self._install(self._state_for(aliases, "admin", ready), "admin")
         return aliases
 
-    def activate(self, version: str) -> Aliases:
+    def activate(self, version: str, reason: str | None = None) -> Aliases:
         """Load + verify + warm ``version``, then make it production in the registry and here.
 
         Raises ``VersionNotFound`` (404) or ``SwapFailed`` (409); on failure nothing changes.
         """
         with self._swap_lock:
             scorer = self._get(version, "admin")
-            return self._apply(lambda: self.registry.activate(version), {version: scorer})
+            write = partial(self.registry.activate, version, actor=ACTOR, reason=reason)
+            return self._apply(write, {version: scorer})
 
-    def rollback(self) -> Aliases:
+    def rollback(self, reason: str | None = None) -> Aliases:
         """Make the previous production version production again (loaded and warmed first)."""
+        write = partial(self.registry.rollback, actor=ACTOR, reason=reason)
         with self._swap_lock:
             aliases = self.registry.read_aliases()
             if not aliases.previous:
-                return self.registry.rollback()  # raises NothingToRollBack
+                return write()  # raises NothingToRollBack
             target = aliases.previous[-1]
             scorer = self._get(target, "admin")
-            return self._apply(self.registry.rollback, {target: scorer})
+            return self._apply(write, {target: scorer})
 
-    def set_canary(self, version: str, percent: float) -> Aliases:
+    def set_canary(
+        self,
+        version: str,
+        percent: float,
+        policy: CanaryPolicy | None = None,
+        reason: str | None = None,
+    ) -> Aliases:
         """Load + warm ``version``, then route ``percent`` of users to it."""
-        Canary(version, percent)  # InvalidCanary (422) before any loading
+        Canary(version, percent, policy)  # InvalidCanary (422) before any loading
         with self._swap_lock:
             scorer = self._get(version, "admin")
-            return self._apply(
-                lambda: self.registry.set_canary(version, percent), {version: scorer}
+            write = partial(
+                self.registry.set_canary, version, percent, policy, actor=ACTOR, reason=reason
             )
+            return self._apply(write, {version: scorer})
 
-    def clear_canary(self) -> Aliases:
+    def clear_canary(self, reason: str | None = None) -> Aliases:
         """Stop the canary; its session is released once its in-flight requests finish."""
         with self._swap_lock:
-            return self._apply(self.registry.clear_canary, {})
+            return self._apply(partial(self.registry.clear_canary, actor=ACTOR, reason=reason), {})
+
+    def set_shadow(self, version: str, percent: float, reason: str | None = None) -> Aliases:
+        """Load + warm ``version`` (one intra-op thread), then shadow ``percent`` of requests."""
+        Shadow(version, percent)  # InvalidShadow (422) before any loading
+        with self._swap_lock:
+            scorer = self._get(version, "admin", SHADOW_THREADS)
+            write = partial(self.registry.set_shadow, version, percent, actor=ACTOR, reason=reason)
+            return self._apply(write, {version: scorer})
+
+    def clear_shadow(self, reason: str | None = None) -> Aliases:
+        """Stop shadow scoring."""
+        with self._swap_lock:
+            return self._apply(partial(self.registry.clear_shadow, actor=ACTOR, reason=reason), {})
+
+    def remove_canary(self, version: str, reason: str) -> bool:
+        """Automatic rollback: remove canary ``version`` from the registry and stop serving it.
+
+        False (and nothing written) when the registry's canary is no longer ``version``: another
+        replica removed it first, or an operator replaced it. Production is never touched.
+        """
+        with self._swap_lock:
+            aliases = self.registry.remove_canary(version, actor="auto-rollback", reason=reason)
+            if aliases is None:
+                self._stamp = _UNSEEN  # converge on whatever the registry says now
+                return False
+            self._stamp = _UNSEEN
+            self._install(self._state_for(aliases, "auto-rollback"), "auto-rollback")
+            return True
 
     def describe(self) -> dict[str, Any]:
         """What this process serves, for /models."""
@@ -307,4 +371,20 @@ class ModelManager:
             "canary": (
                 {"version": st.canary.version, "percent": st.canary_percent} if st.canary else None
             ),
+            "shadow": (
+                {"version": st.shadow.version, "percent": st.shadow_percent} if st.shadow else None
+            ),
         }
+
+
+def _role(
+    scorer: Scorer | None, alias: Canary | Shadow, production: Scorer, previous_percent: float
+) -> tuple[Scorer | None, float]:
+    """A canary's or shadow's scorer and percent, or (None, 0) when it is production itself.
+
+    One that failed to load keeps the previous scorer in the role at its previous percent.
+    """
+    if scorer is None or scorer.version == production.version:
+        return None, 0.0
+    same = scorer.version == alias.version
+    return scorer, alias.percent if same else previous_percent

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -20,6 +21,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+from model.core.distribution import PREDICTION_EDGES
 
 # Request latencies sit in the millisecond range; the buckets resolve 1-50 ms finely.
 LATENCY_BUCKETS = (
@@ -79,7 +82,76 @@ PROFILE_RELOAD_FAILURES = Counter(
     "Fusion profile file loads that failed (the last good profiles stay in use).",
 )
 
+# -- rollout safety: drift, shadow scoring, canary rollbacks --------------------------------------
+PREDICTION = Histogram(
+    "vidrank_prediction",
+    "Served predictions by task and version (probabilities, and expected watch seconds).",
+    ["task", "version"],
+    buckets=PREDICTION_EDGES,
+)
+PREDICTION_PSI = Gauge(
+    "vidrank_prediction_psi",
+    "Population stability index of the served predictions over the rolling window against the "
+    "version's held-out training distribution (< 0.1 stable, > 0.25 shifted).",
+    ["task", "version"],
+    multiprocess_mode="livemax",
+)
+SHADOW_REQUESTS = Counter(
+    "vidrank_shadow_requests_total",
+    "Requests sampled for shadow scoring, by outcome (compared, dropped when the queue was "
+    "full, stale when the shadow changed first, failed).",
+    ["outcome"],
+)
+SHADOW_QUEUE = Gauge(
+    "vidrank_shadow_queue_depth", "Shadow requests waiting to be scored.",
+    multiprocess_mode="livesum",
+)  # fmt: skip
+SHADOW_SECONDS = Histogram(
+    "vidrank_shadow_scoring_seconds",
+    "Time to score and compare one shadow request (off the response path).",
+    buckets=LATENCY_BUCKETS,
+)
+SHADOW_TOP10 = Histogram(
+    "vidrank_shadow_top10_overlap",
+    "Share of the served top 10 that the shadow version also ranks in its top 10.",
+    ["version", "shadow"],
+    buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+)
+SHADOW_TAU = Histogram(
+    "vidrank_shadow_kendall_tau",
+    "Kendall's tau between the served and the shadow ranking of one request's candidates.",
+    ["version", "shadow"],
+    buckets=(-0.5, 0.0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0),
+)
+SHADOW_ABS_DIFF = Histogram(
+    "vidrank_shadow_abs_diff",
+    "Mean absolute difference of served and shadow predictions per request, by task.",
+    ["version", "shadow", "task"],
+    buckets=(1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0),
+)
+CANARY_ROLLBACKS = Counter(
+    "vidrank_canary_rollbacks_total",
+    "Canaries this process removed automatically, by the bound they crossed.",
+    ["reason"],
+)
+
 _unknown_labels: set[str] = set()
+
+
+def observe_counts(child: Histogram, counts: np.ndarray, total: float) -> None:
+    """Add already-binned observations to one labelled histogram in a few calls.
+
+    ``counts`` has one entry per bucket (non-cumulative, the last one +Inf) and ``total`` is the
+    sum of the values. prometheus-client has no bulk ``observe``, and one call per prediction
+    would cost N calls per request; its children keep exactly these per-bucket values in
+    ``_buckets`` and the sum in ``_sum`` (what ``observe`` increments, in both the in-memory and
+    the multiprocess value class). tests/service/test_drift.py checks the exposition against
+    observing every value one by one.
+    """
+    buckets = child._buckets  # noqa: SLF001 - see the docstring
+    for i in np.flatnonzero(counts).tolist():
+        buckets[i].inc(int(counts[i]))
+    child._sum.inc(total)  # noqa: SLF001
 
 
 def count_unknown_features(names: set[str]) -> None:

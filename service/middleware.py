@@ -50,15 +50,18 @@ class AccessMiddleware:
         state["request_id"] = _client_request_id(scope) or uuid.uuid4().hex
         status = 500
         started = False
+        written: float | None = None  # when the last body byte went out
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status, started
+            nonlocal status, started, written
             if message["type"] == "http.response.start":
                 started = True
                 status = message["status"]
                 rid = state["request_id"].encode("latin-1", "replace")
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                written = time.perf_counter()
 
         try:
             await self.app(scope, receive, send_wrapper)
@@ -73,7 +76,9 @@ class AccessMiddleware:
                 await send({"type": "http.response.start", "status": 500, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
         finally:
-            self._record(scope, state, status, time.perf_counter() - start)
+            # Latency ends when the response is written, not when background tasks (shadow
+            # scoring's enqueue) have run after it.
+            self._record(scope, state, status, (written or time.perf_counter()) - start)
 
     @staticmethod
     def _record(scope: Scope, state: dict[str, Any], status: int, elapsed: float) -> None:

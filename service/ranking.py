@@ -2,15 +2,18 @@
 
 :meth:`Ranker.rank` reads as the request's way through the service: parse (``service.request``)
 → pick the version (canary by user) → resolve the fusion → encode (the bundle's feature encoder,
-vectorised) → score (``session.run``) → fuse → stable sort → top_k → serialise (orjson). Domain
-errors propagate as they are, except the encoder's, which get the request field they point at;
-``service/errors.py`` turns them all into responses. Everything here is blocking and runs in a
-worker thread, never in the event loop.
+vectorised) → score (``session.run``) → count the predictions (drift) → fuse (with per-task
+terms when the request asks to ``explain``) → stable sort → top_k → serialise (orjson) → maybe
+sample the request for the shadow version. Domain errors propagate as they are, except the
+encoder's, which get the request field they point at; ``service/errors.py`` turns them all into
+responses. Each request's outcome and time are recorded per version for the canary policy.
+Everything here is blocking and runs in a worker thread, never in the event loop.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,41 +21,68 @@ from typing import Any
 import numpy as np
 import orjson
 
+from model.core.errors import VidrankError
 from model.core.features import FeatureError
-from model.core.fusion import FusionSpec, ProfileStore, fuse, rank_order, resolve
+from model.core.fusion import FusionSpec, ProfileStore, fuse, fuse_terms, rank_order, resolve
+from model.core.tasks import TASKS
 from service import metrics
-from service.errors import InvalidRequest
-from service.manager import ModelManager
+from service.canary import Traffic
+from service.drift import DriftMonitor
+from service.errors import InvalidRequest, http_status
+from service.manager import ModelManager, ServingState
 from service.request import EncoderInput, RankRequest, encoder_input, parse_request
 from service.scorer import Scorer
+from service.shadow import ShadowJob
 
 log = logging.getLogger("vidrank.rank")
 
 
 @dataclass(slots=True)
 class RankResult:
-    """The serialised response plus what the access log records."""
+    """The serialised response plus what the access log records (and a sampled shadow job)."""
 
     body: bytes
     request_id: str
     model_version: str
     candidates: int
+    shadow: ShadowJob | None = None
 
 
 class Ranker:
     """Ranks candidates with whatever version the manager serves for the request's user."""
 
     def __init__(
-        self, manager: ModelManager, profiles: ProfileStore | None, max_candidates: int
+        self,
+        manager: ModelManager,
+        profiles: ProfileStore | None,
+        max_candidates: int,
+        drift: DriftMonitor,
+        traffic: Traffic,
     ) -> None:
         self.manager = manager
         self.profiles = profiles
         self.max_candidates = max_candidates
+        self.drift = drift
+        self.traffic = traffic
 
     def rank(self, body: bytes, request_id: str) -> RankResult:
         """Rank one request; raises domain errors (InvalidRequest, FusionError, NotReady ...)."""
         req = parse_request(body, self.max_candidates)
-        scorer = self.manager.state.pick(req.user_id)
+        state = self.manager.state
+        scorer = state.pick(req.user_id)
+        start = time.perf_counter()
+        try:
+            result = self._rank(req, request_id, scorer, state)
+        except Exception as e:
+            server_side = not isinstance(e, VidrankError) or http_status(e) >= 500
+            self.traffic.record(scorer.version, time.perf_counter() - start, server_side)
+            raise
+        self.traffic.record(scorer.version, time.perf_counter() - start, False)
+        return result
+
+    def _rank(
+        self, req: RankRequest, request_id: str, scorer: Scorer, state: ServingState
+    ) -> RankResult:
         spec = resolve(self.profiles, req.fusion, scorer.default_fusion)
         given = encoder_input(req, scorer.view)
         if given.unknown:
@@ -61,13 +91,36 @@ class Ranker:
         metrics.CANDIDATES.observe(req.n)
         metrics.RANK_BY_VERSION.labels(scorer.version).inc()
         items: list[dict[str, Any]] = []
+        job = None
         if req.n:
-            preds = score(scorer, encode(scorer, req, given))
-            scores = fuse(spec, preds)
-            order = rank_order(scores)[: req.top_k]
-            items = ranked_items(given.video_ids, order, scores, preds)
+            inputs = encode(scorer, req, given)
+            preds = score(scorer, inputs)
+            self.drift.observe(scorer, preds)
+            if req.explain:
+                scores, terms = fuse_terms(spec, preds)
+            else:
+                scores, terms = fuse(spec, preds), None
+            order = rank_order(scores)
+            items = ranked_items(given.video_ids, order[: req.top_k], scores, preds, terms)
+            job = sample_shadow(state, scorer, req, given, inputs, preds, order)
         body_out = serialise(rid, scorer.version, spec, items)
-        return RankResult(body_out, rid, scorer.version, req.n)
+        return RankResult(body_out, rid, scorer.version, req.n, job)
+
+
+def sample_shadow(
+    state: ServingState,
+    scorer: Scorer,
+    req: RankRequest,
+    given: EncoderInput,
+    inputs: dict[str, np.ndarray],
+    preds: dict[str, np.ndarray],
+    order: np.ndarray,
+) -> ShadowJob | None:
+    """A shadow job for ``shadow_percent`` of requests (random sampling), else None."""
+    shadow = state.shadow
+    if shadow is None or shadow is scorer or random.random() * 100.0 >= state.shadow_percent:
+        return None
+    return ShadowJob(scorer, shadow, given, inputs, preds, order, req.fusion)
 
 
 def encode(scorer: Scorer, req: RankRequest, given: EncoderInput) -> dict[str, np.ndarray]:
@@ -108,19 +161,33 @@ def fusion_view(spec: FusionSpec) -> dict[str, Any]:
 
 
 def ranked_items(
-    video_ids: list[Any], order: np.ndarray, scores: np.ndarray, preds: dict[str, np.ndarray]
+    video_ids: list[Any],
+    order: np.ndarray,
+    scores: np.ndarray,
+    preds: dict[str, np.ndarray],
+    terms: dict[str, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
-    """The response's items in ``order``, each with its fused score and the three predictions."""
+    """The response's items in ``order``, each with its fused score and the three predictions.
+
+    With ``terms`` (an explained request) each item also gets ``explain``: every task's
+    contribution to the score, which add up to it (0 for a task the fusion does not weigh).
+    """
     # float32 predictions become the exact float64 values, so a client recomputing the fused
     # score from them gets the same number the service sorted by.
     ids = [video_ids[i] for i in order.tolist()]
     click = preds["click"][order].tolist()
     watch = preds["watch_time"][order].tolist()
     like = preds["like"][order].tolist()
-    return [
+    items = [
         {"video_id": v, "score": s, "predictions": {"click": c, "watch_time": w, "like": lk}}
         for v, s, c, w, lk in zip(ids, scores[order].tolist(), click, watch, like, strict=True)
     ]
+    if terms is not None:
+        zero = [0.0] * len(items)
+        columns = [terms[t][order].tolist() if t in terms else zero for t in TASKS]
+        for item, *values in zip(items, *columns, strict=True):
+            item["explain"] = dict(zip(TASKS, values, strict=True))
+    return items
 
 
 def serialise(

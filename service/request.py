@@ -28,7 +28,9 @@ import orjson
 from model.core.features import FeatureError, FeatureSchema
 from service.errors import InvalidRequest, MalformedBody
 
-REQUEST_KEYS = frozenset({"request_id", "user", "context", "candidates", "fusion", "top_k"})
+REQUEST_KEYS = frozenset(
+    {"request_id", "user", "context", "candidates", "fusion", "top_k", "explain"}
+)
 USER_KEYS = frozenset({"user_id", "features"})
 CANDIDATE_KEYS = frozenset({"video_id", "features"})
 MAX_REQUEST_ID_LEN = 128
@@ -69,6 +71,7 @@ class RankRequest:
     n: int
     fusion: Any
     top_k: int | None
+    explain: bool = False  # add each task's contribution to every item's score
 
     def field_of(self, e: FeatureError) -> str:
         """The request field a FeatureError from the encoder points at."""
@@ -159,9 +162,13 @@ def parse_request(body: bytes, max_candidates: int) -> RankRequest:
     top_k = doc.get("top_k")
     if top_k is not None and (type(top_k) is not int or top_k < 1):
         raise InvalidRequest("must be a positive integer", "top_k")
+    explain = doc.get("explain", False)
+    if type(explain) is not bool:
+        raise InvalidRequest("must be true or false", "explain")
     return RankRequest(
-        request_id, user_id, user, context, candidates, columnar, n, doc.get("fusion"), top_k
-    )
+        request_id, user_id, user, context, candidates, columnar, n, doc.get("fusion"), top_k,
+        explain,
+    )  # fmt: skip
 
 
 def _user(user: Any) -> tuple[str | int, dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -20,10 +21,15 @@ JSON = "application/json"
 
 
 def json_response(
-    content: bytes, status: int = 200, headers: dict[str, str] | None = None
+    content: bytes,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+    background: BackgroundTask | None = None,
 ) -> Response:
-    """A response whose body is already serialised JSON."""
-    return Response(content=content, status_code=status, media_type=JSON, headers=headers)
+    """A response whose body is already serialised JSON (``background`` runs once it is sent)."""
+    return Response(
+        content=content, status_code=status, media_type=JSON, headers=headers, background=background
+    )
 
 
 def error_response(exc: VidrankError) -> Response:

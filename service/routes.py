@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.background import BackgroundTask
 
 from service import metrics
 from service.catalog import Catalog
@@ -21,6 +22,7 @@ from service.ranking import Ranker
 from service.responses import JSON, json_response
 from service.schemas import ErrorResponse, RankResponse, Status
 from service.settings import Settings
+from service.shadow import ShadowScorer
 
 # Requests ranked at once per process: one can parse (holding the GIL) while another runs the
 # graph (releasing it); more would only oversubscribe the cores onnxruntime already uses.
@@ -48,8 +50,12 @@ _RANK_BODY = {
 }
 
 
-def rank_router(ranker: Ranker, settings: Settings) -> APIRouter:
-    """POST /rank: content type and size checked here, everything else in the ranker."""
+def rank_router(ranker: Ranker, settings: Settings, shadow: ShadowScorer) -> APIRouter:
+    """POST /rank: content type and size checked here, everything else in the ranker.
+
+    A request sampled for shadow scoring is queued by a background task, which Starlette runs
+    after the response has been sent: the client never waits for it.
+    """
     router = APIRouter()
     limiter = anyio.CapacityLimiter(
         RANK_CONCURRENCY_PER_CORE_WORKER if settings.workers > 1 else RANK_CONCURRENCY
@@ -72,7 +78,8 @@ def rank_router(ranker: Ranker, settings: Settings) -> APIRouter:
         request.state.request_id = result.request_id
         request.state.model_version = result.model_version
         request.state.candidates = result.candidates
-        return json_response(result.body)
+        background = BackgroundTask(shadow.submit, result.shadow) if result.shadow else None
+        return json_response(result.body, background=background)
 
     return router
 

@@ -73,6 +73,14 @@ class RankRequest(_Strict):
         None, description="A profile name, or method + weights; default: the default profile."
     )
     top_k: int | None = Field(None, ge=1, description="Return only the best top_k.")
+    explain: bool = Field(
+        False,
+        description=(
+            "Add to every item each task's contribution to its score (they add up to it): "
+            "w*t(p) for weighted_sum, w*log(t(p)+epsilon) for weighted_product, "
+            "w/(rank+beta) for rank_sum. Off by default, and free when off."
+        ),
+    )
 
     model_config = ConfigDict(
         extra="forbid",
@@ -99,10 +107,19 @@ class Predictions(BaseModel):
     like: float = Field(description="P(like).")
 
 
+class Contributions(BaseModel):
+    click: float | None
+    watch_time: float | None
+    like: float | None
+
+
 class RankedItem(BaseModel):
     video_id: str | int
     score: float | None
     predictions: Predictions
+    explain: Contributions | None = Field(
+        None, description='Only with "explain": true: per-task terms that add up to score.'
+    )
 
 
 class AppliedFusion(BaseModel):
@@ -130,9 +147,44 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class CanaryPolicyIn(_Strict):
+    """Bounds past which the canary is removed automatically; unset ones take the settings."""
+
+    max_error_ratio: float | None = Field(
+        None, gt=0, le=1, description="Canary server errors / canary requests in the window."
+    )
+    max_p99_ratio: float | None = Field(
+        None, gt=0, description="Canary p99 ranking latency / production's."
+    )
+    max_psi: float | None = Field(
+        None, gt=0, description="PSI of any task's predictions vs the canary's training data."
+    )
+    min_requests: int | None = Field(
+        None, ge=1, description="Canary requests in the window before any bound is judged."
+    )
+    window_s: float | None = Field(None, gt=0, description="How far back to look (seconds).")
+
+
+_REASON = Field(None, max_length=500, description="Why; recorded in the registry's history.")
+
+
+class Reason(_Strict):
+    reason: str | None = _REASON
+
+
 class CanaryRequest(_Strict):
     version: str
     percent: float = Field(gt=0, le=100, description="Percent of users (stable by user_id).")
+    policy: CanaryPolicyIn | None = None
+    reason: str | None = _REASON
+
+
+class ShadowRequest(_Strict):
+    version: str
+    percent: float = Field(
+        gt=0, le=100, description="Percent of requests also scored by VERSION, off the path."
+    )
+    reason: str | None = _REASON
 
 
 class Status(BaseModel):
@@ -144,6 +196,7 @@ class AliasesOut(BaseModel):
     production: str | None
     previous: list[str]
     canary: dict[str, Any] | None
+    shadow: dict[str, Any] | None = None
     updated_at: str | None
 
 

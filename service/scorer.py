@@ -9,6 +9,8 @@ once (``InferenceSession.run`` is thread-safe).
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import json
 import time
 from collections.abc import Callable, Mapping
 
@@ -56,6 +58,12 @@ class Scorer:
         self.version = bundle.version
         self.schema = bundle.schema
         self.view = SchemaView.of(self.schema)
+        # Two versions with the same schema encode a request identically: a shadow reuses the
+        # served version's inputs instead of encoding them again.
+        self.schema_key = hashlib.blake2b(
+            json.dumps(bundle.manifest["feature_schema"], sort_keys=True).encode(), digest_size=16
+        ).digest()
+        self.reference = bundle.reference  # held-out predictions' distribution, or None
         try:
             self.default_fusion = FusionSpec.from_dict(bundle.default_fusion, "default_fusion")
         except FusionError as e:

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.core.policy import CanaryPolicy
+
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
@@ -37,6 +39,29 @@ class Settings(BaseSettings):
         5.0, gt=0, le=3600, description="How often the registry's aliases are polled."
     )
     log_level: LogLevel = Field("info", description="Log level.")
+    # Rollout safety (README "Rolling out a model safely").
+    shadow_queue_size: int = Field(
+        64, ge=1, le=100_000, description="Shadow requests waiting to be scored; more are dropped."
+    )
+    rollout_window_s: float = Field(
+        300.0, gt=0, le=86_400, description="Rolling window of the drift (PSI) and canary checks."
+    )
+    rollout_check_interval_s: float = Field(
+        5.0, gt=0, le=3600, description="How often PSI gauges are refreshed and canaries judged."
+    )
+    canary_auto_rollback: bool = Field(True, description="Remove a canary that breaks its policy.")
+    canary_max_error_ratio: float = Field(
+        0.02, gt=0, le=1, description="Canary server errors / canary requests over the window."
+    )
+    canary_max_p99_ratio: float = Field(
+        2.0, gt=0, description="Canary p99 ranking latency / production's over the window."
+    )
+    canary_max_psi: float = Field(
+        0.25, gt=0, description="PSI of any task's predictions vs the canary's training data."
+    )
+    canary_min_requests: int = Field(
+        200, ge=1, description="Canary requests in the window before the policy is judged."
+    )
     # Not in the public table: set by the multi-worker supervisor for its workers.
     metrics_multiproc_dir: Path | None = Field(
         None, description="prometheus-client multiprocess directory (set by the supervisor)."
@@ -64,3 +89,13 @@ class Settings(BaseSettings):
     def max_body_bytes(self) -> int:
         """Largest /rank body accepted: generous per candidate, so only abuse is refused."""
         return (1 << 20) + 8192 * self.max_candidates
+
+    def canary_policy(self) -> CanaryPolicy:
+        """The default canary policy; a canary's own policy (in aliases.json) overrides fields."""
+        return CanaryPolicy(
+            max_error_ratio=self.canary_max_error_ratio,
+            max_p99_ratio=self.canary_max_p99_ratio,
+            max_psi=self.canary_max_psi,
+            min_requests=self.canary_min_requests,
+            window_s=self.rollout_window_s,
+        )

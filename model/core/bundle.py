@@ -24,6 +24,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from model.core.distribution import MANIFEST_KEY as DISTRIBUTION_KEY
+from model.core.distribution import DistributionError, Reference
 from model.core.errors import VidrankError
 from model.core.features import FeatureError, FeatureSchema
 from model.core.fileio import (
@@ -85,6 +87,7 @@ _OPTIONAL_KEYS: dict[str, tuple[type, ...]] = {
     "opset": (int,),
     "versions": (dict,),
     "gate_diagnostics": (dict, type(None)),
+    "prediction_distribution": (dict,),  # model.core.distribution: held-out predictions
 }
 
 
@@ -159,6 +162,11 @@ class Bundle:
         """Offline evaluation metrics (AUCs etc.); empty when the manifest has none."""
         return dict(self.manifest.get("metrics") or {})
 
+    @cached_property
+    def reference(self) -> Reference | None:
+        """Held-out prediction distribution per task (drift reference); None in older bundles."""
+        return Reference.from_manifest(self.manifest)
+
     @property
     def size_bytes(self) -> int:
         """Size of ``model.onnx`` in bytes, as recorded (and verified) in the manifest."""
@@ -225,13 +233,16 @@ def build_manifest(
     opset: int,
     versions: Mapping[str, str],
     gate_diagnostics: Mapping[str, Any] | None = None,
+    prediction_distribution: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build a manifest for the ONNX graph at ``onnx_path``.
 
     ``tasks`` are task names (described by ``TASK_SPECS``) or ``{name, kind, unit}`` mappings;
     one float32 ``[N]`` output is declared per task. ``versions`` records library versions
-    (onnxruntime, torch, onnx, vidrank). ``extra`` keys are merged into the top level and may not
+    (onnxruntime, torch, onnx, vidrank). ``prediction_distribution`` is the held-out predictions'
+    histogram (``model.core.distribution.reference_section``), the service's drift reference.
+    ``extra`` keys are merged into the top level and may not
     shadow a standard key. The sha256/size are taken from ``onnx_path``; ``write_bundle``
     recomputes them from the bytes it actually writes.
     """
@@ -256,6 +267,8 @@ def build_manifest(
         "sha256": sha256_file(onnx_path),
         "size_bytes": onnx_path.stat().st_size,
     }
+    if prediction_distribution is not None:
+        manifest[DISTRIBUTION_KEY] = dict(prediction_distribution)
     for key, value in (extra or {}).items():
         if key in manifest:
             raise BundleError(f"extra manifest key {key!r} would shadow a standard key")
@@ -442,6 +455,15 @@ def _check_outputs_and_tasks(m: Mapping[str, Any]) -> None:
         raise BundleError(f"manifest tasks lack required head(s): {', '.join(missing_tasks)}")
 
 
+def _check_reference(m: Mapping[str, Any]) -> None:
+    try:
+        reference = Reference.from_manifest(m)
+    except DistributionError as e:
+        raise BundleError(f"invalid {e}") from e
+    if reference is not None and (unknown := sorted(set(reference.counts) - set(TASKS))):
+        raise BundleError(f"prediction_distribution names unknown task(s): {', '.join(unknown)}")
+
+
 def load_bundle(path: Path, *, verify: bool = True) -> Bundle:
     """Load and validate a bundle directory; raise ``BundleError`` with a clear reason.
 
@@ -449,7 +471,8 @@ def load_bundle(path: Path, *, verify: bool = True) -> Bundle:
     required keys and types; the format version is supported; the version name is valid; the
     sha256 of ``model.onnx`` matches (skipped when ``verify`` is false, though the size is still
     compared); the feature schema parses; the declared inputs are exactly what the schema encodes;
-    the outputs and task heads include click, watch_time and like.
+    the outputs and task heads include click, watch_time and like; the optional
+    ``prediction_distribution`` is well formed.
     """
     path = Path(path)
     if not path.is_dir():
@@ -467,6 +490,7 @@ def load_bundle(path: Path, *, verify: bool = True) -> Bundle:
     schema = _parse_schema(manifest)
     _check_inputs(manifest, schema)
     _check_outputs_and_tasks(manifest)
+    _check_reference(manifest)
     bundle = Bundle(path=path, manifest=manifest)
     # Seed the cached schema so it is parsed once per load, not on every access.
     bundle.__dict__["schema"] = schema

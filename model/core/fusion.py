@@ -303,37 +303,56 @@ def task_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def _weighted_sum(spec: FusionSpec, arrays: Mapping[str, np.ndarray], n: int) -> np.ndarray:
-    """sum_k w_k * t_k(p_k)."""
-    score = np.zeros(n, dtype=np.float64)
-    for task, values in arrays.items():
-        term = spec.terms[task]
-        score += term.weight * term.apply(values)
-    return score
+Terms = dict[str, np.ndarray]
 
 
-def _log_weighted_product(spec: FusionSpec, arrays: Mapping[str, np.ndarray], n: int) -> np.ndarray:
-    """log prod_k (t_k(p_k) + eps)^w_k = sum_k w_k * log(t_k(p_k) + eps)."""
-    score = np.zeros(n, dtype=np.float64)
-    for task, values in arrays.items():
-        term = spec.terms[task]
-        score += term.weight * np.log(term.apply(values) + spec.epsilon)
-    return score
+def _weighted_sum(spec: FusionSpec, arrays: Mapping[str, np.ndarray]) -> Terms:
+    """w_k * t_k(p_k) per task."""
+    return {task: spec.terms[task].weight * spec.terms[task].apply(v) for task, v in arrays.items()}
 
 
-def _rank_sum(spec: FusionSpec, arrays: Mapping[str, np.ndarray], n: int) -> np.ndarray:
-    """sum_k w_k / (rank_k + beta) with 0-based ranks (transforms do not change ranks)."""
-    score = np.zeros(n, dtype=np.float64)
-    for task, values in arrays.items():
-        score += spec.terms[task].weight / (task_ranks(values) + spec.beta)
-    return score
+def _log_weighted_product(spec: FusionSpec, arrays: Mapping[str, np.ndarray]) -> Terms:
+    """w_k * log(t_k(p_k) + eps) per task: the log of prod_k (t_k(p_k) + eps)^w_k, term by term."""
+    return {
+        task: spec.terms[task].weight * np.log(spec.terms[task].apply(v) + spec.epsilon)
+        for task, v in arrays.items()
+    }
 
 
-_FUSERS: Final[dict[str, Callable[[FusionSpec, Mapping[str, np.ndarray], int], np.ndarray]]] = {
+def _rank_sum(spec: FusionSpec, arrays: Mapping[str, np.ndarray]) -> Terms:
+    """w_k / (rank_k + beta) per task, with 0-based ranks (transforms do not change ranks)."""
+    return {
+        task: spec.terms[task].weight / (task_ranks(v) + spec.beta) for task, v in arrays.items()
+    }
+
+
+_TERMS: Final[dict[str, Callable[[FusionSpec, Mapping[str, np.ndarray]], Terms]]] = {
     "weighted_sum": _weighted_sum,
     "weighted_product": _log_weighted_product,
     "rank_sum": _rank_sum,
 }
+
+
+def fuse_terms(spec: FusionSpec, preds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, Terms]:
+    """The fused score per candidate and each task's additive term of it.
+
+    The score is the sum of the terms, added in ``TASKS`` order, so adding a candidate's terms
+    in that order gives its score exactly; tasks the spec does not weigh have no term. The
+    terms are what ``"explain": true`` returns: for ``weighted_sum`` ``w_k * t_k(p_k)``, for
+    ``weighted_product`` ``w_k * log(t_k(p_k) + epsilon)`` (the score is the log of the
+    product), for ``rank_sum`` ``w_k / (rank_k + beta)``.
+    """
+    arrays = _prediction_arrays(spec, preds)
+    n = next(iter(arrays.values())).shape[0] if arrays else 0
+    if n == 0:
+        return np.zeros(0, dtype=np.float64), {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        terms = _TERMS[spec.method](spec, arrays)
+    score = np.zeros(n, dtype=np.float64)
+    for task in TASKS:
+        if task in terms:
+            score += terms[task]
+    return score, terms
 
 
 def fuse(spec: FusionSpec, preds: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -344,12 +363,7 @@ def fuse(spec: FusionSpec, preds: Mapping[str, np.ndarray]) -> np.ndarray:
     the module docstring). Invalid predictions (e.g. NaN, or negative values under ``log1p`` or
     ``weighted_product``) yield NaN scores, which :func:`rank_order` puts last.
     """
-    arrays = _prediction_arrays(spec, preds)
-    n = next(iter(arrays.values())).shape[0] if arrays else 0
-    if n == 0:
-        return np.zeros(0, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return _FUSERS[spec.method](spec, arrays, n)
+    return fuse_terms(spec, preds)[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Offline ranking metrics in plain numpy: AUC, XAUC, RMSE, log loss and NDCG@k.
+"""Ranking metrics in plain numpy: AUC, XAUC, RMSE, log loss, NDCG@k, and for comparing two
+rankers or two distributions online: Kendall's tau-b, top-k overlap and the population
+stability index.
 
 All functions take array-likes, flatten them to 1-D and validate that the lengths match. They are
 exact (no sampling) and vectorised; the sort-based ones are O(n log n).
@@ -200,3 +202,65 @@ def _dcg_per_group(
     gains = rel[order][in_top] / np.log2(position[in_top] + 2.0)
     dcg = np.bincount(sorted_groups[in_top], weights=gains, minlength=n_groups)
     return np.asarray(dcg, dtype=np.float64)
+
+
+def kendall_tau(x: npt.ArrayLike, y: npt.ArrayLike) -> float:
+    """Kendall's tau-b of two score vectors over the same items, exact in O(n log n).
+
+    tau-b = (C - D) / sqrt((n0 - n1) (n0 - n2)) with C/D the concordant/discordant pairs, n0 all
+    pairs and n1/n2 the pairs tied in x/y (scipy.stats.kendalltau's default variant). 1 means
+    the same order, -1 the reverse. NaN when x or y is constant (or fewer than 2 items).
+    """
+    a = _as_1d("x", x)
+    b = _as_1d("y", y)
+    n = _check_same_length(x=a, y=b)
+    n0 = n * (n - 1) // 2
+    n1, n2 = _tied_pairs(a), _tied_pairs(b)
+    if n0 - n1 == 0 or n0 - n2 == 0:
+        return float("nan")
+    concordant, y_tied = _concordant_pairs(a, b)  # over the pairs whose x differ
+    discordant = n0 - n1 - concordant - y_tied
+    return float((concordant - discordant) / np.sqrt(float(n0 - n1) * float(n0 - n2)))
+
+
+def _tied_pairs(values: FloatArray) -> int:
+    _, counts = np.unique(values, return_counts=True)
+    return int((counts * (counts - 1) // 2).sum())
+
+
+def top_k_overlap(order_a: npt.ArrayLike, order_b: npt.ArrayLike, k: int = 10) -> float:
+    """|A_k ∩ B_k| / k for two rankings given as item indices, best first (k capped at n).
+
+    1.0 when both rankings put the same items (in any order) in their first k places. NaN for
+    empty rankings.
+    """
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    a = np.asarray(order_a).ravel()
+    b = np.asarray(order_b).ravel()
+    n = _check_same_length(order_a=a, order_b=b)
+    k = min(k, n)
+    if k == 0:
+        return float("nan")
+    return float(np.intersect1d(a[:k], b[:k]).size / k)
+
+
+def psi(expected: npt.ArrayLike, actual: npt.ArrayLike, eps: float = 1e-4) -> float:
+    """Population stability index of binned counts: sum_b (q_b - p_b) ln(q_b / p_b).
+
+    ``expected`` and ``actual`` are counts (or shares) over the same bins; each is normalised to
+    shares, and empty bins count ``eps`` so that the log stays finite (a bin empty on both sides
+    contributes 0). Conventional reading: < 0.1 stable, 0.1-0.25 moderate, > 0.25 a real shift.
+    NaN when either side has no mass.
+    """
+    p = _as_1d("expected", expected)
+    q = _as_1d("actual", actual)
+    _check_same_length(expected=p, actual=q)
+    if (p < 0).any() or (q < 0).any():
+        raise ValueError("counts must be non-negative")
+    p_total, q_total = p.sum(), q.sum()
+    if p_total <= 0 or q_total <= 0:
+        return float("nan")
+    p = np.maximum(p / p_total, eps)
+    q = np.maximum(q / q_total, eps)
+    return float(np.sum((q - p) * np.log(q / p)))

@@ -4,7 +4,8 @@ Layout::
 
     <root>/versions/<version>/{model.onnx, manifest.json}   immutable once published
     <root>/versions/.tmp-<uuid>/                             a publish in progress (never listed)
-    <root>/aliases.json                                      production / previous / canary
+    <root>/aliases.json                                      production / previous / canary / shadow
+    <root>/history.jsonl                                     one line per aliases change (audit)
     <root>/.lock                                             flock serialising aliases updates
 
 The directory may be local (the embedded default) or a volume shared by every replica (NFS, a
@@ -21,7 +22,9 @@ ReadWriteMany PVC, a compose volume). Safety rests on two primitives that hold t
   the Linux client implements flock with byte-range locks (NLM / NFSv4), which are cluster-wide.
 
 The registry is the fleet's source of truth: the admin API writes ``aliases.json`` and every
-replica polls it (``aliases_stamp``) and converges.
+replica polls it (``aliases_stamp``) and converges. Every change also appends a line to
+``history.jsonl`` (``model.core.history``) under the same lock: who (``actor``), why
+(``reason``), from which version to which.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ from model.core.fileio import (
     utc_now_iso,
     write_durable,
 )
+from model.core.history import HISTORY_FILE, History, history_line
+from model.core.policy import CanaryPolicy
 
 __all__ = [
     "ALIASES_FILE",
@@ -66,10 +71,12 @@ __all__ = [
     "Aliases",
     "Canary",
     "InvalidCanary",
+    "InvalidShadow",
     "InvalidVersionName",
     "NothingToRollBack",
     "Registry",
     "RegistryError",
+    "Shadow",
     "VersionExists",
     "VersionNotFound",
 ]
@@ -109,6 +116,12 @@ class InvalidCanary(RegistryError, ValueError):
     code = "invalid_request"
 
 
+class InvalidShadow(RegistryError, ValueError):
+    """A shadow percent outside (0, 100] or otherwise malformed shadow settings."""
+
+    code = "invalid_request"
+
+
 class NothingToRollBack(RegistryError):
     """``rollback`` was asked for but the ``previous`` stack is empty."""
 
@@ -127,31 +140,70 @@ def check_version_name(version: Any) -> str:
 # -- aliases -----------------------------------------------------------------------------------
 
 
+def _check_percent(p: Any, what: str, error: type[RegistryError]) -> float:
+    if isinstance(p, bool) or not isinstance(p, int | float) or not math.isfinite(p):
+        raise error(f"{what} percent must be a number, not {p!r}", "percent")
+    if not 0 < p <= 100:
+        raise error(f"{what} percent must be in (0, 100], not {p}", "percent")
+    return float(p)
+
+
 @dataclass(frozen=True)
 class Canary:
-    """A version that receives ``percent`` (0 < percent <= 100) of the traffic."""
+    """A version that receives ``percent`` (0 < percent <= 100) of the traffic.
+
+    ``policy`` holds the bounds past which the service removes it automatically (fields left
+    out take the service's settings); it travels with the canary so the fleet shares it.
+    """
 
     version: str
     percent: float
+    policy: CanaryPolicy | None = None
 
     def __post_init__(self) -> None:
         check_version_name(self.version)
-        p = self.percent
-        if isinstance(p, bool) or not isinstance(p, int | float) or not math.isfinite(p):
-            raise InvalidCanary(f"canary percent must be a number, not {p!r}")
-        if not 0 < p <= 100:
-            raise InvalidCanary(f"canary percent must be in (0, 100], not {p}")
-        object.__setattr__(self, "percent", float(p))
+        object.__setattr__(self, "percent", _check_percent(self.percent, "canary", InvalidCanary))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form: ``{"version", "percent"}``."""
-        return {"version": self.version, "percent": self.percent}
+        """JSON form: ``{"version", "percent"}`` (+ ``"policy"`` when one is set)."""
+        out: dict[str, Any] = {"version": self.version, "percent": self.percent}
+        if self.policy is not None:
+            out["policy"] = self.policy.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Canary:
         """Parse the JSON form; raises ``RegistryError`` (or a subclass) when malformed."""
         if not isinstance(d, Mapping) or "version" not in d or "percent" not in d:
             raise RegistryError(f"canary must be an object with version and percent, not {d!r}")
+        policy = d.get("policy")
+        return cls(
+            version=d["version"],
+            percent=d["percent"],
+            policy=CanaryPolicy.from_dict(policy) if policy is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class Shadow:
+    """A version that also scores ``percent`` of requests, off the response path, for comparison."""
+
+    version: str
+    percent: float
+
+    def __post_init__(self) -> None:
+        check_version_name(self.version)
+        object.__setattr__(self, "percent", _check_percent(self.percent, "shadow", InvalidShadow))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: ``{"version", "percent"}``."""
+        return {"version": self.version, "percent": self.percent}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Shadow:
+        """Parse the JSON form; raises ``RegistryError`` (or a subclass) when malformed."""
+        if not isinstance(d, Mapping) or "version" not in d or "percent" not in d:
+            raise RegistryError(f"shadow must be an object with version and percent, not {d!r}")
         return cls(version=d["version"], percent=d["percent"])
 
 
@@ -163,6 +215,7 @@ class Aliases:
     previous: tuple[str, ...] = ()
     canary: Canary | None = None
     updated_at: str | None = None
+    shadow: Shadow | None = None
 
     def __post_init__(self) -> None:
         if self.production is not None:
@@ -176,6 +229,7 @@ class Aliases:
             "production": self.production,
             "previous": list(self.previous),
             "canary": self.canary.to_dict() if self.canary is not None else None,
+            "shadow": self.shadow.to_dict() if self.shadow is not None else None,
             "updated_at": self.updated_at,
         }
 
@@ -186,6 +240,7 @@ class Aliases:
             raise RegistryError(f"aliases must be a JSON object, not {type(d).__name__}")
         previous = d.get("previous") or []
         canary = d.get("canary")
+        shadow = d.get("shadow")  # absent in files written before shadows existed
         updated_at = d.get("updated_at")
         if not isinstance(previous, list):
             raise RegistryError("aliases 'previous' must be a list of version names")
@@ -196,6 +251,7 @@ class Aliases:
             previous=tuple(previous),
             canary=Canary.from_dict(canary) if canary is not None else None,
             updated_at=updated_at,
+            shadow=Shadow.from_dict(shadow) if shadow is not None else None,
         )
 
 
@@ -220,6 +276,11 @@ class Registry:
     def aliases_path(self) -> Path:
         """``<root>/aliases.json``."""
         return self.root / ALIASES_FILE
+
+    @property
+    def history(self) -> History:
+        """``<root>/history.jsonl``: every aliases change, oldest first."""
+        return History(self.root / HISTORY_FILE)
 
     # -- versions ------------------------------------------------------------------------------
     def versions(self) -> list[str]:
@@ -383,12 +444,15 @@ class Registry:
         digest = hashlib.blake2b(data, digest_size=8).digest()
         return (len(data), int.from_bytes(digest, "big"))
 
-    def activate(self, version: str) -> Aliases:
+    def activate(
+        self, version: str, *, actor: str = "library", reason: str | None = None
+    ) -> Aliases:
         """Make ``version`` production; the old production goes onto ``previous``.
 
         Raises ``VersionNotFound`` if ``version`` is not published. Re-activating the current
-        production pushes nothing. A canary of ``version`` is cleared (it is now production).
-        This only checks that the version exists; loading and warming it is the service's job.
+        production pushes nothing. A canary or shadow of ``version`` is cleared (it is now
+        production). This only checks that the version exists; loading and warming it is the
+        service's job. ``actor`` and ``reason`` go to the history line.
         """
 
         def change(cur: Aliases) -> Aliases:
@@ -396,16 +460,11 @@ class Registry:
             previous = cur.previous
             if cur.production is not None and cur.production != version:
                 previous = (*previous, cur.production)[-MAX_PREVIOUS:]
-            return replace(
-                cur,
-                production=version,
-                previous=previous,
-                canary=_drop_canary_of(cur.canary, version),
-            )
+            return _without(replace(cur, production=version, previous=previous), version)
 
-        return self._update(change)
+        return self._update(change, Change("activate", actor, reason))
 
-    def rollback(self) -> Aliases:
+    def rollback(self, *, actor: str = "library", reason: str | None = None) -> Aliases:
         """Make the most recent ``previous`` version production again (popping it).
 
         The current production is discarded, not pushed, so repeated rollbacks walk back in
@@ -417,42 +476,91 @@ class Registry:
                 raise NothingToRollBack("nothing to roll back to: no previous production version")
             target = cur.previous[-1]
             self._require(target)
-            return replace(
-                cur,
-                production=target,
-                previous=cur.previous[:-1],
-                canary=_drop_canary_of(cur.canary, target),
-            )
+            return _without(replace(cur, production=target, previous=cur.previous[:-1]), target)
 
-        return self._update(change)
+        return self._update(change, Change("rollback", actor, reason))
 
-    def set_canary(self, version: str, percent: float) -> Aliases:
+    def set_canary(
+        self,
+        version: str,
+        percent: float,
+        policy: CanaryPolicy | None = None,
+        *,
+        actor: str = "library",
+        reason: str | None = None,
+    ) -> Aliases:
         """Send ``percent`` of traffic to ``version`` (replacing any current canary).
 
-        Raises ``VersionNotFound``, ``InvalidCanary`` for a percent outside (0, 100], and
+        ``policy`` (optional) holds this canary's bounds for automatic rollback. Raises
+        ``VersionNotFound``, ``InvalidCanary`` for a percent outside (0, 100], and
         ``RegistryError`` when there is no production version or ``version`` already is it.
         """
-        canary = Canary(version, percent)  # validate before taking the lock
+        canary = Canary(version, percent, policy)  # validate before taking the lock
 
         def change(cur: Aliases) -> Aliases:
             self._require(version)
-            if cur.production is None:
-                raise RegistryError("no production version: activate one before a canary")
-            if cur.production == version:
-                raise RegistryError(f"{version} is already production; it cannot be the canary")
+            self._check_beside_production(cur, version, "canary")
             return replace(cur, canary=canary)
 
-        return self._update(change)
+        return self._update(change, Change("canary_set", actor, reason))
 
-    def clear_canary(self) -> Aliases:
+    def clear_canary(self, *, actor: str = "library", reason: str | None = None) -> Aliases:
         """Stop the canary (a no-op apart from ``updated_at`` when there is none)."""
-        return self._update(lambda cur: replace(cur, canary=None))
+        return self._update(
+            lambda cur: replace(cur, canary=None), Change("canary_clear", actor, reason)
+        )
+
+    def remove_canary(
+        self, version: str, *, actor: str = "auto-rollback", reason: str | None = None
+    ) -> Aliases | None:
+        """Remove the canary if it still is ``version`` (an automatic rollback).
+
+        Returns the new aliases, or None, writing nothing, when the canary is already another
+        version or none: a replica that judged an older canary must not remove a newer one.
+        """
+
+        def change(cur: Aliases) -> Aliases | None:
+            if cur.canary is None or cur.canary.version != version:
+                return None
+            return replace(cur, canary=None)
+
+        return self._update_if(change, Change("auto_rollback", actor, reason))
+
+    def set_shadow(
+        self, version: str, percent: float, *, actor: str = "library", reason: str | None = None
+    ) -> Aliases:
+        """Have ``version`` also score ``percent`` of requests, off the response path.
+
+        Raises ``VersionNotFound``, ``InvalidShadow`` for a percent outside (0, 100], and
+        ``RegistryError`` when there is no production version or ``version`` already is it.
+        """
+        shadow = Shadow(version, percent)
+
+        def change(cur: Aliases) -> Aliases:
+            self._require(version)
+            self._check_beside_production(cur, version, "shadow")
+            return replace(cur, shadow=shadow)
+
+        return self._update(change, Change("shadow_set", actor, reason))
+
+    def clear_shadow(self, *, actor: str = "library", reason: str | None = None) -> Aliases:
+        """Stop shadow scoring (a no-op apart from ``updated_at`` when there is none)."""
+        return self._update(
+            lambda cur: replace(cur, shadow=None), Change("shadow_clear", actor, reason)
+        )
 
     # -- internals -----------------------------------------------------------------------------
     def _require(self, version: str) -> None:
         check_version_name(version)
         if not self.has(version):
             raise VersionNotFound(f"version {version!r} is not published in {self.root}")
+
+    @staticmethod
+    def _check_beside_production(cur: Aliases, version: str, role: str) -> None:
+        if cur.production is None:
+            raise RegistryError(f"no production version: activate one before a {role}")
+        if cur.production == version:
+            raise RegistryError(f"{version} is already production; it cannot be the {role}")
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -465,12 +573,73 @@ class Registry:
         finally:
             os.close(fd)  # closing the descriptor releases the lock
 
-    def _update(self, change: Callable[[Aliases], Aliases]) -> Aliases:
+    def _update(self, change: Callable[[Aliases], Aliases], why: Change) -> Aliases:
         """Read-modify-write ``aliases.json`` under the lock, so no concurrent update is lost."""
+        new = self._update_if(change, why)
+        assert new is not None
+        return new
+
+    def _update_if(
+        self, change: Callable[[Aliases], Aliases | None], why: Change
+    ) -> Aliases | None:
+        """Like ``_update``, but ``change`` may return None: then nothing is written."""
         with self._locked():
-            new = replace(change(self.read_aliases()), updated_at=utc_now_iso())
+            cur = self.read_aliases()
+            changed = change(cur)
+            if changed is None:
+                return None
+            now = utc_now_iso()
+            new = replace(changed, updated_at=now)
             replace_durable(self.aliases_path, json_bytes(new.to_dict()))
+            self.history.append(why.line(now, cur, new))
             return new
+
+
+@dataclass(frozen=True)
+class Change:
+    """What an aliases update is, for its history line: action, actor and reason."""
+
+    action: str
+    actor: str
+    reason: str | None = None
+
+    def line(self, time: str, old: Aliases, new: Aliases) -> dict[str, Any]:
+        """The history line of the change from ``old`` to ``new``."""
+        role = _ROLE[self.action]
+        before, after = _in_role(old, role), _in_role(new, role)
+        percent = None
+        if self.action in ("canary_set", "shadow_set"):
+            percent = (new.canary if role == "canary" else new.shadow).percent  # type: ignore[union-attr]
+        return history_line(time, self.action, self.actor, before, after, self.reason, percent)
+
+
+_ROLE = {
+    "activate": "production",
+    "rollback": "production",
+    "canary_set": "canary",
+    "canary_clear": "canary",
+    "auto_rollback": "canary",
+    "shadow_set": "shadow",
+    "shadow_clear": "shadow",
+}
+
+
+def _in_role(aliases: Aliases, role: str) -> str | None:
+    if role == "production":
+        return aliases.production
+    held = aliases.canary if role == "canary" else aliases.shadow
+    return held.version if held is not None else None
+
+
+def _without(aliases: Aliases, version: str) -> Aliases:
+    """``aliases`` with a canary or shadow of ``version`` removed (it became production)."""
+    return replace(
+        aliases,
+        canary=_drop_canary_of(aliases.canary, version),
+        shadow=None
+        if aliases.shadow is not None and aliases.shadow.version == version
+        else aliases.shadow,
+    )
 
 
 def _drop_canary_of(canary: Canary | None, version: str) -> Canary | None:

@@ -19,6 +19,7 @@ import onnxruntime
 import torch
 
 from model.core.bundle import Bundle, build_manifest, write_bundle
+from model.core.distribution import reference_section
 from model.core.metrics import auc
 from model.core.registry import Registry
 from model.training.config import TrainJob
@@ -51,13 +52,15 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def quantize_result(result: TrainResult, fp32_path: Path, seed: int = 0) -> dict[str, Any]:
+def quantize_result(
+    result: TrainResult, fp32_path: Path, seed: int = 0
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Replace the fp32 graph at ``fp32_path`` by its int8 quantisation, if it is good enough.
 
     Checks the int8 graph against torch (loose tolerance) and scores the held-out split with
     both graphs, as requests (encoded once); raises ``RuntimeError`` (and leaves the fp32 graph)
     when click or like AUC drops by more than ``INT8_MAX_AUC_DROP``. Returns the figures for
-    the manifest.
+    the manifest and the int8 graph's held-out predictions.
     """
     int8_path = fp32_path.with_name("model.int8.onnx")
     quantize_int8(fp32_path, int8_path)
@@ -88,7 +91,7 @@ def quantize_result(result: TrainResult, fp32_path: Path, seed: int = 0) -> dict
         f", like AUC {report['like_auc_fp32']:.4f} -> {report['like_auc_int8']:.4f}; "
         f"{report['fp32_bytes'] / 1e6:.1f} MB -> {report['int8_bytes'] / 1e6:.1f} MB"
     )
-    return report
+    return report, int8
 
 
 def write_result_bundle(
@@ -101,7 +104,9 @@ def write_result_bundle(
 ) -> Bundle:
     """Export, check parity and write the (verified) bundle into ``dest``.
 
-    The manifest's ``parity`` holds the torch-vs-onnxruntime figures.
+    The manifest's ``parity`` holds the torch-vs-onnxruntime figures and its
+    ``prediction_distribution`` the histogram of the published graph's held-out predictions,
+    which the service compares served predictions against (population stability index).
 
     With ``quantize`` the bundle holds the int8 graph (see :func:`quantize_result`) and its
     manifest a ``quantization`` section with the held-out AUC before and after.
@@ -116,8 +121,9 @@ def write_result_bundle(
     ):
         raise RuntimeError(f"ONNX export disagrees with torch; not publishing: {checked}")
     extra: dict[str, Any] = {"parity": checked}
+    heldout = result.test_preds  # torch's, equal to the fp32 graph's within the parity bounds
     if quantize:
-        extra["quantization"] = quantize_result(result, onnx_path, seed)
+        extra["quantization"], heldout = quantize_result(result, onnx_path, seed)
     manifest = build_manifest(
         version=version,
         schema=result.schema,
@@ -129,6 +135,9 @@ def write_result_bundle(
         opset=DEFAULT_OPSET,
         versions=library_versions(),
         gate_diagnostics=result.gate_diagnostics,
+        prediction_distribution=reference_section(
+            heldout, f"held-out test split, {len(result.test)} impressions"
+        ),
         extra={**extra, "training": dict(training or {}, history=result.history)},
     )
     return write_bundle(dest, onnx_path, manifest)  # verifies checksum and schema once
@@ -161,7 +170,8 @@ def publish(result: TrainResult, job: TrainJob, version: str) -> str:
         f"max rel watch {checked['max_rel_watch']:.2e}"
     )
     if job.activate or (job.activate is None and registry.read_aliases().production is None):
-        registry.activate(published)
+        # publish() is what `vidrank train` runs: the history names the CLI as the actor.
+        registry.activate(published, actor="cli", reason="activated by vidrank train")
         print(f"activated {published} as production")
     return published
 

@@ -62,7 +62,7 @@ def test_models_listing_and_manifest(
     assert versions[version]["metrics"] and versions[version]["size_bytes"] > 0
     assert versions["broken"]["valid"] is False and versions["broken"]["error"]
     assert body["aliases"]["production"] == version
-    assert body["serving"] == {"production": version, "canary": None}
+    assert body["serving"] == {"production": version, "canary": None, "shadow": None}
     manifest = client.get(f"/models/{version}").json()
     assert manifest["version"] == version and "feature_schema" in manifest
     r = client.get("/models/nope")

@@ -150,7 +150,11 @@ def test_canary_from_registry_and_percent(registry_dir: Path, version: str) -> N
     Registry(registry_dir).set_canary("v2", 25)
     m = manager(registry_dir)
     m.poll_once()
-    assert m.describe() == {"production": version, "canary": {"version": "v2", "percent": 25.0}}
+    assert m.describe() == {
+        "production": version,
+        "canary": {"version": "v2", "percent": 25.0},
+        "shadow": None,
+    }
     share = sum(m.state.pick(u).version == "v2" for u in range(4000)) / 4000
     assert 0.22 < share < 0.28
     Registry(registry_dir).activate("v2")  # promoting the canary clears it

@@ -384,12 +384,14 @@ def test_aliases_file_format_and_stamp(reg: Registry, tmp_path: Path) -> None:
     stamp2 = reg.aliases_stamp()
     assert stamp2 != stamp1
     data = json.loads(reg.aliases_path.read_text())
-    assert set(data) == {"production", "previous", "canary", "updated_at"}
+    assert set(data) == {"production", "previous", "canary", "shadow", "updated_at"}
     assert data["production"] == "v2" and data["previous"] == ["v1"]
     assert data["canary"] == {"version": "v1", "percent": 12.5}
     assert data["updated_at"].endswith("Z")
-    # Only aliases.json and the lock live at the root: no temp files are left behind.
-    assert sorted(p.name for p in reg.root.iterdir()) == [".lock", "aliases.json", "versions"]
+    # Only aliases.json, its history and the lock live at the root: no temp files are left behind.
+    assert sorted(p.name for p in reg.root.iterdir()) == [
+        ".lock", "aliases.json", "history.jsonl", "versions"
+    ]  # fmt: skip
 
 
 def test_aliases_dict_roundtrip() -> None:
@@ -444,7 +446,11 @@ def test_failed_aliases_write_keeps_old_file(
         reg.activate("v2")
     monkeypatch.undo()
     assert reg.aliases_path.read_bytes() == before
-    assert sorted(p.name for p in reg.root.iterdir()) == [".lock", "aliases.json", "versions"]
+    assert sorted(p.name for p in reg.root.iterdir()) == [
+        ".lock", "aliases.json", "history.jsonl", "versions"
+    ]  # fmt: skip
+    # The failed change is not in the history: only the first activation is.
+    assert [(h["action"], h["to"]) for h in reg.history.read()] == [("activate", "v1")]
 
 
 def test_concurrent_activations_lose_no_update(reg: Registry, tmp_path: Path) -> None:

@@ -1,0 +1,253 @@
+"""Automatic canary rollback: per-version traffic windows, the policy's verdict, the monitor.
+
+The ranker records every request's outcome per version (:class:`Traffic`: requests, server
+errors, ranking latency, in rolling windows). The :class:`RolloutMonitor` thread wakes every
+``rollout_check_interval_s`` and
+
+1. publishes every scored version's PSI (``vidrank_prediction_psi``, ``service/drift.py``);
+2. judges the canary, if there is one, by its policy (the canary's own bounds from
+   ``aliases.json`` over the service's settings): once the canary has ``min_requests`` in the
+   window, a server-error ratio above ``max_error_ratio``, a p99 above ``max_p99_ratio`` times
+   production's, or any task's PSI above ``max_psi`` removes it from the registry
+   (:meth:`ModelManager.remove_canary`): logged, counted in
+   ``vidrank_canary_rollbacks_total{reason}`` and recorded in ``history.jsonl`` with actor
+   ``auto-rollback``. Every other replica converges on the aliases file. Production is never
+   rolled back automatically: only the canary is ever removed.
+
+Each replica judges its own traffic, so the first replica to see a bound crossed removes the
+canary; the removal is conditional on the canary still being that version, so a replica judging
+late never removes a newer canary. A canary's windows start empty when it starts (in this
+process), so it is judged on its own traffic only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.core.policy import CanaryPolicy
+from service import metrics
+from service.drift import DriftMonitor
+from service.logging import log_fields
+from service.manager import ModelManager
+from service.window import SlidingCounts
+
+log = logging.getLogger("vidrank.canary")
+
+# Ranking latency bins for p99: 0.1 ms to 10 s in ~12 % steps (a p99 ratio of 2 is many bins).
+LATENCY_EDGES = np.geomspace(1e-4, 10.0, 101)
+REASONS = ("error_ratio", "p99_latency", "psi")
+
+
+@dataclass(frozen=True)
+class TrafficSummary:
+    """One version's requests, server errors and p99 ranking latency over a span."""
+
+    requests: int
+    errors: int
+    p99_s: float  # NaN without requests
+
+    @property
+    def error_ratio(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+class _VersionTraffic:
+    def __init__(self, window_s: float, clock: Callable[[], float]) -> None:
+        self.outcomes = SlidingCounts(2, window_s, clock=clock)  # requests, errors
+        self.latency = SlidingCounts(len(LATENCY_EDGES) + 1, window_s, clock=clock)
+
+    def record(self, seconds: float, error: bool) -> None:
+        self.outcomes.add(np.array([1, int(error)], dtype=np.int64))
+        self.latency.add_at(int(np.searchsorted(LATENCY_EDGES, seconds)))
+
+    def summary(self, span_s: float | None) -> TrafficSummary:
+        requests, errors = (int(v) for v in self.outcomes.total(span_s))
+        return TrafficSummary(requests, errors, _quantile(self.latency.total(span_s), 0.99))
+
+    def clear(self) -> None:
+        self.outcomes.clear()
+        self.latency.clear()
+
+
+def _quantile(counts: np.ndarray, q: float) -> float:
+    """The upper edge of the bin holding quantile ``q`` (NaN when empty)."""
+    total = int(counts.sum())
+    if total == 0:
+        return float("nan")
+    i = int(np.searchsorted(np.cumsum(counts), q * total, side="left"))
+    return float(LATENCY_EDGES[min(i, len(LATENCY_EDGES) - 1)])
+
+
+class Traffic:
+    """Per-version request outcomes over the rolling window (thread-safe)."""
+
+    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._versions: dict[str, _VersionTraffic] = {}
+        self._lock = threading.Lock()
+
+    def record(self, version: str, seconds: float, error: bool) -> None:
+        """Count one ranked request (``error``: it failed on the server's side)."""
+        found = self._versions.get(version)
+        if found is None:
+            with self._lock:
+                found = self._versions.setdefault(
+                    version, _VersionTraffic(self.window_s, self._clock)
+                )
+        found.record(seconds, error)
+
+    def summary(self, version: str, span_s: float | None = None) -> TrafficSummary:
+        found = self._versions.get(version)
+        if found is None:
+            return TrafficSummary(0, 0, float("nan"))
+        return found.summary(span_s)
+
+    def reset(self, version: str) -> None:
+        found = self._versions.get(version)
+        if found is not None:
+            found.clear()
+
+    def retain(self, versions: Iterable[str]) -> None:
+        keep = set(versions)
+        with self._lock:
+            for version in [v for v in self._versions if v not in keep]:
+                del self._versions[version]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Why a canary must go: the bound crossed (a ``REASONS`` label) and the figures."""
+
+    reason: str
+    detail: str
+
+
+def judge(
+    policy: CanaryPolicy,
+    canary: TrafficSummary,
+    production: TrafficSummary,
+    psi: Mapping[str, float],
+) -> Verdict | None:
+    """The first bound ``canary`` crosses, or None (also while it has too few requests).
+
+    ``policy`` is complete (every field set). The latency bound needs production traffic in the
+    same window too; PSI values that are NaN (too few predictions, no reference) are skipped.
+    """
+    assert policy.min_requests is not None
+    if canary.requests < policy.min_requests:
+        return None
+    n = f"over {canary.requests} canary requests"
+    if policy.max_error_ratio is not None and canary.error_ratio > policy.max_error_ratio:
+        return Verdict(
+            "error_ratio",
+            f"error ratio {canary.error_ratio:.3f} > {policy.max_error_ratio} ({canary.errors} "
+            f"server errors {n})",
+        )
+    if policy.max_p99_ratio is not None and production.requests >= policy.min_requests:
+        ratio = canary.p99_s / production.p99_s
+        if math.isfinite(ratio) and ratio > policy.max_p99_ratio:
+            return Verdict(
+                "p99_latency",
+                f"p99 {canary.p99_s * 1000:.1f} ms is {ratio:.2f}x production's "
+                f"{production.p99_s * 1000:.1f} ms (> {policy.max_p99_ratio}x) {n}",
+            )
+    if policy.max_psi is not None:
+        for task, value in psi.items():
+            if math.isfinite(value) and value > policy.max_psi:
+                return Verdict("psi", f"PSI of {task} {value:.3f} > {policy.max_psi} {n}")
+    return None
+
+
+class RolloutMonitor:
+    """The background thread that publishes PSI and judges the canary (see the module doc)."""
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        drift: DriftMonitor,
+        traffic: Traffic,
+        default_policy: CanaryPolicy,
+        auto_rollback: bool,
+    ) -> None:
+        self.manager = manager
+        self.drift = drift
+        self.traffic = traffic
+        self.default_policy = default_policy
+        self.auto_rollback = auto_rollback
+        self._canary: str | None = None  # the canary judged so far (its windows were reset)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check_once(self) -> Verdict | None:
+        """One round: PSI gauges, then the canary's verdict (acted on when auto rollback is on)."""
+        state = self.manager.state
+        served = state.roles().values()
+        self.drift.retain(served)
+        self.traffic.retain(served)
+        psi = self.drift.publish_psi()
+        canary = state.canary
+        if canary is None or state.production is None:
+            self._canary = None
+            return None
+        if canary.version != self._canary:  # a new canary: judge it on its own traffic only
+            self._canary = canary.version
+            self.traffic.reset(canary.version)
+            if (d := self.drift.get(canary.version)) is not None:
+                d.reset()
+            return None
+        policy = (state.canary_policy or CanaryPolicy()).over(self.default_policy)
+        span = policy.window_s
+        drift = self.drift.get(canary.version)
+        verdict = judge(
+            policy,
+            self.traffic.summary(canary.version, span),
+            self.traffic.summary(state.production.version, span),
+            drift.psi(span) if drift is not None else psi.get(canary.version, {}),
+        )
+        if verdict is not None and self.auto_rollback:
+            self._roll_back(canary.version, verdict)
+        return verdict
+
+    def _roll_back(self, version: str, verdict: Verdict) -> None:
+        try:
+            removed = self.manager.remove_canary(version, f"{verdict.reason}: {verdict.detail}")
+        except Exception:  # the registry is unreachable: the next round tries again
+            fields = {"version": version, "reason": verdict.reason}
+            log.exception("automatic canary rollback failed", extra={"fields": fields})
+            return
+        if removed:
+            metrics.CANARY_ROLLBACKS.labels(verdict.reason).inc()
+            log_fields(
+                log, logging.WARNING, "canary rolled back automatically",
+                version=version, reason=verdict.reason, detail=verdict.detail,
+            )  # fmt: skip
+
+    def start(self, interval_s: float) -> None:
+        """Run :meth:`check_once` every ``interval_s`` seconds in a daemon thread."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.check_once()
+                except Exception:  # never let one bad round end the monitor
+                    log.exception("rollout check failed")
+
+        self._thread = threading.Thread(target=loop, name="vidrank-rollout-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
