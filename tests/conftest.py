@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 TINY_IMPRESSIONS = 20_000
 TINY_SEED = 0
 TINY_VERSION = "v-tiny"
+SHIFTED_VERSION = "v-shifted"
+LIKE_LOGIT_SHIFT = 2.0  # ~ x6.5 on a 2 % like probability
 
 
 @pytest.fixture(scope="session")
@@ -72,3 +74,34 @@ def registry_copy(tiny_bundle: tuple[Path, str], tmp_path: Path) -> Path:
 def version(tiny_bundle: tuple[Path, str]) -> str:
     """The tiny bundle's version name (production in ``registry_copy``)."""
     return tiny_bundle[1]
+
+
+@pytest.fixture(scope="session")
+def shifted_bundle(
+    tmp_path_factory: pytest.TempPathFactory,
+    trained_model: TrainResult,
+    tiny_bundle: tuple[Path, str],
+) -> Path:
+    """An export gone wrong: the tiny model with a bias added to the like head's logit.
+
+    The bundle carries the tiny bundle's manifest (renamed ``v-shifted``), so the held-out
+    prediction distribution it stores is the healthy model's while its graph predicts ~6x the
+    likes: what a drift check must catch. Not published; tests publish it into their registry.
+    """
+    import copy
+
+    import torch
+
+    from model.core.bundle import write_bundle
+    from model.core.registry import Registry
+    from model.training.export import export_onnx
+
+    model = copy.deepcopy(trained_model.model)
+    like = list(trained_model.config.tasks).index("like")
+    with torch.no_grad():
+        model.towers.batched_layers()[-1].bias[like] += LIKE_LOGIT_SHIFT
+    out = tmp_path_factory.mktemp("shifted")
+    export_onnx(model, trained_model.schema, out / "shifted.onnx")
+    registry, version = tiny_bundle
+    manifest = dict(Registry(registry).bundle(version).manifest, version=SHIFTED_VERSION)
+    return write_bundle(out / SHIFTED_VERSION, out / "shifted.onnx", manifest).path

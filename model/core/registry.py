@@ -62,7 +62,7 @@ from model.core.fileio import (
     write_durable,
 )
 from model.core.history import HISTORY_FILE, History, history_line
-from model.core.policy import CanaryPolicy
+from model.core.policy import CanaryPolicy, InvalidPolicy
 
 __all__ = [
     "ALIASES_FILE",
@@ -176,12 +176,11 @@ class Canary:
         """Parse the JSON form; raises ``RegistryError`` (or a subclass) when malformed."""
         if not isinstance(d, Mapping) or "version" not in d or "percent" not in d:
             raise RegistryError(f"canary must be an object with version and percent, not {d!r}")
-        policy = d.get("policy")
-        return cls(
-            version=d["version"],
-            percent=d["percent"],
-            policy=CanaryPolicy.from_dict(policy) if policy is not None else None,
-        )
+        try:
+            policy = CanaryPolicy.from_dict(d["policy"]) if d.get("policy") is not None else None
+        except InvalidPolicy as e:
+            raise RegistryError(f"invalid canary policy in the aliases: {e}") from e
+        return cls(version=d["version"], percent=d["percent"], policy=policy)
 
 
 @dataclass(frozen=True)

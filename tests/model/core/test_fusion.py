@@ -22,6 +22,7 @@ from model.core.fusion import (
     ProfileStore,
     TaskTerm,
     fuse,
+    fuse_terms,
     rank_order,
     resolve,
     task_ranks,
@@ -726,3 +727,52 @@ def test_weighted_sum_scaling_keeps_order_up_to_ties(
     scaled = fuse(_scaled(spec, c), preds)
     assert _sorts_descending_up_to_ties(rank_order(scaled), scores)
     assert _sorts_descending_up_to_ties(rank_order(scores), scaled / c)
+
+
+# --------------------------------------------------------------------------------------------
+# Explanations: per-task terms that add up to the score
+# --------------------------------------------------------------------------------------------
+
+EXPLAINED = [
+    FusionSpec.from_dict(
+        {"method": "weighted_sum", "weights": {"like": 2.0, "click": 1.0,
+         "watch_time": {"weight": 0.5, "transform": "scale", "scale": 60}}}
+    ),
+    FusionSpec.from_dict(
+        {"method": "weighted_product", "epsilon": 1e-3, "weights": {"click": 1.0,
+         "watch_time": {"weight": 0.6, "transform": "log1p"}, "like": 0.4}}
+    ),
+    FusionSpec.from_dict({"method": "rank_sum", "beta": 2.0, "weights": {"click": 1, "like": 3}}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", EXPLAINED, ids=lambda s: s.method)
+def test_terms_add_up_to_the_score(spec: FusionSpec) -> None:
+    rng = np.random.default_rng(3)
+    preds = preds_of(
+        rng.uniform(0, 1, 200).tolist(),
+        rng.exponential(30, 200).tolist(),
+        rng.uniform(0, 0.1, 200).tolist(),
+    )
+    score, terms = fuse_terms(spec, preds)
+    np.testing.assert_array_equal(score, fuse(spec, preds))
+    assert set(terms) == {t for t, term in spec.terms.items() if term.weight != 0}
+    # Added in TASKS order (what a client adds from the response) the terms give the score exactly.
+    total = np.zeros(200)
+    for task in TASKS:
+        total = total + terms.get(task, 0.0)
+    np.testing.assert_array_equal(total, score)
+
+
+def test_terms_are_the_documented_formulas() -> None:
+    preds = preds_of([0.2, 0.5], [30.0, 0.0], [0.01, 0.1])
+    ws, wp, rs = EXPLAINED
+    _, t = fuse_terms(ws, preds)
+    np.testing.assert_allclose(t["watch_time"], 0.5 * np.array([30.0, 0.0]) / 60)
+    np.testing.assert_allclose(t["like"], 2.0 * np.array([0.01, 0.1], dtype=np.float32))
+    _, t = fuse_terms(wp, preds)
+    np.testing.assert_allclose(t["watch_time"], 0.6 * np.log(np.log1p([30.0, 0.0]) + 1e-3))
+    _, t = fuse_terms(rs, preds)
+    np.testing.assert_allclose(t["click"], [1 / (1 + 2.0), 1 / (0 + 2.0)])
+    np.testing.assert_allclose(t["like"], [3 / (1 + 2.0), 3 / (0 + 2.0)])
+    assert fuse_terms(ws, preds_of([], [], []))[1] == {}

@@ -10,7 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.core.metrics import _count_ascending_pairs, auc, log_loss, ndcg_at_k, rmse, xauc
+from model.core.metrics import (
+    _count_ascending_pairs,
+    auc,
+    kendall_tau,
+    log_loss,
+    ndcg_at_k,
+    psi,
+    rmse,
+    top_k_overlap,
+    xauc,
+)
 
 
 def brute_auc(labels: list[int], scores: list[float]) -> float:
@@ -153,3 +163,67 @@ def test_large_inputs_are_fast_enough() -> None:
     assert value == pytest.approx(sampled, abs=0.01)
     labels = (rng.random(n) < 0.3).astype(int)
     assert auc(labels, labels + rng.random(n)) == 1.0
+
+
+def brute_tau_b(x: list[float], y: list[float]) -> float:
+    """Kendall's tau-b from its definition over all pairs."""
+    s = n1 = n2 = n0 = 0
+    for i, j in itertools.combinations(range(len(x)), 2):
+        n0 += 1
+        dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+        s += int(dx * dy)
+        n1 += int(dx == 0)
+        n2 += int(dy == 0)
+    denom = math.sqrt((n0 - n1) * (n0 - n2))
+    return s / denom if denom else math.nan
+
+
+@given(data=st.data(), n=st.integers(0, 30))
+@settings(max_examples=200, deadline=None)
+def test_kendall_tau_matches_definition_with_ties(data: st.DataObject, n: int) -> None:
+    values = st.lists(st.integers(0, 5).map(float), min_size=n, max_size=n)
+    x, y = data.draw(values), data.draw(values)
+    expected = brute_tau_b(x, y)
+    got = kendall_tau(x, y)
+    assert (math.isnan(got) and math.isnan(expected)) or got == pytest.approx(expected, abs=1e-12)
+
+
+def test_kendall_tau_extremes() -> None:
+    x = np.arange(500, dtype=float)
+    assert kendall_tau(x, x * 3 + 1) == pytest.approx(1.0)
+    assert kendall_tau(x, -x) == pytest.approx(-1.0)
+    swapped = x.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # one discordant pair of 124750
+    assert kendall_tau(x, swapped) == pytest.approx(1 - 2 / (500 * 499 / 2))
+    assert math.isnan(kendall_tau([1.0, 1.0], [1.0, 2.0]))  # a constant ranking
+    with pytest.raises(ValueError, match="NaN"):
+        kendall_tau([1.0, float("nan")], [1.0, 2.0])
+
+
+def test_top_k_overlap() -> None:
+    a = np.arange(20)
+    assert top_k_overlap(a, a, 10) == 1.0
+    assert top_k_overlap(a, a[::-1], 10) == 0.0
+    b = np.r_[a[:5], a[10:15], a[5:10], a[15:]]  # half of the top 10 replaced
+    assert top_k_overlap(a, b, 10) == 0.5
+    assert top_k_overlap(a[:4], a[:4][::-1], 10) == 1.0  # k capped at n
+    assert math.isnan(top_k_overlap([], [], 10))
+    with pytest.raises(ValueError):
+        top_k_overlap(a, a, 0)
+
+
+def test_psi() -> None:
+    p = np.array([10, 20, 30, 40])
+    assert psi(p, p * 7) == pytest.approx(0.0)  # counts are normalised to shares
+    q = np.array([40, 30, 20, 10])
+    shares_p, shares_q = p / p.sum(), q / q.sum()
+    expected = float(np.sum((shares_q - shares_p) * np.log(shares_q / shares_p)))
+    assert psi(p, q) == pytest.approx(expected)
+    assert psi(p, q) == pytest.approx(psi(q, p))  # symmetric
+    # All mass moved into a bin that was empty: large, finite (eps stands in for 0).
+    moved = psi([100, 0], [0, 100], eps=1e-4)
+    assert moved == pytest.approx(2 * (1 - 1e-4) * math.log(1 / 1e-4))
+    assert psi([0, 5, 0], [0, 9, 0]) == 0.0  # bins empty on both sides add nothing
+    assert math.isnan(psi([0, 0], [1, 2]))
+    with pytest.raises(ValueError):
+        psi([1, -1], [1, 1])
