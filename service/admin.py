@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header
@@ -33,8 +34,8 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def admin_router(settings: Settings, manager: ModelManager) -> APIRouter:
-    """Routes under /admin, guarded by ``VIDRANK_ADMIN_TOKEN``."""
+def bearer_guard(settings: Settings) -> Callable[..., None]:
+    """The dependency that checks ``Authorization: Bearer <VIDRANK_ADMIN_TOKEN>``."""
     token = settings.admin_token.get_secret_value().encode() if settings.admin_token else None
 
     def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
@@ -48,9 +49,13 @@ def admin_router(settings: Settings, manager: ModelManager) -> APIRouter:
         if not secrets.compare_digest(credential.strip().encode(), token):
             raise Forbidden("invalid admin token")
 
-    router = APIRouter(
-        prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)], responses=_RESPONSES
-    )
+    return require_admin
+
+
+def admin_router(settings: Settings, manager: ModelManager) -> APIRouter:
+    """Routes under /admin, guarded by ``VIDRANK_ADMIN_TOKEN``."""
+    guard = Depends(bearer_guard(settings))
+    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[guard], responses=_RESPONSES)
 
     def result(action: str, aliases: Aliases, **fields: Any) -> dict[str, Any]:
         serving = manager.describe()
