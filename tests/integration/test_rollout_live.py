@@ -1,0 +1,212 @@
+"""Rollout safety with real ``vidrank serve`` processes on loopback: shadow scoring under load,
+drift metrics, explanations, and an automatic canary rollback that a second replica follows."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from benchmarks.harness import AUTH, Server, rank_body, vidrank_cmd
+from model.core.registry import Registry
+from model.core.tasks import TASKS
+from tests.conftest import SHIFTED_VERSION
+
+pytestmark = pytest.mark.slow
+
+Start = Callable[..., Server]
+ROLLOUT_ENV = {
+    "VIDRANK_ROLLOUT_CHECK_INTERVAL_S": "0.3",
+    "VIDRANK_ROLLOUT_WINDOW_S": "60",
+    "VIDRANK_CANARY_MIN_REQUESTS": "20",
+}
+
+
+def metric(text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        head, _, rest = series.partition("{")
+        if head != name:
+            continue
+        if all(f'{k}="{v}"' in rest for k, v in (labels or {}).items()):
+            total += float(value)
+    return total
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def hammer(url: str, clients: int, per_client: int, n: int) -> list[str]:
+    """``clients`` threads each sending ``per_client`` /rank requests; returns the failures."""
+    failures: list[str] = []
+
+    def client(seed: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            for i in range(per_client):
+                body = rank_body(n, user_id=f"u{seed}-{i}", seed=seed * 1000 + i)
+                try:
+                    r = http.post("/rank", json=body)
+                except httpx.HTTPError as e:
+                    failures.append(repr(e))
+                    continue
+                if r.status_code != 200:
+                    failures.append(r.text)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return failures
+
+
+def test_shadow_under_load_adds_no_errors_and_its_queue_stays_bounded(
+    start_server: Start, live_registry: Path, version: str
+) -> None:
+    capacity = 3
+    env = {**ROLLOUT_ENV, "VIDRANK_SHADOW_QUEUE_SIZE": str(capacity)}
+    server = start_server(live_registry, workers=2, env=env)
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as admin:
+        body = {"version": "v2", "percent": 100, "reason": "live shadow"}
+        assert admin.put("/admin/shadow", json=body).status_code == 200
+        depths: list[int] = []
+        stop = threading.Event()
+
+        def watch_queue() -> None:  # the queue never holds more than its capacity
+            while not stop.is_set():
+                shadow = admin.get("/models").json()["shadow"]
+                if shadow is not None:
+                    depths.append(shadow["queue"]["depth"])
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=watch_queue)
+        watcher.start()
+        clients, per_client = 4, 25
+        try:
+            failures = hammer(server.url, clients, per_client, 300)
+        finally:
+            stop.set()
+            watcher.join()
+        assert not failures, failures[:3]
+        sent = clients * per_client
+        text = ""
+
+        def all_accounted() -> bool:  # every sampled request was compared or dropped
+            nonlocal text
+            text = admin.get("/metrics").text
+            outcomes = metric(text, "vidrank_shadow_requests_total")
+            return outcomes == sent and metric(text, "vidrank_shadow_queue_depth") == 0
+
+        wait_for(all_accounted, "the shadow queue to drain")
+        compared = metric(text, "vidrank_shadow_requests_total", {"outcome": "compared"})
+        dropped = metric(text, "vidrank_shadow_requests_total", {"outcome": "dropped"})
+        assert compared > 0 and compared + dropped == sent, text
+        assert metric(text, "vidrank_shadow_requests_total", {"outcome": "failed"}) == 0
+        assert depths and max(depths) <= capacity
+        labels = {"version": version, "shadow": "v2"}
+        assert metric(text, "vidrank_shadow_kendall_tau_count", labels) == compared
+        # Same weights: every compared request agreed on its top 10.
+        assert metric(text, "vidrank_shadow_top10_overlap_sum", labels) == compared
+        # Every response was a 200; none waited for the shadow (the access log's latency ends
+        # when the response is written, and no request failed).
+        assert (
+            metric(text, "vidrank_http_requests_total", {"route": "/rank", "status": "200"}) == sent
+        )
+    server.stop()
+    assert "Traceback" not in server.logs()
+
+
+def test_explain_and_drift_metrics_over_http(
+    start_server: Start, live_registry: Path, version: str
+) -> None:
+    server = start_server(live_registry, env=ROLLOUT_ENV)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        r = http.post("/rank", json=rank_body(300, explain=True, fusion=None))
+        assert r.status_code == 200, r.text
+        for item in r.json()["items"]:
+            total = 0.0
+            for task in TASKS:
+                total += item["explain"][task]
+            assert total == item["score"]
+        for i in range(10):
+            assert http.post("/rank", json=rank_body(100, seed=i)).status_code == 200
+
+        def psi_published() -> bool:
+            return 'vidrank_prediction_psi{task="like",version="' in http.get("/metrics").text
+
+        wait_for(psi_published, "the PSI gauges")
+        text = http.get("/metrics").text
+        count = metric(text, "vidrank_prediction_count", {"task": "like", "version": version})
+        assert count == 300 + 10 * 100
+        for task in TASKS:
+            psi = metric(text, "vidrank_prediction_psi", {"task": task, "version": version})
+            assert 0 <= psi < 0.1  # serving looks like the held-out data
+
+
+def canary_status(server: Server) -> Any:
+    return httpx.get(f"{server.url}/models", timeout=10).json()["serving"]["canary"]
+
+
+def test_shifted_canary_rolled_back_and_second_replica_converges(
+    start_server: Start, live_registry: Path, version: str, shifted_bundle: Path
+) -> None:
+    registry = Registry(live_registry)
+    registry.publish(shifted_bundle)
+    a = start_server(live_registry, env=ROLLOUT_ENV)
+    b = start_server(live_registry, env=ROLLOUT_ENV)
+    policy = {"max_psi": 0.5, "min_requests": 20}
+    with httpx.Client(base_url=a.url, headers=AUTH, timeout=60) as admin:
+        # A healthy canary (the same weights) under the same traffic and window: kept.
+        body = {"version": "v2", "percent": 50, "policy": policy, "reason": "healthy"}
+        assert admin.put("/admin/canary", json=body).status_code == 200
+        wait_for(lambda: canary_status(b) is not None, "replica b to serve the canary")
+        time.sleep(1.0)  # a few monitor rounds: the canary's windows start empty
+        assert not hammer(a.url, 2, 60, 100)
+        time.sleep(1.5)
+        assert registry.read_aliases().canary is not None
+        assert canary_status(a)["version"] == "v2" and canary_status(b)["version"] == "v2"
+        # The shifted export as canary; only replica a gets traffic, so only a can judge it.
+        body = {"version": SHIFTED_VERSION, "percent": 50, "policy": policy, "reason": "shifted"}
+        assert admin.put("/admin/canary", json=body).status_code == 200
+        time.sleep(1.0)
+        assert not hammer(a.url, 2, 60, 100)
+        wait_for(lambda: registry.read_aliases().canary is None, "the automatic rollback")
+    # Replica b converges on the removal by polling the registry.
+    wait_for(lambda: canary_status(b) is None, "replica b to drop the canary")
+    assert canary_status(a) is None
+    assert registry.read_aliases().production == version  # production is never rolled back
+    rollbacks = [
+        metric(
+            httpx.get(f"{s.url}/metrics").text, "vidrank_canary_rollbacks_total", {"reason": "psi"}
+        )
+        for s in (a, b)
+    ]
+    assert rollbacks == [1.0, 0.0]
+    last = registry.history.read()[-1]
+    assert (last["action"], last["actor"], last["from"], last["to"]) == (
+        "auto_rollback", "auto-rollback", SHIFTED_VERSION, None
+    )  # fmt: skip
+    assert last["reason"].startswith("psi: PSI of like")
+    assert any(r.get("msg") == "canary rolled back automatically" for r in a.log_records())
+    # The CLI prints the same history.
+    out = subprocess.run(
+        vidrank_cmd("models", "history", "--registry", str(live_registry)),
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    lines = out.splitlines()
+    assert "auto_rollback" in lines[-1] and f"{SHIFTED_VERSION} -> -" in lines[-1]
+    assert "canary_set" in lines[-2] and "admin-api" in lines[-2] and "shifted" in lines[-2]
