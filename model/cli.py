@@ -158,11 +158,13 @@ def models_list(registry: RegistryOpt = Path("registry")) -> None:
     """List published versions with their aliases and headline metrics."""
     reg = _registry(registry)
     aliases = reg.read_aliases()
-    canary = aliases.canary.version if aliases.canary else None
+    roles = (
+        ("production", aliases.production),
+        ("canary", aliases.canary.version if aliases.canary else None),
+        ("shadow", aliases.shadow.version if aliases.shadow else None),
+    )
     for v in reg.versions():
-        tags = [
-            t for t, name in (("production", aliases.production), ("canary", canary)) if name == v
-        ]
+        tags = [t for t, name in roles if name == v]
         try:
             metrics = reg.bundle(v).metrics
             summary = " ".join(

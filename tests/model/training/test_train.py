@@ -15,12 +15,13 @@ from typer.testing import CliRunner
 
 from model.cli import app
 from model.core.bundle import load_bundle
+from model.core.distribution import PREDICTION_EDGES, bin_counts
 from model.core.registry import Registry
 from model.core.runtime import make_session
 from model.core.tasks import TASKS
 from model.training.batches import Shuffled, encode_split, predict
 from model.training.config import TrainConfig, TrainJob, parse_loss_weights
-from model.training.export import random_encoded, run_session
+from model.training.export import FrameRequests, random_encoded, run_session
 from model.training.fit import TrainResult, build, fit, prepare
 from model.training.loop import EarlyStopping, EpochLoop
 from model.training.mmoe import MMoE, MMoEConfig
@@ -126,6 +127,23 @@ def test_gate_diagnostics_in_the_manifest(tiny_bundle: tuple[Path, str]) -> None
         assert 0.25 <= task["max_mean_share"] <= 1.0
 
 
+def test_heldout_prediction_distribution_in_the_manifest(
+    tiny_bundle: tuple[Path, str], trained_model: TrainResult
+) -> None:
+    """The drift reference: each task's held-out predictions, binned like the service bins."""
+    registry, version = tiny_bundle
+    bundle = Registry(registry).bundle(version)
+    ref = bundle.reference
+    assert ref is not None and ref.same_edges(np.asarray(PREDICTION_EDGES))
+    assert ref.rows == len(trained_model.test) and "held-out" in ref.source
+    for task in TASKS:
+        np.testing.assert_array_equal(
+            ref.counts[task], bin_counts(trained_model.test_preds[task], ref.edges)
+        )
+    history = Registry(registry).history.read()
+    assert [(h["action"], h["actor"], h["to"]) for h in history] == [("activate", "cli", version)]
+
+
 def test_a_collapsed_gate_shows(trained_model: TrainResult) -> None:
     model = copy.deepcopy(trained_model.model)
     assert isinstance(model, MMoE)
@@ -174,6 +192,13 @@ def test_quantize_publishes_an_int8_graph_with_its_auc_check(
         assert not q[f"{task}_auc_drop"] > 0.002  # NaN (a single class) is allowed through
     graph = bundle.onnx_path.read_bytes()
     assert b"MatMulInteger" in graph or b"DynamicQuantize" in graph
+    # The drift reference describes the published (int8) graph's predictions.
+    int8 = FrameRequests.of(bundle.schema, trained_model.test).predict(bundle.onnx_path)
+    assert bundle.reference is not None
+    for task in TASKS:
+        np.testing.assert_array_equal(
+            bundle.reference.counts[task], bin_counts(int8[task], bundle.reference.edges)
+        )
     out = run_session(
         make_session(bundle.onnx_path), random_encoded(bundle.schema, 7, np.random.default_rng(1))
     )
