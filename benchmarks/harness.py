@@ -10,7 +10,8 @@ One implementation of each:
 - an HTTP server process waited on until ``/readyz`` answers 200, with its workers' pids and
   their RSS and CPU time read through psutil (``Server``, ``start_vidrank``);
 - nginx rendered from ``docker/nginx.loopback.conf.template`` in front of loopback upstreams;
-- small HTTP calls over ``http.client`` (no client library's overhead in the measurements);
+- small HTTP calls over ``http.client`` (no client library's overhead in the measurements), and
+  reading one metric out of a /metrics exposition (``metric_value``);
 - realistic /rank bodies with the default schema's features, as rows or columns.
 
 Only the standard library and psutil, so importing it costs the tests and benchmarks nothing.
@@ -142,6 +143,20 @@ def http_json(
         return status, json.loads(raw or b"null")
     except ValueError:
         return status, None
+
+
+def metric_value(text: str, name: str, labels: Mapping[str, str] | None = None) -> float:
+    """Sum of the Prometheus samples of ``name`` (text exposition) whose labels include
+    ``labels``; 0 when there are none."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        head, _, rest = series.partition("{")
+        if head == name and all(f'{k}="{v}"' in rest for k, v in (labels or {}).items()):
+            total += float(value)
+    return total
 
 
 def listening(port: int, host: str = HOST) -> bool:

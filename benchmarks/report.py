@@ -139,6 +139,29 @@ def lifecycle_targets(r: dict[str, Any]) -> list[Target]:
     ]  # fmt: skip
 
 
+def shadow_targets(r: dict[str, Any]) -> list[Target]:
+    sm = _get(r, "shadow", "summary") or {}
+    n = _get(r, "shadow", "n")
+    p50, rps, bound = sm.get("p50_ratio"), sm.get("rps_ratio"), sm.get("rps_ratio_bound")
+    none, shadow = sm.get("none") or {}, sm.get("shadow") or {}
+    return [
+        Target(
+            "shadow_p50", f"p50 at {n} candidates, c=1: 100 % shadow / none", "<= 1.1 (noise)",
+            p50, "x", _check(p50, lambda x: x <= 1.1),
+            f"{_fmt(shadow.get('p50_ms_c1'))} vs {_fmt(none.get('p50_ms_c1'))} ms"
+            if p50 else "",
+        ),
+        Target(
+            "shadow_throughput", f"req/s at {n} candidates, c=8: 100 % shadow / none",
+            f">= {_fmt(bound)} (the shadow's own work)", rps, "x",
+            None if bound is None else _check(rps, lambda x: x >= bound - 0.03),
+            f"{_fmt(shadow.get('rps_c8'), 0)} vs {_fmt(none.get('rps_c8'), 0)} req/s; "
+            f"{_fmt(shadow.get('compared_share_c8'))} of requests compared at "
+            f"{_fmt(shadow.get('shadow_ms_per_compared'))} ms each" if rps else "",
+        ),
+    ]  # fmt: skip
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Every target of issue 4, measured (None where the run did not measure it)."""
     n = str(ref_n(results))
@@ -146,6 +169,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         *latency_targets(results, n),
         *throughput_targets(results, n),
         *graph_targets(results, n),
+        *shadow_targets(results),
         *lifecycle_targets(results),
     ]
     return [asdict(t) for t in found]
@@ -252,6 +276,30 @@ def throughput_table(r: dict[str, Any]) -> list[str]:
     return _table(header, rows)
 
 
+def shadow_table(r: dict[str, Any]) -> list[str]:
+    sm = _get(r, "shadow", "summary")
+    if not sm:
+        return []
+    header = ["shadow", "p50 @c1", "p99 @c1", "req/s @c8", "CPU ms/req @c8",
+              "compared @c1", "compared @c8", "shadow ms/compared", "errors"]  # fmt: skip
+    rows = [
+        [
+            mode, _fmt(m["p50_ms_c1"]), _fmt(m["p99_ms_c1"]), _fmt(m["rps_c8"], 0),
+            _fmt(m["cpu_ms_per_request_c8"]), _fmt(m["compared_share_c1"]),
+            _fmt(m["compared_share_c8"]), _fmt(m["shadow_ms_per_compared"]), str(m["errors"]),
+        ]
+        for mode, m in ((k, sm[k]) for k in ("none", "shadow"))
+    ]  # fmt: skip
+    rounds = len(r["shadow"]["runs"]["none"])
+    return [
+        f"## Shadow scoring at {r['shadow']['n']} candidates (medians of {rounds} alternating "
+        "runs per mode, one server)",
+        "",
+        *_table(header, rows),
+        "",
+    ]
+
+
 def graph_table(r: dict[str, Any]) -> list[str]:
     lat = _get(r, "graphs", "latency") or {}
     names = list(lat)
@@ -328,6 +376,7 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         *throughput_table(r),
         "",
+        *shadow_table(r),
         "## Model graphs (onnxruntime, 1 thread, ms: wall p50 (thread CPU p50); ratios of CPU)",
         "",
         *graph_table(r),

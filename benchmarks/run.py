@@ -13,7 +13,9 @@ measured):
 5. vidrank: a real ``vidrank serve`` process, POST /rank over loopback, p50/p99 at c=1 (rows
    and columnar bodies) and throughput at c=8 with one worker per core; the int8 bundle the
    same way; then the textbook app (benchmarks/textbook_app.py) under plain uvicorn;
-6. lifecycle: start-to-ready, RSS of one worker, RSS through model swaps.
+6. shadow: p50 at c=1 and req/s at c=8 at the reference N with no shadow and with a 100 %
+   shadow, in turns on one server (benchmarks/shadow.py);
+7. lifecycle: start-to-ready, RSS of one worker, RSS through model swaps.
 
 Load comes from wrk and rank.lua (one client thread, pre-built bodies); without wrk a Python
 keep-alive client is used and the results say so. No assertion here is timed: targets are
@@ -35,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import graphs, report
+from benchmarks import graphs, report, shadow
 from benchmarks.floor import measure_floor
 from benchmarks.harness import (
     ADMIN_TOKEN,
@@ -56,7 +58,7 @@ from benchmarks.workload import Workload, build_workload
 from model.core.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("floor", "graphs", "vidrank", "textbook", "lifecycle")
+PARTS = ("floor", "graphs", "vidrank", "textbook", "shadow", "lifecycle")
 
 
 @dataclass
@@ -271,6 +273,27 @@ def measure_server(
         server.stop()
 
 
+def run_shadow(
+    s: BenchSettings, bm: BenchModel, wl: Workload, wrk: str | None, workers: int
+) -> dict[str, Any]:
+    """No shadow vs a 100 % shadow (a copy of the model) on one server, at the reference N."""
+    n = report.ref_n({"settings": {"ns": s.ns}})
+    log(f"shadow: N={n}, none vs 100 % shadow, {shadow.ROUNDS} rounds, {workers} workers")
+    copy = publish_copy(bm.registry, bm.version, SWAP_VERSION)
+    server = start_vidrank_on(s, bm, workers, tag="-shadow")
+    try:
+        bodies = write_bodies(s.work_dir / f"bodies-{n}.jsonl", wl.json_lines(n))
+        load_run(server, bodies, 1, s.warmup_s, wrk)
+
+        def one_run(connections: int) -> dict[str, Any]:
+            return load_run(server, bodies, connections, s.http_s, wrk)
+
+        runs = shadow.measure(server, copy, one_run, s.connections)
+    finally:
+        server.stop()
+    return {"n": n, "runs": runs, "summary": shadow.summarise(runs, usable_cores())}
+
+
 def run_lifecycle(
     s: BenchSettings, bm: BenchModel, wl: Workload, wrk: str | None
 ) -> dict[str, Any]:
@@ -359,6 +382,8 @@ def run(s: BenchSettings) -> dict[str, Any]:
             continue
         if name.split("_")[0] not in s.skip:
             results[name] = measure_server(name, s, bm, wl, wrk, workers)
+    if "shadow" not in s.skip:
+        results["shadow"] = run_shadow(s, bm, wl, wrk, workers)
     if "lifecycle" not in s.skip:
         results["lifecycle"] = run_lifecycle(s, bm, wl, wrk)
     results["settings"] = {

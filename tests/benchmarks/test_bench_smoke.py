@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTS = ("floor", "graphs", "vidrank", "textbook", "lifecycle")
+PARTS = ("floor", "graphs", "vidrank", "textbook", "shadow", "lifecycle")
 TARGET_IDS = {
     "p50_vs_floor",
     "p99_vs_p50",
@@ -27,6 +27,8 @@ TARGET_IDS = {
     "fused_naive_parity",
     "fused_int8_vs_naive",
     "int8_auc_drop",
+    "shadow_p50",
+    "shadow_throughput",
     "rss_one_worker",
     "start_to_ready",
     "swap_extra",
@@ -84,6 +86,19 @@ def test_http_results(bench_run: tuple[Path, dict[str, Any]]) -> None:
     assert len(life["swap"]["swaps"]) >= 2
 
 
+def test_shadow_results(bench_run: tuple[Path, dict[str, Any]]) -> None:
+    _, results = bench_run
+    part = results["shadow"]
+    assert part["n"] == 16 and set(part["runs"]) == {"none", "shadow"}
+    summary = part["summary"]
+    for mode in ("none", "shadow"):
+        assert summary[mode]["rps_c8"] > 0 and summary[mode]["errors"] == 0
+    assert summary["none"]["compared_share_c1"] == 0  # no shadow: nothing compared
+    assert summary["shadow"]["compared_share_c1"] > 0
+    assert summary["shadow"]["shadow_ms_per_compared"] > 0
+    assert 0 < summary["rps_ratio_bound"] <= 1
+
+
 def test_load_generator_is_recorded(bench_run: tuple[Path, dict[str, Any]]) -> None:
     _, results = bench_run
     settings = results["settings"]
@@ -111,7 +126,10 @@ def test_targets_markdown_and_plot(bench_run: tuple[Path, dict[str, Any]]) -> No
     for target in results["targets"]:
         assert {"target", "measured", "met", "unit"} <= target.keys()
     text = (out / "latest.md").read_text()
-    headings = ("## Targets", "## Latency at concurrency 1", "## Throughput", "## Model graphs")
+    headings = (
+        "## Targets", "## Latency at concurrency 1", "## Throughput", "## Shadow scoring",
+        "## Model graphs",
+    )  # fmt: skip
     for heading in headings:
         assert heading in text
     png = (out / "latency.png").read_bytes()

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from benchmarks.harness import AUTH, Server, rank_body, vidrank_cmd
+from benchmarks.harness import metric_value as metric
 from model.core.registry import Registry
 from model.core.tasks import TASKS
 from tests.conftest import SHIFTED_VERSION
@@ -26,21 +27,6 @@ ROLLOUT_ENV = {
     "VIDRANK_ROLLOUT_WINDOW_S": "60",
     "VIDRANK_CANARY_MIN_REQUESTS": "20",
 }
-
-
-def metric(text: str, name: str, labels: dict[str, str] | None = None) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when absent)."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name) or line.startswith("#"):
-            continue
-        series, _, value = line.rpartition(" ")
-        head, _, rest = series.partition("{")
-        if head != name:
-            continue
-        if all(f'{k}="{v}"' in rest for k, v in (labels or {}).items()):
-            total += float(value)
-    return total
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
