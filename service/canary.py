@@ -4,7 +4,8 @@ The ranker records every request's outcome per version (:class:`Traffic`: reques
 errors, ranking latency, in rolling windows). The :class:`RolloutMonitor` thread wakes every
 ``rollout_check_interval_s`` and
 
-1. publishes every scored version's PSI (``vidrank_prediction_psi``, ``service/drift.py``);
+1. updates every scored version's prediction histograms and PSI (``vidrank_prediction`` and
+   ``vidrank_prediction_psi``, ``service/drift.py``);
 2. judges the canary, if there is one, by its policy (the canary's own bounds from
    ``aliases.json`` over the service's settings): once the canary has ``min_requests`` in the
    window, a server-error ratio above ``max_error_ratio``, a p99 above ``max_p99_ratio`` times
@@ -22,6 +23,7 @@ process), so it is judged on its own traffic only.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import threading
@@ -42,6 +44,7 @@ log = logging.getLogger("vidrank.canary")
 
 # Ranking latency bins for p99: 0.1 ms to 10 s in ~12 % steps (a p99 ratio of 2 is many bins).
 LATENCY_EDGES = np.geomspace(1e-4, 10.0, 101)
+_LATENCY_EDGES = LATENCY_EDGES.tolist()  # bisect on a list: a scalar lookup without numpy
 REASONS = ("error_ratio", "p99_latency", "psi")
 
 
@@ -59,21 +62,24 @@ class TrafficSummary:
 
 
 class _VersionTraffic:
+    """requests, server errors, then the latency bins, in one window."""
+
     def __init__(self, window_s: float, clock: Callable[[], float]) -> None:
-        self.outcomes = SlidingCounts(2, window_s, clock=clock)  # requests, errors
-        self.latency = SlidingCounts(len(LATENCY_EDGES) + 1, window_s, clock=clock)
+        self.window = SlidingCounts(2 + len(LATENCY_EDGES) + 1, window_s, clock=clock)
 
     def record(self, seconds: float, error: bool) -> None:
-        self.outcomes.add(np.array([1, int(error)], dtype=np.int64))
-        self.latency.add_at(int(np.searchsorted(LATENCY_EDGES, seconds)))
+        latency_bin = 2 + bisect.bisect_left(_LATENCY_EDGES, seconds)
+        if error:
+            self.window.add_at(0, 1, latency_bin)
+        else:
+            self.window.add_at(0, latency_bin)
 
     def summary(self, span_s: float | None) -> TrafficSummary:
-        requests, errors = (int(v) for v in self.outcomes.total(span_s))
-        return TrafficSummary(requests, errors, _quantile(self.latency.total(span_s), 0.99))
+        counts = self.window.total(span_s)
+        return TrafficSummary(int(counts[0]), int(counts[1]), _quantile(counts[2:], 0.99))
 
     def clear(self) -> None:
-        self.outcomes.clear()
-        self.latency.clear()
+        self.window.clear()
 
 
 def _quantile(counts: np.ndarray, q: float) -> float:
@@ -192,7 +198,7 @@ class RolloutMonitor:
         served = state.roles().values()
         self.drift.retain(served)
         self.traffic.retain(served)
-        psi = self.drift.publish_psi()
+        psi = self.drift.refresh()
         canary = state.canary
         if canary is None or state.production is None:
             self._canary = None

@@ -1,12 +1,15 @@
 """Prediction drift per version: Prometheus histograms and a rolling PSI against training.
 
-On the request path :meth:`DriftMonitor.observe` bins the request's predictions once per task
-(``searchsorted`` + ``bincount`` over the N values, see ``model.core.distribution``), adds the
-bin counts to ``vidrank_prediction{task,version}`` in a few calls and to the version's rolling
-window. The population stability index of the window against the distribution the bundle's
-manifest stores (held-out predictions at training time) is computed off the request path, by the
-rollout monitor (``service/canary.py``), which also sets ``vidrank_prediction_psi``. A bundle
-without a stored distribution still gets its histograms, but no PSI.
+On the request path :meth:`DriftMonitor.observe` bins the request's predictions of all tasks at
+once (one ``searchsorted`` and one ``bincount`` over the 3 x N values; the bins are those of
+``model.core.distribution``) and adds the counts to the version's rolling window: a few
+microseconds, no Python loop over predictions and no Prometheus call. Off the request path the
+rollout monitor (``service/canary.py``) calls :meth:`DriftMonitor.refresh`, which moves the
+counts gathered since its last call into ``vidrank_prediction{task,version}`` (so the histograms
+lag by at most one check interval) and sets ``vidrank_prediction_psi{task,version}``: the
+population stability index of the window against the distribution the bundle's manifest stores
+(held-out predictions at training time). A bundle without a stored distribution still gets its
+histograms, but no PSI.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
-from model.core.distribution import PREDICTION_EDGES, Reference, bin_counts
+from model.core.distribution import PREDICTION_EDGES, Reference
 from model.core.metrics import psi
 from model.core.tasks import TASKS
 from service import metrics
@@ -29,8 +32,18 @@ EDGES = np.asarray(PREDICTION_EDGES, dtype=np.float64)
 MIN_PSI_PREDICTIONS = 500
 
 
+def bin_tasks(stacked: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Counts [tasks, len(edges) + 1] of stacked predictions [tasks, N] (``le`` bins)."""
+    tasks, n = stacked.shape
+    width = len(edges) + 1
+    idx = np.searchsorted(edges, stacked.ravel(), side="left")
+    for i in range(1, tasks):  # each task's bins after the previous task's
+        idx[i * n : (i + 1) * n] += i * width
+    return np.bincount(idx, minlength=tasks * width).reshape(tasks, width)
+
+
 class VersionDrift:
-    """One version's served predictions: its histogram children and its PSI windows."""
+    """One version's served predictions: the windows behind its histograms and its PSI."""
 
     def __init__(
         self,
@@ -41,52 +54,62 @@ class VersionDrift:
     ) -> None:
         self.version = version
         self.reference = reference
-        self._children = {task: metrics.PREDICTION.labels(task, version) for task in TASKS}
-        self._windows: dict[str, SlidingCounts] = {}
-        self._rebin = False
-        if reference is not None:
-            self._rebin = not reference.same_edges(EDGES)
-            width = len(reference.edges) + 1
-            self._windows = {
-                task: SlidingCounts(width, window_s, clock=clock)
-                for task in TASKS
-                if task in reference.counts
-            }
+        self._binned = SlidingCounts((len(TASKS), len(EDGES) + 1), window_s, clock=clock)
+        # A manifest binned otherwise than this service gets a window of its own for the PSI.
+        self._rebinned: SlidingCounts | None = None
+        if reference is not None and not reference.same_edges(EDGES):
+            shape = (len(TASKS), len(reference.edges) + 1)
+            self._rebinned = SlidingCounts(shape, window_s, clock=clock)
+        self._sums = np.zeros(len(TASKS))
+        self._flushed = np.zeros((len(TASKS), len(EDGES) + 1), dtype=np.int64)
+        self._flushed_sums = np.zeros(len(TASKS))
+        self._lock = threading.Lock()
 
     def observe(self, preds: Mapping[str, np.ndarray]) -> None:
-        """Count one request's predictions (vectorised; a few Prometheus calls per task)."""
-        for task in TASKS:
-            values = preds[task]
-            counts = bin_counts(values, EDGES)
-            metrics.observe_counts(self._children[task], counts, float(np.nansum(values)))
-            window = self._windows.get(task)
-            if window is not None:
-                if self._rebin:  # a manifest with other bins than this service's
-                    assert self.reference is not None
-                    counts = bin_counts(values, self.reference.edges)
-                window.add(counts)
+        """Count one request's predictions (vectorised over tasks and candidates)."""
+        # concatenate + reshape: cheaper than np.stack for three small arrays
+        stacked = np.concatenate([preds[task] for task in TASKS]).reshape(len(TASKS), -1)
+        self._binned.add(bin_tasks(stacked, EDGES))
+        if self._rebinned is not None:
+            assert self.reference is not None
+            self._rebinned.add(bin_tasks(stacked, self.reference.edges))
+        sums = stacked.sum(axis=1, dtype=np.float64)
+        if not np.isfinite(sums).all():  # a NaN prediction must not poison the histogram's sum
+            sums = np.nansum(stacked, axis=1, dtype=np.float64)
+        with self._lock:
+            self._sums += sums
+
+    def flush(self) -> None:
+        """Add what was counted since the last flush to the Prometheus histograms."""
+        counts = self._binned.all_time
+        with self._lock:
+            sums = self._sums.copy()
+            delta, delta_sums = counts - self._flushed, sums - self._flushed_sums
+            self._flushed, self._flushed_sums = counts, sums
+        for i, task in enumerate(TASKS):
+            if delta[i].any():
+                child = metrics.PREDICTION.labels(task, self.version)
+                metrics.observe_counts(child, delta[i], float(delta_sums[i]))
 
     def psi(self, span_s: float | None = None) -> dict[str, float]:
         """PSI per task over the last ``span_s`` seconds; NaN with too few predictions."""
-        out: dict[str, float] = {}
         if self.reference is None:
-            return out
-        for task, window in self._windows.items():
-            served = window.total(span_s)
-            enough = served.sum() >= MIN_PSI_PREDICTIONS
-            out[task] = psi(self.reference.counts[task], served) if enough else float("nan")
+            return {}
+        window = self._rebinned if self._rebinned is not None else self._binned
+        served = window.total(span_s)
+        out: dict[str, float] = {}
+        for i, task in enumerate(TASKS):
+            expected = self.reference.counts.get(task)
+            if expected is not None:
+                enough = served[i].sum() >= MIN_PSI_PREDICTIONS
+                out[task] = psi(expected, served[i]) if enough else float("nan")
         return out
-
-    def predictions(self, span_s: float | None = None) -> int:
-        """Predictions per task counted in the window (0 without a reference)."""
-        for window in self._windows.values():
-            return int(window.total(span_s).sum())
-        return 0
 
     def reset(self) -> None:
         """Empty the windows (a canary starts judged on its own traffic only)."""
-        for window in self._windows.values():
-            window.clear()
+        for window in (self._binned, self._rebinned):
+            if window is not None:
+                window.clear()
 
 
 class DriftMonitor:
@@ -132,10 +155,12 @@ class DriftMonitor:
                     except KeyError:
                         pass
 
-    def publish_psi(self) -> dict[str, dict[str, float]]:
-        """Compute every version's PSI over the window and set the gauges; returns them."""
+    def refresh(self) -> dict[str, dict[str, float]]:
+        """Flush every version's histograms, compute its PSI over the window and set the
+        gauges (off the request path); returns the PSI values."""
         out: dict[str, dict[str, float]] = {}
         for version, drift in list(self._versions.items()):
+            drift.flush()
             out[version] = drift.psi()
             for task, value in out[version].items():
                 metrics.PREDICTION_PSI.labels(task, version).set(value)

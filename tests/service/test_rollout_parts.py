@@ -15,6 +15,7 @@ from model.core.distribution import PREDICTION_EDGES, bin_counts
 from model.core.policy import CanaryPolicy
 from service import metrics
 from service.canary import Traffic, TrafficSummary, judge
+from service.drift import EDGES, bin_tasks
 from service.shadow import ShadowJob, ShadowScorer, compare
 from service.window import SlidingCounts
 from tests.service.service_helpers import sample
@@ -33,17 +34,21 @@ def test_sliding_counts_forget_old_slices() -> None:
     w = SlidingCounts(3, window_s=10.0, slices=10, clock=clock)
     w.add(np.array([1, 0, 2]))
     clock.now += 4
-    w.add_at(1, 5)
-    np.testing.assert_array_equal(w.total(), [1, 5, 2])
-    np.testing.assert_array_equal(w.total(span_s=2), [0, 5, 0])  # only the recent slices
+    w.add_at(1, 1, 2)
+    np.testing.assert_array_equal(w.total(), [1, 2, 3])
+    np.testing.assert_array_equal(w.total(span_s=2), [0, 2, 1])  # only the recent slices
     clock.now += 7  # the first slice is now older than the window
-    np.testing.assert_array_equal(w.total(), [0, 5, 0])
+    np.testing.assert_array_equal(w.total(), [0, 2, 1])
     clock.now += 100
     np.testing.assert_array_equal(w.total(), [0, 0, 0])
     w.add(np.array([1, 1, 1]))  # a reused row starts from zero
     np.testing.assert_array_equal(w.total(), [1, 1, 1])
     w.clear()
     assert w.total().sum() == 0
+    np.testing.assert_array_equal(w.all_time, [2, 3, 4])  # everything ever added
+    grid = SlidingCounts((2, 3), window_s=10.0, clock=clock)
+    grid.add(np.array([[1, 0, 0], [0, 0, 4]]))
+    np.testing.assert_array_equal(grid.total(), [[1, 0, 0], [0, 0, 4]])
 
 
 def test_traffic_summary_and_p99() -> None:
@@ -147,3 +152,12 @@ def test_observe_counts_equals_observing_every_value() -> None:
     for g, w in zip(got, want, strict=True):
         if "_created" not in g:
             assert float(g.split(" ")[1]) == pytest.approx(float(w.split(" ")[1]))
+
+
+def test_bin_tasks_is_bin_counts_per_task() -> None:
+    rng = np.random.default_rng(2)
+    stacked = np.stack([rng.uniform(0, 1, 40), rng.exponential(30, 40), rng.uniform(0, 0.1, 40)])
+    counts = bin_tasks(stacked.astype(np.float32), EDGES)
+    assert counts.shape == (3, len(EDGES) + 1)
+    for i in range(3):
+        np.testing.assert_array_equal(counts[i], bin_counts(stacked[i].astype(np.float32), EDGES))
