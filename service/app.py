@@ -65,7 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(AccessMiddleware)
     app.include_router(rank_router(ranker, settings, shadow))
     app.include_router(health_router(manager))
-    app.include_router(models_router(Catalog(registry, manager, shadow)))
+    app.include_router(models_router(Catalog(registry, manager, shadow, monitor)))
     app.include_router(metrics_router(settings))
     app.include_router(admin_router(settings, manager))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -29,7 +29,8 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -172,6 +173,32 @@ def judge(
     return None
 
 
+def _health(
+    version: str,
+    policy: CanaryPolicy,
+    canary: TrafficSummary,
+    production: TrafficSummary,
+    psi: Mapping[str, float],
+    verdict: Verdict | None,
+) -> dict[str, Any]:
+    """What the last judgement saw, as /models shows it (NaN becomes None)."""
+
+    def num(x: float) -> float | None:
+        return x if math.isfinite(x) else None
+
+    return {
+        "version": version,
+        "policy": policy.to_dict(),
+        "requests": canary.requests,
+        "errors": canary.errors,
+        "p99_ms": num(canary.p99_s * 1000),
+        "production_requests": production.requests,
+        "production_p99_ms": num(production.p99_s * 1000),
+        "psi": {task: num(v) for task, v in psi.items()},
+        "verdict": None if verdict is None else asdict(verdict),
+    }
+
+
 class RolloutMonitor:
     """The background thread that publishes PSI and judges the canary (see the module doc)."""
 
@@ -189,35 +216,33 @@ class RolloutMonitor:
         self.default_policy = default_policy
         self.auto_rollback = auto_rollback
         self._canary: str | None = None  # the canary judged so far (its windows were reset)
+        self.health: dict[str, Any] | None = None  # the last judgement, for /models
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def check_once(self) -> Verdict | None:
-        """One round: PSI gauges, then the canary's verdict (acted on when auto rollback is on)."""
+        """One round: histograms and PSI, then the canary's verdict (acted on if enabled)."""
         state = self.manager.state
         served = state.roles().values()
         self.drift.retain(served)
         self.traffic.retain(served)
-        psi = self.drift.refresh()
+        self.drift.refresh()
         canary = state.canary
         if canary is None or state.production is None:
-            self._canary = None
+            self._canary, self.health = None, None
             return None
         if canary.version != self._canary:  # a new canary: judge it on its own traffic only
             self._canary = canary.version
             self.traffic.reset(canary.version)
             if (d := self.drift.get(canary.version)) is not None:
                 d.reset()
-            return None
         policy = (state.canary_policy or CanaryPolicy()).over(self.default_policy)
-        span = policy.window_s
+        mine = self.traffic.summary(canary.version, policy.window_s)
+        production = self.traffic.summary(state.production.version, policy.window_s)
         drift = self.drift.get(canary.version)
-        verdict = judge(
-            policy,
-            self.traffic.summary(canary.version, span),
-            self.traffic.summary(state.production.version, span),
-            drift.psi(span) if drift is not None else psi.get(canary.version, {}),
-        )
+        psi = drift.psi(policy.window_s) if drift is not None else {}
+        verdict = judge(policy, mine, production, psi)
+        self.health = _health(canary.version, policy, mine, production, psi, verdict)
         if verdict is not None and self.auto_rollback:
             self._roll_back(canary.version, verdict)
         return verdict

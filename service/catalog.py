@@ -11,6 +11,7 @@ from typing import Any
 
 from model.core.bundle import BundleError
 from model.core.registry import Registry, RegistryError, VersionNotFound
+from service.canary import RolloutMonitor
 from service.manager import ModelManager
 from service.shadow import ShadowScorer
 
@@ -20,10 +21,17 @@ HISTORY_ENTRIES = 20  # the latest lines of history.jsonl that /models shows
 class Catalog:
     """Read-only views of the registry for the HTTP API."""
 
-    def __init__(self, registry: Registry, manager: ModelManager, shadow: ShadowScorer) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        manager: ModelManager,
+        shadow: ShadowScorer,
+        monitor: RolloutMonitor,
+    ) -> None:
         self.registry = registry
         self.manager = manager
         self.shadow = shadow
+        self.monitor = monitor
         self._summaries: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
@@ -50,7 +58,8 @@ class Catalog:
 
     def models(self) -> dict[str, Any]:
         """Versions (oldest first) with training metrics, the aliases, what is served here, how
-        the shadow compares (this process) and the latest changes from the registry's history.
+        the shadow compares and how the canary was last judged (this process), and the latest
+        changes from the registry's history.
         """
         aliases = self.registry.read_aliases()
         roles = (
@@ -68,6 +77,7 @@ class Catalog:
             "aliases": aliases.to_dict(),
             "serving": self.manager.describe(),
             "shadow": self.shadow.describe(),
+            "canary_health": self.monitor.health,
             "history": self.registry.history.tail(HISTORY_ENTRIES),
         }
 

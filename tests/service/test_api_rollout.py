@@ -219,6 +219,10 @@ def test_shifted_canary_is_rolled_back_by_its_psi_bound(
     assert rank(rollout_client)["model_version"] == version
     models = rollout_client.get("/models").json()
     assert models["serving"]["canary"] is None
+    health = models["canary_health"]  # the judgement that removed it
+    assert health["version"] == SHIFTED_VERSION and health["requests"] == 10
+    assert health["verdict"]["reason"] == "psi" and health["psi"]["like"] > 0.5
+    assert health["policy"]["max_psi"] == 0.5 and health["policy"]["max_p99_ratio"] == 2.0
     last = models["history"][-1]
     assert last["action"] == "auto_rollback" and last["actor"] == "auto-rollback"
     assert last["from"] == SHIFTED_VERSION and last["to"] is None
