@@ -99,12 +99,9 @@ class ServingState:
                 out[role] = scorer.version
         return out
 
-    def loaded(self) -> dict[str, Scorer]:
-        out = {}
-        for s in (self.production, self.canary, self.shadow):
-            if s is not None:
-                out[s.version] = s
-        return out
+    def scorers(self) -> list[Scorer]:
+        """Every scorer loaded for this state (a version may have two: served and shadow)."""
+        return [s for s in (self.production, self.canary, self.shadow) if s is not None]
 
 
 class ModelManager:
@@ -165,9 +162,16 @@ class ModelManager:
         return scorer
 
     def _get(self, version: str, trigger: str, threads: int | None = None) -> Scorer:
-        """The scorer of ``version``: the one already loaded, else a freshly loaded one."""
-        current = self.state.loaded().get(version)
-        return current if current is not None else self._load(version, trigger, threads)
+        """The scorer of ``version``: one already loaded with as many threads, else a new one.
+
+        The thread count must match: a canary must not inherit the shadow's one-thread session
+        (its latency is judged against production's), nor a shadow a canary's many threads.
+        """
+        threads = threads or self.intra_op_threads
+        for current in self.state.scorers():
+            if current.version == version and current.threads == threads:
+                return current
+        return self._load(version, trigger, threads)
 
     def _install(self, new: ServingState, trigger: str) -> None:
         """Swap the served state (holds ``_swap_lock``)."""
@@ -196,8 +200,9 @@ class ModelManager:
         ready = ready or {}
 
         def obtain(version: str, fallback: Scorer | None, threads: int | None) -> Scorer | None:
-            if version in ready:
-                return ready[version]
+            loaded = ready.get(version)
+            if loaded is not None and loaded.threads == (threads or self.intra_op_threads):
+                return loaded
             failed_at = self._failed.get(version)
             if failed_at is not None and self._clock() - failed_at < FAILED_RETRY_S:
                 return fallback

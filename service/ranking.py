@@ -118,7 +118,9 @@ def sample_shadow(
 ) -> ShadowJob | None:
     """A shadow job for ``shadow_percent`` of requests (random sampling), else None."""
     shadow = state.shadow
-    if shadow is None or shadow is scorer or random.random() * 100.0 >= state.shadow_percent:
+    if shadow is None or shadow.version == scorer.version:  # e.g. a canary also shadowed
+        return None
+    if random.random() * 100.0 >= state.shadow_percent:
         return None
     return ShadowJob(scorer, shadow, given, inputs, preds, order, req.fusion)
 

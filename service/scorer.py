@@ -56,6 +56,7 @@ class Scorer:
         """Create the session and check it against the manifest; raises ``BundleError``."""
         self.bundle = bundle
         self.version = bundle.version
+        self.threads = intra_op_threads
         self.schema = bundle.schema
         self.view = SchemaView.of(self.schema)
         # Two versions with the same schema encode a request identically: a shadow reuses the

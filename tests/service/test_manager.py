@@ -12,7 +12,13 @@ import pytest
 
 from model.core.registry import Registry
 from service.errors import NotReady, SwapFailed
-from service.manager import FAILED_RETRY_S, ModelManager, ServingState, canary_bucket
+from service.manager import (
+    FAILED_RETRY_S,
+    SHADOW_THREADS,
+    ModelManager,
+    ServingState,
+    canary_bucket,
+)
 from tests.service.service_helpers import corrupt_copy, publish_as, sample
 
 
@@ -159,7 +165,7 @@ def test_canary_from_registry_and_percent(registry_dir: Path, version: str) -> N
     assert 0.22 < share < 0.28
     Registry(registry_dir).activate("v2")  # promoting the canary clears it
     m.poll_once()
-    assert m.describe() == {"production": "v2", "canary": None}
+    assert m.describe() == {"production": "v2", "canary": None, "shadow": None}
 
 
 def test_canary_bucket_is_stable_and_uniform() -> None:
@@ -174,3 +180,24 @@ def test_canary_bucket_is_stable_and_uniform() -> None:
 def test_serving_state_without_canary_serves_production() -> None:
     with pytest.raises(NotReady):
         ServingState().pick(1)
+
+
+def test_shadow_has_a_one_thread_session_of_its_own(registry_dir: Path, version: str) -> None:
+    publish_as(registry_dir, version, "v2")
+    m = ModelManager(Registry(registry_dir), 2, (1, 10))
+    m.poll_once()
+    m.set_shadow("v2", 50)
+    shadow = m.state.shadow
+    assert shadow is not None and shadow.threads == SHADOW_THREADS and m.state.shadow_percent == 50
+    assert m.state.production is not None and m.state.production.threads == 2
+    # v2 as canary too: the canary gets its own full session, the shadow keeps its one.
+    m.set_canary("v2", 10)
+    assert m.state.canary is not None and m.state.canary.threads == 2
+    assert m.state.shadow is shadow
+    # Another replica converges on the same roles from the aliases file.
+    other = ModelManager(Registry(registry_dir), 2, (1, 10))
+    other.poll_once()
+    assert other.state.roles() == {"production": version, "canary": "v2", "shadow": "v2"}
+    assert other.state.shadow is not None and other.state.shadow.threads == SHADOW_THREADS
+    m.clear_shadow()
+    assert m.state.shadow is None and m.state.canary is not None
