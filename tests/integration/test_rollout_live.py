@@ -117,8 +117,9 @@ def test_shadow_under_load_adds_no_errors_and_its_queue_stays_bounded(
 
 
 def test_explain_and_drift_metrics_over_http(
-    start_server: Start, live_registry: Path, version: str
+    start_server: Start, live_registry: Path, version: str, shifted_bundle: Path
 ) -> None:
+    Registry(live_registry).publish(shifted_bundle)
     server = start_server(live_registry, env=ROLLOUT_ENV)
     with httpx.Client(base_url=server.url, timeout=30) as http:
         r = http.post("/rank", json=rank_body(300, explain=True, fusion=None))
@@ -131,16 +132,27 @@ def test_explain_and_drift_metrics_over_http(
         for i in range(10):
             assert http.post("/rank", json=rank_body(100, seed=i)).status_code == 200
 
-        like = {"task": "like", "version": version}
+        def counted(served: str, n: int) -> bool:  # the monitor moved the counts into Prometheus
+            like = {"task": "like", "version": served}
+            return metric(http.get("/metrics").text, "vidrank_prediction_count", like) == n
 
-        def all_counted() -> bool:  # the monitor moves the counts into the histograms
-            return metric(http.get("/metrics").text, "vidrank_prediction_count", like) == 1300
-
-        wait_for(all_counted, "the prediction histograms")
+        wait_for(lambda: counted(version, 1300), "the prediction histograms")
         text = http.get("/metrics").text
         for task in TASKS:
             psi = metric(text, "vidrank_prediction_psi", {"task": task, "version": version})
             assert 0 <= psi < 0.1  # serving looks like the held-out data
+        # The shifted export in production: its like predictions move, and its PSI with them.
+        r = http.post(f"/admin/models/{SHIFTED_VERSION}/activate", headers=AUTH)
+        assert r.status_code == 200, r.text
+        for i in range(10):
+            assert http.post("/rank", json=rank_body(100, seed=i)).status_code == 200
+        wait_for(lambda: counted(SHIFTED_VERSION, 1000), "the shifted version's histograms")
+        text = http.get("/metrics").text
+        like = {"task": "like", "version": SHIFTED_VERSION}
+        assert metric(text, "vidrank_prediction_psi", like) > 1.0
+        click = {"task": "click", "version": SHIFTED_VERSION}
+        assert metric(text, "vidrank_prediction_psi", click) < 0.1
+        assert metric(text, "vidrank_prediction_bucket", {**like, "le": "0.05"}) == 0
 
 
 def models(server: Server) -> Any:
