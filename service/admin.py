@@ -76,9 +76,8 @@ def admin_router(settings: Settings, manager: ModelManager) -> APIRouter:
     @router.put("/canary", response_model=AdminResult)
     def set_canary(body: CanaryRequest) -> dict[str, Any]:
         """Send ``percent`` of users (stable by user_id) to ``version``, judged by ``policy``."""
-        policy = None
-        if body.policy is not None:
-            policy = CanaryPolicy.from_dict(body.policy.model_dump(exclude_none=True))
+        bounds = body.policy.model_dump(exclude_none=True) if body.policy is not None else {}
+        policy = CanaryPolicy.from_dict(bounds) if bounds else None
         aliases = manager.set_canary(body.version, body.percent, policy, body.reason)
         return result("set_canary", aliases, version=body.version, percent=body.percent)
 

@@ -270,6 +270,12 @@ def test_canary_policy_validation(rollout_client: TestClient) -> None:
         r = rollout_client.put("/admin/canary", json=body, headers=AUTH)
         assert r.status_code == 422, r.text
         assert r.json()["error"]["details"]["field"] == field
+    body = {"version": "v2", "percent": 10, "policy": {}}
+    r = rollout_client.put("/admin/canary", json=body, headers=AUTH)
+    assert r.status_code == 200 and r.json()["aliases"]["canary"] == {
+        "version": "v2",
+        "percent": 10,
+    }
 
 
 def test_models_lists_history_and_shadow_alias(rollout_client: TestClient, version: str) -> None:
