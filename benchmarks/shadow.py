@@ -7,11 +7,14 @@ the machine's load hits both alike; each mode reports the median of its runs. Be
 shadow queue is left to drain, so no run inherits the previous one's backlog.
 
 What the issue asks of the figures: at c=1 the p50 with a shadow stays within noise of the p50
-without (the shadow scores after the response was sent, at a lower CPU priority, usually on the
-idle core), and at c=8 the throughput drops by no more than the shadow's own scoring work. That
-bound is ``cpu_none / (cpu_none + compared_share * shadow_cpu)``: the throughput the server
-would keep if it spent, on top of every request's own CPU, the shadow's scoring CPU for the
-share of requests it compared (under saturation the bounded queue drops the rest).
+without (the shadow scores after the response was sent, usually on the idle core), and at c=8 the
+throughput drops by no more than the shadow's own scoring work. That bound is
+
+    cpu_none / (cpu_none + compared_share * shadow_cpu)
+
+the throughput the server would keep if it spent, on top of every request's own CPU, the shadow's
+scoring CPU for the share of requests it compared (under saturation the bounded queue drops the
+rest).
 """
 
 from __future__ import annotations

@@ -1,22 +1,25 @@
 """Shadow scoring: a sampled share of requests also ranked by another version, off the path.
 
 The ranker samples ``shadow_percent`` of requests and hands a :class:`ShadowJob` (the request's
-encoder input and encoded tensors, the served predictions and ranking) to the route, which
-attaches :meth:`ShadowScorer.submit` to the response as a background task: it runs after the
-response has been written and only puts the job into a bounded queue (``put_nowait``), dropping
-and counting it when the queue is full. One worker thread, at a lower CPU priority (nice) and
-with a one-thread onnxruntime session, takes jobs from the queue, scores them with the shadow
-version, ranks them with the fusion the request would get from that version, and compares the
-two rankings: top-10 overlap, Kendall's tau over all candidates, and the mean absolute
-difference of each task's predictions. Nothing here can fail or slow a /rank response: a
-failing job is counted and logged, never raised.
+encoder input and encoded tensors, the served predictions and ranking) to the route, which attaches
+:meth:`ShadowScorer.submit` to the response as a background task: it runs after the response has
+been written and only puts the job into a bounded queue (``put_nowait``), dropping and counting it
+when the queue is full. One worker thread with a one-thread onnxruntime session takes jobs from the
+queue, scores them with the shadow version, ranks them with the fusion the request would get from
+that version, and compares the two rankings: top-10 overlap, Kendall's tau over all candidates, and
+the mean absolute difference of each task's predictions. Nothing here can fail or slow a /rank
+response: a failing job is counted and logged, never raised.
+
+The worker runs at the normal CPU priority on purpose: a niced thread that the kernel preempts
+while it holds the GIL makes the request threads wait for that GIL (priority inversion). Under
+saturation the shadow takes its share of CPU and the bounded queue drops what it cannot score,
+so throughput drops by at most the shadow's own work.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -38,9 +41,6 @@ from service.scorer import Scorer
 log = logging.getLogger("vidrank.shadow")
 
 TOP_K = 10
-# The worker's nice value: under full load the kernel gives the response path the CPU first and
-# the queue fills and drops instead (Linux sets nice per thread).
-SHADOW_NICE = 10
 _STOP = object()
 
 
@@ -181,10 +181,6 @@ class ShadowScorer:
         self._thread = None
 
     def _run(self) -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHADOW_NICE)
-        except (OSError, AttributeError):  # not permitted or not Linux: run at normal priority
-            pass
         while (job := self._queue.get()) is not _STOP:
             metrics.SHADOW_QUEUE.set(self._queue.qsize())
             self.process(job)
