@@ -157,7 +157,7 @@ def shadow_targets(r: dict[str, Any]) -> list[Target]:
             None if bound is None else _check(rps, lambda x: x >= bound - 0.03),
             f"{_fmt(shadow.get('rps_c8'), 0)} vs {_fmt(none.get('rps_c8'), 0)} req/s; "
             f"{_fmt(shadow.get('compared_share_c8'))} of requests compared at "
-            f"{_fmt(shadow.get('shadow_ms_per_compared'))} ms each" if rps else "",
+            f"{_fmt(shadow.get('shadow_ms_per_compared'))} CPU ms each" if rps else "",
         ),
     ]  # fmt: skip
 
@@ -281,12 +281,14 @@ def shadow_table(r: dict[str, Any]) -> list[str]:
     if not sm:
         return []
     header = ["shadow", "p50 @c1", "p99 @c1", "req/s @c8", "CPU ms/req @c8",
-              "compared @c1", "compared @c8", "shadow ms/compared", "errors"]  # fmt: skip
+              "compared @c1", "compared @c8", "shadow CPU ms/compared",
+              "shadow wall ms/compared", "errors"]  # fmt: skip
     rows = [
         [
             mode, _fmt(m["p50_ms_c1"]), _fmt(m["p99_ms_c1"]), _fmt(m["rps_c8"], 0),
             _fmt(m["cpu_ms_per_request_c8"]), _fmt(m["compared_share_c1"]),
-            _fmt(m["compared_share_c8"]), _fmt(m["shadow_ms_per_compared"]), str(m["errors"]),
+            _fmt(m["compared_share_c8"]), _fmt(m["shadow_ms_per_compared"]),
+            _fmt(m.get("shadow_wall_ms_per_compared")), str(m["errors"]),
         ]
         for mode, m in ((k, sm[k]) for k in ("none", "shadow"))
     ]  # fmt: skip

@@ -50,6 +50,7 @@ def shadow_counters(server: Server) -> dict[str, float]:
         for outcome in ("compared", "dropped", "stale", "failed")
     }
     out["scoring_s"] = metric_value(text, "vidrank_shadow_scoring_seconds_sum")
+    out["cpu_s"] = metric_value(text, "vidrank_shadow_cpu_seconds_total")
     out["queue_depth"] = metric_value(text, "vidrank_shadow_queue_depth")
     return out
 
@@ -99,7 +100,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]], cores: int) -> dict[str, An
             "cpu_ms_per_request_c8": median(cpu) if cpu else None,
             "compared_share_c1": _share(pairs, "c1"),
             "compared_share_c8": compared / requests if requests else None,
-            "shadow_ms_per_compared": _shadow_ms(pairs),
+            "shadow_ms_per_compared": _shadow_ms(pairs),  # CPU
+            "shadow_wall_ms_per_compared": _shadow_ms(pairs, "scoring_s"),
             "errors": sum(sum(p[k]["errors"].values()) for p in pairs for k in ("c1", "c8")),
         }
     none, shadow = out["none"], out["shadow"]
@@ -118,7 +120,8 @@ def _share(pairs: list[dict[str, Any]], key: str) -> float | None:
     return compared / requests if requests else None
 
 
-def _shadow_ms(pairs: list[dict[str, Any]]) -> float | None:
-    seconds = sum(p[k]["shadow"]["scoring_s"] for p in pairs for k in ("c1", "c8"))
+def _shadow_ms(pairs: list[dict[str, Any]], what: str = "cpu_s") -> float | None:
+    """Shadow milliseconds (CPU, or wall with ``scoring_s``) per compared request."""
+    seconds = sum(p[k]["shadow"][what] for p in pairs for k in ("c1", "c8"))
     compared = sum(p[k]["shadow"]["compared"] for p in pairs for k in ("c1", "c8"))
     return seconds * 1000 / compared if compared else None

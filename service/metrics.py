@@ -111,6 +111,10 @@ SHADOW_SECONDS = Histogram(
     "Time to score and compare one shadow request (off the response path).",
     buckets=LATENCY_BUCKETS,
 )
+SHADOW_CPU_SECONDS = Counter(
+    "vidrank_shadow_cpu_seconds_total",
+    "CPU time the shadow worker spent scoring and comparing (its thread's CPU clock).",
+)
 SHADOW_TOP10 = Histogram(
     "vidrank_shadow_top10_overlap",
     "Share of the served top 10 that the shadow version also ranks in its top 10.",

@@ -191,7 +191,7 @@ class ShadowScorer:
             metrics.SHADOW_REQUESTS.labels("stale").inc()
             self._count(job.shadow.version, "stale")
             return None
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         try:
             comparison = self._compare(job)
         except Exception as e:
@@ -206,6 +206,7 @@ class ShadowScorer:
             )
             return None
         metrics.SHADOW_SECONDS.observe(time.perf_counter() - start)
+        metrics.SHADOW_CPU_SECONDS.inc(time.thread_time() - start_cpu)
         metrics.SHADOW_REQUESTS.labels("compared").inc()
         self._record(job, comparison)
         return comparison
