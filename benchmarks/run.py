@@ -172,7 +172,12 @@ def run_graphs(s: BenchSettings, bm: BenchModel, wl: Workload) -> dict[str, Any]
 
 
 def start_vidrank_on(
-    s: BenchSettings, bm: BenchModel, workers: int, tag: str = "", version: str | None = None
+    s: BenchSettings,
+    bm: BenchModel,
+    workers: int,
+    tag: str = "",
+    version: str | None = None,
+    poll_interval_s: float = 3600,
 ) -> Server:
     """``vidrank serve`` on the benchmark registry, serving ``version`` (default: fp32)."""
     Registry(bm.registry).activate(version or bm.version)
@@ -180,7 +185,7 @@ def start_vidrank_on(
         {
             "VIDRANK_LOG_LEVEL": "warning",
             "VIDRANK_ADMIN_TOKEN": ADMIN_TOKEN,
-            "VIDRANK_POLL_INTERVAL_S": "3600",
+            "VIDRANK_POLL_INTERVAL_S": str(poll_interval_s),
             "MALLOC_ARENA_MAX": "2",  # as the serving image sets it (Dockerfile)
         }
     )
@@ -280,7 +285,10 @@ def run_shadow(
     n = report.ref_n({"settings": {"ns": s.ns}})
     log(f"shadow: N={n}, none vs 100 % shadow, {shadow.ROUNDS} rounds, {workers} workers")
     copy = publish_copy(bm.registry, bm.version, SWAP_VERSION)
-    server = start_vidrank_on(s, bm, workers, tag="-shadow")
+    Registry(bm.registry).clear_shadow()  # a run that was interrupted may have left one
+    # An admin call reaches one worker; the others follow the registry within a poll interval.
+    poll_s = shadow.POLL_INTERVAL_S
+    server = start_vidrank_on(s, bm, workers, tag="-shadow", poll_interval_s=poll_s)
     try:
         bodies = write_bodies(s.work_dir / f"bodies-{n}.jsonl", wl.json_lines(n))
         load_run(server, bodies, 1, s.warmup_s, wrk)

@@ -29,6 +29,8 @@ from benchmarks.harness import ADMIN_TOKEN, Server, http_request, metric_value
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 MODES = ("none", "shadow")
 ROUNDS = 2
+POLL_INTERVAL_S = 0.5  # the server's: how soon every worker follows a shadow change
+SETTLE_S = 3.0  # a few polls plus loading and warming the shadow in the other workers
 
 
 def set_shadow(server: Server, version: str | None) -> None:
@@ -40,6 +42,7 @@ def set_shadow(server: Server, version: str | None) -> None:
         status, body = http_request(server.port, "PUT", "/admin/shadow", payload, AUTH)
     if status != 200:
         raise RuntimeError(f"shadow {version}: HTTP {status} {body[:300]!r}")
+    time.sleep(SETTLE_S)  # every worker now serves the change (idle: no load runs meanwhile)
 
 
 def shadow_counters(server: Server) -> dict[str, float]:
