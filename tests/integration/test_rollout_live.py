@@ -69,6 +69,14 @@ def test_shadow_under_load_adds_no_errors_and_its_queue_stays_bounded(
     with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as admin:
         body = {"version": "v2", "percent": 100, "reason": "live shadow"}
         assert admin.put("/admin/shadow", json=body).status_code == 200
+
+        def every_worker_shadows() -> bool:  # fresh connections land on either worker
+            return all(
+                httpx.get(f"{server.url}/models", timeout=10).json()["serving"]["shadow"]
+                for _ in range(16)
+            )
+
+        wait_for(every_worker_shadows, "both workers to load the shadow")
         depths: list[int] = []
         stop = threading.Event()
 
