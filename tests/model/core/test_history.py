@@ -140,8 +140,11 @@ def test_history_line_checks_and_truncates() -> None:
 def test_tail_reads_the_end_and_skips_a_torn_line(tmp_path: Path) -> None:
     h = History(tmp_path / "history.jsonl")
     assert h.read() == [] and h.tail(5) == []
-    for i in range(3000):  # ~ 300 KB: more than one block from the end
-        h.append(history_line(f"t{i:05d}", "activate", "cli", None, f"v{i}", "r" * 40))
+    lines = [
+        history_line(f"t{i:05d}", "activate", "cli", None, f"v{i}", "r" * 40) for i in range(2999)
+    ]
+    h.path.write_text("".join(json.dumps(line) + "\n" for line in lines))  # ~ 300 KB
+    h.append(history_line("t02999", "activate", "cli", None, "v2999", "last"))
     with open(h.path, "ab") as f:
         f.write(b'{"time": "t-torn", "act')  # a crash mid-append
     assert [x["to"] for x in h.tail(3)] == ["v2997", "v2998", "v2999"]
@@ -168,7 +171,7 @@ def _change_worker(root: str, worker: int, rounds: int, barrier: Any, out: Any) 
 
 def test_concurrent_writers_lose_no_history_line(reg: Registry) -> None:
     reg.activate("v1")
-    workers, rounds = 4, 10
+    workers, rounds = 4, 5
     results = run_processes(_change_worker, [(str(reg.root), w, rounds) for w in range(workers)])
     assert all(status == "ok" for status, _ in results), results
     lines = reg.history.read()
