@@ -203,11 +203,38 @@ def models_activate(version: str, registry: RegistryOpt = Path("registry")) -> N
 
 @models_app.command("rollback")
 def models_rollback(registry: RegistryOpt = Path("registry")) -> None:
-    """Return production to the previously active version."""
+    """Return production to the previously active version (verifies its bundle first)."""
+    from model.core.bundle import BundleError
     from model.core.registry import RegistryError
 
+    reg = _registry(registry)
     try:
-        _print_aliases(_registry(registry).rollback())
+        previous = reg.read_aliases().previous
+        target = previous[-1] if previous else None
+        if target is not None:
+            reg.bundle(target)  # checksum and schema, as activate does: replicas would refuse it
+        _print_aliases(reg.rollback(expected=target))
+    except (RegistryError, BundleError) as e:
+        _fail(str(e))
+
+
+@models_app.command("deactivate")
+def models_deactivate(
+    registry: RegistryOpt = Path("registry"),
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Confirm: every replica stops serving.")
+    ] = False,
+) -> None:
+    """Take the production model away from every replica (they answer 503); rollback undoes it.
+
+    The only way to leave replicas without a model: a missing or broken aliases file never does.
+    """
+    from model.core.registry import RegistryError
+
+    if not yes:
+        _fail("every replica will stop serving /rank; pass --yes to confirm")
+    try:
+        _print_aliases(_registry(registry).deactivate())
     except RegistryError as e:
         _fail(str(e))
 

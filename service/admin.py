@@ -1,14 +1,15 @@
 """Admin endpoints: activate, rollback, canary. Bearer-token protected, never open by default.
 
-No token configured → 403 for every call; no ``Authorization`` header → 401; a wrong token →
-403. The comparison is constant-time. Handlers are plain ``def`` so loading a model (seconds)
-runs in the thread pool, not in the event loop.
+No token configured (neither ``VIDRANK_ADMIN_TOKEN`` nor ``VIDRANK_ADMIN_TOKEN_FILE``) → 403
+for every call; no ``Authorization`` header → 401; a wrong token → 403. Several tokens may be
+valid at once (``service/tokens.py``); comparisons are constant-time. Handlers are plain ``def``
+so loading a model (seconds) runs in the thread pool, not in the event loop. A registry that
+cannot be written answers 503 before any model is loaded.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header
@@ -19,6 +20,7 @@ from service.logging import log_fields
 from service.manager import ModelManager
 from service.schemas import AdminResult, CanaryRequest, ErrorResponse
 from service.settings import Settings
+from service.tokens import AdminTokens
 
 log = logging.getLogger("vidrank.admin")
 
@@ -28,22 +30,24 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "Unknown version"},
     409: {"model": ErrorResponse, "description": "The version failed to load; nothing changed"},
     422: {"model": ErrorResponse, "description": "Invalid body; details.field names the field"},
+    503: {"model": ErrorResponse, "description": "The registry cannot be written; nothing changed"},
 }
 
 
 def admin_router(settings: Settings, manager: ModelManager) -> APIRouter:
-    """Routes under /admin, guarded by ``VIDRANK_ADMIN_TOKEN``."""
-    token = settings.admin_token.get_secret_value().encode() if settings.admin_token else None
+    """Routes under /admin, guarded by the admin token(s)."""
+    secret = settings.admin_token.get_secret_value() if settings.admin_token else None
+    tokens = AdminTokens(secret, settings.admin_token_file)
 
     def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
-        if token is None:
-            raise Forbidden("admin API disabled: VIDRANK_ADMIN_TOKEN is not set")
+        if not tokens.configured:
+            raise Forbidden("admin API disabled: no admin token is configured")
         if not authorization:
             raise Unauthorized("missing 'Authorization: Bearer <token>' header")
         scheme, _, credential = authorization.partition(" ")
         if scheme.lower() != "bearer" or not credential.strip():
             raise Unauthorized("expected 'Authorization: Bearer <token>'")
-        if not secrets.compare_digest(credential.strip().encode(), token):
+        if not tokens.check(credential.strip().encode()):
             raise Forbidden("invalid admin token")
 
     router = APIRouter(

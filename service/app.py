@@ -20,6 +20,8 @@ from model.core.fusion import ProfileStore
 from model.core.registry import Registry
 from service.admin import admin_router
 from service.catalog import Catalog
+from service.deadlines import ReadDeadlineMiddleware
+from service.docs import docs_router
 from service.manager import ModelManager
 from service.middleware import AccessMiddleware
 from service.ranking import Ranker, profiles_failed
@@ -46,17 +48,23 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Online multi-task (MMoE) ranking for video recommendation.",
         version="0.1.0",
         lifespan=_lifespan(settings, manager),
+        docs_url=None,  # served by service/docs.py, with a Content-Security-Policy
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs else None,
     )
     app.state.settings = settings
     app.state.manager = manager
     app.state.ranker = ranker
     install_error_handlers(app)
-    app.add_middleware(AccessMiddleware)
+    app.add_middleware(ReadDeadlineMiddleware, body_timeout_s=settings.body_timeout_s)
+    app.add_middleware(AccessMiddleware)  # added last: outermost, sees every response
     app.include_router(rank_router(ranker, settings))
     app.include_router(health_router(manager))
     app.include_router(models_router(Catalog(registry, manager)))
     app.include_router(metrics_router(settings))
     app.include_router(admin_router(settings, manager))
+    if settings.docs:
+        app.include_router(docs_router(app.title, "/openapi.json"))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

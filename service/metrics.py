@@ -74,6 +74,47 @@ LOAD_SECONDS = Histogram(
     "vidrank_model_load_seconds", "Time to load, verify and warm up one version.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )  # fmt: skip
+MODEL_DESIRED = Gauge(
+    "vidrank_model_desired",
+    "1 for each version the registry's aliases name, by role; compare with vidrank_model_info.",
+    ["version", "role"], multiprocess_mode="livemax",
+)  # fmt: skip
+CONVERGED = Gauge(
+    "vidrank_model_converged",
+    "1 while this process serves exactly the versions the aliases name (0: lagging, retrying).",
+    multiprocess_mode="livemin",
+)  # fmt: skip
+LOAD_RETRIES = Counter(
+    "vidrank_model_load_retries_total",
+    "Scheduled retries of an aliased version that did not load (missing yet, or broken).",
+)
+REGISTRY_OK = Gauge(
+    "vidrank_registry_ok",
+    "1 while the last poll read valid aliases; 0 while a fault keeps the last known good model.",
+    multiprocess_mode="livemin",
+)  # fmt: skip
+REGISTRY_FAULTS = Counter(
+    "vidrank_registry_faults_total",
+    "Registry faults that kept the served versions, by reason "
+    "(aliases_missing, aliases_invalid, unreadable).",
+    ["reason"],
+)
+SHED = Counter(
+    "vidrank_rank_shed_total",
+    "/rank requests answered without scoring, by reason: queue_full (503), deadline (504), "
+    "client_gone (the client hung up first).",
+    ["reason"],
+)
+QUEUE = Gauge(
+    "vidrank_rank_queue", "/rank requests admitted and waiting for a slot (summed over workers).",
+    multiprocess_mode="livesum",
+)  # fmt: skip
+CONNECTIONS_CLOSED = Counter(
+    "vidrank_connections_closed_total",
+    "Connections closed to bound resources, by reason: max_connections (503), header_timeout "
+    "(408), headers_too_large (431), body_timeout (408), body_unread.",
+    ["reason"],
+)
 PROFILE_RELOAD_FAILURES = Counter(
     "vidrank_fusion_profile_reload_failures_total",
     "Fusion profile file loads that failed (the last good profiles stay in use).",
@@ -102,6 +143,17 @@ def set_served(old: dict[str, str], new: dict[str, str]) -> None:
     for role, version in new.items():
         MODEL_INFO.labels(version, role).set(1)
     READY.set(1 if "production" in new else 0)
+
+
+def set_desired(old: dict[str, str], new: dict[str, str], served: dict[str, str]) -> dict[str, str]:
+    """Update ``vidrank_model_desired`` from {role: version} before/after; returns ``new``."""
+    for role, version in old.items():
+        if new.get(role) != version:
+            MODEL_DESIRED.labels(version, role).set(0)
+    for role, version in new.items():
+        MODEL_DESIRED.labels(version, role).set(1)
+    CONVERGED.set(1 if served == new else 0)
+    return new
 
 
 def exposition(multiproc_dir: Path | None) -> tuple[bytes, str]:

@@ -14,7 +14,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from model.core.errors import VidrankError
-from service.errors import InvalidRequest, MalformedBody, domain_error_body, error_body, http_status
+from service.errors import (
+    InvalidRequest,
+    MalformedBody,
+    domain_error_body,
+    error_body,
+    http_headers,
+    http_status,
+)
 
 JSON = "application/json"
 
@@ -28,9 +35,7 @@ def json_response(
 
 def error_response(exc: VidrankError) -> Response:
     """The one error body for a domain error, with its status from the table."""
-    status = http_status(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return json_response(domain_error_body(exc), status, headers)
+    return json_response(domain_error_body(exc), http_status(exc), http_headers(exc))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,7 +1,8 @@
 """The public routes, one router per concern: /rank, health, /models, /metrics.
 
-Routes stay thin: /rank hands the raw body to :class:`service.ranking.Ranker` in a worker thread;
-health and models ask the model manager and the catalog. Admin routes live in
+Routes stay thin: /rank passes admission (``service/admission.py``: bounded queue, deadline,
+client still there), then hands the raw body to :class:`service.ranking.Ranker` in a worker
+thread; health and models ask the model manager and the catalog. Admin routes live in
 ``service/admin.py``. Errors are raised as domain errors and answered by ``service/responses.py``.
 """
 
@@ -14,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from service import metrics
+from service.admission import TIMEOUT_HEADER, Admission, request_deadline
 from service.catalog import Catalog
 from service.errors import NotReady, PayloadTooLarge, UnsupportedMediaType
 from service.manager import ModelManager
@@ -36,8 +38,13 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (413, "Body too large"),
         (415, "Body is not declared as JSON"),
         (422, "Invalid request; details.field names the offending field"),
-        (503, "No model is ready"),
+        (503, "No model is ready, or this worker is overloaded (Retry-After)"),
     )
+}
+RANK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    408: {"model": ErrorResponse, "description": "The body did not arrive in time"},
+    504: {"model": ErrorResponse, "description": "The deadline passed before ranking started"},
 }
 # The body is parsed by hand (service/request.py); the docs point at the pydantic model instead.
 _RANK_BODY = {
@@ -49,26 +56,30 @@ _RANK_BODY = {
 
 
 def rank_router(ranker: Ranker, settings: Settings) -> APIRouter:
-    """POST /rank: content type and size checked here, everything else in the ranker."""
+    """POST /rank: content type, size and admission checked here, everything else in the ranker."""
     router = APIRouter()
-    limiter = anyio.CapacityLimiter(
-        RANK_CONCURRENCY_PER_CORE_WORKER if settings.workers > 1 else RANK_CONCURRENCY
-    )
+    slots = RANK_CONCURRENCY_PER_CORE_WORKER if settings.workers > 1 else RANK_CONCURRENCY
+    admission = Admission(slots, settings.max_queue)
     max_body = settings.max_body_bytes()
 
     @router.post(
         "/rank",
         summary="Rank candidate videos for one user",
         response_model=RankResponse,
-        responses=ERROR_RESPONSES,
+        responses=RANK_RESPONSES,
         openapi_extra=_RANK_BODY,
     )
     async def rank(request: Request) -> Response:
         _check_content_type(request)
-        body = await _read_body(request, max_body)
-        result = await anyio.to_thread.run_sync(
-            ranker.rank, body, request.state.request_id, limiter=limiter
+        deadline = request_deadline(
+            request.headers.get(TIMEOUT_HEADER),
+            settings.request_timeout_ms,
+            request.scope["state"].get("arrived_at"),
         )
+        async with admission.admit(deadline, request.is_disconnected) as acquire:
+            body = await _read_body(request, max_body)
+            await acquire()
+            result = await anyio.to_thread.run_sync(ranker.rank, body, request.state.request_id)
         request.state.request_id = result.request_id
         request.state.model_version = result.model_version
         request.state.candidates = result.candidates
@@ -115,8 +126,13 @@ def models_router(catalog: Catalog) -> APIRouter:
 
 
 def metrics_router(settings: Settings) -> APIRouter:
-    """Prometheus exposition (aggregated over workers when they share a multiprocess dir)."""
+    """Prometheus exposition (aggregated over workers when they share a multiprocess dir).
+
+    Empty when ``metrics_port`` is set: the server then serves /metrics on that port only.
+    """
     router = APIRouter()
+    if settings.metrics_port is not None:
+        return router
 
     @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     def prometheus() -> Response:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for /admin; unset means admin answers 403."
     )
+    admin_token_file: Path | None = Field(
+        None,
+        description="File of admin bearer tokens, one per line (re-read when it changes).",
+    )
     fusion_profiles: Path | None = Field(None, description="TOML file of fusion profiles.")
     max_candidates: int = Field(2000, ge=1, le=1_000_000, description="Candidates per request.")
     ort_intra_op_threads: int = Field(
@@ -37,6 +41,25 @@ class Settings(BaseSettings):
         5.0, gt=0, le=3600, description="How often the registry's aliases are polled."
     )
     log_level: LogLevel = Field("info", description="Log level.")
+    max_queue: int = Field(
+        16, ge=0, le=100_000, description="/rank requests waiting per worker; more get 503."
+    )
+    request_timeout_ms: int = Field(
+        2000, ge=0, le=600_000, description="Default /rank deadline in ms; 0 = none."
+    )
+    header_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="Request line + headers must arrive within this; else 408."
+    )
+    body_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="A request body must arrive within this; else 408."
+    )
+    max_connections: int = Field(
+        1024, ge=1, le=1_000_000, description="Open connections per worker; more get 503."
+    )
+    docs: bool = Field(True, description="Serve /docs, /redoc and /openapi.json.")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve /metrics on this port instead of the main one."
+    )
     # Not in the public table: set by the multi-worker supervisor for its workers.
     metrics_multiproc_dir: Path | None = Field(
         None, description="prometheus-client multiprocess directory (set by the supervisor)."
@@ -47,6 +70,12 @@ class Settings(BaseSettings):
     def _empty_token_is_unset(cls, v: SecretStr | None) -> SecretStr | None:
         # VIDRANK_ADMIN_TOKEN="" must not turn into "the empty string is the password".
         return v if v is not None and v.get_secret_value() else None
+
+    @model_validator(mode="after")
+    def _metrics_port_differs(self) -> Settings:
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError("metrics_port must differ from port")
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -12,7 +12,7 @@ import pytest
 
 from model.core.registry import Registry
 from service.errors import NotReady, SwapFailed
-from service.manager import FAILED_RETRY_S, ModelManager, ServingState, canary_bucket
+from service.manager import RETRY_MAX_S, ModelManager, ServingState, canary_bucket
 from tests.service.service_helpers import corrupt_copy, publish_as, sample
 
 
@@ -63,7 +63,7 @@ def test_failed_poll_load_keeps_serving_and_backs_off(registry_dir: Path, versio
     clock.now += 1
     m.poll_once()  # not retried every poll ...
     assert sample("vidrank_model_swap_failures_total", {"trigger": "poll"}) == failures + 1
-    clock.now += FAILED_RETRY_S
+    clock.now += RETRY_MAX_S
     m.poll_once()  # ... but after the back-off
     assert sample("vidrank_model_swap_failures_total", {"trigger": "poll"}) == failures + 2
     Registry(registry_dir).rollback()

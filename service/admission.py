@@ -1,0 +1,116 @@
+"""Admission for /rank: a bounded queue per worker, request deadlines, no work for absent clients.
+
+A worker ranks ``slots`` requests at a time (a capacity limiter); the others wait. Without a
+bound, an overloaded worker queues everything and answers everyone late (at 512 connections the
+median reached 1.7 s and a quarter of the clients timed out), computing answers nobody reads.
+So:
+
+* at most ``max_queue`` requests wait per worker; one more is shed at once with ``503`` and
+  ``Retry-After`` (``Overloaded``), before its body is even read;
+* a request has a deadline: ``X-Request-Timeout-Ms`` if sent, else the server default
+  (``VIDRANK_REQUEST_TIMEOUT_MS``; 0 = none), counted from the arrival of its first byte. When it
+  passes while the request waits, the wait ends with ``504`` (``DeadlineExceeded``): the work
+  never starts;
+* when a slot frees, a request whose client has hung up is dropped without scoring (``499`` in
+  the log, ``ClientGone``).
+
+Every shed and drop is counted in ``vidrank_rank_shed_total{reason}``. Liveness, readiness and
+the other routes never pass through here, so they stay fast however long the queue.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import anyio
+
+from service import metrics
+from service.errors import ClientGone, DeadlineExceeded, InvalidRequest, Overloaded
+
+TIMEOUT_HEADER = "x-request-timeout-ms"
+MAX_TIMEOUT_MS = 600_000
+
+
+def request_deadline(header: str | None, default_ms: int, arrived_at: float | None) -> float | None:
+    """The monotonic deadline of a request, or None when it has none.
+
+    ``header`` is the ``X-Request-Timeout-Ms`` value (a whole number of milliseconds, 1 to
+    600000); a malformed one is a 422 naming the header.
+    """
+    if header is None:
+        timeout_ms = default_ms
+    else:
+        value = header.strip()
+        if not (value.isascii() and value.isdigit()) or not 0 < int(value) <= MAX_TIMEOUT_MS:
+            raise InvalidRequest(
+                f"must be a whole number of milliseconds from 1 to {MAX_TIMEOUT_MS}",
+                f"headers.{TIMEOUT_HEADER}",
+            )
+        timeout_ms = int(value)
+    if timeout_ms <= 0:
+        return None
+    start = arrived_at if arrived_at is not None else time.monotonic()
+    return start + timeout_ms / 1000.0
+
+
+class Admission:
+    """The /rank slots of one worker and the bounded queue in front of them."""
+
+    def __init__(self, slots: int, max_queue: int) -> None:
+        self.limiter = anyio.CapacityLimiter(slots)
+        self.max_queue = max_queue
+        self.waiting = 0  # admitted, not yet holding a slot (reading the body, or queued)
+
+    @asynccontextmanager
+    async def admit(
+        self, deadline: float | None, client_gone: Callable[[], Awaitable[bool]]
+    ) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+        """Admit a request (or shed it), then yield ``acquire``: wait for a slot, held until exit.
+
+        ``acquire()`` raises ``DeadlineExceeded`` when the deadline passes first and
+        ``ClientGone`` when the client left meanwhile.
+        """
+        if self.waiting >= self.max_queue and self.limiter.available_tokens < 1:
+            metrics.SHED.labels("queue_full").inc()
+            raise Overloaded(
+                f"overloaded: {self.waiting} requests already wait in this worker; retry"
+            )
+        self.waiting += 1
+        metrics.QUEUE.inc()
+        holding = False
+
+        async def acquire() -> None:
+            nonlocal holding
+            await self._acquire(deadline)
+            holding = True
+            self._leave()
+            if await client_gone():
+                metrics.SHED.labels("client_gone").inc()
+                raise ClientGone("client disconnected before its request was scored")
+
+        try:
+            yield acquire
+        finally:
+            if holding:
+                self.limiter.release()
+            else:
+                self._leave()
+
+    async def _acquire(self, deadline: float | None) -> None:
+        if deadline is not None and time.monotonic() >= deadline:
+            metrics.SHED.labels("deadline").inc()
+            raise DeadlineExceeded("the request's deadline passed before its work could start")
+        wait_s = math.inf if deadline is None else deadline - time.monotonic()
+        with anyio.move_on_after(wait_s) as scope:
+            await self.limiter.acquire()
+        if scope.cancelled_caught:
+            metrics.SHED.labels("deadline").inc()
+            raise DeadlineExceeded("the request's deadline passed while it waited for a slot")
+
+    def _leave(self) -> None:
+        if self.waiting:
+            self.waiting -= 1
+            metrics.QUEUE.dec()
