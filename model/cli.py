@@ -214,7 +214,9 @@ def models_rollback(registry: RegistryOpt = Path("registry")) -> None:
         if target is not None:
             reg.bundle(target)  # checksum and schema, as activate does: replicas would refuse it
         _print_aliases(reg.rollback(expected=target))
-    except (RegistryError, BundleError) as e:
+    except BundleError as e:
+        _fail(f"cannot roll back to {target}: {e}")
+    except RegistryError as e:
         _fail(str(e))
 
 
