@@ -81,10 +81,11 @@ class Admission:
         self.waiting += 1
         metrics.QUEUE.inc()
         holding = False
+        borrower = object()  # the request, not its task, holds the slot
 
         async def acquire() -> None:
             nonlocal holding
-            await self._acquire(deadline)
+            await self._acquire(deadline, borrower)
             holding = True
             self._leave()
             if await client_gone():
@@ -95,17 +96,17 @@ class Admission:
             yield acquire
         finally:
             if holding:
-                self.limiter.release()
+                self.limiter.release_on_behalf_of(borrower)
             else:
                 self._leave()
 
-    async def _acquire(self, deadline: float | None) -> None:
+    async def _acquire(self, deadline: float | None, borrower: object) -> None:
         if deadline is not None and time.monotonic() >= deadline:
             metrics.SHED.labels("deadline").inc()
             raise DeadlineExceeded("the request's deadline passed before its work could start")
         wait_s = math.inf if deadline is None else deadline - time.monotonic()
         with anyio.move_on_after(wait_s) as scope:
-            await self.limiter.acquire()
+            await self.limiter.acquire_on_behalf_of(borrower)
         if scope.cancelled_caught:
             metrics.SHED.labels("deadline").inc()
             raise DeadlineExceeded("the request's deadline passed while it waited for a slot")

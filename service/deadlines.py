@@ -69,7 +69,8 @@ class ReadDeadlineMiddleware:
 
 
 async def _send_timeout(send: Send) -> None:
-    headers = [(b"content-type", b"application/json")]
+    body = domain_error_body(_TIMEOUT)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     headers += [(k.lower().encode(), v.encode()) for k, v in (http_headers(_TIMEOUT) or {}).items()]
     await send({"type": "http.response.start", "status": 408, "headers": headers})
-    await send({"type": "http.response.body", "body": domain_error_body(_TIMEOUT)})
+    await send({"type": "http.response.body", "body": body})
