@@ -16,8 +16,9 @@ headers are complete, which a stalled client never reaches. So this subclass add
   (``service/deadlines.py``) when it is reading the body; this catches bodies nobody reads
   (e.g. after an early 404/413), which uvicorn would otherwise keep draining.
 
-It also stamps ``scope["state"]["arrived_at"]`` (monotonic seconds) with the moment the request's
-first byte arrived, which request deadlines count from.
+It keeps reading once a request is complete, so a client that hangs up while its request waits
+is noticed. It also stamps ``scope["state"]["arrived_at"]`` (monotonic seconds) with the moment
+the request's first byte arrived, which request deadlines count from.
 
 Idle keep-alive connections between requests stay governed by uvicorn's ``timeout_keep_alive``.
 """
@@ -99,12 +100,13 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
         def data_received(self, data: bytes) -> None:
             if self._rejected:
                 return
-            if self._in_headers:
+            counting = self._in_headers
+            super().data_received(data)
+            # Still in the headers after this chunk: they alone exceed the bound.
+            if counting and self._in_headers:
                 self._header_bytes += len(data)
                 if self._header_bytes > limits.max_header_bytes:
                     self._close_with(HEADERS_TOO_LARGE, "headers_too_large")
-                    return
-            super().data_received(data)
 
         # -- parser callbacks -------------------------------------------------------------
         def on_message_begin(self) -> None:
@@ -124,6 +126,12 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
         def on_message_complete(self) -> None:
             self._cancel_deadline()
             super().on_message_complete()
+            # uvicorn pauses reading while a large body waits for the app and resumes only when
+            # the app next calls receive(); after the last chunk nobody does, so a client that
+            # hangs up would go unnoticed. The request is whole: keep reading (a pipelined
+            # request pauses it again), so the EOF of a departed client is seen and the app
+            # can skip its work (``service/admission.py``).
+            self.flow.resume_reading()
 
         # -- deadlines --------------------------------------------------------------------
         def _await_headers(self) -> None:
