@@ -7,16 +7,32 @@ PORT   ?= 8000
 DEMO_IMPRESSIONS ?= 300000
 FUSION_PROFILES ?= docker/fusion_profiles.toml
 
-.PHONY: install run serve demo-model test lint pytest bench bench-quick rollout clean
+LOCK   := requirements.lock
+# pip-compile over every extra: one consistent set of exact versions for CI, the train image
+# and the serve image (each installs its subset with `-c $(LOCK)`).
+LOCK_CMD = $(BIN)/pip-compile --quiet --extra serve --extra train --extra dev --strip-extras \
+	--allow-unsafe --no-emit-index-url --no-emit-find-links --no-emit-trusted-host \
+	--output-file $(LOCK) pyproject.toml
 
-# Create/update the virtualenv from the project's own files (re-run when pyproject.toml changes).
-$(BIN)/.installed: pyproject.toml
+.PHONY: install run serve demo-model test lint pytest bench bench-quick rollout clean lock lock-upgrade
+
+# Create/update the virtualenv from the project's own files (re-run when pyproject.toml or the
+# lock changes): exactly the versions in requirements.lock.
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[serve,train,dev]'
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[serve,train,dev]'
 	touch $@
 
 install: $(BIN)/.installed
+
+# Re-lock after changing pyproject.toml's dependencies (keeps the other pins), or refresh every
+# pin to the newest allowed versions; torch stays 2.13.0 (the CPU wheel), as pyproject pins it.
+lock: install
+	$(LOCK_CMD)
+
+lock-upgrade: install
+	$(LOCK_CMD) --upgrade
 
 # Train the demo model into ./registry when it has no production model, then serve on :8000.
 demo-model: install
