@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -71,97 +71,101 @@ HEADERS_TOO_LARGE = _canned(
 )
 
 
-def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
-    """The protocol class for ``uvicorn.Config(http=...)`` enforcing ``limits``."""
+class GuardedProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol bounded by ``limits`` (set on the subclass ``guarded_protocol`` makes)."""
 
-    class GuardedProtocol(HttpToolsProtocol):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._deadline: asyncio.TimerHandle | None = None
-            self._in_headers = False  # reading a request line + headers
-            self._header_bytes = 0
-            self._rejected = False
+    limits: ClassVar[ConnectionLimits]
 
-        # -- connection -------------------------------------------------------------------
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            if len(self.connections) > limits.max_connections:
-                self._rejected = True
-                metrics.CONNECTIONS_CLOSED.labels("max_connections").inc()
-                transport.write(OVER_CAPACITY)
-                transport.close()
-                return
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._in_headers = False  # reading a request line + headers
+        self._header_bytes = 0
+        self._rejected = False
+
+    # -- connection -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            self._rejected = True
+            metrics.CONNECTIONS_CLOSED.labels("max_connections").inc()
+            transport.write(OVER_CAPACITY)
+            transport.close()
+            return
+        self._await_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        counting = self._in_headers
+        super().data_received(data)
+        # Still in the headers after this chunk: they alone exceed the bound.
+        if counting and self._in_headers:
+            self._header_bytes += len(data)
+            if self._header_bytes > self.limits.max_header_bytes:
+                self._close_with(HEADERS_TOO_LARGE, "headers_too_large")
+
+    # -- parser callbacks -------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope["state"]["arrived_at"] = time.monotonic()
+        if not self._in_headers:  # a later request on a kept-alive connection
             self._await_headers()
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel_deadline()
-            super().connection_lost(exc)
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        self._cancel_deadline()
+        self._deadline = self.loop.call_later(
+            self.limits.body_timeout_s + BODY_GRACE_S, self._body_timed_out
+        )
+        super().on_headers_complete()
 
-        def data_received(self, data: bytes) -> None:
-            if self._rejected:
-                return
-            counting = self._in_headers
-            super().data_received(data)
-            # Still in the headers after this chunk: they alone exceed the bound.
-            if counting and self._in_headers:
-                self._header_bytes += len(data)
-                if self._header_bytes > limits.max_header_bytes:
-                    self._close_with(HEADERS_TOO_LARGE, "headers_too_large")
+    def on_message_complete(self) -> None:
+        self._cancel_deadline()
+        super().on_message_complete()
+        # uvicorn pauses reading while a large body waits for the app and resumes only when
+        # the app next calls receive(); after the last chunk nobody does, so a client that
+        # hangs up would go unnoticed. The request is whole: keep reading (a pipelined
+        # request pauses it again), so the EOF of a departed client is seen and the app
+        # can skip its work (``service/admission.py``).
+        self.flow.resume_reading()
 
-        # -- parser callbacks -------------------------------------------------------------
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self.scope["state"]["arrived_at"] = time.monotonic()
-            if not self._in_headers:  # a later request on a kept-alive connection
-                self._await_headers()
+    # -- deadlines --------------------------------------------------------------------
+    def _await_headers(self) -> None:
+        self._in_headers = True
+        self._header_bytes = 0
+        self._cancel_deadline()
+        self._deadline = self.loop.call_later(self.limits.header_timeout_s, self._header_timed_out)
 
-        def on_headers_complete(self) -> None:
-            self._in_headers = False
-            self._cancel_deadline()
-            self._deadline = self.loop.call_later(
-                limits.body_timeout_s + BODY_GRACE_S, self._body_timed_out
-            )
-            super().on_headers_complete()
-
-        def on_message_complete(self) -> None:
-            self._cancel_deadline()
-            super().on_message_complete()
-            # uvicorn pauses reading while a large body waits for the app and resumes only when
-            # the app next calls receive(); after the last chunk nobody does, so a client that
-            # hangs up would go unnoticed. The request is whole: keep reading (a pipelined
-            # request pauses it again), so the EOF of a departed client is seen and the app
-            # can skip its work (``service/admission.py``).
-            self.flow.resume_reading()
-
-        # -- deadlines --------------------------------------------------------------------
-        def _await_headers(self) -> None:
-            self._in_headers = True
-            self._header_bytes = 0
-            self._cancel_deadline()
-            self._deadline = self.loop.call_later(limits.header_timeout_s, self._header_timed_out)
-
-        def _cancel_deadline(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
-
-        def _header_timed_out(self) -> None:
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
             self._deadline = None
-            if self._in_headers:
-                self._close_with(HEADER_TIMEOUT, "header_timeout")
 
-        def _body_timed_out(self) -> None:
-            self._deadline = None
-            if not self.transport.is_closing():
-                metrics.CONNECTIONS_CLOSED.labels("body_unread").inc()
-                self.transport.close()
+    def _header_timed_out(self) -> None:
+        self._deadline = None
+        if self._in_headers:
+            self._close_with(HEADER_TIMEOUT, "header_timeout")
 
-        def _close_with(self, response: bytes, reason: str) -> None:
-            self._in_headers = False
-            self._cancel_deadline()
-            metrics.CONNECTIONS_CLOSED.labels(reason).inc()
-            if not self.transport.is_closing():
-                self.transport.write(response)
-                self.transport.close()
+    def _body_timed_out(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            metrics.CONNECTIONS_CLOSED.labels("body_unread").inc()
+            self.transport.close()
 
-    return GuardedProtocol
+    def _close_with(self, response: bytes, reason: str) -> None:
+        self._in_headers = False
+        self._cancel_deadline()
+        metrics.CONNECTIONS_CLOSED.labels(reason).inc()
+        if not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
+
+
+def guarded_protocol(limits: ConnectionLimits) -> type[GuardedProtocol]:
+    """The protocol class for ``uvicorn.Config(http=...)`` enforcing ``limits``."""
+    return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits})
