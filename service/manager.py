@@ -258,7 +258,8 @@ class ModelManager:
             stamp = self.registry.aliases_stamp()
             now = self._clock()
             retry_due = any(now >= r.due_at for r in tuple(self._retries.values()))
-            if stamp == self._stamp and not retry_due:
+            # While a fault lasts, look again every poll: the registry may be back unchanged.
+            if stamp == self._stamp and not retry_due and self.health.status == "ok":
                 return False
             with self._swap_lock:
                 return self._converge(trigger)

@@ -323,3 +323,22 @@ def test_failure_after_the_rename_serves_what_the_file_says(
         m.activate("v2")
     assert Registry(registry_dir).read_aliases().production == "v2"
     assert m.state.pick("u").version == "v2" and m.converged
+
+
+def test_unreadable_aliases_recover_when_the_file_comes_back_unchanged(
+    registry_dir: Path, version: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = manager(registry_dir)
+    m.poll_once()
+    good = m.state.production
+    real = Registry.aliases_stamp
+
+    def eio(self: Registry) -> object:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(Registry, "aliases_stamp", eio)  # e.g. a hung NFS mount
+    m.poll_once()
+    assert m.health.status == "unreadable" and m.state.production is good
+    monkeypatch.setattr(Registry, "aliases_stamp", real)  # back, with the same content
+    m.poll_once()
+    assert m.health.status == "ok" and m.state.production is good
