@@ -16,6 +16,12 @@ So:
 
 Every shed and drop is counted in ``vidrank_rank_shed_total{reason}``. Liveness, readiness and
 the other routes never pass through here, so they stay fast however long the queue.
+
+Under a storm most requests are sheds, so a shed must cost next to nothing: the worker's
+connection protocol (``service/protocol.py``) asks :meth:`Admission.full` as soon as a
+``POST /rank``'s headers are parsed and answers with :meth:`Admission.shed_app` - a few lines of
+ASGI instead of the app's middleware, routing and exception handling. The route's own check
+covers everything else (and the TestClient).
 """
 
 from __future__ import annotations
@@ -26,12 +32,30 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import anyio
+from starlette.types import Receive, Scope, Send
 
 from service import metrics
-from service.errors import ClientGone, DeadlineExceeded, InvalidRequest, Overloaded
+from service.errors import (
+    ClientGone,
+    DeadlineExceeded,
+    InvalidRequest,
+    Overloaded,
+    domain_error_body,
+    http_headers,
+)
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
 MAX_TIMEOUT_MS = 600_000
+_OVERLOADED = Overloaded("overloaded: this worker's queue of /rank requests is full; retry")
+_SHED_BODY = domain_error_body(_OVERLOADED)
+_SHED_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"content-length", b"%d" % len(_SHED_BODY)),
+    *((k.lower().encode(), v.encode()) for k, v in (http_headers(_OVERLOADED) or {}).items()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"cache-control", b"no-store"),
+    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
+]
 
 
 def request_deadline(header: str | None, default_ms: int, arrived_at: float | None) -> float | None:
@@ -73,11 +97,9 @@ class Admission:
         ``acquire()`` raises ``DeadlineExceeded`` when the deadline passes first and
         ``ClientGone`` when the client left meanwhile.
         """
-        if self.waiting >= self.max_queue and self.limiter.available_tokens < 1:
+        if self.full():
             metrics.SHED.labels("queue_full").inc()
-            raise Overloaded(
-                f"overloaded: {self.waiting} requests already wait in this worker; retry"
-            )
+            raise _OVERLOADED
         self.waiting += 1
         metrics.QUEUE.inc()
         holding = False
@@ -99,6 +121,18 @@ class Admission:
                 self.limiter.release_on_behalf_of(borrower)
             else:
                 self._leave()
+
+    def full(self) -> bool:
+        """Whether one more request would exceed the queue (every slot busy, queue full)."""
+        return self.waiting >= self.max_queue and self.limiter.available_tokens < 1
+
+    @staticmethod
+    async def shed_app(scope: Scope, receive: Receive, send: Send) -> None:
+        """The whole answer to a request shed before the app: 503, Retry-After, error body."""
+        metrics.SHED.labels("queue_full").inc()
+        metrics.HTTP_REQUESTS.labels("/rank", "POST", "503").inc()
+        await send({"type": "http.response.start", "status": 503, "headers": _SHED_HEADERS})
+        await send({"type": "http.response.body", "body": _SHED_BODY})
 
     async def _acquire(self, deadline: float | None, borrower: object) -> None:
         if deadline is not None and time.monotonic() >= deadline:

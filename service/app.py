@@ -19,6 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from model.core.fusion import ProfileStore
 from model.core.registry import Registry
 from service.admin import admin_router
+from service.admission import Admission
 from service.catalog import Catalog
 from service.deadlines import ReadDeadlineMiddleware
 from service.docs import docs_router
@@ -26,7 +27,13 @@ from service.manager import ModelManager
 from service.middleware import AccessMiddleware
 from service.ranking import Ranker, profiles_failed
 from service.responses import install_error_handlers
-from service.routes import health_router, metrics_router, models_router, rank_router
+from service.routes import (
+    health_router,
+    metrics_router,
+    models_router,
+    rank_router,
+    rank_slots,
+)
 from service.schemas import RankRequest
 from service.scorer import WARMUP_MAX, WARMUP_SIZES
 from service.settings import Settings
@@ -42,6 +49,7 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.fusion_profiles is not None:  # requests fall back to the bundle's default fusion
         profiles = ProfileStore(settings.fusion_profiles, on_failure=profiles_failed)
     ranker = Ranker(manager, profiles, settings.max_candidates)
+    admission = Admission(rank_slots(settings), settings.max_queue)
 
     app = FastAPI(
         title="vidrank",
@@ -55,10 +63,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.manager = manager
     app.state.ranker = ranker
+    app.state.admission = admission  # the server's protocol sheds with it too
     install_error_handlers(app)
     app.add_middleware(ReadDeadlineMiddleware, body_timeout_s=settings.body_timeout_s)
     app.add_middleware(AccessMiddleware)  # added last: outermost, sees every response
-    app.include_router(rank_router(ranker, settings))
+    app.include_router(rank_router(ranker, settings, admission))
     app.include_router(health_router(manager))
     app.include_router(models_router(Catalog(registry, manager)))
     app.include_router(metrics_router(settings))

@@ -16,9 +16,11 @@ headers are complete, which a stalled client never reaches. So this subclass add
   (``service/deadlines.py``) when it is reading the body; this catches bodies nobody reads
   (e.g. after an early 404/413), which uvicorn would otherwise keep draining.
 
-It keeps reading once a request is complete, so a client that hangs up while its request waits
-is noticed. It also stamps ``scope["state"]["arrived_at"]`` (monotonic seconds) with the moment
-the request's first byte arrived, which request deadlines count from.
+When the worker's /rank queue is full, a ``POST /rank`` is answered 503 right after its headers
+by ``Admission.shed_app``, without entering the app. The protocol keeps reading once a request
+is complete, so a client that hangs up while its request waits is noticed. It also stamps
+``scope["state"]["arrived_at"]`` (monotonic seconds) with the moment the request's first byte
+arrived, which request deadlines count from.
 
 Idle keep-alive connections between requests stay governed by uvicorn's ``timeout_keep_alive``.
 """
@@ -33,6 +35,7 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import metrics
+from service.admission import Admission
 
 BODY_GRACE_S = 1.0  # the app's own 408 comes first; this only closes what it never read
 
@@ -45,6 +48,7 @@ class ConnectionLimits:
     header_timeout_s: float
     body_timeout_s: float
     max_header_bytes: int = 64 * 1024
+    admission: Admission | None = None  # sheds POST /rank before the app when it is full
 
 
 def _canned(status: bytes, code: bytes, message: bytes, extra: bytes = b"") -> bytes:
@@ -122,7 +126,18 @@ class GuardedProtocol(HttpToolsProtocol):
         self._deadline = self.loop.call_later(
             self.limits.body_timeout_s + BODY_GRACE_S, self._body_timed_out
         )
+        admission = self.limits.admission
+        if admission is not None and admission.full() and self._is_rank():
+            app, self.app = self.app, admission.shed_app  # this request only
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+            return
         super().on_headers_complete()
+
+    def _is_rank(self) -> bool:
+        return self.parser.get_method() == b"POST" and self.url.split(b"?", 1)[0] == b"/rank"
 
     def on_message_complete(self) -> None:
         self._cancel_deadline()

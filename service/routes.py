@@ -55,11 +55,14 @@ _RANK_BODY = {
 }
 
 
-def rank_router(ranker: Ranker, settings: Settings) -> APIRouter:
+def rank_slots(settings: Settings) -> int:
+    """Requests ranked at once per worker process."""
+    return RANK_CONCURRENCY_PER_CORE_WORKER if settings.workers > 1 else RANK_CONCURRENCY
+
+
+def rank_router(ranker: Ranker, settings: Settings, admission: Admission) -> APIRouter:
     """POST /rank: content type, size and admission checked here, everything else in the ranker."""
     router = APIRouter()
-    slots = RANK_CONCURRENCY_PER_CORE_WORKER if settings.workers > 1 else RANK_CONCURRENCY
-    admission = Admission(slots, settings.max_queue)
     max_body = settings.max_body_bytes()
 
     @router.post(

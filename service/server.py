@@ -101,11 +101,15 @@ def serve(settings: Settings, sock: socket.socket) -> None:
             host, port = sock.getsockname()[:2]
             log_fields(log, logging.INFO, "listening", host=host, port=port, pid=os.getpid())
 
+    app = create_app(settings)
     limits = ConnectionLimits(
-        settings.max_connections, settings.header_timeout_s, settings.body_timeout_s
+        settings.max_connections,
+        settings.header_timeout_s,
+        settings.body_timeout_s,
+        admission=app.state.admission,
     )
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         http=guarded_protocol(limits),
         lifespan="on",
         log_config=None,
