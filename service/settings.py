@@ -42,10 +42,10 @@ class Settings(BaseSettings):
     )
     log_level: LogLevel = Field("info", description="Log level.")
     max_queue: int = Field(
-        16, ge=0, le=100_000, description="/rank requests waiting per worker; more get 503."
+        8, ge=0, le=100_000, description="/rank requests waiting per worker; more get 503."
     )
     request_timeout_ms: int = Field(
-        2000, ge=0, le=600_000, description="Default /rank deadline in ms; 0 = none."
+        1000, ge=0, le=600_000, description="Default /rank deadline in ms; 0 = none."
     )
     header_timeout_s: float = Field(
         5.0, gt=0, le=300, description="Request line + headers must arrive within this; else 408."
