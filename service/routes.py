@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from service import metrics
-from service.admission import TIMEOUT_HEADER, Admission, request_deadline
+from service.admission import MAX_TIMEOUT_MS, TIMEOUT_HEADER, Admission, request_deadline
 from service.catalog import Catalog
 from service.errors import NotReady, PayloadTooLarge, UnsupportedMediaType
 from service.manager import ModelManager
@@ -51,7 +51,17 @@ _RANK_BODY = {
     "requestBody": {
         "required": True,
         "content": {JSON: {"schema": {"$ref": "#/components/schemas/RankRequest"}}},
-    }
+    },
+    "parameters": [
+        {
+            "name": "X-Request-Timeout-Ms",
+            "in": "header",
+            "required": False,
+            "description": "Deadline in ms from the request's arrival (default: the server's); "
+            "work that cannot start in time is dropped with 504.",
+            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_TIMEOUT_MS},
+        }
+    ],
 }
 
 
