@@ -17,7 +17,7 @@ from model.core.registry import Aliases
 from service.errors import Forbidden, Unauthorized
 from service.logging import log_fields
 from service.manager import ModelManager
-from service.schemas import AdminResult, CanaryRequest, ErrorResponse
+from service.schemas import AdminResult, CanaryRequest, ErrorResponse, FeatureStoreResult
 from service.settings import Settings
 
 log = logging.getLogger("vidrank.admin")
@@ -51,9 +51,12 @@ def admin_router(settings: Settings, manager: ModelManager) -> APIRouter:
     )
 
     def result(action: str, aliases: Aliases, **fields: Any) -> dict[str, Any]:
-        serving = manager.describe()
-        log_fields(log, logging.INFO, "admin", action=action, serving=serving, **fields)
-        return {"aliases": aliases.to_dict(), "serving": serving}
+        serving, features = manager.describe(), manager.describe_features()
+        log_fields(
+            log, logging.INFO, "admin", action=action, serving=serving,
+            feature_store=features, **fields,
+        )  # fmt: skip
+        return {"aliases": aliases.to_dict(), "serving": serving, "feature_store": features}
 
     @router.post("/models/{version}/activate", response_model=AdminResult)
     def activate(version: str) -> dict[str, Any]:
@@ -75,5 +78,13 @@ def admin_router(settings: Settings, manager: ModelManager) -> APIRouter:
     def clear_canary() -> dict[str, Any]:
         """Stop the canary."""
         return result("clear_canary", manager.clear_canary())
+
+    @router.post("/features/{snapshot}/activate", response_model=FeatureStoreResult)
+    def activate_snapshot(snapshot: str) -> dict[str, Any]:
+        """Load, verify and prepare feature SNAPSHOT for the served versions, then make it active
+        (here and in the store; every replica converges on it)."""
+        features = manager.activate_snapshot(snapshot)
+        log_fields(log, logging.INFO, "admin", action="activate_snapshot", feature_store=features)
+        return {"feature_store": features}
 
     return router

@@ -20,6 +20,7 @@ from model.core.fusion import ProfileStore
 from model.core.registry import Registry
 from service.admin import admin_router
 from service.catalog import Catalog
+from service.feature_source import build_source
 from service.manager import ModelManager
 from service.middleware import AccessMiddleware
 from service.ranking import Ranker, profiles_failed
@@ -35,7 +36,12 @@ log = logging.getLogger("vidrank.app")
 def create_app(settings: Settings) -> FastAPI:
     """Build the service for ``settings`` (nothing here reads the environment)."""
     registry = Registry(settings.registry)
-    manager = ModelManager(registry, settings.intra_op_threads(), _warmup_sizes(settings))
+    manager = ModelManager(
+        registry,
+        settings.intra_op_threads(),
+        _warmup_sizes(settings),
+        features=build_source(settings),
+    )
     profiles = None
     if settings.fusion_profiles is not None:  # requests fall back to the bundle's default fusion
         profiles = ProfileStore(settings.fusion_profiles, on_failure=profiles_failed)
@@ -53,7 +59,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(AccessMiddleware)
     app.include_router(rank_router(ranker, settings))
-    app.include_router(health_router(manager))
+    app.include_router(health_router(manager, settings))
     app.include_router(models_router(Catalog(registry, manager)))
     app.include_router(metrics_router(settings))
     app.include_router(admin_router(settings, manager))

@@ -61,6 +61,7 @@ class Catalog:
             "versions": versions,
             "aliases": aliases.to_dict(),
             "serving": self.manager.describe(),
+            "feature_store": self.manager.describe_features(),
         }
 
     def manifest(self, version: str) -> dict[str, Any]:

@@ -27,6 +27,9 @@ from model.core.registry import (
     RegistryError,
     VersionNotFound,
 )
+from model.core.store.embedded import SnapshotNotFound
+from model.core.store.redis_store import StoreUnavailable
+from model.core.store.snapshot import SnapshotError
 
 
 class InvalidRequest(VidrankError):
@@ -65,6 +68,12 @@ class SwapFailed(VidrankError):
     code = "invalid_bundle"
 
 
+class FeatureStoreConflict(VidrankError):
+    """The feature store lacks features a model reads, and the store is required: refused."""
+
+    code = "feature_store_conflict"
+
+
 class Unauthorized(VidrankError):
     """An admin call without a bearer token."""
 
@@ -84,6 +93,10 @@ HTTP_STATUS: Mapping[type[VidrankError], int] = {
     PayloadTooLarge: 413,
     NotReady: 503,
     SwapFailed: 409,
+    FeatureStoreConflict: 409,
+    StoreUnavailable: 503,  # only with VIDRANK_FEATURE_STORE_REQUIRED; else a degraded answer
+    SnapshotNotFound: 404,
+    SnapshotError: 409,
     Unauthorized: 401,
     Forbidden: 403,
     FusionError: 422,

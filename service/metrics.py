@@ -78,6 +78,32 @@ PROFILE_RELOAD_FAILURES = Counter(
     "vidrank_fusion_profile_reload_failures_total",
     "Fusion profile file loads that failed (the last good profiles stay in use).",
 )
+FEATURE_MISSES = Counter(
+    "vidrank_feature_misses_total",
+    "Ids the feature snapshot does not hold (scored with schema defaults), by entity.",
+    ["entity"],
+)
+FEATURE_STORE_ERRORS = Counter(
+    "vidrank_feature_store_errors_total",
+    "Requests scored without stored features because the store failed, by reason.",
+    ["reason"],
+)
+FEATURE_LOOKUP_SECONDS = Histogram(
+    "vidrank_feature_lookup_seconds", "Feature-store lookup time per /rank request.",
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+FEATURE_SNAPSHOT_INFO = Gauge(
+    "vidrank_feature_snapshot_info", "1 for the feature snapshot this process serves.",
+    ["snapshot"], multiprocess_mode="livemax",
+)  # fmt: skip
+FEATURE_SWAPS = Counter(
+    "vidrank_feature_snapshot_swaps_total", "Feature snapshot switches, by trigger.", ["trigger"]
+)
+FEATURE_SWAP_FAILURES = Counter(
+    "vidrank_feature_snapshot_failures_total",
+    "Feature snapshots that failed to load, verify or prepare (the old one kept serving).",
+    ["trigger"],
+)
 
 _unknown_labels: set[str] = set()
 
@@ -102,6 +128,14 @@ def set_served(old: dict[str, str], new: dict[str, str]) -> None:
     for role, version in new.items():
         MODEL_INFO.labels(version, role).set(1)
     READY.set(1 if "production" in new else 0)
+
+
+def set_snapshot(old: str | None, new: str | None) -> None:
+    """Update ``vidrank_feature_snapshot_info`` after a snapshot switch."""
+    if old is not None and old != new:
+        FEATURE_SNAPSHOT_INFO.labels(old).set(0)
+    if new is not None:
+        FEATURE_SNAPSHOT_INFO.labels(new).set(1)
 
 
 def exposition(multiproc_dir: Path | None) -> tuple[bytes, str]:

@@ -77,9 +77,15 @@ def rank_router(ranker: Ranker, settings: Settings) -> APIRouter:
     return router
 
 
-def health_router(manager: ModelManager) -> APIRouter:
-    """Liveness and readiness, under the k8s-style and the KServe v2 paths."""
+def health_router(manager: ModelManager, settings: Settings) -> APIRouter:
+    """Liveness and readiness, under the k8s-style and the KServe v2 paths.
+
+    With ``VIDRANK_FEATURE_STORE_REQUIRED`` readiness also needs the feature store (a snapshot
+    loaded; for Redis, a PING within the budget), so a balancer stops sending to a replica that
+    would answer 503.
+    """
     router = APIRouter()
+    store_required = settings.feature_store_required and settings.feature_store != "off"
 
     @router.get("/healthz", response_model=Status, summary="Liveness")
     @router.get("/v2/health/live", response_model=Status, include_in_schema=False)
@@ -92,6 +98,10 @@ def health_router(manager: ModelManager) -> APIRouter:
         production = manager.state.production
         if production is None:
             raise NotReady("no model is loaded and warmed yet")
+        if store_required:
+            why = await anyio.to_thread.run_sync(manager.features_ready)
+            if why is not None:
+                raise NotReady(f"the feature store is required: {why}")
         return json_response(
             b'{"status":"ready","model_version":"%s"}' % production.version.encode()
         )

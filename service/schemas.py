@@ -24,14 +24,18 @@ class _Strict(BaseModel):
 class User(_Strict):
     user_id: str | int = Field(description="Also the user_id feature; selects the canary bucket.")
     features: dict[str, FeatureValue] | None = Field(
-        None, description="User features by name; missing ones take the schema's defaults."
+        None,
+        description="User features by name; they override the feature store's; missing ones "
+        "come from the store, else the schema's defaults.",
     )
 
 
 class Candidate(_Strict):
     video_id: str | int = Field(description="Unique within the request; echoed as sent.")
     features: dict[str, FeatureValue] | None = Field(
-        None, description="Item features by name; unknown names are ignored (and counted)."
+        None,
+        description="Item features by name, overriding the store's (null: not sent); unknown "
+        "names are ignored (and counted). Omit to rank by id with stored features.",
     )
 
 
@@ -118,6 +122,14 @@ class RankResponse(BaseModel):
     model_version: str
     fusion: AppliedFusion
     items: list[RankedItem] = Field(description="Sorted by descending score; ties by input order.")
+    feature_snapshot: str | None = Field(
+        None, description="The feature snapshot whose stored features were used (if any)."
+    )
+    degraded: list[str] | None = Field(
+        None,
+        description='["feature_store"] when the store failed and the request was scored with '
+        "its own features and schema defaults.",
+    )
 
 
 class ErrorDetail(BaseModel):
@@ -147,6 +159,21 @@ class AliasesOut(BaseModel):
     updated_at: str | None
 
 
+class FeatureStoreState(BaseModel):
+    backend: str = Field(description="embedded, redis or off.")
+    snapshot: str | None = Field(description="The active feature snapshot served here.")
+    required: bool
+    status: str = Field(description="ok, or degraded: <reason>.")
+    lacks: dict[str, list[str]] = Field(
+        description="Per served version: the user/item features it reads that the store lacks."
+    )
+
+
 class AdminResult(BaseModel):
     aliases: AliasesOut
     serving: dict[str, Any]
+    feature_store: FeatureStoreState
+
+
+class FeatureStoreResult(BaseModel):
+    feature_store: FeatureStoreState

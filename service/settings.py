@@ -37,6 +37,22 @@ class Settings(BaseSettings):
         5.0, gt=0, le=3600, description="How often the registry's aliases are polled."
     )
     log_level: LogLevel = Field("info", description="Log level.")
+    feature_store: str = Field(
+        "embedded",
+        description="Where /rank looks features up by id: embedded (snapshots in the registry), "
+        "redis://host:port/db, or off.",
+    )
+    feature_timeout_ms: float = Field(
+        20.0, gt=0, le=10_000, description="Budget of one feature lookup (Redis socket timeout)."
+    )
+    feature_store_required: bool = Field(
+        False, description="A store failure answers 503 (and /readyz follows the store)."
+    )
+    feature_cache: Path | None = Field(
+        None,
+        description="Directory of snapshots encoded per model (default <registry>/features/"
+        ".encoded); the workers sharing it share one memory-mapped copy.",
+    )
     # Not in the public table: set by the multi-worker supervisor for its workers.
     metrics_multiproc_dir: Path | None = Field(
         None, description="prometheus-client multiprocess directory (set by the supervisor)."
@@ -47,6 +63,16 @@ class Settings(BaseSettings):
     def _empty_token_is_unset(cls, v: SecretStr | None) -> SecretStr | None:
         # VIDRANK_ADMIN_TOKEN="" must not turn into "the empty string is the password".
         return v if v is not None and v.get_secret_value() else None
+
+    @field_validator("feature_store")
+    @classmethod
+    def _store_url(cls, v: str) -> str:
+        v = v.strip()
+        if v.lower() in ("embedded", "off"):
+            return v.lower()
+        if v.startswith(("redis://", "rediss://", "unix://")):
+            return v
+        raise ValueError("must be embedded, off, or a redis://host:port/db URL")
 
     @field_validator("log_level", mode="before")
     @classmethod

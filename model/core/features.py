@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -213,27 +214,67 @@ class FeatureSchema:
         if lay.cat:
             cat = np.empty((n, len(lay.cat)), dtype=np.int64)
             for j, name in enumerate(lay.cat):
-                f = self.by_name(name)
-                cat[:, j] = lay.offsets[name] + _hash_column(f, columns.get(name), n)
+                (cat[:, j],) = self._encode_feature(lay, name, columns.get(name), n)
             out[f"{entity}_cat"] = cat
         if lay.multi:
             idx = np.zeros((n, len(lay.multi), lay.max_len), dtype=np.int64)
             w = np.zeros((n, len(lay.multi), lay.max_len), dtype=np.float32)
             for j, name in enumerate(lay.multi):
-                f = self.by_name(name)
-                fi, fw = _encode_multi(f, columns.get(name), n)
-                idx[:, j, : f.max_len] = lay.offsets[name] + fi
-                idx[:, j, : f.max_len] *= fw > 0  # padding slots point at 0
-                w[:, j, : f.max_len] = fw
+                idx[:, j], w[:, j] = self._encode_feature(lay, name, columns.get(name), n)
             out[f"{entity}_multi"] = idx
             out[f"{entity}_multi_w"] = w
         if lay.num:
             num = np.empty((n, len(lay.num)), dtype=np.float32)
             for j, name in enumerate(lay.num):
-                f = self.by_name(name)
-                num[:, j] = _encode_numeric(f, columns.get(name), n)
+                (num[:, j],) = self._encode_feature(lay, name, columns.get(name), n)
             out[f"{entity}_num"] = num
         return out
+
+    def encode_feature(self, name: str, values: Any, n: int) -> tuple[np.ndarray, ...]:
+        """One feature's share of its entity's encoded groups, for ``n`` rows.
+
+        ``(index [n],)`` for a categorical, ``(index [n, L], weight [n, L])`` for a
+        multi-categorical (L = the entity's ``max_len``) and ``(value [n],)`` for a numeric: the
+        values :meth:`encode_entity` writes at the feature's :meth:`slot`. A feature store uses
+        it to encode a stored column once, and to apply a request's value over a stored row.
+        """
+        f = self.by_name(name)
+        try:
+            return self._encode_feature(self.layout(f.entity), name, values, n)
+        except FeatureError as e:
+            e.entity = f.entity
+            raise
+
+    def _encode_feature(
+        self, lay: EntityLayout, name: str, values: Any, n: int
+    ) -> tuple[np.ndarray, ...]:
+        f = self.by_name(name)
+        if f.kind == "categorical":
+            return (lay.offsets[name] + _hash_column(f, values, n),)
+        if f.kind == "numeric":
+            return (_encode_numeric(f, values, n),)
+        fi, fw = _encode_multi(f, values, n)
+        idx = np.zeros((n, lay.max_len), dtype=np.int64)
+        w = np.zeros((n, lay.max_len), dtype=np.float32)
+        idx[:, : f.max_len] = (lay.offsets[name] + fi) * (fw > 0)  # padding slots point at 0
+        w[:, : f.max_len] = fw
+        return idx, w
+
+    def slot(self, name: str) -> tuple[tuple[str, ...], int]:
+        """Where :meth:`encode_feature`'s arrays go: (input names, in order; the column index)."""
+        f = self.by_name(name)
+        e, lay = f.entity, self.layout(f.entity)
+        if f.kind == "categorical":
+            return (f"{e}_cat",), lay.cat.index(name)
+        if f.kind == "numeric":
+            return (f"{e}_num",), lay.num.index(name)
+        return (f"{e}_multi", f"{e}_multi_w"), lay.multi.index(name)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """A short content hash: two schemas with equal digests encode every value alike."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def encode(
         self,
@@ -287,8 +328,37 @@ def _str_key(s: str) -> int:
     return int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little")
 
 
+# id_keys reads ids through the categorical path of a feature like this one.
+_ID_FEATURE = Feature("id", "item", "categorical", buckets=1)
+
+
 def _bucket(keys: np.ndarray, buckets: int) -> np.ndarray:
     return (_mix64(keys) % np.uint64(buckets)).astype(np.int64)
+
+
+def id_keys(values: Any) -> np.ndarray:
+    """The 64-bit keys [n] (uint64) the encoder hashes for ids, so 42 and "42" share a key.
+
+    Feature stores index rows by these keys: any spelling of an id that the encoder treats as
+    the same value finds the same stored row. Integers (and strings that spell one) key as the
+    integer, other strings through blake2b. Raises ``FeatureError`` for other types.
+    """
+    f = _ID_FEATURE
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
+        return values.astype(np.int64).view(np.uint64)
+    arr = _as_array(f, values, len(values))
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64).view(np.uint64)
+    if arr.dtype.kind in "US":
+        arr = arr.astype(object)
+    if arr.dtype.kind == "O" and all(type(v) is str for v in arr):
+        return np.fromiter(map(_str_key, arr), dtype=np.uint64, count=len(arr))
+    keys = np.empty(len(arr), dtype=np.uint64)
+    for i, v in enumerate(arr):
+        if not isinstance(v, str | int | np.integer) or isinstance(v, bool | np.bool_):
+            raise FeatureError("id", f"expected a string or integer id, got {v!r}", row=i)
+        keys[i] = _key_of(f, v, i)
+    return keys
 
 
 def _key_of(f: Feature, v: Any, row: int) -> int:
