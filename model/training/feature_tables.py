@@ -16,12 +16,15 @@ exact age sends it in the request, where it overrides the stored value.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
+from model.core.store.snapshot import EntityTable, Progress, build_tables
 from model.training.data import (
     last_log_day,
     read_entity_tables,
@@ -80,3 +83,45 @@ def _upload_age(videos: pd.DataFrame, day: np.datetime64) -> np.ndarray:
     known = ~np.isnat(upload)
     age[known] = (day - upload[known]).astype(np.int64)
     return np.maximum(age, 0.0)
+
+
+class Target(Protocol):
+    """Where a snapshot goes: ``SnapshotStore`` (embedded) or ``RedisSnapshots``."""
+
+    def publish(
+        self,
+        tables: Mapping[str, EntityTable],
+        name: str,
+        source: Mapping[str, Any],
+        progress: Progress | None = None,
+    ) -> Any: ...
+
+
+def default_snapshot_name() -> str:
+    """``s`` + the UTC time, like model versions' ``v`` + time."""
+    return "s" + dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+
+
+def publish_features(
+    data_dir: Path, target: Target, name: str, as_of: str | None = None, show_progress: bool = True
+) -> dict[str, Any]:
+    """Read the tables of ``data_dir``, validate them and publish snapshot ``name`` to ``target``.
+
+    Returns a summary (rows per entity, columns, source). A progress bar shows the write steps
+    (one per file for the embedded store, per 10k rows for Redis).
+    """
+    columns, source = feature_columns(data_dir, as_of)
+    tables = build_tables(columns)
+    with tqdm(desc=f"publishing {name}", unit="step", disable=not show_progress) as bar:
+
+        def progress(step: str) -> None:
+            bar.set_postfix_str(step, refresh=False)
+            bar.update(1)
+
+        target.publish(tables, name, source, progress)
+    return {
+        "snapshot": name,
+        "rows": {e: t.rows for e, t in tables.items()},
+        "columns": {e: list(t.feature_columns) for e, t in tables.items()},
+        "source": source,
+    }

@@ -185,6 +185,10 @@ class SnapshotStore:
         return self.load(name, verify=False)
 
     # -- aliases ------------------------------------------------------------------------------
+    def active(self) -> str | None:
+        """The active snapshot's name (None before the first activation)."""
+        return self.read_aliases().active
+
     def read_aliases(self) -> FeatureAliases:
         """The current alias; ``FeatureAliases(None)`` before any snapshot was activated."""
         try:

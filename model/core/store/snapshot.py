@@ -187,6 +187,7 @@ def _build_table(entity: str, cols: Mapping[str, np.ndarray]) -> EntityTable:
     dupes = np.flatnonzero(keys[1:] == keys[:-1])
     if len(dupes):
         dup = np.asarray(cols[id_column])[order[dupes[0]]]
+        dup = dup.item() if isinstance(dup, np.generic) else dup
         raise SnapshotError(f"{entity}.{id_column}: duplicate id {dup!r} ({len(dupes)} duplicates)")
     built = {
         name: _column(entity, name, np.asarray(values)[order]) for name, values in cols.items()
