@@ -67,8 +67,9 @@ class FeatureView:
         return None
 
     def encode(self, scorer: Scorer, given: EncoderInput) -> Encoded:
-        if self.reason is not None:
-            return self.degrade(scorer, given, self.reason, "no feature snapshot is loaded")
+        if self.reason is not None or self.required:  # a required store has nothing to serve
+            reason = self.reason or "no_snapshot"
+            return self.degrade(scorer, given, reason, "no feature snapshot is loaded")
         return Encoded(plain(scorer.schema, given))
 
     def degrade(self, scorer: Scorer, given: EncoderInput, reason: str, message: str) -> Encoded:
