@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 REGISTRY ?= registry
 PORT   ?= 8000
 DEMO_IMPRESSIONS ?= 300000
+DEMO_DATA ?= data/demo
 FUSION_PROFILES ?= docker/fusion_profiles.toml
 
 .PHONY: install run serve demo-model test lint pytest bench bench-quick rollout clean
@@ -18,9 +19,15 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# Train the demo model into ./registry when it has no production model, then serve on :8000.
-demo-model: install
-	$(BIN)/vidrank train --registry $(REGISTRY) --simulate $(DEMO_IMPRESSIONS) --if-empty
+# Simulate the demo world into data/demo (once), train the demo model into ./registry when it has
+# no production model, publish the world's user/video features as the active snapshot when none
+# is active (so /rank works by ids), then serve on :8000.
+$(DEMO_DATA)/user_features_sim.parquet: | install
+	$(BIN)/vidrank simulate --out $(DEMO_DATA) --impressions $(DEMO_IMPRESSIONS)
+
+demo-model: install $(DEMO_DATA)/user_features_sim.parquet
+	$(BIN)/vidrank train --registry $(REGISTRY) --data $(DEMO_DATA) --if-empty
+	$(BIN)/vidrank features publish --registry $(REGISTRY) --data $(DEMO_DATA) --if-empty
 
 run: demo-model
 	VIDRANK_FUSION_PROFILES=$(FUSION_PROFILES) \
