@@ -13,7 +13,9 @@ measured):
 5. vidrank: a real ``vidrank serve`` process, POST /rank over loopback, p50/p99 at c=1 (rows
    and columnar bodies) and throughput at c=8 with one worker per core; the int8 bundle the
    same way; then the textbook app (benchmarks/textbook_app.py) under plain uvicorn;
-6. lifecycle: start-to-ready, RSS of one worker, RSS through model swaps.
+6. features: at 500 candidates, features in the request vs ids + embedded store vs ids + Redis
+   (benchmarks/features.py), and a snapshot of a million videos: load time and memory per worker;
+7. lifecycle: start-to-ready, RSS of one worker, RSS through model swaps.
 
 Load comes from wrk and rank.lua (one client thread, pre-built bodies); without wrk a Python
 keep-alive client is used and the results say so. No assertion here is timed: targets are
@@ -54,9 +56,10 @@ from benchmarks.memory import model_footprint, publish_copy, swap_rss
 from benchmarks.model_setup import SWAP_VERSION, BenchModel, prepare_model
 from benchmarks.workload import Workload, build_workload
 from model.core.registry import Registry
+from model.training.simulate import SimConfig, simulate, write_simulation
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("floor", "graphs", "vidrank", "textbook", "lifecycle")
+PARTS = ("floor", "graphs", "vidrank", "textbook", "features", "lifecycle")
 
 
 @dataclass
@@ -75,6 +78,7 @@ class BenchSettings:
     workers: int = 0  # 0 = one per core
     connections: int = 8
     starts: int = 3  # vidrank starts timed for start-to-ready (the median is reported)
+    store_videos: int = 1_000_000  # videos in the large embedded snapshot (features part)
     client: str = "auto"  # auto | wrk | python
     skip: list[str] = field(default_factory=list)
     out_dir: Path = ROOT / "benchmarks" / "results"
@@ -92,6 +96,7 @@ QUICK: dict[str, Any] = {
     "warmup_s": 1.0,
     "impressions": 50_000,
     "epochs": 1,
+    "store_videos": 200_000,
 }
 
 
@@ -108,6 +113,7 @@ def parse_args(argv: list[str] | None) -> BenchSettings:
     p.add_argument("--workers", type=int, help="server workers (default: one per core)")
     p.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
     p.add_argument("--starts", type=int, help="server starts timed for start-to-ready")
+    p.add_argument("--store-videos", type=int, help="videos in the large feature snapshot")
     p.add_argument("--skip", default="", help=f"comma-separated parts to skip: {','.join(PARTS)}")
     p.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
     p.add_argument("--work-dir", type=Path, help="cache for the model, graphs, requests, logs")
@@ -123,6 +129,7 @@ def parse_args(argv: list[str] | None) -> BenchSettings:
         "epochs": a.epochs,
         "workers": a.workers,
         "starts": a.starts,
+        "store_videos": a.store_videos,
         "out_dir": a.out,
         "work_dir": a.work_dir,
     }
@@ -301,6 +308,23 @@ def run_lifecycle(
     }
 
 
+def run_features(
+    s: BenchSettings, bm: BenchModel, wl: Workload, wrk: str | None, workers: int
+) -> dict[str, Any]:
+    from benchmarks import features
+
+    n = report.ref_n({"settings": {"ns": s.ns}})
+    sim_dir = s.work_dir / "sim-world-0"  # the bench model's world (it depends on the seed only)
+    if not (sim_dir / "video_features_basic_sim.parquet").exists():
+        write_simulation(simulate(SimConfig(n_impressions=2000, seed=0)), sim_dir)
+    log(f"features: N={n}, features in the request vs ids + embedded vs ids + Redis")
+    rows = features.run_feature_rows(s, bm.registry, sim_dir, wl, wrk, workers, n)
+    Registry(bm.registry).activate(bm.version)
+    log(f"features: a snapshot of {s.store_videos:,} videos (publish, start, memory per worker)")
+    million = features.run_million(s, bm.registry, bm.version, wrk)
+    return {"rows": rows, "million": million}
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 
@@ -359,6 +383,8 @@ def run(s: BenchSettings) -> dict[str, Any]:
             continue
         if name.split("_")[0] not in s.skip:
             results[name] = measure_server(name, s, bm, wl, wrk, workers)
+    if "features" not in s.skip:
+        results["features"] = run_features(s, bm, wl, wrk, workers)
     if "lifecycle" not in s.skip:
         results["lifecycle"] = run_lifecycle(s, bm, wl, wrk)
     results["settings"] = {

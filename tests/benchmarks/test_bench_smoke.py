@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTS = ("floor", "graphs", "vidrank", "textbook", "lifecycle")
+PARTS = ("floor", "graphs", "vidrank", "textbook", "features", "lifecycle")
 TARGET_IDS = {
     "p50_vs_floor",
     "p99_vs_p50",
@@ -30,6 +30,11 @@ TARGET_IDS = {
     "rss_one_worker",
     "start_to_ready",
     "swap_extra",
+    "fs_embedded_vs_floor",
+    "fs_redis_p50",
+    "fs_redis_rps",
+    "fs_million_load",
+    "fs_million_rss",
 }
 
 pytestmark = pytest.mark.slow
@@ -44,9 +49,10 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
         sys.executable, "-m", "benchmarks.run", "--quick", "--small",
         "--ns", "16", "--per-n", "3", "--impressions", "5000", "--epochs", "1",
         "--http-seconds", "1", "--floor-seconds", "0.1", "--starts", "1",
+        "--store-videos", "20000",
         "--out", str(out), "--work-dir", str(work),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = list(out.glob("*.json"))
     assert len(files) == 1, files
