@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -78,6 +79,15 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_level(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
+
+    def feature_store_display(self) -> str:
+        """The store setting for logs: a Redis URL without its password."""
+        parts = urlsplit(self.feature_store)
+        if parts.password is None:
+            return self.feature_store
+        host = parts.hostname or ""
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
 
     def intra_op_threads(self) -> int:
         """Resolved onnxruntime intra-op threads: explicit, else 1 per worker or all cores."""

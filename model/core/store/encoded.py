@@ -58,8 +58,10 @@ class EncodedEntity:
         """The groups at ``rows``, as the model's dtypes (fresh arrays, safe to write into)."""
         out = {}
         for name, arr in self.groups.items():
-            part = arr[rows]
-            out[name] = part.astype(np.int64) if part.dtype.kind == "i" else np.array(part)
+            part = arr.take(rows, axis=0)  # a fresh copy already
+            out[name] = (
+                part.astype(np.int64) if part.dtype != np.int64 and part.dtype.kind == "i" else part
+            )
         return out
 
 
@@ -94,8 +96,14 @@ class EncodedSnapshot:
         enc = self.entities[entity]
         rows, found = enc.table.lookup(id_keys(ids))
         out = enc.gather(rows)
+        id_name = ENTITY_IDS[entity]
+        if id_name in names:  # a stored row holds its id encoded: only misses need theirs
+            missing = np.flatnonzero(~found)
+            if len(missing):
+                self._write(out, id_name, [ids[i] for i in missing.tolist()], missing)
         for name in full:
-            self._write(out, name, given[name], None)
+            if name != id_name:
+                self._write(out, name, given[name], None)
         for name in sent:
             if name not in full:
                 col = given[name]
@@ -249,7 +257,7 @@ def _read_cache(
         out[entity] = {}
         for g, a in expected.items():
             try:
-                arr = np.load(directory / f"{g}.npy", mmap_mode="r", allow_pickle=False)
+                arr = np.asarray(np.load(directory / f"{g}.npy", mmap_mode="r", allow_pickle=False))
             except (FileNotFoundError, ValueError):
                 return None
             if arr.shape != (rows, *a.shape[1:]):

@@ -328,7 +328,9 @@ def _load_table(directory: Path, entity: str, spec: Mapping[str, Any], verify: b
         if verify and sha256_file(path) != files[file]:
             raise SnapshotError(f"{directory.name}: {file} fails its sha256 check")
         try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            # A plain ndarray view of the read-only mapping: no copy, and no np.memmap
+            # __getitem__ overhead on every lookup and gather.
+            arr = np.asarray(np.load(path, mmap_mode="r", allow_pickle=False))
         except (ValueError, OSError) as e:
             raise SnapshotError(f"{directory.name}: {file} is not a numpy array: {e}") from None
         if (
