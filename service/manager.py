@@ -121,6 +121,7 @@ class ModelManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_poll_error: str | None = None
+        self._last_feature_error: str | None = None
 
     # -- request path -------------------------------------------------------------------------
     @property
@@ -242,9 +243,11 @@ class ModelManager:
                     return False
                 self._install(replace(cur, features=view), trigger)
                 return self.state is not cur
-        except Exception as e:
+        except Exception as e:  # a broken alias file fails every poll: one traceback, then lines
+            repeated = repr(e) == self._last_feature_error
+            self._last_feature_error = repr(e)
             log.warning(
-                "feature store poll failed", exc_info=True,
+                "feature store poll failed", exc_info=not repeated,
                 extra={"fields": {"trigger": trigger, "error": repr(e)}},
             )  # fmt: skip
             return False

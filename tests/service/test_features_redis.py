@@ -189,3 +189,17 @@ def test_snapshots_switch_atomically_and_old_ones_expire(
     ttl = int(published.command("TTL", Keys().table("s1", "item")).strip(b":\r\n"))
     assert 0 < ttl <= 3600  # the replaced snapshot expires after the grace period
     assert int(published.command("TTL", Keys().table("s2", "item")).strip(b":\r\n")) == -1
+
+
+def test_an_expired_snapshot_is_an_error_not_a_page_of_misses(
+    redis_client: Callable[..., TestClient], published: RedisServer
+) -> None:
+    client = redis_client()
+    assert "degraded" not in client.post("/rank", json=ids_body(42, VIDEOS)).json()
+    for key in (Keys().manifest("s1"), Keys().table("s1", "item"), Keys().table("s1", "user")):
+        published.command("DEL", key)  # what the grace-period expiry does
+    misses = sample("vidrank_feature_misses_total", {"entity": "item"})
+    r = client.post("/rank", json=ids_body(42, VIDEOS)).json()
+    assert r["degraded"] == ["feature_store"]
+    assert sample("vidrank_feature_store_errors_total", {"reason": "expired"}) >= 1
+    assert sample("vidrank_feature_misses_total", {"entity": "item"}) == misses

@@ -51,7 +51,8 @@ WRITE_CHUNK = 10_000  # hash fields per HSET
 
 
 class StoreUnavailable(VidrankError):
-    """The store could not answer: ``reason`` is down, timeout or garbage (a metric label)."""
+    """The store could not answer: ``reason`` (a metric label) is down, timeout, garbage or
+    expired."""
 
     code = "feature_store_unavailable"
 
@@ -150,9 +151,14 @@ class RedisReader:
     def fetch(
         self, snapshot: str, user_key: int, item_keys: np.ndarray
     ) -> tuple[bytes | None, list[bytes | None]]:
-        """The raw user row and item rows (None: not stored), in one pipelined round trip."""
+        """The raw user row and item rows (None: not stored), in one pipelined round trip.
+
+        The same round trip checks that the snapshot still exists: one that expired (a replica
+        that could not poll for longer than the grace period) is an error, not a row of misses.
+        """
         fields = [b"%d" % k for k in item_keys.tolist()]
         pipe = self.client.pipeline(transaction=False)
+        pipe.exists(self.keys.manifest(snapshot))
         pipe.hget(self.keys.table(snapshot, "user"), b"%d" % user_key)
         if fields:
             pipe.hmget(self.keys.table(snapshot, "item"), fields)
@@ -160,7 +166,9 @@ class RedisReader:
             out = pipe.execute()
         except redis.RedisError as e:
             raise _unavailable(e) from None
-        return out[0], (out[1] if fields else [])
+        if not out[0]:
+            raise StoreUnavailable("expired", f"snapshot {snapshot} is no longer in the store")
+        return out[1], (out[2] if fields else [])
 
 
 def decode_rows(raw: Sequence[bytes | None], width: int) -> list[list[Any] | None]:
