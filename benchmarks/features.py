@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,6 @@ import psutil
 
 from benchmarks.harness import RedisServer, Server, child_env, find_redis_server, start_vidrank
 from benchmarks.loadgen import run_load, write_bodies
-from benchmarks.workload import Workload
 from model.core.registry import Registry
 from model.core.store.embedded import SnapshotStore
 from model.core.store.redis_store import RedisSnapshots, connect
@@ -49,22 +49,64 @@ def _serve(registry: Path, log: Path, workers: int, env: dict[str, str]) -> Serv
     return start_vidrank(registry, log, workers=workers, env=full, name=log.stem)
 
 
-def _measure(server: Server, bodies: Path, s: Any, wrk: str | None) -> dict[str, Any]:
-    run_load(server.url, bodies, 1, s.warmup_s, wrk)
-    c1 = run_load(server.url, bodies, 1, s.http_s, wrk).to_dict()
-    c8 = run_load(server.url, bodies, s.connections, s.http_s, wrk).to_dict()
-    lines = bodies.read_bytes().splitlines()
-    return {
-        "p50_ms": c1["latency_ms"]["p50"],
-        "p99_ms": c1["latency_ms"]["p99"],
-        "rps_c8": c8["rps"],
-        "errors": {**c1["errors"], **c8["errors"]},
-        "body_bytes": sum(map(len, lines)) // max(1, len(lines)),
-    }
+ROUNDS = 3
+
+
+def _run(server: Server, bodies: Path, connections: int, seconds: float, wrk: str | None) -> dict:
+    return run_load(server.url, bodies, connections, seconds, wrk).to_dict()
+
+
+def measure_interleaved(
+    servers: dict[str, tuple[Server, Path]],
+    floor: Callable[[float], float] | None,
+    s: Any,
+    wrk: str | None,
+    rounds: int = ROUNDS,
+) -> dict[str, Any]:
+    """c=1 p50 and c=8 req/s of each server, and the floor, measured in turns over ``rounds``.
+
+    Round-robin, like the floor's own timing: load on a shared machine then falls on every row
+    alike instead of on whichever ran during it. p50 and the floor are medians of the rounds'
+    medians, req/s the mean of the rounds.
+    """
+    per: dict[str, dict[str, list[float]]] = {k: {"p50": [], "p99": [], "rps": []} for k in servers}
+    floors: list[float] = []
+    errors: dict[str, int] = dict.fromkeys(servers, 0)
+    for server, bodies in servers.values():
+        _run(server, bodies, 1, s.warmup_s, wrk)
+    for _ in range(rounds):
+        if floor is not None:
+            floors.append(floor(s.floor_s / rounds))
+        for name, (server, bodies) in servers.items():
+            c1 = _run(server, bodies, 1, s.http_s / rounds, wrk)
+            c8 = _run(server, bodies, s.connections, s.http_s / rounds, wrk)
+            per[name]["p50"].append(c1["latency_ms"]["p50"])
+            per[name]["p99"].append(c1["latency_ms"]["p99"])
+            per[name]["rps"].append(c8["rps"])
+            errors[name] += sum(c1["errors"].values()) + sum(c8["errors"].values())
+    out: dict[str, Any] = {"floor_p50_ms": float(np.median(floors)) if floors else None}
+    for name, (_, bodies) in servers.items():
+        lines = bodies.read_bytes().splitlines()
+        out[name] = {
+            "p50_ms": float(np.median(per[name]["p50"])),
+            "p99_ms": float(np.median(per[name]["p99"])),
+            "rps_c8": float(np.mean(per[name]["rps"])),
+            "rounds": per[name],
+            "errors": {"total": errors[name]},
+            "body_bytes": sum(map(len, lines)) // max(1, len(lines)),
+        }
+    return out
 
 
 def run_feature_rows(
-    s: Any, registry: Path, sim_dir: Path, wl: Workload, wrk: str | None, workers: int, n: int
+    s: Any,
+    registry: Path,
+    sim_dir: Path,
+    full_lines: list[bytes],
+    floor: Callable[[float], float] | None,
+    wrk: str | None,
+    workers: int,
+    n: int,
 ) -> dict[str, Any]:
     """The three rows at ``n`` candidates (see the module docstring)."""
     columns, source = feature_columns(sim_dir)
@@ -73,29 +115,30 @@ def run_feature_rows(
     if not store.has("bench"):
         store.publish(tables, "bench", source)
     store.activate("bench")
-    full = write_bodies(s.work_dir / f"features-full-{n}.jsonl", wl.json_lines(n))
-    lines = [orjson.dumps(ids_only(b)) for b in wl.bodies[n]]
-    ids = write_bodies(s.work_dir / f"features-ids-{n}.jsonl", lines)
-    out: dict[str, Any] = {"n": n, "workers": workers}
+    full = write_bodies(s.work_dir / f"features-full-{n}.jsonl", full_lines)
+    ids_lines = [orjson.dumps(ids_only(orjson.loads(b))) for b in full_lines]
+    ids = write_bodies(s.work_dir / f"features-ids-{n}.jsonl", ids_lines)
     runs = [("request", full, {"VIDRANK_FEATURE_STORE": "off"}), ("embedded", ids, {})]
     redis = None
     if find_redis_server() is not None:
+        shutil.rmtree(s.work_dir / "redis-bench", ignore_errors=True)
         redis = RedisServer(s.work_dir / "redis-bench")
         rs = RedisSnapshots(connect(redis.url, 30.0))
         rs.publish(tables, "bench", source)
         rs.activate("bench")
         runs.append(("redis", ids, {"VIDRANK_FEATURE_STORE": redis.url}))
+    servers: dict[str, tuple[Server, Path]] = {}
     try:
         for name, bodies, env in runs:
-            server = _serve(registry, s.work_dir / f"features-{name}.log", workers, env)
-            try:
-                out[name] = _measure(server, bodies, s, wrk)
-            finally:
-                server.stop()
+            log = s.work_dir / f"features-{name}.log"
+            servers[name] = (_serve(registry, log, workers, env), bodies)
+        out = measure_interleaved(servers, floor, s, wrk)
     finally:
+        for server, _ in servers.values():
+            server.stop()
         if redis is not None:
             redis.stop()
-    return out
+    return {"n": n, "workers": workers, **out}
 
 
 # -- one million videos ------------------------------------------------------------------------
@@ -188,8 +231,9 @@ ROWS = (
 )
 
 
-def markdown(rows: dict[str, Any], floor_p50: float | None, million: dict[str, Any]) -> list[str]:
-    """The section of latest.md."""
+def markdown(rows: dict[str, Any], million: dict[str, Any]) -> list[str]:
+    """The section of latest.md (the floor: measured in turns with the rows)."""
+    floor_p50 = rows.get("floor_p50_ms")
     lines = [
         f"## Feature store, {rows['n']} candidates, {rows['workers']} workers",
         "",
@@ -204,6 +248,10 @@ def markdown(rows: dict[str, Any], floor_p50: float | None, million: dict[str, A
         lines.append(
             f"| {label} | {r['body_bytes']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {ratio} | "
             f"{r['rps_c8']:.0f} | {sum(r['errors'].values())} |"
+        )
+    if floor_p50:
+        lines.append(
+            f"| onnxruntime floor (1 thread, same turns) | | {floor_p50:.2f} | | 1.00 | | |"
         )
     if million:
         lines += ["", million_text(million)]
@@ -227,3 +275,17 @@ def million_text(m: dict[str, Any]) -> str:
         f"extra PSS per additional worker {m['extra_pss_per_worker_bytes'] / mb:.1f} MB; "
         f"per-worker RSS/USS/PSS in MB after ids traffic: {per_worker}."
     )
+
+
+def floor_sampler(model: Path, encoded: list[dict[str, np.ndarray]]) -> Callable[[float], float]:
+    """A function timing ``session.run`` (1 thread, the service's options) for some seconds and
+    returning the median in ms: the floor, sampled in turns with the HTTP rows."""
+    from benchmarks.floor import sample_session, session
+
+    sess = session(model, 1)
+
+    def sample(seconds: float) -> float:
+        wall, _ = sample_session(sess, encoded, seconds)
+        return float(np.median(wall) * 1e3)
+
+    return sample

@@ -318,7 +318,10 @@ def run_features(
     if not (sim_dir / "video_features_basic_sim.parquet").exists():
         write_simulation(simulate(SimConfig(n_impressions=2000, seed=0)), sim_dir)
     log(f"features: N={n}, features in the request vs ids + embedded vs ids + Redis")
-    rows = features.run_feature_rows(s, bm.registry, sim_dir, wl, wrk, workers, n)
+    floor = features.floor_sampler(bm.bundle_dir / "model.onnx", wl.encoded(n))
+    rows = features.run_feature_rows(
+        s, bm.registry, sim_dir, wl.json_lines(n), floor, wrk, workers, n
+    )
     Registry(bm.registry).activate(bm.version)
     log(f"features: a snapshot of {s.store_videos:,} videos (publish, start, memory per worker)")
     million = features.run_million(s, bm.registry, bm.version, wrk)
