@@ -25,7 +25,14 @@ import numpy as np
 import orjson
 import psutil
 
-from benchmarks.harness import RedisServer, Server, child_env, find_redis_server, start_vidrank
+from benchmarks.harness import (
+    RedisServer,
+    Server,
+    child_env,
+    cpu_seconds,
+    find_redis_server,
+    start_vidrank,
+)
 from benchmarks.loadgen import run_load, write_bodies
 from model.core.registry import Registry
 from model.core.store.embedded import SnapshotStore
@@ -52,16 +59,29 @@ def _serve(registry: Path, log: Path, workers: int, env: dict[str, str]) -> Serv
 ROUNDS = 3
 
 
-def _run(server: Server, bodies: Path, connections: int, seconds: float, wrk: str | None) -> dict:
-    return run_load(server.url, bodies, connections, seconds, wrk).to_dict()
+def _run(
+    server: Server,
+    bodies: Path,
+    connections: int,
+    seconds: float,
+    wrk: str | None,
+    extra_pids: tuple[int, ...] = (),
+) -> dict:
+    """One load run, with the CPU seconds the server's workers (and ``extra_pids``: Redis) used."""
+    pids = [*server.worker_pids(), *extra_pids]
+    before = sum(cpu_seconds(p) or 0.0 for p in pids)
+    out = run_load(server.url, bodies, connections, seconds, wrk).to_dict()
+    out["cpu_s"] = sum(cpu_seconds(p) or 0.0 for p in pids) - before
+    return out
 
 
 def measure_interleaved(
     servers: dict[str, tuple[Server, Path]],
-    floor: Callable[[float], float] | None,
+    floor: Callable[[float], tuple[float, float]] | None,
     s: Any,
     wrk: str | None,
     rounds: int = ROUNDS,
+    redis_pids: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """c=1 p50 and c=8 req/s of each server, and the floor, measured in turns over ``rounds``.
 
@@ -69,8 +89,10 @@ def measure_interleaved(
     alike instead of on whichever ran during it. p50 and the floor are medians of the rounds'
     medians, req/s the mean of the rounds.
     """
-    per: dict[str, dict[str, list[float]]] = {k: {"p50": [], "p99": [], "rps": []} for k in servers}
-    floors: list[float] = []
+    per: dict[str, dict[str, list[float]]] = {
+        k: {"p50": [], "p99": [], "rps": [], "cpu_ms": []} for k in servers
+    }
+    floors: list[tuple[float, float]] = []
     errors: dict[str, int] = dict.fromkeys(servers, 0)
     for server, bodies in servers.values():
         _run(server, bodies, 1, s.warmup_s, wrk)
@@ -79,18 +101,24 @@ def measure_interleaved(
             floors.append(floor(s.floor_s / rounds))
         for name, (server, bodies) in servers.items():
             c1 = _run(server, bodies, 1, s.http_s / rounds, wrk)
-            c8 = _run(server, bodies, s.connections, s.http_s / rounds, wrk)
+            extra = redis_pids if name == "redis" else ()
+            c8 = _run(server, bodies, s.connections, s.http_s / rounds, wrk, extra)
+            per[name]["cpu_ms"].append(1e3 * c8["cpu_s"] / max(1, c8["requests"]))
             per[name]["p50"].append(c1["latency_ms"]["p50"])
             per[name]["p99"].append(c1["latency_ms"]["p99"])
             per[name]["rps"].append(c8["rps"])
             errors[name] += sum(c1["errors"].values()) + sum(c8["errors"].values())
-    out: dict[str, Any] = {"floor_p50_ms": float(np.median(floors)) if floors else None}
+    out: dict[str, Any] = {
+        "floor_p50_ms": float(np.median([f[0] for f in floors])) if floors else None,
+        "floor_cpu_ms": float(np.median([f[1] for f in floors])) if floors else None,
+    }
     for name, (_, bodies) in servers.items():
         lines = bodies.read_bytes().splitlines()
         out[name] = {
             "p50_ms": float(np.median(per[name]["p50"])),
             "p99_ms": float(np.median(per[name]["p99"])),
             "rps_c8": float(np.mean(per[name]["rps"])),
+            "cpu_ms_per_request": float(np.median(per[name]["cpu_ms"])),
             "rounds": per[name],
             "errors": {"total": errors[name]},
             "body_bytes": sum(map(len, lines)) // max(1, len(lines)),
@@ -103,7 +131,7 @@ def run_feature_rows(
     registry: Path,
     sim_dir: Path,
     full_lines: list[bytes],
-    floor: Callable[[float], float] | None,
+    floor: Callable[[float], tuple[float, float]] | None,
     wrk: str | None,
     workers: int,
     n: int,
@@ -132,7 +160,8 @@ def run_feature_rows(
         for name, bodies, env in runs:
             log = s.work_dir / f"features-{name}.log"
             servers[name] = (_serve(registry, log, workers, env), bodies)
-        out = measure_interleaved(servers, floor, s, wrk)
+        extra = (redis.pid,) if redis is not None else ()
+        out = measure_interleaved(servers, floor, s, wrk, redis_pids=extra)
     finally:
         for server, _ in servers.values():
             server.stop()
@@ -237,8 +266,9 @@ def markdown(rows: dict[str, Any], million: dict[str, Any]) -> list[str]:
     lines = [
         f"## Feature store, {rows['n']} candidates, {rows['workers']} workers",
         "",
-        "| request | body bytes | c=1 p50 ms | p99 ms | × floor | req/s c=8 | errors |",
-        "|---|---|---|---|---|---|---|",
+        "| request | body bytes | c=1 p50 ms | p99 ms | × floor | req/s c=8 | CPU ms/req (c=8) "
+        "| errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, label in ROWS:
         r = rows.get(name)
@@ -247,7 +277,8 @@ def markdown(rows: dict[str, Any], million: dict[str, Any]) -> list[str]:
         ratio = f"{r['p50_ms'] / floor_p50:.2f}" if floor_p50 else "?"
         lines.append(
             f"| {label} | {r['body_bytes']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {ratio} | "
-            f"{r['rps_c8']:.0f} | {sum(r['errors'].values())} |"
+            f"{r['rps_c8']:.0f} | {r.get('cpu_ms_per_request', 0):.2f} | "
+            f"{sum(r['errors'].values())} |"
         )
     if floor_p50:
         lines.append(
@@ -277,15 +308,17 @@ def million_text(m: dict[str, Any]) -> str:
     )
 
 
-def floor_sampler(model: Path, encoded: list[dict[str, np.ndarray]]) -> Callable[[float], float]:
-    """A function timing ``session.run`` (1 thread, the service's options) for some seconds and
-    returning the median in ms: the floor, sampled in turns with the HTTP rows."""
+def floor_sampler(
+    model: Path, encoded: list[dict[str, np.ndarray]]
+) -> Callable[[float], tuple[float, float]]:
+    """A function timing ``session.run`` (1 thread, the service's options) for some seconds:
+    (median wall ms, median thread-CPU ms) - the floor, sampled in turns with the HTTP rows."""
     from benchmarks.floor import sample_session, session
 
     sess = session(model, 1)
 
-    def sample(seconds: float) -> float:
-        wall, _ = sample_session(sess, encoded, seconds)
-        return float(np.median(wall) * 1e3)
+    def sample(seconds: float) -> tuple[float, float]:
+        wall, cpu = sample_session(sess, encoded, seconds)
+        return float(np.median(wall) * 1e3), float(np.median(cpu) * 1e3)
 
     return sample
