@@ -281,8 +281,10 @@ def markdown(rows: dict[str, Any], million: dict[str, Any]) -> list[str]:
             f"{sum(r['errors'].values())} |"
         )
     if floor_p50:
+        cpu = rows.get("floor_cpu_ms") or 0.0
         lines.append(
-            f"| onnxruntime floor (1 thread, same turns) | | {floor_p50:.2f} | | 1.00 | | |"
+            f"| onnxruntime floor (1 thread, in turns) | | {floor_p50:.2f} | | 1.00 | | "
+            f"{cpu:.2f} | |"
         )
     if million:
         lines += ["", million_text(million)]
