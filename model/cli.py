@@ -211,6 +211,7 @@ def models_activate(version: str, registry: RegistryOpt = Path("registry")) -> N
         _print_aliases(reg.activate(version))
     except (RegistryError, BundleError) as e:
         _fail(str(e))
+    _warn_snapshot_lacks(registry)
 
 
 @models_app.command("rollback")
@@ -283,6 +284,22 @@ def _warn_lacks(registry: Path, columns: dict[str, list[str]]) -> None:
         missing = lacks(reg.bundle(version, verify=False).schema, columns)
         if missing:
             typer.echo(f"warning: {version} reads features the snapshot lacks: {list(missing)}")
+
+
+def _warn_snapshot_lacks(registry: Path) -> None:
+    """After a model activation: what the registry's active feature snapshot lacks, if any."""
+    from model.core.store.embedded import SnapshotStore
+    from model.core.store.snapshot import SnapshotError
+
+    store = SnapshotStore(registry)
+    try:
+        active = store.active()
+        if active is None:
+            return
+        entities = store.manifest(active)["entities"]
+    except (SnapshotError, KeyError):
+        return
+    _warn_lacks(registry, {e: list(spec["columns"]) for e, spec in entities.items()})
 
 
 @features_app.command("publish")

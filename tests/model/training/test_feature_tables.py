@@ -99,3 +99,23 @@ def test_cli_publishes_to_redis(sim_tables: Path, tmp_path: Path) -> None:
         )
     finally:
         server.stop()
+
+
+def test_cli_names_what_the_active_snapshot_lacks(
+    registry_copy: Path, version: str, sim_tables: Path
+) -> None:
+    from model.core.store.snapshot import build_tables
+
+    columns, source = feature_columns(sim_tables)
+    del columns["item"]["tag"]
+    store = SnapshotStore(registry_copy)
+    store.publish(build_tables(columns), "s-notag", source)
+    done = CliRunner().invoke(
+        app, ["features", "activate", "s-notag", "--registry", str(registry_copy)]
+    )
+    assert done.exit_code == 0, done.output
+    assert f"warning: {version} reads features the snapshot lacks: ['item.tag']" in done.output
+    done = CliRunner().invoke(
+        app, ["models", "activate", version, "--registry", str(registry_copy)]
+    )
+    assert done.exit_code == 0 and "['item.tag']" in done.output
