@@ -44,8 +44,14 @@ class MalformedBody(VidrankError):
     code = "malformed_json"
 
 
+class MalformedEncoding(MalformedBody):
+    """The body's declared content coding (gzip) does not decode."""
+
+    code = "malformed_encoding"
+
+
 class UnsupportedMediaType(VidrankError):
-    """The body was declared as something other than JSON."""
+    """The body was not declared as JSON, or in a content coding other than gzip."""
 
     code = "unsupported_media_type"
 

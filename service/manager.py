@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from model.core.bundle import BundleError
+from model.core.errors import VidrankError
 from model.core.registry import (
     Aliases,
     Canary,
@@ -150,7 +151,10 @@ class ModelManager:
                 extra={"fields": {"version": version, "trigger": trigger, "reason": reason}},
             )
             details = e.details if isinstance(e, FeatureStoreConflict) else None
-            raise SwapFailed(f"cannot serve version {version}: {reason}", details=details) from e
+            # A client sees a domain error's own message (no paths in it); anything else, e.g.
+            # an onnxruntime message naming the model's absolute path, stays in the log.
+            public = e.message if isinstance(e, VidrankError) else f"{type(e).__name__} (see log)"
+            raise SwapFailed(f"cannot serve version {version}: {public}", details=details) from e
         self._failed.pop(version, None)
         load_s = time.perf_counter() - start
         metrics.LOAD_SECONDS.observe(load_s)

@@ -69,7 +69,7 @@ class Ranker:
         if req.n:
             enc = encode(state.features, scorer, req, given)
             preds = score(scorer, enc.inputs)
-            scores = fuse(spec, preds)
+            scores = finite(fuse(spec, preds), scorer.version)
             order = rank_order(scores)[: req.top_k]
             items = ranked_items(given.video_ids, order, scores, preds)
         body_out = serialise(rid, scorer.version, spec, items, enc)
@@ -90,6 +90,14 @@ def score(scorer: Scorer, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray
     preds = scorer.score(inputs)
     metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
     return preds
+
+
+def finite(scores: np.ndarray, version: str) -> np.ndarray:
+    """The fused scores, which are finite for any valid spec and finite, non-negative predictions
+    (``model/core/fusion.py``); anything else is a broken model: a 500, never a null score."""
+    if not np.isfinite(scores).all():
+        raise RuntimeError(f"model {version} gave predictions that fuse to non-finite scores")
+    return scores
 
 
 def profiles_failed(error: str) -> None:

@@ -13,11 +13,11 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from service import metrics
+from service import body, metrics
 from service.catalog import Catalog
-from service.errors import NotReady, PayloadTooLarge, UnsupportedMediaType
+from service.errors import NotReady
 from service.manager import ModelManager
-from service.ranking import Ranker
+from service.ranking import Ranker, RankResult
 from service.responses import JSON, json_response
 from service.schemas import ErrorResponse, RankResponse, Status
 from service.settings import Settings
@@ -29,16 +29,20 @@ RANK_CONCURRENCY = 2
 # rank thread per worker only adds GIL hand-offs and cache contention. Measured at c=8 with 500
 # candidates on 2 cores: 10-20% less CPU per request and a lower p50 than with 2.
 RANK_CONCURRENCY_PER_CORE_WORKER = 1
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in (
-        (400, "Body is not JSON"),
-        (413, "Body too large"),
-        (415, "Body is not declared as JSON"),
-        (422, "Invalid request; details.field names the offending field"),
-        (503, "No model is ready"),
-    )
-}
+
+
+def error_responses(*statuses: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses, each with the one error body."""
+    return {code: {"model": ErrorResponse, "description": text} for code, text in statuses}
+
+
+RANK_RESPONSES = error_responses(
+    (400, "Body is not JSON (malformed_json) or not valid gzip (malformed_encoding)"),
+    (413, "Body too large, as sent or once decompressed (payload_too_large)"),
+    (415, "Body not declared as JSON, or in a coding other than gzip (unsupported_media_type)"),
+    (422, "Invalid request (invalid_request, invalid_feature, invalid_fusion); details.field"),
+    (503, "No model is ready (not_ready)"),
+)
 # The body is parsed by hand (service/request.py); the docs point at the pydantic model instead.
 _RANK_BODY = {
     "requestBody": {
@@ -46,6 +50,11 @@ _RANK_BODY = {
         "content": {JSON: {"schema": {"$ref": "#/components/schemas/RankRequest"}}},
     }
 }
+_RANK_DESCRIPTION = (
+    "The body must be sent as `Content-Type: application/json`; it may be compressed with "
+    "`Content-Encoding: gzip`. Limits and the error of each are in the README's Reliability "
+    "section."
+)
 
 
 def rank_router(ranker: Ranker, settings: Settings) -> APIRouter:
@@ -56,18 +65,23 @@ def rank_router(ranker: Ranker, settings: Settings) -> APIRouter:
     )
     max_body = settings.max_body_bytes()
 
+    def decode_and_rank(raw: bytes, coding: str, request_id: str) -> RankResult:
+        return ranker.rank(body.decode(raw, coding, max_body), request_id)
+
     @router.post(
         "/rank",
         summary="Rank candidate videos for one user",
+        description=_RANK_DESCRIPTION,
         response_model=RankResponse,
-        responses=ERROR_RESPONSES,
+        responses=RANK_RESPONSES,
         openapi_extra=_RANK_BODY,
     )
     async def rank(request: Request) -> Response:
-        _check_content_type(request)
-        body = await _read_body(request, max_body)
+        body.check_content_type(request)
+        coding = body.content_coding(request)
+        raw = await body.read_body(request, max_body)
         result = await anyio.to_thread.run_sync(
-            ranker.rank, body, request.state.request_id, limiter=limiter
+            decode_and_rank, raw, coding, request.state.request_id, limiter=limiter
         )
         request.state.request_id = result.request_id
         request.state.model_version = result.model_version
@@ -92,7 +106,12 @@ def health_router(manager: ModelManager, settings: Settings) -> APIRouter:
     async def live() -> Response:
         return json_response(b'{"status":"ok"}')
 
-    @router.get("/readyz", response_model=Status, summary="Readiness", responses=ERROR_RESPONSES)
+    @router.get(
+        "/readyz",
+        response_model=Status,
+        summary="Readiness",
+        responses=error_responses((503, "No model is ready (not_ready)")),
+    )
     @router.get("/v2/health/ready", response_model=Status, include_in_schema=False)
     async def ready() -> Response:
         production = manager.state.production
@@ -117,7 +136,14 @@ def models_router(catalog: Catalog) -> APIRouter:
     def models() -> dict[str, Any]:
         return catalog.models()
 
-    @router.get("/models/{version}", summary="A version's manifest")
+    @router.get(
+        "/models/{version}",
+        summary="A version's manifest",
+        responses=error_responses(
+            (404, "No such version (version_not_found, invalid_version_name)"),
+            (409, "The version's bundle is invalid (invalid_bundle)"),
+        ),
+    )
     def model_manifest(version: str) -> dict[str, Any]:
         return catalog.manifest(version)
 
@@ -134,27 +160,3 @@ def metrics_router(settings: Settings) -> APIRouter:
         return Response(content=data, media_type=content_type)
 
     return router
-
-
-def _check_content_type(request: Request) -> None:
-    ctype = request.headers.get("content-type")
-    if ctype is None:
-        return
-    media = ctype.split(";", 1)[0].strip().lower()
-    if media != JSON and not (media.startswith("application/") and media.endswith("+json")):
-        raise UnsupportedMediaType(f"send Content-Type: {JSON} (got {media or 'nothing'})")
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing more than ``limit`` bytes without reading them all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {declared} bytes exceeds {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)

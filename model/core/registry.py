@@ -49,7 +49,7 @@ from model.core.bundle import (
     BundleError,
     load_bundle,
 )
-from model.core.errors import VidrankError
+from model.core.errors import VidrankError, shown
 from model.core.fileio import (
     copy_durable,
     fsync_dir,
@@ -119,7 +119,7 @@ def check_version_name(version: Any) -> str:
     """``version`` if it is a valid version name, else ``InvalidVersionName``."""
     if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
         raise InvalidVersionName(
-            f"invalid version name {version!r}: must match {VERSION_RE.pattern}"
+            f"invalid version name {shown(repr(version))}: must match {VERSION_RE.pattern}"
         )
     return version
 
@@ -263,7 +263,7 @@ class Registry:
         """
         path = self.version_dir(version)
         if not path.is_dir():
-            raise VersionNotFound(f"version {version!r} is not published in {self.root}")
+            raise VersionNotFound(f"version {shown(version)!r} is not published")
         bundle = load_bundle(path, verify=verify)
         if bundle.version != version:
             raise BundleError(
@@ -365,7 +365,7 @@ class Registry:
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RegistryError(f"{self.aliases_path} is not valid JSON: {e}") from e
+            raise RegistryError(f"{ALIASES_FILE} is not valid JSON: {e}") from e
         return Aliases.from_dict(data)
 
     def aliases_stamp(self) -> tuple[int, int] | None:
@@ -452,7 +452,7 @@ class Registry:
     def _require(self, version: str) -> None:
         check_version_name(version)
         if not self.has(version):
-            raise VersionNotFound(f"version {version!r} is not published in {self.root}")
+            raise VersionNotFound(f"version {shown(version)!r} is not published")
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -208,13 +209,21 @@ def test_homogeneous_columns_take_the_numpy_path(monkeypatch: pytest.MonkeyPatch
         np.testing.assert_array_equal(got[name], expected[name])
 
 
-@pytest.mark.parametrize(("text", "same_as"), [("²", None), ("--5", None), ("٣", 3), (" 42 ", 42)])
-def test_digit_like_strings_encode(text: str, same_as: int | None) -> None:
-    # isdigit() is true for all of these; those int() cannot read hash as ordinary strings.
-    enc = encode_items({"video_id": [text]}, 1)["item_cat"]
-    assert enc.shape == (1, 4)
-    if same_as is not None:
-        np.testing.assert_array_equal(enc, encode_items({"video_id": [same_as]}, 1)["item_cat"])
+@pytest.mark.parametrize(("text", "as_int"), [(" 42 ", 42), ("-7", -7), ("0012", 12)])
+def test_ascii_digit_strings_key_as_their_integer(text: str, as_int: int) -> None:
+    np.testing.assert_array_equal(
+        encode_items({"video_id": [text]}, 1)["item_cat"],
+        encode_items({"video_id": [as_int]}, 1)["item_cat"],
+    )
+
+
+@pytest.mark.parametrize("text", ["²", "³", "--5", "٣", "٤٢", "１２"])
+def test_other_digit_like_strings_hash_as_strings(text: str) -> None:
+    # isdigit() is true for all of these and int() reads "٣" as 3 and "１２" as 12; a string id
+    # is hashed as a string unless it is ASCII digits.
+    as_string = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    assert features._str_key(text) == as_string
+    assert encode_items({"video_id": [text]}, 1)["item_cat"].shape == (1, 4)
 
 
 json_values = st.recursive(
