@@ -7,8 +7,9 @@ PORT   ?= 8000
 DEMO_IMPRESSIONS ?= 300000
 DEMO_DATA ?= data/demo
 FUSION_PROFILES ?= docker/fusion_profiles.toml
+FUZZ_SECONDS ?= 600
 
-.PHONY: install run serve demo-model test lint pytest bench bench-quick rollout clean
+.PHONY: install run serve demo-model test lint pytest fuzz bench bench-quick rollout clean
 
 # Create/update the virtualenv from the project's own files (re-run when pyproject.toml changes).
 $(BIN)/.installed: pyproject.toml
@@ -43,6 +44,12 @@ pytest: install
 	$(BIN)/pytest -q
 
 test: lint pytest
+
+# Before a release: schemathesis against a live server for FUZZ_SECONDS with a fresh seed
+# (`make test` runs the same test bounded and seeded; see tests/integration/test_fuzz_api.py).
+fuzz: install
+	VIDRANK_FUZZ_SECONDS=$(FUZZ_SECONDS) VIDRANK_FUZZ_EXAMPLES=1000 VIDRANK_FUZZ_SEED=random \
+		$(BIN)/pytest -q -s --timeout $$(( $(FUZZ_SECONDS) + 900 )) tests/integration/test_fuzz_api.py
 
 # Benchmarks (not part of `make test`): needs Debian's wrk (apt-get install -y wrk), else a
 # slower Python client is used and the results say so.

@@ -70,24 +70,37 @@ def admin_router(settings: Settings, manager: ModelManager) -> APIRouter:
         return {"aliases": aliases.to_dict(), "serving": serving, "feature_store": features}
 
     @router.post(
-        "/models/{version}/activate", response_model=AdminResult, responses=_UNKNOWN_VERSION
+        "/models/{version}/activate",
+        operation_id="activate",
+        response_model=AdminResult,
+        responses=_UNKNOWN_VERSION,
     )
     def activate(version: str) -> dict[str, Any]:
         """Load, verify and warm VERSION, then make it production (here and in the registry)."""
         return result("activate", manager.activate(version), version=version)
 
-    @router.post("/models/rollback", response_model=AdminResult, responses=_UNKNOWN_VERSION)
+    @router.post(
+        "/models/rollback",
+        operation_id="rollback",
+        response_model=AdminResult,
+        responses=_UNKNOWN_VERSION,
+    )
     def rollback() -> dict[str, Any]:
         """Return production to the previous version (loaded and warmed first)."""
         return result("rollback", manager.rollback())
 
-    @router.put("/canary", response_model=AdminResult, responses=_UNKNOWN_VERSION | _BAD_BODY)
+    @router.put(
+        "/canary",
+        operation_id="set_canary",
+        response_model=AdminResult,
+        responses=_UNKNOWN_VERSION | _BAD_BODY,
+    )
     def set_canary(body: CanaryRequest) -> dict[str, Any]:
         """Send ``percent`` of users (stable by user_id) to ``version``."""
         aliases = manager.set_canary(body.version, body.percent)
         return result("set_canary", aliases, version=body.version, percent=body.percent)
 
-    @router.delete("/canary", response_model=AdminResult)
+    @router.delete("/canary", operation_id="clear_canary", response_model=AdminResult)
     def clear_canary() -> dict[str, Any]:
         """Stop the canary."""
         return result("clear_canary", manager.clear_canary())

@@ -93,8 +93,11 @@ def score(scorer: Scorer, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray
 
 
 def finite(scores: np.ndarray, version: str) -> np.ndarray:
-    """The fused scores, which are finite for any valid spec and finite, non-negative predictions
-    (``model/core/fusion.py``); anything else is a broken model: a 500, never a null score."""
+    """The fused scores, checked: a non-finite one is a 500, never a null score in the answer.
+
+    Any valid fusion spec gives finite scores for finite, non-negative predictions (its weights
+    are bounded, see ``model/core/fusion.py``), so this fails only for a broken model.
+    """
     if not np.isfinite(scores).all():
         raise RuntimeError(f"model {version} gave predictions that fuse to non-finite scores")
     return scores

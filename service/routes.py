@@ -19,7 +19,7 @@ from service.errors import NotReady
 from service.manager import ModelManager
 from service.ranking import Ranker, RankResult
 from service.responses import JSON, json_response
-from service.schemas import ErrorResponse, RankResponse, Status
+from service.schemas import ErrorResponse, ModelsOut, RankResponse, Status
 from service.settings import Settings
 
 # Requests ranked at once per process: one can parse (holding the GIL) while another runs the
@@ -50,6 +50,13 @@ _RANK_BODY = {
         "content": {JSON: {"schema": {"$ref": "#/components/schemas/RankRequest"}}},
     }
 }
+# OpenAPI links: the versions /models lists are what /models/{version} and activation take
+# (schemathesis' stateful phase follows them, so fuzzing reaches real versions).
+_FIRST_VERSION = {"version": "$response.body#/versions/0/version"}
+MODEL_LINKS = {
+    "manifest": {"operationId": "manifest", "parameters": _FIRST_VERSION},
+    "activate": {"operationId": "activate", "parameters": _FIRST_VERSION},
+}
 _RANK_DESCRIPTION = (
     "The body must be sent as `Content-Type: application/json`; it may be compressed with "
     "`Content-Encoding: gzip`. Limits and the error of each are in the README's Reliability "
@@ -70,6 +77,7 @@ def rank_router(ranker: Ranker, settings: Settings) -> APIRouter:
 
     @router.post(
         "/rank",
+        operation_id="rank",
         summary="Rank candidate videos for one user",
         description=_RANK_DESCRIPTION,
         response_model=RankResponse,
@@ -101,13 +109,14 @@ def health_router(manager: ModelManager, settings: Settings) -> APIRouter:
     router = APIRouter()
     store_required = settings.feature_store_required and settings.feature_store != "off"
 
-    @router.get("/healthz", response_model=Status, summary="Liveness")
+    @router.get("/healthz", response_model=Status, summary="Liveness", operation_id="live")
     @router.get("/v2/health/live", response_model=Status, include_in_schema=False)
     async def live() -> Response:
         return json_response(b'{"status":"ok"}')
 
     @router.get(
         "/readyz",
+        operation_id="ready",
         response_model=Status,
         summary="Readiness",
         responses=error_responses((503, "No model is ready (not_ready)")),
@@ -132,12 +141,19 @@ def models_router(catalog: Catalog) -> APIRouter:
     """Read-only views of the registry and of what this process serves."""
     router = APIRouter()
 
-    @router.get("/models", summary="Registry versions, aliases and what this process serves")
+    @router.get(
+        "/models",
+        operation_id="models",
+        summary="Registry versions, aliases and what this process serves",
+        response_model=ModelsOut,
+        responses={200: {"description": "Versions, aliases, what is served", "links": MODEL_LINKS}},
+    )
     def models() -> dict[str, Any]:
         return catalog.models()
 
     @router.get(
         "/models/{version}",
+        operation_id="manifest",
         summary="A version's manifest",
         responses=error_responses(
             (404, "No such version (version_not_found, invalid_version_name)"),

@@ -18,16 +18,15 @@ from model.core.fusion import MAX_WEIGHT, METHODS, MIN_BETA, MIN_SCALE, TRANSFOR
 from model.core.tasks import TASKS
 from service.request import MAX_ID_CHARS, MAX_REQUEST_ID_LEN, REQUEST_ID_PATTERN
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-Id = (
-    Annotated[str, Field(max_length=MAX_ID_CHARS)]
-    | Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
-)
+# The integers the JSON parser (orjson) reads as integers; beyond them a number is a float,
+# which no id or top_k accepts.
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
+Id = Annotated[str, Field(max_length=MAX_ID_CHARS)] | Annotated[int, Field(ge=INT_MIN, le=INT_MAX)]
 FEATURES_DOC = (
     "Feature values by name, checked against the serving model's feature schema (see "
     "GET /models/{version}): numbers for numeric features; integers or strings of at most "
     f"{MAX_STRING_CHARS} characters (no booleans) for categorical ones; a list of those or a "
-    "comma-separated string for tag lists; null for "not sent". A missing feature takes the feature "
+    "comma-separated string for tag lists; null for not sent. A missing feature takes the feature "
     "store's value, else its default; an unknown name is ignored (and counted), whatever its value."
 )
 Weight = Annotated[float, Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT, strict=True)]
@@ -105,7 +104,7 @@ class RankRequest(_Strict):
         description="A profile name (of the server's profile file), or method + weights; "
         "default: the profile file's default, else the model's default fusion.",
     )
-    top_k: int | None = Field(None, ge=1, le=INT64_MAX, description="Return only the best top_k.")
+    top_k: int | None = Field(None, ge=1, le=INT_MAX, description="Return only the best top_k.")
 
     model_config = ConfigDict(
         extra="forbid",
@@ -182,10 +181,15 @@ class Status(BaseModel):
     model_version: str | None = None
 
 
+class CanaryOut(BaseModel):
+    version: str
+    percent: float
+
+
 class AliasesOut(BaseModel):
     production: str | None
     previous: list[str]
-    canary: dict[str, Any] | None
+    canary: CanaryOut | None
     updated_at: str | None
 
 
@@ -199,11 +203,35 @@ class FeatureStoreState(BaseModel):
     )
 
 
+class Serving(BaseModel):
+    """What this process serves right now."""
+
+    production: str | None
+    canary: CanaryOut | None
+
+
 class AdminResult(BaseModel):
     aliases: AliasesOut
-    serving: dict[str, Any]
+    serving: Serving
     feature_store: FeatureStoreState
 
 
 class FeatureStoreResult(BaseModel):
+    feature_store: FeatureStoreState
+
+
+class VersionSummary(BaseModel):
+    version: str
+    valid: bool = Field(description="False when the bundle cannot be read; see error.")
+    aliases: list[str] = Field(description="production and/or canary, when it is one.")
+    created_at: str | None = None
+    size_bytes: int | None = None
+    metrics: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class ModelsOut(BaseModel):
+    versions: list[VersionSummary] = Field(description="Oldest first.")
+    aliases: AliasesOut
+    serving: Serving
     feature_store: FeatureStoreState
