@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
@@ -40,8 +41,8 @@ _BAD_BODY = error_responses(
 )
 
 
-def admin_router(settings: Settings, manager: ModelManager) -> APIRouter:
-    """Routes under /admin, guarded by ``VIDRANK_ADMIN_TOKEN``."""
+def admin_guard(settings: Settings) -> Callable[..., None]:
+    """The dependency every admin route runs: 403 disabled, 401 no bearer token, 403 wrong."""
     token = settings.admin_token.get_secret_value().encode() if settings.admin_token else None
 
     def require_admin(
@@ -54,10 +55,15 @@ def admin_router(settings: Settings, manager: ModelManager) -> APIRouter:
         if not secrets.compare_digest(credentials.credentials.strip().encode(), token):
             raise Forbidden("invalid admin token")
 
+    return require_admin
+
+
+def admin_router(settings: Settings, manager: ModelManager) -> APIRouter:
+    """Routes under /admin, guarded by ``VIDRANK_ADMIN_TOKEN``."""
     router = APIRouter(
         prefix="/admin",
         tags=["admin"],
-        dependencies=[Depends(require_admin)],
+        dependencies=[Depends(admin_guard(settings))],
         responses=_AUTH_AND_STATE,
     )
 
