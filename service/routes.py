@@ -146,7 +146,12 @@ def models_router(catalog: Catalog) -> APIRouter:
         operation_id="models",
         summary="Registry versions, aliases and what this process serves",
         response_model=ModelsOut,
-        responses={200: {"description": "Versions, aliases, what is served", "links": MODEL_LINKS}},
+        responses={
+            200: {"description": "Versions, aliases, what is served", "links": MODEL_LINKS},
+            **error_responses(
+                (409, "The registry's aliases.json is unreadable (registry_conflict)")
+            ),
+        },
     )
     def models() -> dict[str, Any]:
         return catalog.models()

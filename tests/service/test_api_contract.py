@@ -285,17 +285,19 @@ def test_admin_errors_do_not_carry_the_registry_path(
         assert str(registry_dir) not in a.text, a.text
 
 
-def test_broken_aliases_error_does_not_carry_the_path(
+def test_broken_aliases_is_a_documented_409_without_the_path(
     make_client: Callable[..., TestClient], registry_dir: Path
 ) -> None:
     client = make_client()
     (registry_dir / ALIASES_FILE).write_text("{ not json")
-    for r in (
-        client.post("/admin/models/rollback", headers=AUTH),
-        client.delete("/admin/canary", headers=AUTH),
+    for method, path, r in (
+        ("post", "/admin/models/rollback", client.post("/admin/models/rollback", headers=AUTH)),
+        ("delete", "/admin/canary", client.delete("/admin/canary", headers=AUTH)),
+        ("get", "/models", client.get("/models")),
     ):
         assert_error(r, 409)
         assert ALIASES_FILE in r.text and str(registry_dir) not in r.text
+        assert "409" in documented(client, method, path)
 
 
 # -- unicode digit ids --------------------------------------------------------------------------
