@@ -392,8 +392,9 @@ def id_keys(values: Any) -> np.ndarray:
     """The 64-bit keys [n] (uint64) the encoder hashes for ids, so 42 and "42" share a key.
 
     Feature stores index rows by these keys: any spelling of an id that the encoder treats as
-    the same value finds the same stored row. Integers (and strings that spell one) key as the
-    integer, other strings through blake2b. Raises ``FeatureError`` for other types.
+    the same value finds the same stored row. Integers (and strings of ASCII digits that spell
+    one) key as the integer, other strings through blake2b. Raises ``FeatureError`` for other
+    types and for strings longer than MAX_STRING_CHARS.
     """
     f = _ID_FEATURE
     if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
@@ -404,7 +405,7 @@ def id_keys(values: Any) -> np.ndarray:
     if arr.dtype.kind in "US":
         arr = arr.astype(object)
     if arr.dtype.kind == "O" and all(type(v) is str for v in arr):
-        return np.fromiter(map(_str_key, arr), dtype=np.uint64, count=len(arr))
+        return np.fromiter(map(_string_keyer(f, arr), arr), dtype=np.uint64, count=len(arr))
     keys = np.empty(len(arr), dtype=np.uint64)
     for i, v in enumerate(arr):
         if not isinstance(v, str | int | np.integer) or isinstance(v, bool | np.bool_):
