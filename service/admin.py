@@ -111,8 +111,16 @@ def admin_router(settings: Settings, manager: ModelManager) -> APIRouter:
         """Stop the canary."""
         return result("clear_canary", manager.clear_canary())
 
+    _feature_routes(router, manager)
+    return router
+
+
+def _feature_routes(router: APIRouter, manager: ModelManager) -> None:
+    """The feature-store routes under /admin."""
+
     @router.post(
         "/features/{snapshot}/activate",
+        operation_id="activate_snapshot",
         response_model=FeatureStoreResult,
         responses=error_responses((404, "Unknown snapshot (snapshot_not_found)")),
     )
@@ -122,5 +130,3 @@ def admin_router(settings: Settings, manager: ModelManager) -> APIRouter:
         features = manager.activate_snapshot(snapshot)
         log_fields(log, logging.INFO, "admin", action="activate_snapshot", feature_store=features)
         return {"feature_store": features}
-
-    return router
