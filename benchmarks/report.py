@@ -170,8 +170,35 @@ def overload_targets(r: dict[str, Any]) -> list[Target]:
     ]  # fmt: skip
 
 
+def feature_targets(r: dict[str, Any]) -> list[Target]:
+    """Issue 11: ids + embedded store vs the floor, ids + Redis vs features in the request."""
+    rows, million = _get(r, "features", "rows") or {}, _get(r, "features", "million") or {}
+    n = str(rows.get("n", ""))
+    floor = rows.get("floor_p50_ms")  # measured in turns with the rows
+    p50 = {k: _get(rows, k, "p50_ms") for k in ("request", "embedded", "redis")}
+    rps = {k: _get(rows, k, "rps_c8") for k in ("request", "redis")}
+    emb = ratio(p50["embedded"], floor)
+    above = p50["redis"] - p50["request"] if p50["redis"] and p50["request"] else None
+    share = ratio(rps["redis"], rps["request"])
+    load = million.get("start_to_ready_cold_s")
+    extra = million.get("extra_pss_per_worker_bytes")
+    return [
+        Target("fs_embedded_vs_floor", f"ids + embedded p50 at {n} / floor", "<= 1.3", emb, "x",
+               _check(emb, lambda x: x <= 1.3)),
+        Target("fs_redis_p50", "ids + Redis p50 - features-in-request p50", "<= 1.0 ms", above,
+               "ms", _check(above, lambda x: x <= 1.0)),
+        Target("fs_redis_rps", "ids + Redis req/s (c=8) / features in the request", ">= 0.85",
+               share, "x", _check(share, lambda x: x >= 0.85)),
+        Target("fs_million_load", "1M-video snapshot: start to ready (cold cache)", "<= 5 s",
+               load, "s", _check(load, lambda x: x <= 5.0)),
+        Target("fs_million_rss", "1M-video snapshot: extra PSS per additional worker", "<= 20 MB",
+               extra / MB if extra is not None else None, "MB",
+               _check(extra, lambda x: x <= 20 * MB)),
+    ]  # fmt: skip
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every target of issues 4 and 10, measured (None where the run did not measure it)."""
+    """Every target of issues 4, 10 and 11, measured (None where the run did not measure it)."""
     n = str(ref_n(results))
     found = [
         *latency_targets(results, n),
@@ -179,6 +206,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         *graph_targets(results, n),
         *lifecycle_targets(results),
         *overload_targets(results),
+        *feature_targets(results),
     ]
     return [asdict(t) for t in found]
 
@@ -400,6 +428,10 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         *overload_table(r),
     ]
+    if "features" in r:
+        from benchmarks.features import markdown as features_markdown
+
+        lines += [*features_markdown(r["features"]["rows"], r["features"]["million"]), ""]
     notes = [background_note(r), *s.get("notes", [])]
     lines += [f"- {note}" for note in notes if note]
     return "\n".join(lines) + "\n"

@@ -69,6 +69,7 @@ class Catalog:
             "aliases": aliases.to_dict() if aliases else None,
             "serving": self.manager.describe(),
             "registry": self.manager.status(),
+            "feature_store": self.manager.describe_features(),
         }
 
     def manifest(self, version: str) -> dict[str, Any]:

@@ -28,6 +28,9 @@ from model.core.registry import (
     RegistryUnavailable,
     VersionNotFound,
 )
+from model.core.store.embedded import SnapshotNotFound
+from model.core.store.redis_store import StoreUnavailable
+from model.core.store.snapshot import SnapshotError
 
 
 class InvalidRequest(VidrankError):
@@ -42,8 +45,14 @@ class MalformedBody(VidrankError):
     code = "malformed_json"
 
 
+class MalformedEncoding(MalformedBody):
+    """The body's declared content coding (gzip) does not decode."""
+
+    code = "malformed_encoding"
+
+
 class UnsupportedMediaType(VidrankError):
-    """The body was declared as something other than JSON."""
+    """The body was not declared as JSON, or in a content coding other than gzip."""
 
     code = "unsupported_media_type"
 
@@ -90,6 +99,12 @@ class SwapFailed(VidrankError):
     code = "invalid_bundle"
 
 
+class FeatureStoreConflict(VidrankError):
+    """The feature store lacks features a model reads, and the store is required: refused."""
+
+    code = "feature_store_conflict"
+
+
 class Unauthorized(VidrankError):
     """An admin call without a bearer token."""
 
@@ -113,6 +128,10 @@ HTTP_STATUS: Mapping[type[VidrankError], int] = {
     RequestTimeout: 408,
     ClientGone: 499,  # nginx's code for it: logged, never seen by the client
     SwapFailed: 409,
+    FeatureStoreConflict: 409,
+    StoreUnavailable: 503,  # only with VIDRANK_FEATURE_STORE_REQUIRED; else a degraded answer
+    SnapshotNotFound: 404,
+    SnapshotError: 409,
     Unauthorized: 401,
     Forbidden: 403,
     FusionError: 422,

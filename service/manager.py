@@ -6,7 +6,10 @@ model serving. Loading never happens on the request path.
 
 The request path only reads :attr:`ModelManager.state`, an immutable :class:`ServingState`, with
 no lock: rebinding an attribute is atomic in Python, so a request sees either the old state or
-the new one. Swaps are serialised by ``_swap_lock``.
+the new one. Swaps are serialised by ``_swap_lock``. The state also holds the feature view
+(service/features.py): the active feature snapshot, prepared for exactly the versions the state
+serves, so a request never pairs a model with features prepared for another or from two
+snapshots. Snapshot switches go through the same lock and the same one-reference swap.
 
 Releasing the old model: nothing in the manager keeps a reference to a version it stopped serving
 (no cache of previous versions, TF Serving #1215). A request that picked the old scorer holds a
@@ -34,10 +37,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from model.core.bundle import BundleError
+from model.core.errors import VidrankError
 from model.core.fileio import utc_now_iso
 from model.core.registry import (
     Aliases,
@@ -50,7 +54,9 @@ from model.core.registry import (
     VersionNotFound,
 )
 from service import metrics
-from service.errors import NotReady, SwapFailed
+from service.errors import FeatureStoreConflict, NotReady, SwapFailed
+from service.feature_source import FeatureSource
+from service.features import FeatureView
 from service.logging import log_fields
 from service.scorer import Scorer
 
@@ -61,6 +67,7 @@ log = logging.getLogger("vidrank.manager")
 RETRY_BASE_S = 2.0
 RETRY_MAX_S = 60.0
 _UNSEEN = object()  # an aliases stamp that equals no real one
+NO_FEATURES = FeatureView()
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,7 @@ class ServingState:
     production: Scorer | None = None
     canary: Scorer | None = None
     canary_percent: float = 0.0
+    features: FeatureView = NO_FEATURES  # prepared for production and canary
 
     def pick(self, user_id: object) -> Scorer:
         """The scorer for a user: the canary for ``canary_percent`` of users, else production."""
@@ -132,11 +140,13 @@ class ModelManager:
         intra_op_threads: int,
         warmup_sizes: tuple[int, ...],
         clock: Callable[[], float] = time.monotonic,
+        features: FeatureSource | None = None,
     ) -> None:
         self.registry = registry
         self.intra_op_threads = intra_op_threads
         self.warmup_sizes = warmup_sizes
-        self.state = ServingState()
+        self.features = features if features is not None else FeatureSource()
+        self.state = ServingState(features=self.features.initial())
         self._clock = clock
         self._swap_lock = threading.Lock()
         self._stamp: object = _UNSEEN  # the first poll always converges
@@ -145,6 +155,7 @@ class ModelManager:
         self.health = RegistryHealth()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_feature_error: str | None = None
 
     # -- request path -------------------------------------------------------------------------
     @property
@@ -160,17 +171,22 @@ class ModelManager:
             bundle = self.registry.bundle(version)  # checksum + schema
             scorer = Scorer(bundle, self.intra_op_threads)  # session + I/O check
             warm_s = scorer.warm_up(self.warmup_sizes)
+            self.features.prepare(self.state.features, scorer)  # lacks check; encode snapshot
         except (VersionNotFound, InvalidVersionName):  # 404, not a failed swap
             raise
         except Exception as e:  # anything at all: the old model must keep serving
-            reason = e.reason if isinstance(e, BundleError) else f"{type(e).__name__}: {e}"
+            reason = _reason(e)
             metrics.SWAP_FAILURES.labels(trigger).inc()
             log.warning(
                 "model load failed",
                 exc_info=not isinstance(e, BundleError | RegistryError),
                 extra={"fields": {"version": version, "trigger": trigger, "reason": reason}},
             )
-            raise SwapFailed(f"cannot serve version {version}: {reason}") from e
+            details = e.details if isinstance(e, FeatureStoreConflict) else None
+            # A client sees a domain error's own message (no paths in it); anything else, e.g.
+            # an onnxruntime message naming the model's absolute path, stays in the log.
+            public = e.message if isinstance(e, VidrankError) else f"{type(e).__name__} (see log)"
+            raise SwapFailed(f"cannot serve version {version}: {public}", details=details) from e
         self._retries.pop(version, None)
         load_s = time.perf_counter() - start
         metrics.LOAD_SECONDS.observe(load_s)
@@ -186,11 +202,21 @@ class ModelManager:
         return current if current is not None else self._load(version, trigger)
 
     def _install(self, new: ServingState, trigger: str) -> None:
-        """Swap the served state (holds ``_swap_lock``)."""
+        """Swap the served state (holds ``_swap_lock``), its features prepared for its scorers."""
         old = self.state
-        if old == new:  # the same scorers (compared by identity) and canary share
+        new = replace(new, features=self.features.cover(new.features, list(new.loaded().values())))
+        if old == new:  # the same scorers and features (compared by identity) and canary share
             return
         self.state = new  # the swap: one reference, atomic for readers
+        if old.features.snapshot != new.features.snapshot:
+            metrics.set_snapshot(old.features.snapshot, new.features.snapshot)
+            metrics.FEATURE_SWAPS.labels(trigger).inc()
+            log_fields(
+                log, logging.INFO, "feature snapshot swap", trigger=trigger,
+                old=old.features.snapshot, new=new.features.snapshot,
+            )  # fmt: skip
+        if old.roles() == new.roles() and old.canary_percent == new.canary_percent:
+            return
         metrics.set_served(old.roles(), new.roles())
         metrics.SWAPS.labels(trigger).inc()
         log_fields(
@@ -225,15 +251,14 @@ class ModelManager:
 
         production = obtain(aliases.production, cur.production)
         if aliases.canary is None or production is None:
-            return ServingState(production)
+            return ServingState(production, features=cur.features)
         canary = obtain(aliases.canary.version, cur.canary)
         if canary is None or canary.version == production.version:
-            return ServingState(production)
+            return ServingState(production, features=cur.features)
         # A canary that failed to load keeps the previous canary at its previous percent.
         same = canary.version == aliases.canary.version
-        return ServingState(
-            production, canary, aliases.canary.percent if same else cur.canary_percent
-        )
+        percent = aliases.canary.percent if same else cur.canary_percent
+        return ServingState(production, canary, percent, cur.features)
 
     def _retry_later(self, version: str, error: Exception) -> None:
         """Schedule the next attempt at an aliased version that did not load (doubling waits)."""
@@ -249,11 +274,34 @@ class ModelManager:
 
     # -- convergence --------------------------------------------------------------------------
     def poll_once(self, trigger: str = "poll") -> bool:
-        """Converge on the registry's aliases if they changed; True when something was swapped.
+        """Converge on the registry's aliases, then on the active feature snapshot.
 
-        Never raises: a registry fault is logged, counted and kept in :attr:`health`, and the
-        current versions keep serving.
+        True when something was swapped. Never raises: a registry fault is logged, counted and
+        kept in :attr:`health`, other errors are logged, and the current versions and snapshot
+        keep serving.
         """
+        swapped = self._poll_models(trigger)
+        return self._poll_features(trigger) or swapped
+
+    def _poll_features(self, trigger: str) -> bool:
+        try:
+            with self._swap_lock:
+                cur = self.state
+                view = self.features.poll(cur.features, list(cur.loaded().values()))
+                if view is None:
+                    return False
+                self._install(replace(cur, features=view), trigger)
+                return self.state is not cur
+        except Exception as e:  # a broken alias file fails every poll: one traceback, then lines
+            repeated = repr(e) == self._last_feature_error
+            self._last_feature_error = repr(e)
+            log.warning(
+                "feature store poll failed", exc_info=not repeated,
+                extra={"fields": {"trigger": trigger, "error": repr(e)}},
+            )  # fmt: skip
+            return False
+
+    def _poll_models(self, trigger: str) -> bool:
         try:
             stamp = self.registry.aliases_stamp()
             now = self._clock()
@@ -408,6 +456,24 @@ class ModelManager:
         with self._swap_lock:
             return self._apply(self.registry.clear_canary, {})
 
+    def activate_snapshot(self, name: str) -> dict[str, Any]:
+        """Load + verify + prepare feature snapshot ``name``, then make it active here and in the
+        store; raises SnapshotNotFound (404), SnapshotError / FeatureStoreConflict (409)."""
+        with self._swap_lock:
+            cur = self.state
+            view = self.features.activate(name, list(cur.loaded().values()))
+            self._install(replace(cur, features=view), "admin")
+        return self.describe_features()
+
+    def features_ready(self) -> str | None:
+        """None when the feature store can serve, else why not (``/readyz`` when required)."""
+        return self.features.ready(self.state.features)
+
+    def describe_features(self) -> dict[str, Any]:
+        """The feature store as served here: backend, snapshot, status, lacks per version."""
+        st = self.state
+        return st.features.describe(st.loaded())
+
     def describe(self) -> dict[str, Any]:
         """What this process serves, for /models."""
         st = self.state
@@ -430,3 +496,12 @@ class ModelManager:
                 for v, r in self._retries.items()
             },
         }
+
+
+def _reason(e: Exception) -> str:
+    """Why a load failed, for the log and the 409."""
+    if isinstance(e, BundleError):
+        return e.reason
+    if isinstance(e, FeatureStoreConflict):
+        return e.message
+    return f"{type(e).__name__}: {e}"

@@ -23,7 +23,7 @@ from service import metrics
 from service.docs import DOC_PATHS
 from service.errors import error_body
 from service.logging import ACCESS_LOGGER
-from service.request import MAX_REQUEST_ID_LEN
+from service.request import valid_request_id
 
 access_log = logging.getLogger(ACCESS_LOGGER)
 error_log = logging.getLogger("vidrank.error")
@@ -42,9 +42,7 @@ def _client_request_id(scope: Scope) -> str | None:
     for name, value in scope["headers"]:
         if name == b"x-request-id":
             rid = value.decode("latin-1")
-            if 0 < len(rid) <= MAX_REQUEST_ID_LEN and rid.isprintable():
-                return rid
-            return None
+            return rid if valid_request_id(rid) else None
     return None
 
 

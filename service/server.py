@@ -283,6 +283,7 @@ def run_server(settings: Settings) -> None:
     configure_logging(settings.log_level)
     safe: dict[str, Any] = settings.model_dump(exclude={"admin_token"})
     safe["admin_token_set"] = settings.admin_token is not None
+    safe["feature_store"] = settings.feature_store_display()
     log_fields(log, logging.INFO, "starting", settings={k: str(v) for k, v in safe.items()})
     if settings.workers == 1:
         sock = bind_socket(settings.host, settings.port, reuse_port=False, listen=False)

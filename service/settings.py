@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -60,6 +61,22 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="Serve /metrics on this port instead of the main one."
     )
+    feature_store: str = Field(
+        "embedded",
+        description="Where /rank looks features up by id: embedded (snapshots in the registry), "
+        "redis://host:port/db, or off.",
+    )
+    feature_timeout_ms: float = Field(
+        20.0, gt=0, le=10_000, description="Budget of one feature lookup (Redis socket timeout)."
+    )
+    feature_store_required: bool = Field(
+        False, description="A store failure answers 503 (and /readyz follows the store)."
+    )
+    feature_cache: Path | None = Field(
+        None,
+        description="Directory of snapshots encoded per model (default <registry>/features/"
+        ".encoded); the workers sharing it share one memory-mapped copy.",
+    )
     # Not in the public table: set by the multi-worker supervisor for its workers.
     metrics_multiproc_dir: Path | None = Field(
         None, description="prometheus-client multiprocess directory (set by the supervisor)."
@@ -77,10 +94,29 @@ class Settings(BaseSettings):
             raise ValueError("metrics_port must differ from port")
         return self
 
+    @field_validator("feature_store")
+    @classmethod
+    def _store_url(cls, v: str) -> str:
+        v = v.strip()
+        if v.lower() in ("embedded", "off"):
+            return v.lower()
+        if v.startswith(("redis://", "rediss://", "unix://")):
+            return v
+        raise ValueError("must be embedded, off, or a redis://host:port/db URL")
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_level(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
+
+    def feature_store_display(self) -> str:
+        """The store setting for logs: a Redis URL without its password."""
+        parts = urlsplit(self.feature_store)
+        if parts.password is None:
+            return self.feature_store
+        host = parts.hostname or ""
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
 
     def intra_op_threads(self) -> int:
         """Resolved onnxruntime intra-op threads: explicit, else 1 per worker or all cores."""

@@ -49,7 +49,7 @@ from model.core.bundle import (
     BundleError,
     load_bundle,
 )
-from model.core.errors import VidrankError
+from model.core.errors import VidrankError, shown
 from model.core.fileio import (
     copy_durable,
     fsync_dir,
@@ -137,7 +137,7 @@ def check_version_name(version: Any) -> str:
     """``version`` if it is a valid version name, else ``InvalidVersionName``."""
     if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
         raise InvalidVersionName(
-            f"invalid version name {version!r}: must match {VERSION_RE.pattern}"
+            f"invalid version name {shown(repr(version))}: must match {VERSION_RE.pattern}"
         )
     return version
 
@@ -287,7 +287,7 @@ class Registry:
         """
         path = self.version_dir(version)
         if not path.is_dir():
-            raise VersionNotFound(f"version {version!r} is not published in {self.root}")
+            raise VersionNotFound(f"version {shown(version)!r} is not published")
         bundle = load_bundle(path, verify=verify)
         if bundle.version != version:
             raise BundleError(
@@ -510,7 +510,7 @@ class Registry:
     def _require(self, version: str) -> None:
         check_version_name(version)
         if not self.has(version):
-            raise VersionNotFound(f"version {version!r} is not published in {self.root}")
+            raise VersionNotFound(f"version {shown(version)!r} is not published")
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTS = ("floor", "graphs", "vidrank", "textbook", "lifecycle", "overload")
+PARTS = ("floor", "graphs", "vidrank", "textbook", "features", "lifecycle", "overload")
 TARGET_IDS = {
     "p50_vs_floor",
     "p99_vs_p50",
@@ -34,9 +34,14 @@ TARGET_IDS = {
     "overload_timeouts",
     "overload_shed_p99",
     "overload_c8_no_shed",
+    "fs_embedded_vs_floor",
+    "fs_redis_p50",
+    "fs_redis_rps",
+    "fs_million_load",
+    "fs_million_rss",
 }
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +54,10 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
         "--ns", "16", "--per-n", "3", "--impressions", "5000", "--epochs", "1",
         "--http-seconds", "1", "--floor-seconds", "0.1", "--starts", "1",
         "--overload-seconds", "1", "--overload-connections", "64",
+        "--store-videos", "20000",
         "--out", str(out), "--work-dir", str(work),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = list(out.glob("*.json"))
     assert len(files) == 1, files
