@@ -170,9 +170,6 @@ def models_router(catalog: Catalog) -> APIRouter:
         response_model=ModelsOut,
         responses={
             200: {"description": "Versions, aliases, what is served", "links": MODEL_LINKS},
-            **error_responses(
-                (409, "The registry's aliases.json is unreadable (registry_conflict)")
-            ),
         },
     )
     def models() -> dict[str, Any]:

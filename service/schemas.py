@@ -230,8 +230,27 @@ class VersionSummary(BaseModel):
     error: str | None = None
 
 
+class RetryOut(BaseModel):
+    attempts: int
+    retry_in_s: float
+
+
+class RegistryStatus(BaseModel):
+    """What this process's last poll made of the registry."""
+
+    status: str = Field(description="ok, aliases_missing, aliases_invalid or unreadable.")
+    error: str | None = Field(description="The fault that kept the served versions, if any.")
+    since: str | None = Field(description="When the fault began (UTC, ISO 8601).")
+    desired: dict[str, str] = Field(description="{role: version} the aliases name.")
+    converged: bool = Field(description="Whether this process serves what the aliases name.")
+    retrying: dict[str, RetryOut] = Field(description="Aliased versions that failed to load.")
+
+
 class ModelsOut(BaseModel):
     versions: list[VersionSummary] = Field(description="Oldest first.")
-    aliases: AliasesOut
+    aliases: AliasesOut | None = Field(
+        description="The registry's aliases; null while aliases.json is missing or unreadable."
+    )
     serving: Serving
+    registry: RegistryStatus
     feature_store: FeatureStoreState
