@@ -10,7 +10,7 @@ import threading
 from typing import Any
 
 from model.core.bundle import BundleError
-from model.core.registry import Registry, RegistryError, VersionNotFound
+from model.core.registry import Aliases, Registry, RegistryError, VersionNotFound
 from service.canary import RolloutMonitor
 from service.manager import ModelManager
 from service.shadow import ShadowScorer
@@ -60,25 +60,34 @@ class Catalog:
         """Versions (oldest first) with training metrics, the aliases, what is served here, how
         the shadow compares and how the canary was last judged (this process), and the latest
         changes from the registry's history.
+
+        ``registry`` says whether this process could read the aliases on its last poll and
+        whether it serves what they name; a broken aliases file shows there (and as null
+        ``aliases``) rather than failing the call.
         """
-        aliases = self.registry.read_aliases()
+        try:
+            aliases: Aliases | None = self.registry.read_aliases()
+        except RegistryError:
+            aliases = None
         roles = (
-            ("production", aliases.production),
-            ("canary", aliases.canary.version if aliases.canary else None),
-            ("shadow", aliases.shadow.version if aliases.shadow else None),
+            ("production", aliases.production if aliases else None),
+            ("canary", aliases.canary.version if aliases and aliases.canary else None),
+            ("shadow", aliases.shadow.version if aliases and aliases.shadow else None),
         )
         versions = []
         for v in self.registry.versions():
             entry = dict(self._summary(v))
-            entry["aliases"] = [role for role, name in roles if name == v]
+            entry["aliases"] = [role for role, name in roles if name is not None and name == v]
             versions.append(entry)
         return {
             "versions": versions,
-            "aliases": aliases.to_dict(),
+            "aliases": aliases.to_dict() if aliases else None,
             "serving": self.manager.describe(),
             "shadow": self.shadow.describe(),
             "canary_health": self.monitor.health,
             "history": self.registry.history.tail(HISTORY_ENTRIES),
+            "registry": self.manager.status(),
+            "feature_store": self.manager.describe_features(),
         }
 
     def manifest(self, version: str) -> dict[str, Any]:

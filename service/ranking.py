@@ -1,13 +1,15 @@
 """POST /rank without HTTP: bytes in, bytes out.
 
 :meth:`Ranker.rank` reads as the request's way through the service: parse (``service.request``)
-→ pick the version (canary by user) → resolve the fusion → encode (the bundle's feature encoder,
-vectorised) → score (``session.run``) → count the predictions (drift) → fuse (with per-task
-terms when the request asks to ``explain``) → stable sort → top_k → serialise (orjson) → maybe
-sample the request for the shadow version. Domain errors propagate as they are, except the
-encoder's, which get the request field they point at; ``service/errors.py`` turns them all into
-responses. Each request's outcome and time are recorded per version for the canary policy.
-Everything here is blocking and runs in a worker thread, never in the event loop.
+→ pick the version (canary by user) and the feature view prepared for it, from one serving
+state → resolve the fusion → encode (stored features by id under the request's own, through the
+bundle's feature encoder, vectorised: ``service.features``) → score (``session.run``) → count the
+predictions (drift) → fuse (with per-task terms when the request asks to ``explain``) → stable
+sort → top_k → serialise (orjson) → maybe sample the request for the shadow version. Domain
+errors propagate as they are, except the encoder's, which get the request field they point at;
+``service/errors.py`` turns them all into responses. Each request's outcome and time are
+recorded per version for the canary policy. Everything here is blocking and runs in a worker
+thread, never in the event loop.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from service import metrics
 from service.canary import Traffic
 from service.drift import DriftMonitor
 from service.errors import InvalidRequest, http_status
+from service.features import DEGRADED, Encoded, FeatureView
 from service.manager import ModelManager, ServingState
 from service.request import EncoderInput, RankRequest, encoder_input, parse_request
 from service.scorer import Scorer
@@ -68,7 +71,7 @@ class Ranker:
     def rank(self, body: bytes, request_id: str) -> RankResult:
         """Rank one request; raises domain errors (InvalidRequest, FusionError, NotReady ...)."""
         req = parse_request(body, self.max_candidates)
-        state = self.manager.state
+        state = self.manager.state  # read once: model and features from one swap
         scorer = state.pick(req.user_id)
         start = time.perf_counter()
         try:
@@ -91,19 +94,17 @@ class Ranker:
         metrics.CANDIDATES.observe(req.n)
         metrics.RANK_BY_VERSION.labels(scorer.version).inc()
         items: list[dict[str, Any]] = []
+        enc = Encoded({}, state.features.snapshot)
         job = None
         if req.n:
-            inputs = encode(scorer, req, given)
-            preds = score(scorer, inputs)
+            enc = encode(state.features, scorer, req, given)
+            preds = score(scorer, enc.inputs)
             self.drift.observe(scorer, preds)
-            if req.explain:
-                scores, terms = fuse_terms(spec, preds)
-            else:
-                scores, terms = fuse(spec, preds), None
-            order = rank_order(scores)
+            scores, terms = fuse_terms(spec, preds) if req.explain else (fuse(spec, preds), None)
+            order = rank_order(finite(scores, scorer.version))
             items = ranked_items(given.video_ids, order[: req.top_k], scores, preds, terms)
-            job = sample_shadow(state, scorer, req, given, inputs, preds, order)
-        body_out = serialise(rid, scorer.version, spec, items)
+            job = sample_shadow(state, scorer, req, given, enc.inputs, preds, order)
+        body_out = serialise(rid, scorer.version, spec, items, enc)
         return RankResult(body_out, rid, scorer.version, req.n, job)
 
 
@@ -116,7 +117,11 @@ def sample_shadow(
     preds: dict[str, np.ndarray],
     order: np.ndarray,
 ) -> ShadowJob | None:
-    """A shadow job for ``shadow_percent`` of requests (random sampling), else None."""
+    """A shadow job for ``shadow_percent`` of requests (random sampling), else None.
+
+    The shadow scores the served version's tensors (stored features included); a shadow with
+    another schema re-encodes the request as sent, without stored features.
+    """
     shadow = state.shadow
     if shadow is None or shadow.version == scorer.version:  # e.g. a canary also shadowed
         return None
@@ -125,10 +130,10 @@ def sample_shadow(
     return ShadowJob(scorer, shadow, given, inputs, preds, order, req.fusion)
 
 
-def encode(scorer: Scorer, req: RankRequest, given: EncoderInput) -> dict[str, np.ndarray]:
+def encode(features: FeatureView, scorer: Scorer, req: RankRequest, given: EncoderInput) -> Encoded:
     """The model inputs; a bad feature value becomes a 422 naming its request field."""
     try:
-        return scorer.schema.encode(given.user, given.context, given.items, given.n)
+        return features.encode(scorer, given)
     except FeatureError as e:
         raise InvalidRequest(e.message, req.field_of(e)) from None
 
@@ -139,6 +144,17 @@ def score(scorer: Scorer, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray
     preds = scorer.score(inputs)
     metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
     return preds
+
+
+def finite(scores: np.ndarray, version: str) -> np.ndarray:
+    """The fused scores, checked: a non-finite one is a 500, never a null score in the answer.
+
+    Any valid fusion spec gives finite scores for finite, non-negative predictions (its weights
+    are bounded, see ``model/core/fusion.py``), so this fails only for a broken model.
+    """
+    if not np.isfinite(scores).all():
+        raise RuntimeError(f"model {version} gave predictions that fuse to non-finite scores")
+    return scores
 
 
 def profiles_failed(error: str) -> None:
@@ -193,14 +209,21 @@ def ranked_items(
 
 
 def serialise(
-    request_id: str, version: str, spec: FusionSpec, items: list[dict[str, Any]]
+    request_id: str,
+    version: str,
+    spec: FusionSpec,
+    items: list[dict[str, Any]],
+    features: Encoded | None = None,
 ) -> bytes:
-    """The response body."""
-    return orjson.dumps(
-        {
-            "request_id": request_id,
-            "model_version": version,
-            "fusion": fusion_view(spec),
-            "items": items,
-        }
-    )
+    """The response body; it names the feature snapshot used and a degraded feature store."""
+    out: dict[str, Any] = {
+        "request_id": request_id,
+        "model_version": version,
+        "fusion": fusion_view(spec),
+        "items": items,
+    }
+    if features is not None and features.snapshot is not None:
+        out["feature_snapshot"] = features.snapshot
+    if features is not None and features.degraded is not None:
+        out["degraded"] = list(DEGRADED)
+    return orjson.dumps(out)

@@ -28,6 +28,7 @@ HISTORY_FILE: Final = "history.jsonl"
 ACTIONS: Final = (
     "activate",
     "rollback",
+    "deactivate",
     "canary_set",
     "canary_clear",
     "shadow_set",

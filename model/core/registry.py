@@ -52,7 +52,7 @@ from model.core.bundle import (
     BundleError,
     load_bundle,
 )
-from model.core.errors import VidrankError
+from model.core.errors import VidrankError, shown
 from model.core.fileio import (
     copy_durable,
     fsync_dir,
@@ -69,6 +69,7 @@ __all__ = [
     "MAX_PREVIOUS",
     "VERSION_RE",
     "Aliases",
+    "AliasesMissing",
     "Canary",
     "InvalidCanary",
     "InvalidShadow",
@@ -77,6 +78,7 @@ __all__ = [
     "Registry",
     "RegistryError",
     "Shadow",
+    "RegistryUnavailable",
     "VersionExists",
     "VersionNotFound",
 ]
@@ -122,6 +124,22 @@ class InvalidShadow(RegistryError, ValueError):
     code = "invalid_request"
 
 
+class AliasesMissing(RegistryError):
+    """``aliases.json`` (or the registry directory itself) is not there.
+
+    A fault, not an instruction: a replica keeps serving what it serves (only an explicit
+    ``vidrank models deactivate`` takes the production model away).
+    """
+
+    code = "aliases_missing"
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry cannot be written (read-only volume, permissions, full disk ...)."""
+
+    code = "registry_unavailable"
+
+
 class NothingToRollBack(RegistryError):
     """``rollback`` was asked for but the ``previous`` stack is empty."""
 
@@ -132,7 +150,7 @@ def check_version_name(version: Any) -> str:
     """``version`` if it is a valid version name, else ``InvalidVersionName``."""
     if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
         raise InvalidVersionName(
-            f"invalid version name {version!r}: must match {VERSION_RE.pattern}"
+            f"invalid version name {shown(repr(version))}: must match {VERSION_RE.pattern}"
         )
     return version
 
@@ -234,9 +252,15 @@ class Aliases:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Aliases:
-        """Parse the JSON form; raises ``RegistryError`` when malformed."""
+        """Parse the JSON form; raises ``RegistryError`` when malformed.
+
+        ``production`` must be present (``null`` when deliberately empty): a file without it,
+        such as ``{}``, is as broken as one that is not JSON, and changes nothing.
+        """
         if not isinstance(d, Mapping):
             raise RegistryError(f"aliases must be a JSON object, not {type(d).__name__}")
+        if "production" not in d:
+            raise RegistryError("aliases must name 'production' (null when there is none)")
         previous = d.get("previous") or []
         canary = d.get("canary")
         shadow = d.get("shadow")  # absent in files written before shadows existed
@@ -323,7 +347,7 @@ class Registry:
         """
         path = self.version_dir(version)
         if not path.is_dir():
-            raise VersionNotFound(f"version {version!r} is not published in {self.root}")
+            raise VersionNotFound(f"version {shown(version)!r} is not published")
         bundle = load_bundle(path, verify=verify)
         if bundle.version != version:
             raise BundleError(
@@ -413,19 +437,24 @@ class Registry:
         return sorted(removed)
 
     # -- aliases -------------------------------------------------------------------------------
-    def read_aliases(self) -> Aliases:
+    def read_aliases(self, *, missing_ok: bool = True) -> Aliases:
         """Current aliases; ``Aliases(None)`` when none have been written yet.
 
+        With ``missing_ok=False`` a missing file (or registry directory) raises
+        ``AliasesMissing`` instead: a serving replica must tell "no file" from "no production".
         Needs no lock: the file is only ever replaced whole.
         """
         try:
             raw = self.aliases_path.read_bytes()
         except FileNotFoundError:
-            return Aliases(None)
+            if missing_ok:
+                return Aliases(None)
+            what = ALIASES_FILE if self.root.is_dir() else "the registry directory"
+            raise AliasesMissing(f"{what} is missing") from None
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RegistryError(f"{self.aliases_path} is not valid JSON: {e}") from e
+            raise RegistryError(f"{ALIASES_FILE} is not valid JSON: {e}") from e
         return Aliases.from_dict(data)
 
     def aliases_stamp(self) -> tuple[int, int] | None:
@@ -463,17 +492,25 @@ class Registry:
 
         return self._update(change, Change("activate", actor, reason))
 
-    def rollback(self, *, actor: str = "library", reason: str | None = None) -> Aliases:
+    def rollback(
+        self, expected: str | None = None, *, actor: str = "library", reason: str | None = None
+    ) -> Aliases:
         """Make the most recent ``previous`` version production again (popping it).
 
         The current production is discarded, not pushed, so repeated rollbacks walk back in
-        history. Raises ``NothingToRollBack`` when ``previous`` is empty.
+        history. Raises ``NothingToRollBack`` when ``previous`` is empty. ``expected`` is the
+        target the caller verified: if another writer changed the stack since, nothing changes
+        and ``RegistryError`` says so.
         """
 
         def change(cur: Aliases) -> Aliases:
             if not cur.previous:
                 raise NothingToRollBack("nothing to roll back to: no previous production version")
             target = cur.previous[-1]
+            if expected is not None and target != expected:
+                raise RegistryError(
+                    f"the rollback target changed from {expected} to {target} meanwhile; retry"
+                )
             self._require(target)
             return _without(replace(cur, production=target, previous=cur.previous[:-1]), target)
 
@@ -548,11 +585,34 @@ class Registry:
             lambda cur: replace(cur, shadow=None), Change("shadow_clear", actor, reason)
         )
 
+    def deactivate(self, *, actor: str = "library", reason: str | None = None) -> Aliases:
+        """Serve nothing: ``production`` becomes null (pushed onto ``previous``), no canary.
+
+        The one way to take the model away from every replica on purpose; ``rollback`` brings
+        it back. A missing or broken aliases file never does this.
+        """
+
+        def change(cur: Aliases) -> Aliases:
+            if cur.production is None:
+                return replace(cur, canary=None, shadow=None)
+            previous = (*cur.previous, cur.production)[-MAX_PREVIOUS:]
+            return replace(cur, production=None, previous=previous, canary=None, shadow=None)
+
+        return self._update(change, Change("deactivate", actor, reason))
+
+    def check_writable(self) -> None:
+        """Raise ``RegistryUnavailable`` unless aliases can be written (the lock can be taken).
+
+        Lets a caller refuse before it spends seconds loading a model it could not activate.
+        """
+        with self._locked():
+            pass
+
     # -- internals -----------------------------------------------------------------------------
     def _require(self, version: str) -> None:
         check_version_name(version)
         if not self.has(version):
-            raise VersionNotFound(f"version {version!r} is not published in {self.root}")
+            raise VersionNotFound(f"version {shown(version)!r} is not published")
 
     @staticmethod
     def _check_beside_production(cur: Aliases, version: str, role: str) -> None:
@@ -563,9 +623,15 @@ class Registry:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        """Hold an exclusive flock on ``<root>/.lock`` (cross-process, and across NFS clients)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        """Hold an exclusive flock on ``<root>/.lock`` (cross-process, and across NFS clients).
+
+        An ``OSError`` on the way (read-only volume, permissions) is ``RegistryUnavailable``.
+        """
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _unavailable("cannot take the registry lock", e) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -589,7 +655,10 @@ class Registry:
                 return None
             now = utc_now_iso()
             new = replace(changed, updated_at=now)
-            replace_durable(self.aliases_path, json_bytes(new.to_dict()))
+            try:
+                replace_durable(self.aliases_path, json_bytes(new.to_dict()))
+            except OSError as e:
+                raise _unavailable(f"cannot write {ALIASES_FILE}", e) from e
             self.history.append(why.line(now, cur, new))
             return new
 
@@ -615,6 +684,7 @@ class Change:
 _ROLE = {
     "activate": "production",
     "rollback": "production",
+    "deactivate": "production",
     "canary_set": "canary",
     "canary_clear": "canary",
     "auto_rollback": "canary",
@@ -639,6 +709,12 @@ def _without(aliases: Aliases, version: str) -> Aliases:
         if aliases.shadow is not None and aliases.shadow.version == version
         else aliases.shadow,
     )
+
+
+def _unavailable(what: str, e: OSError) -> RegistryUnavailable:
+    """The error of a failed registry write, naming the cause but not the path."""
+    reason = e.strerror or type(e).__name__
+    return RegistryUnavailable(f"registry is not writable: {what} ({reason})")
 
 
 def _drop_canary_of(canary: Canary | None, version: str) -> Canary | None:
