@@ -238,14 +238,12 @@ class CanaryOut(BaseModel):
     percent: float
 
 
-class CanaryAliasOut(CanaryOut):
-    policy: dict[str, Any] | None = Field(None, description="Bounds for automatic rollback.")
-
-
 class AliasesOut(BaseModel):
     production: str | None
     previous: list[str]
-    canary: CanaryAliasOut | None
+    canary: dict[str, Any] | None = Field(
+        description='{"version", "percent"} and "policy" (its rollback bounds) when it has one.'
+    )
     shadow: CanaryOut | None = None
     updated_at: str | None
 

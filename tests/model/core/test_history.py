@@ -44,6 +44,7 @@ def test_every_kind_of_change_is_recorded_with_actor_and_reason(reg: Registry) -
     reg.clear_canary(actor="cli", reason="done")
     reg.clear_shadow(actor="admin-api")
     reg.rollback(actor="cli", reason="v2 is worse")
+    reg.deactivate(actor="cli", reason="incident")
     assert changes(reg) == [
         ("activate", "cli", None, "v1"),
         ("activate", "admin-api", "v1", "v2"),
@@ -54,6 +55,7 @@ def test_every_kind_of_change_is_recorded_with_actor_and_reason(reg: Registry) -
         ("canary_clear", "cli", "v3", None),
         ("shadow_clear", "admin-api", "v1", None),
         ("rollback", "cli", "v2", "v1"),
+        ("deactivate", "cli", "v1", None),
     ]
     lines = reg.history.read()
     assert {h["action"] for h in lines} == set(ACTIONS)
