@@ -75,6 +75,13 @@ class Traffic:
             time.sleep(0.01)
         raise TimeoutError(f"no such answer within {timeout}s: {self.records[-3:]}")
 
+    def wait_for_count(self, t: float, n: int, timeout: float = 30) -> None:
+        """Wait until ``n`` answers started at ``t`` or later have come back."""
+        deadline = time.monotonic() + timeout
+        while len(self.since(t)) < n:
+            assert time.monotonic() < deadline, f"{n} answers after {t}: {self.errors[-3:]}"
+            time.sleep(0.05)
+
     def stop(self) -> None:
         self._stop.set()
         for t in self._workers:
@@ -199,8 +206,9 @@ def test_embedded_swap_across_workers_and_a_corrupt_snapshot(
     subprocess.run(cli, check=True, capture_output=True, timeout=60)
     switched = time.monotonic()
     load.wait_for(lambda r: r.get("snapshot") == "s2", 10)
-    time.sleep(1.0)  # both workers have switched (each polls on its own)
-    assert {r["snapshot"] for r in load.since(switched + 1.0)} == {"s2"}
+    settled = switched + 1.0  # both workers have switched by then (each polls every 0.3 s)
+    load.wait_for_count(settled, 10)  # answers started after it (slow on a busy machine)
+    assert {r["snapshot"] for r in load.since(settled)} == {"s2"}
 
     # A corrupt snapshot named active behind the CLI's back: refused, s2 keeps serving.
     store.publish(tables, "s3", source)

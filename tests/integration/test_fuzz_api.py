@@ -3,13 +3,16 @@
 The server's own OpenAPI document drives the run: examples, boundary values and random inputs
 (valid and invalid) for each operation, then stateful sequences along the document's links
 (``GET /models`` -> ``GET /models/{version}``, ``POST .../activate``). It passes when no answer is
-a 5xx and every answer has a documented status, content type, headers and body schema.
+a 500 and every answer has a documented status, content type, headers and body schema.
 
 ``make test`` runs a bounded, seeded pass (well under two minutes on 2 cores); ``make fuzz`` the
 same for longer with a fresh seed: ``VIDRANK_FUZZ_SECONDS`` (time budget), ``VIDRANK_FUZZ_EXAMPLES``
 (examples per operation) and ``VIDRANK_FUZZ_SEED`` (``random`` for a new one) tune it.
 
-One check is left out: ``positive_data_acceptance`` (every schema-valid request gets a 2xx). What
+Two checks are left out. ``not_a_server_error``: the documented 503 (overloaded) and 504 (the
+``X-Request-Timeout-Ms`` deadline passed, e.g. a fuzzed deadline of 1 ms) are answers by design;
+``status_code_conformance`` still fails any status an operation does not document, a 500
+included. ``positive_data_acceptance`` (every schema-valid request gets a 2xx): what
 /rank accepts also depends on what JSON Schema cannot state: video ids must be unique across
 candidates (42 and "42" are one), feature values must suit the serving model's schema, and a
 profile name must exist in the server's profile file. Those are 422s for schema-valid bodies by
@@ -34,7 +37,7 @@ pytestmark = pytest.mark.slow
 EXAMPLES = int(os.environ.get("VIDRANK_FUZZ_EXAMPLES", "25"))
 SECONDS = os.environ.get("VIDRANK_FUZZ_SECONDS")  # unset: bounded by the examples alone
 SEED = os.environ.get("VIDRANK_FUZZ_SEED", "20261130")
-EXCLUDED_CHECKS = "positive_data_acceptance"
+EXCLUDED_CHECKS = "positive_data_acceptance,not_a_server_error"
 RUN_TIMEOUT_S = 600 + int(SECONDS or 0)
 
 
@@ -79,3 +82,6 @@ def test_schemathesis_finds_nothing(
     assert server.alive()
     server.stop()
     assert "Traceback" not in server.logs(), server.tail(60)
+    # No answer was a 500 (the access log records every status).
+    statuses = {r.get("status") for r in server.log_records() if r.get("msg") == "request"}
+    assert statuses and 500 not in statuses, statuses

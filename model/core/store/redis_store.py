@@ -26,13 +26,10 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from model.core.errors import VidrankError
 from model.core.fileio import utc_now_iso
@@ -43,6 +40,9 @@ from model.core.store.snapshot import (
     Progress,
     SnapshotError,
 )
+
+if TYPE_CHECKING:  # redis is imported when a store is used: serving without Redis never loads it
+    import redis
 
 PREFIX = "vidrank:features"
 STAGING_TTL_S = 24 * 3600  # a publish that never completes disappears after this
@@ -63,6 +63,10 @@ class StoreUnavailable(VidrankError):
 
 def connect(url: str, timeout_s: float | None = None) -> redis.Redis:
     """A client with its own connection pool, no retries and ``timeout_s`` on every socket call."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     return redis.Redis.from_url(
         url,
         socket_timeout=timeout_s,
@@ -99,6 +103,8 @@ def _text(value: Any) -> str | None:
 
 
 def _unavailable(e: Exception) -> StoreUnavailable:
+    import redis
+
     if isinstance(e, redis.TimeoutError):
         return StoreUnavailable("timeout", f"feature store timed out: {e}")
     return StoreUnavailable("down", f"feature store unreachable: {type(e).__name__}: {e}")
@@ -133,6 +139,8 @@ class RedisReader:
 
     def active(self) -> tuple[str, dict[str, Any]] | None:
         """(name, manifest) of the active snapshot, None when none is; StoreUnavailable."""
+        import redis
+
         try:
             snapshot = _text(self.client.get(self.keys.active))
             if snapshot is None:
@@ -143,6 +151,8 @@ class RedisReader:
         return snapshot, _check_manifest(raw, snapshot)
 
     def ping(self) -> None:
+        import redis
+
         try:
             self.client.ping()
         except redis.RedisError as e:
@@ -156,6 +166,8 @@ class RedisReader:
         The same round trip checks that the snapshot still exists: one that expired (a replica
         that could not poll for longer than the grace period) is an error, not a row of misses.
         """
+        import redis
+
         fields = [b"%d" % k for k in item_keys.tolist()]
         pipe = self.client.pipeline(transaction=False)
         pipe.exists(self.keys.manifest(snapshot))
