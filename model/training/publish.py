@@ -22,9 +22,10 @@ from model.core.bundle import Bundle, build_manifest, write_bundle
 from model.core.metrics import auc
 from model.core.registry import Registry
 from model.training.config import TrainJob
-from model.training.evaluate import DEFAULT_FUSION
+from model.training.evaluate import DEFAULT_FUSION, calibration_summary
 from model.training.export import DEFAULT_OPSET, FrameRequests, export_onnx, parity, quantize_int8
 from model.training.fit import TrainResult
+from model.training.report import REPORT_FILE, write_report
 
 # A published graph must match torch far tighter than this; looser means a broken export.
 PARITY_MAX_ABS_PROB = 1e-4
@@ -101,7 +102,8 @@ def write_result_bundle(
 ) -> Bundle:
     """Export, check parity and write the (verified) bundle into ``dest``.
 
-    The manifest's ``parity`` holds the torch-vs-onnxruntime figures.
+    The manifest's ``parity`` holds the torch-vs-onnxruntime figures, ``calibration`` the
+    held-out reliability bins per task (model/training/evaluate.py ``calibration_summary``).
 
     With ``quantize`` the bundle holds the int8 graph (see :func:`quantize_result`) and its
     manifest a ``quantization`` section with the held-out AUC before and after.
@@ -115,7 +117,11 @@ def write_result_bundle(
         or checked["max_rel_watch"] > PARITY_MAX_REL_WATCH
     ):
         raise RuntimeError(f"ONNX export disagrees with torch; not publishing: {checked}")
-    extra: dict[str, Any] = {"parity": checked}
+    # Reliability bins of the held-out predictions: the report's calibration diagrams.
+    extra: dict[str, Any] = {
+        "parity": checked,
+        "calibration": calibration_summary(result.test, result.test_preds),
+    }
     if quantize:
         extra["quantization"] = quantize_result(result, onnx_path, seed)
     manifest = build_manifest(
@@ -176,7 +182,17 @@ def summary_table(metrics: Mapping[str, float]) -> str:
 
 
 def announce(result: TrainResult, published: str, job: TrainJob, world: int = 1) -> None:
-    """Print the metrics table and where the version went (the end of ``vidrank train``)."""
+    """Print the metrics table and where the version went, then write the version's report.
+
+    The end of ``vidrank train``. The version is published by then, so a report that fails is
+    reported (with the command to retry) rather than failing the run.
+    """
     print(summary_table(result.metrics))
     ranks = f" ({world} ranks)" if world > 1 else ""
     print(f"published {published} to {job.registry}{ranks}")
+    try:
+        where = write_report(Registry(job.registry), published)
+    except Exception as e:  # the model is out; the report can be redone
+        print(f"warning: no report ({type(e).__name__}: {e}); retry: vidrank report {published}")
+        return
+    print(f"report: {where / REPORT_FILE}")
