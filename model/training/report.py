@@ -120,29 +120,29 @@ def fusion_text(spec: Mapping[str, Any]) -> str:
 Section = Callable[[Context, Path], str]  # writes its PNGs into the directory, returns Markdown
 
 
+def _rows_text(metrics: Mapping[str, Any]) -> str:
+    keys = ("rows_train", "rows_valid", "rows_test")
+    return " / ".join(
+        f"{int(metrics[k]):,}" if isinstance(metrics.get(k), int | float) else "—" for k in keys
+    )
+
+
 def header(ctx: Context, out: Path) -> str:
+    """Title and what the version is: architecture, data, training options, default fusion."""
     m, metrics = ctx.manifest, ctx.metrics
     training = m.get("training", {})
-    config = m.get("mmoe_config", {})
+    arch = str(m.get("mmoe_config", {}).get("arch", "—"))
+    gates = (m.get("gate_diagnostics") or {}).get("tasks")
+    if gates:
+        arch += f" ({len(next(iter(gates.values()))['mean_weights'])} experts)"
+    options = f"{training.get('seed')}, {training.get('batch_size')}, {training.get('lr')}"
     rows = [
         ("created", m.get("created_at", "—")),
-        ("architecture", f"{config.get('arch', '—')} ({config.get('n_experts', '—')} experts)"),
+        ("architecture", arch),
         ("data", training.get("data", "—")),
-        (
-            "rows train / valid / test",
-            " / ".join(
-                f"{int(metrics[k]):,}" if isinstance(metrics.get(k), int | float) else "—"
-                for k in ("rows_train", "rows_valid", "rows_test")
-            ),
-        ),  # fmt: skip
-        (
-            "epochs run / max",
-            f"{_num(metrics.get('epochs'), 0)} / {training.get('epochs_max', '—')}",
-        ),
-        (
-            "seed, batch size, lr",
-            f"{training.get('seed')}, {training.get('batch_size')}, {training.get('lr')}",
-        ),  # fmt: skip
+        ("rows train / valid / test", _rows_text(metrics)),
+        ("epochs run / max", f"{_num(metrics.get('epochs'), 0)} / {training.get('epochs_max')}"),
+        ("seed, batch size, lr", options),
         ("default fusion", fusion_text(m.get("default_fusion", {}))),
     ]
     return f"# Model report: {ctx.version}\n\n" + md_table(("", ""), rows)
@@ -192,11 +192,8 @@ def curves(ctx: Context, out: Path) -> str:
     if not history:
         return title + "No training history in this manifest."
     plots.training_curves(history, ctx.tasks, out / "curves.png")
-    rows = [
-        [int(h["epoch"]), *(_num(h.get(k)) for k in ("train_loss", "loss", "click_auc",
-                                                      "like_auc", "watch_xauc"))]
-        for h in history
-    ]  # fmt: skip
+    keys = ("train_loss", "loss", "click_auc", "like_auc", "watch_xauc")
+    rows = [[int(h["epoch"]), *(_num(h.get(k)) for k in keys)] for h in history]
     best = ctx.metrics.get("best_valid_loss")
     note = f"Early stopping kept the epoch with the lowest validation loss ({_num(best)})."
     table = md_table(
