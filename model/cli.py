@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -160,31 +160,23 @@ def tune_fusion(
     Writes the best profile into the profile file (other profiles kept), its record with the
     version, and refreshes the version's report.
     """
+    _run_tune(dict(locals()))  # the parameters are TuneJob's fields, by name
+
+
+def _run_tune(options: dict[str, Any]) -> None:
+    """Build the TuneJob (a bad option is a usage error, before any data is read) and run it."""
     from model.training.fusion_search import Floor
-    from model.training.report import write_report
+    from model.training.report import REPORT_FILE, write_report
     from model.training.tune import TuneJob, run_tune_fusion
 
+    floor = options.pop("floor")
     try:
-        job = TuneJob(
-            registry=registry,
-            version=version,
-            profiles=profiles,
-            profile=profile,
-            data=data,
-            simulate=simulate,
-            seed=seed,
-            trials=trials,
-            objective=objective,
-            k=k,
-            floor=Floor.parse(floor) if floor is not None else None,
-            search_fraction=search_fraction,
-        )
+        job = TuneJob(**options, floor=Floor.parse(floor) if floor is not None else None)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    _check_version(registry, version)
+    _check_version(job.registry, job.version)
     run_tune_fusion(job)
-    where = write_report(_registry(registry), version)
-    typer.echo(f"report: {where / 'report.md'}")
+    typer.echo(f"report: {write_report(_registry(job.registry), job.version) / REPORT_FILE}")
 
 
 @app.command()
