@@ -175,7 +175,10 @@ def _run_tune(options: dict[str, Any]) -> None:
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     _check_version(job.registry, job.version)
-    run_tune_fusion(job)
+    try:
+        run_tune_fusion(job)
+    except (ValueError, RuntimeError) as e:  # no truth, too little data, a floor nobody met
+        _fail(str(e))
     typer.echo(f"report: {write_report(_registry(job.registry), job.version) / REPORT_FILE}")
 
 

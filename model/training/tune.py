@@ -111,13 +111,14 @@ def floor_table(
     parts: Mapping[str, Lists], specs: Mapping[str, FusionSpec], floor: Floor
 ) -> dict[str, Any]:
     """Each spec's top-k mean of the floor's task, as a ratio to click-only's, per part."""
-    out: dict[str, dict[str, float]] = {}
-    for name, spec in specs.items():
-        out[name] = {
-            p: lists.top_mean(spec, floor.task) / lists.top_mean(CLICK_ONLY, floor.task)
+    base = {p: lists.top_mean(CLICK_ONLY, floor.task) for p, lists in parts.items()}
+    return {
+        name: {
+            p: lists.top_mean(spec, floor.task) / base[p] if base[p] > 0 else math.nan
             for p, lists in parts.items()
         }
-    return out
+        for name, spec in specs.items()
+    }
 
 
 def run_tune_fusion(job: TuneJob) -> dict[str, Any]:
@@ -126,8 +127,8 @@ def run_tune_fusion(job: TuneJob) -> dict[str, Any]:
     bundle = registry.bundle(job.version)
     frame = heldout_frame(job)
     print(f"held-out: {len(frame):,} impressions of {job.data_description}; scoring {job.version}")
-    preds = predict_frame(bundle.onnx_path, bundle.schema, frame)
     objective = Objective.for_frame(frame, job.objective, k=job.k, floor=job.floor)
+    preds = predict_frame(bundle.onnx_path, bundle.schema, frame)
     users = frame["user_id"].to_numpy()
     in_search = split_users(users, job.seed, job.search_fraction)
     parts = {

@@ -241,12 +241,10 @@ def test_cli_tunes_writes_the_profile_and_the_record_and_reports(
     assert record["objective"]["floor"] == {"task": "click", "fraction": 0.9}
     assert record["floor_ratio"]["tuned"]["search"] >= 0.9
     assert ProfileStore(profiles).names()[-2:] == [name, "logged"]  # the first one is kept
-    assert (
-        json.loads((registry_copy / "tuning" / version / "logged.json").read_text())["objective"][
-            "kind"
-        ]
-        == "logged"
-    )
+    saved = json.loads((registry_copy / "tuning" / version / "logged.json").read_text())
+    assert saved["objective"]["kind"] == "logged"
+    done = CliRunner().invoke(app, [*args, "--data", str(logs), "--objective", "truth"])
+    assert done.exit_code == 1 and "--objective truth needs simulated data" in done.output
 
 
 @pytest.mark.parametrize(
