@@ -44,10 +44,13 @@ WORKDIR /app
 # tests, docs or docker/ never invalidate this layer.
 # ---------------------------------------------------------------------------------------------
 FROM base AS build
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY model/ model/
 COPY service/ service/
+# The lock travels with the wheel: serve and train install their extra with `-c` on it, so the
+# images run exactly the versions CI tested (`make lock` refreshes it).
 RUN pip wheel --no-deps --wheel-dir /dist . \
+ && cp requirements.lock /dist/ \
  && ls -l /dist
 
 # ---------------------------------------------------------------------------------------------
@@ -57,12 +60,13 @@ FROM base AS train
 
 # torch comes from the PyTorch CPU index: the default PyPI wheel for Linux pulls the CUDA runtime
 # (several GB of nvidia-* wheels) that a CPU trainer never uses. --index-url is given to that one
-# pip call only, so every other package still resolves from PyPI alone (an --extra-index-url
-# would let pip pick the highest version of *any* package across both indexes). The second call
-# finds torch==2.13.0 satisfied by the installed 2.13.0+cpu (PEP 440 ignores the local label).
+# pip call only, and without dependencies, so every other package still resolves from PyPI alone
+# at the lock's versions (an --extra-index-url would let pip pick the highest version of *any*
+# package across both indexes). The second call finds torch==2.13.0+cpu, which the lock pins,
+# already installed.
 RUN --mount=type=bind,from=build,source=/dist,target=/dist \
-    pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
- && pip install "$(ls /dist/vidrank-*.whl)[train]" \
+    pip install --index-url https://download.pytorch.org/whl/cpu --no-deps "torch==2.13.0+cpu" \
+ && pip install -c /dist/requirements.lock "$(ls /dist/vidrank-*.whl)[train]" \
  && python -c "import torch; assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__"
 
 ENV HOME=/home/vidrank
@@ -73,7 +77,8 @@ ENTRYPOINT ["vidrank"]
 CMD ["train", "--registry", "/registry", "--simulate", "200000"]
 
 # ---------------------------------------------------------------------------------------------
-# serve: the online ranker. Only the `serve` extra: fastapi, uvicorn, onnxruntime, numpy ...
+# serve: the online ranker. Only the `serve` extra (at the lock's versions): fastapi, uvicorn,
+# onnxruntime, numpy ...
 # NO torch: the service imports only the torch-free part of model/ (features, bundle, registry).
 # The two checks below make that verifiable at build time: the build fails if torch got in
 # (e.g. through a new dependency) or if the serving code path started importing it.
@@ -81,7 +86,7 @@ CMD ["train", "--registry", "/registry", "--simulate", "200000"]
 FROM base AS serve
 
 RUN --mount=type=bind,from=build,source=/dist,target=/dist \
-    pip install "$(ls /dist/vidrank-*.whl)[serve]"
+    pip install -c /dist/requirements.lock "$(ls /dist/vidrank-*.whl)[serve]"
 
 # torch must not be installed (exit status 1 if it is) ...
 RUN python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('torch') is not None)"

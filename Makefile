@@ -5,22 +5,46 @@ BIN    := $(VENV)/bin
 REGISTRY ?= registry
 PORT   ?= 8000
 DEMO_IMPRESSIONS ?= 300000
+DEMO_DATA ?= data/demo
 FUSION_PROFILES ?= docker/fusion_profiles.toml
+FUZZ_SECONDS ?= 600
 
-.PHONY: install run serve demo-model test lint pytest bench bench-quick rollout clean
+LOCK   := requirements.lock
+# pip-compile over every extra: one consistent set of exact versions for CI, the train image
+# and the serve image (each installs its subset with `-c $(LOCK)`).
+LOCK_CMD = $(BIN)/pip-compile --quiet --extra serve --extra train --extra dev --strip-extras \
+	--allow-unsafe --no-emit-index-url --no-emit-find-links --no-emit-trusted-host \
+	--output-file $(LOCK) pyproject.toml
 
-# Create/update the virtualenv from the project's own files (re-run when pyproject.toml changes).
-$(BIN)/.installed: pyproject.toml
+.PHONY: install run serve demo-model test lint pytest fuzz bench bench-quick rollout clean lock lock-upgrade
+
+# Create/update the virtualenv from the project's own files (re-run when pyproject.toml or the
+# lock changes): exactly the versions in requirements.lock.
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[serve,train,dev]'
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[serve,train,dev]'
 	touch $@
 
 install: $(BIN)/.installed
 
-# Train the demo model into ./registry when it has no production model, then serve on :8000.
-demo-model: install
-	$(BIN)/vidrank train --registry $(REGISTRY) --simulate $(DEMO_IMPRESSIONS) --if-empty
+# Re-lock after changing pyproject.toml's dependencies (keeps the other pins), or refresh every
+# pin to the newest allowed versions; torch stays 2.13.0 (the CPU wheel), as pyproject pins it.
+lock: install
+	$(LOCK_CMD)
+
+lock-upgrade: install
+	$(LOCK_CMD) --upgrade
+
+# Simulate the demo world into data/demo (once), train the demo model into ./registry when it has
+# no production model, publish the world's user/video features as the active snapshot when none
+# is active (so /rank works by ids), then serve on :8000.
+$(DEMO_DATA)/user_features_sim.parquet: | install
+	$(BIN)/vidrank simulate --out $(DEMO_DATA) --impressions $(DEMO_IMPRESSIONS)
+
+demo-model: install $(DEMO_DATA)/user_features_sim.parquet
+	$(BIN)/vidrank train --registry $(REGISTRY) --data $(DEMO_DATA) --if-empty
+	$(BIN)/vidrank features publish --registry $(REGISTRY) --data $(DEMO_DATA) --if-empty
 
 run: demo-model
 	VIDRANK_FUSION_PROFILES=$(FUSION_PROFILES) \
@@ -36,6 +60,12 @@ pytest: install
 	$(BIN)/pytest -q
 
 test: lint pytest
+
+# Before a release: schemathesis against a live server for FUZZ_SECONDS with a fresh seed
+# (`make test` runs the same test bounded and seeded; see tests/integration/test_fuzz_api.py).
+fuzz: install
+	VIDRANK_FUZZ_SECONDS=$(FUZZ_SECONDS) VIDRANK_FUZZ_EXAMPLES=1000 VIDRANK_FUZZ_SEED=random \
+		$(BIN)/pytest -q -s --timeout $$(( $(FUZZ_SECONDS) + 900 )) tests/integration/test_fuzz_api.py
 
 # Benchmarks (not part of `make test`): needs Debian's wrk (apt-get install -y wrk), else a
 # slower Python client is used and the results say so.

@@ -10,6 +10,8 @@ One implementation of each:
 - an HTTP server process waited on until ``/readyz`` answers 200, with its workers' pids and
   their RSS and CPU time read through psutil (``Server``, ``start_vidrank``);
 - nginx rendered from ``docker/nginx.loopback.conf.template`` in front of loopback upstreams;
+- a real ``redis-server`` on a free loopback port with its files in a directory of its own, and
+  raw RESP commands to it (``RedisServer``);
 - small HTTP calls over ``http.client`` (no client library's overhead in the measurements);
 - realistic /rank bodies with the default schema's features, as rows or columns.
 
@@ -453,6 +455,78 @@ def start_nginx(nginx: str, prefix: Path, listen_port: int, upstreams: list[str]
         log = prefix / "error.log"
         raise RuntimeError(f"nginx did not start: {log.read_text() if log.exists() else ''}") from e
     return proc
+
+
+# -- redis-server -------------------------------------------------------------------------------
+
+REDIS_MISSING = (
+    "redis-server is not installed: .ci/run installs Debian's redis-server; to run these tests "
+    "locally, apt-get install redis-server"
+)
+
+
+def find_redis_server() -> str | None:
+    """The redis-server binary (PATH, then /usr/bin and /usr/local/bin), or None."""
+    return shutil.which("redis-server") or next(
+        (
+            p
+            for p in ("/usr/bin/redis-server", "/usr/local/bin/redis-server")
+            if os.access(p, os.X_OK)
+        ),
+        None,
+    )
+
+
+def resp(*args: str | bytes) -> bytes:
+    """A command in the Redis protocol (RESP arrays of bulk strings)."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        data = a.encode() if isinstance(a, str) else a
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class RedisServer(Proc):
+    """``redis-server`` on HOST:``port`` (free if None), files in ``directory``; ready on return.
+
+    No automatic snapshots (``save ""``): ``command("SAVE")`` writes ``dump.rdb``, which a server
+    started again on the same directory loads. Lazy freeing of expired keys, as a feature store
+    with large snapshot hashes should run.
+    """
+
+    def __init__(self, directory: Path, port: int | None = None, name: str = "redis") -> None:
+        binary = find_redis_server()
+        if binary is None:
+            raise RuntimeError(REDIS_MISSING)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.directory = directory
+        cmd = [
+            binary, "--port", str(self.port), "--bind", HOST, "--dir", str(directory),
+            "--save", "", "--appendonly", "no", "--daemonize", "no",
+            "--lazyfree-lazy-expire", "yes", "--lazyfree-lazy-user-del", "yes",
+        ]  # fmt: skip
+        log = directory / f"{name}-{self.port}.log"
+        super().__init__(name, cmd, log)
+        try:
+            wait_until(lambda: self.command("PING") == b"+PONG\r\n", 10.0, f"{name} ready", self)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def command(self, *args: str | bytes, timeout: float = 5.0) -> bytes:
+        """Send one command on a fresh connection; the raw reply (first read)."""
+        with socket.create_connection((HOST, self.port), timeout=timeout) as s:
+            s.sendall(resp(*args))
+            return s.recv(1 << 16)
+
+    def restart(self) -> RedisServer:
+        """A new server on the same port and directory (it loads ``dump.rdb`` if there is one)."""
+        return RedisServer(self.directory, self.port, self.name)
 
 
 # -- /rank bodies -------------------------------------------------------------------------------

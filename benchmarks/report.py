@@ -139,14 +139,74 @@ def lifecycle_targets(r: dict[str, Any]) -> list[Target]:
     ]  # fmt: skip
 
 
+def overload_targets(r: dict[str, Any]) -> list[Target]:
+    """Issue 10: at c=512 answered p99 <= 10x the c=8 p50, no timeouts, sheds fast; c=8 no shed."""
+    c = _get(r, "overload", "connections") or 512
+    c8 = _get(r, "overload", "shedding", "c8") or {}
+    over = _get(r, "overload", "shedding", "overload") or {}
+    base = _get(c8, "answered_ms", "p50")
+    p99 = _get(over, "answered_ms", "p99")
+    tail = ratio(p99, base)
+    shed_p99 = _get(over, "shed_ms", "p99")
+    timeouts, c8_shed = over.get("timeouts"), c8.get("shed")
+    return [
+        Target(
+            "overload_answered_p99", f"answered p99 at c={c} / answered p50 at c=8", "<= 10",
+            tail, "x", _check(tail, lambda x: x <= 10),
+            f"p99 {p99:.1f} ms vs p50 {base:.1f} ms" if p99 and base else "",
+        ),
+        Target(
+            "overload_timeouts", f"client timeouts (2 s) at c={c}", "0", timeouts, "",
+            _check(timeouts, lambda x: x == 0),
+        ),
+        Target(
+            "overload_shed_p99", f"p99 of a shed (503) at c={c}", "<= 5 ms", shed_p99, "ms",
+            _check(shed_p99, lambda x: x <= 5.0), f"{over.get('shed', 0)} sheds",
+        ),
+        Target(
+            "overload_c8_no_shed", "sheds at c=8", "0", c8_shed, "",
+            _check(c8_shed, lambda x: x == 0),
+        ),
+    ]  # fmt: skip
+
+
+def feature_targets(r: dict[str, Any]) -> list[Target]:
+    """Issue 11: ids + embedded store vs the floor, ids + Redis vs features in the request."""
+    rows, million = _get(r, "features", "rows") or {}, _get(r, "features", "million") or {}
+    n = str(rows.get("n", ""))
+    floor = rows.get("floor_p50_ms")  # measured in turns with the rows
+    p50 = {k: _get(rows, k, "p50_ms") for k in ("request", "embedded", "redis")}
+    rps = {k: _get(rows, k, "rps_c8") for k in ("request", "redis")}
+    emb = ratio(p50["embedded"], floor)
+    above = p50["redis"] - p50["request"] if p50["redis"] and p50["request"] else None
+    share = ratio(rps["redis"], rps["request"])
+    load = million.get("start_to_ready_cold_s")
+    extra = million.get("extra_pss_per_worker_bytes")
+    return [
+        Target("fs_embedded_vs_floor", f"ids + embedded p50 at {n} / floor", "<= 1.3", emb, "x",
+               _check(emb, lambda x: x <= 1.3)),
+        Target("fs_redis_p50", "ids + Redis p50 - features-in-request p50", "<= 1.0 ms", above,
+               "ms", _check(above, lambda x: x <= 1.0)),
+        Target("fs_redis_rps", "ids + Redis req/s (c=8) / features in the request", ">= 0.85",
+               share, "x", _check(share, lambda x: x >= 0.85)),
+        Target("fs_million_load", "1M-video snapshot: start to ready (cold cache)", "<= 5 s",
+               load, "s", _check(load, lambda x: x <= 5.0)),
+        Target("fs_million_rss", "1M-video snapshot: extra PSS per additional worker", "<= 20 MB",
+               extra / MB if extra is not None else None, "MB",
+               _check(extra, lambda x: x <= 20 * MB)),
+    ]  # fmt: skip
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every target of issue 4, measured (None where the run did not measure it)."""
+    """Every target of issues 4, 10 and 11, measured (None where the run did not measure it)."""
     n = str(ref_n(results))
     found = [
         *latency_targets(results, n),
         *throughput_targets(results, n),
         *graph_targets(results, n),
         *lifecycle_targets(results),
+        *overload_targets(results),
+        *feature_targets(results),
     ]
     return [asdict(t) for t in found]
 
@@ -252,6 +312,38 @@ def throughput_table(r: dict[str, Any]) -> list[str]:
     return _table(header, rows)
 
 
+def overload_table(r: dict[str, Any]) -> list[str]:
+    o = r.get("overload")
+    if not o:
+        return []
+    header = [
+        "run", "connections", "answered req/s", "answered p50", "answered p99", "sheds (503)",
+        "shed p50", "shed p99", "timeouts (2 s)", "other",
+    ]  # fmt: skip
+    rows = []
+    for key, label in (("shedding", "shedding on"), ("no_shedding", "shedding off")):
+        for run in (o.get(key) or {}).values():
+            if not isinstance(run, dict):
+                continue
+            a, sh = run.get("answered_ms") or {}, run.get("shed_ms") or {}
+            other = {k: v for k, v in run["statuses"].items() if k not in ("200", "503")}
+            rows.append(
+                [
+                    label, str(run["connections"]), _fmt(run["answered_rps"], 0),
+                    _fmt(a.get("p50")), _fmt(a.get("p99")), str(run["shed"]),
+                    _fmt(sh.get("p50")), _fmt(sh.get("p99")), str(run["timeouts"]),
+                    ", ".join(f"{k}: {v}" for k, v in other.items()) + (
+                        f" errors {run['errors']}" if run["errors"] else ""
+                    ) or "–",
+                ]
+            )  # fmt: skip
+    title = (
+        f"## Overload: {o['n']} candidates, {o['workers']} workers, {o['seconds']:.0f} s per run "
+        "(benchmarks/overload.py, ms)"
+    )
+    return [title, "", *_table(header, rows), ""]
+
+
 def graph_table(r: dict[str, Any]) -> list[str]:
     lat = _get(r, "graphs", "latency") or {}
     names = list(lat)
@@ -334,7 +426,12 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         *census_table(r),
         "",
+        *overload_table(r),
     ]
+    if "features" in r:
+        from benchmarks.features import markdown as features_markdown
+
+        lines += [*features_markdown(r["features"]["rows"], r["features"]["million"]), ""]
     notes = [background_note(r), *s.get("notes", [])]
     lines += [f"- {note}" for note in notes if note]
     return "\n".join(lines) + "\n"

@@ -13,7 +13,12 @@ measured):
 5. vidrank: a real ``vidrank serve`` process, POST /rank over loopback, p50/p99 at c=1 (rows
    and columnar bodies) and throughput at c=8 with one worker per core; the int8 bundle the
    same way; then the textbook app (benchmarks/textbook_app.py) under plain uvicorn;
-6. lifecycle: start-to-ready, RSS of one worker, RSS through model swaps.
+6. features: at 500 candidates, features in the request vs ids + embedded store vs ids + Redis
+   (benchmarks/features.py), and a snapshot of a million videos: load time and memory per worker;
+7. lifecycle: start-to-ready, RSS of one worker, RSS through model swaps;
+8. overload: 500 candidates, 2 workers, c=8 then c=512 (15 s each) with benchmarks/overload.py,
+   answered and shed latencies apart, client timeouts at 2 s; then c=512 again with shedding off
+   (the behaviour before issue 10) for comparison.
 
 Load comes from wrk and rank.lua (one client thread, pre-built bodies); without wrk a Python
 keep-alive client is used and the results say so. No assertion here is timed: targets are
@@ -52,11 +57,15 @@ from benchmarks.loadgen import WRK_INSTALL_HINT, find_wrk, run_load, write_bodie
 from benchmarks.machine import machine_info, machine_slug, usable_cores
 from benchmarks.memory import model_footprint, publish_copy, swap_rss
 from benchmarks.model_setup import SWAP_VERSION, BenchModel, prepare_model
+from benchmarks.overload import run_overload
 from benchmarks.workload import Workload, build_workload
 from model.core.registry import Registry
+from model.training.simulate import SimConfig, simulate, write_simulation
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("floor", "graphs", "vidrank", "textbook", "lifecycle")
+PARTS = ("floor", "graphs", "vidrank", "textbook", "features", "lifecycle", "overload")
+# What shedding off means for the comparison row: a queue nothing fills, no deadline.
+NO_SHEDDING = {"VIDRANK_MAX_QUEUE": "100000", "VIDRANK_REQUEST_TIMEOUT_MS": "0"}
 
 
 @dataclass
@@ -75,6 +84,10 @@ class BenchSettings:
     workers: int = 0  # 0 = one per core
     connections: int = 8
     starts: int = 3  # vidrank starts timed for start-to-ready (the median is reported)
+    overload_s: float = 15.0  # seconds per overload run
+    overload_connections: int = 512
+    overload_workers: int = 2
+    store_videos: int = 1_000_000  # videos in the large embedded snapshot (features part)
     client: str = "auto"  # auto | wrk | python
     skip: list[str] = field(default_factory=list)
     out_dir: Path = ROOT / "benchmarks" / "results"
@@ -92,6 +105,8 @@ QUICK: dict[str, Any] = {
     "warmup_s": 1.0,
     "impressions": 50_000,
     "epochs": 1,
+    "overload_s": 5.0,
+    "store_videos": 200_000,
 }
 
 
@@ -108,6 +123,9 @@ def parse_args(argv: list[str] | None) -> BenchSettings:
     p.add_argument("--workers", type=int, help="server workers (default: one per core)")
     p.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
     p.add_argument("--starts", type=int, help="server starts timed for start-to-ready")
+    p.add_argument("--overload-seconds", type=float, help="seconds per overload run (15)")
+    p.add_argument("--overload-connections", type=int, help="connections of the overload (512)")
+    p.add_argument("--store-videos", type=int, help="videos in the large feature snapshot")
     p.add_argument("--skip", default="", help=f"comma-separated parts to skip: {','.join(PARTS)}")
     p.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
     p.add_argument("--work-dir", type=Path, help="cache for the model, graphs, requests, logs")
@@ -123,6 +141,9 @@ def parse_args(argv: list[str] | None) -> BenchSettings:
         "epochs": a.epochs,
         "workers": a.workers,
         "starts": a.starts,
+        "overload_s": a.overload_seconds,
+        "overload_connections": a.overload_connections,
+        "store_videos": a.store_videos,
         "out_dir": a.out,
         "work_dir": a.work_dir,
     }
@@ -170,7 +191,12 @@ def run_graphs(s: BenchSettings, bm: BenchModel, wl: Workload) -> dict[str, Any]
 
 
 def start_vidrank_on(
-    s: BenchSettings, bm: BenchModel, workers: int, tag: str = "", version: str | None = None
+    s: BenchSettings,
+    bm: BenchModel,
+    workers: int,
+    tag: str = "",
+    version: str | None = None,
+    env_extra: dict[str, str] | None = None,
 ) -> Server:
     """``vidrank serve`` on the benchmark registry, serving ``version`` (default: fp32)."""
     Registry(bm.registry).activate(version or bm.version)
@@ -180,6 +206,7 @@ def start_vidrank_on(
             "VIDRANK_ADMIN_TOKEN": ADMIN_TOKEN,
             "VIDRANK_POLL_INTERVAL_S": "3600",
             "MALLOC_ARENA_MAX": "2",  # as the serving image sets it (Dockerfile)
+            **(env_extra or {}),
         }
     )
     name = f"vidrank{tag}-w{workers}"
@@ -301,6 +328,50 @@ def run_lifecycle(
     }
 
 
+def run_overload_part(s: BenchSettings, bm: BenchModel, wl: Workload) -> dict[str, Any]:
+    """c=8, then c=``overload_connections``; then the same overload with shedding off."""
+    n = report.ref_n({"settings": {"ns": s.ns}})
+    bodies = wl.json_lines(n)
+    w, c, secs = s.overload_workers, s.overload_connections, s.overload_s
+    out: dict[str, Any] = {"n": n, "workers": w, "connections": c, "seconds": secs}
+    for key, env, loads in (
+        ("shedding", None, (("c8", 8), ("overload", c))),
+        ("no_shedding", NO_SHEDDING, (("overload", c),)),
+    ):
+        log(f"overload ({key}): N={n}, {w} workers, c={[x for _, x in loads]}, {secs:.0f} s each")
+        server = start_vidrank_on(s, bm, w, tag=f"-{key}", env_extra=env)
+        try:
+            run_overload(server.port, bodies, 8, s.warmup_s)
+            out[key] = {
+                name: run_overload(server.port, bodies, conns, secs).to_dict()
+                for name, conns in loads
+            }
+            out[key]["loadavg_after"] = os.getloadavg()[0]
+        finally:
+            server.stop()
+    return out
+
+
+def run_features(
+    s: BenchSettings, bm: BenchModel, wl: Workload, wrk: str | None, workers: int
+) -> dict[str, Any]:
+    from benchmarks import features
+
+    n = report.ref_n({"settings": {"ns": s.ns}})
+    sim_dir = s.work_dir / "sim-world-0"  # the bench model's world (it depends on the seed only)
+    if not (sim_dir / "video_features_basic_sim.parquet").exists():
+        write_simulation(simulate(SimConfig(n_impressions=2000, seed=0)), sim_dir)
+    log(f"features: N={n}, features in the request vs ids + embedded vs ids + Redis")
+    floor = features.floor_sampler(bm.bundle_dir / "model.onnx", wl.encoded(n))
+    rows = features.run_feature_rows(
+        s, bm.registry, sim_dir, wl.json_lines(n), floor, wrk, workers, n
+    )
+    Registry(bm.registry).activate(bm.version)
+    log(f"features: a snapshot of {s.store_videos:,} videos (publish, start, memory per worker)")
+    million = features.run_million(s, bm.registry, bm.version, wrk)
+    return {"rows": rows, "million": million}
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 
@@ -359,8 +430,12 @@ def run(s: BenchSettings) -> dict[str, Any]:
             continue
         if name.split("_")[0] not in s.skip:
             results[name] = measure_server(name, s, bm, wl, wrk, workers)
+    if "features" not in s.skip:
+        results["features"] = run_features(s, bm, wl, wrk, workers)
     if "lifecycle" not in s.skip:
         results["lifecycle"] = run_lifecycle(s, bm, wl, wrk)
+    if "overload" not in s.skip:
+        results["overload"] = run_overload_part(s, bm, wl)
     results["settings"] = {
         **{k: v for k, v in asdict(s).items() if k not in ("out_dir", "work_dir")},
         "workers": workers,

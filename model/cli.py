@@ -15,9 +15,21 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="vidrank: MMoE video ranking.")
 models_app = typer.Typer(no_args_is_help=True, help="Inspect and operate the model registry.")
 app.add_typer(models_app, name="models")
+features_app = typer.Typer(
+    no_args_is_help=True,
+    help="Publish and operate feature snapshots (embedded in the registry, or in Redis).",
+)
+app.add_typer(features_app, name="features")
 
 RegistryOpt = Annotated[
     Path, typer.Option("--registry", envvar="VIDRANK_REGISTRY", help="Registry directory.")
+]
+RedisOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--redis",
+        help="Redis URL (redis://host:port/db): the Redis store instead of the registry's.",
+    ),
 ]
 
 
@@ -281,15 +293,45 @@ def models_activate(version: str, registry: RegistryOpt = Path("registry")) -> N
         _print_aliases(reg.activate(version))
     except (RegistryError, BundleError) as e:
         _fail(str(e))
+    _warn_snapshot_lacks(registry)
 
 
 @models_app.command("rollback")
 def models_rollback(registry: RegistryOpt = Path("registry")) -> None:
-    """Return production to the previously active version."""
+    """Return production to the previously active version (verifies its bundle first)."""
+    from model.core.bundle import BundleError
     from model.core.registry import RegistryError
 
+    reg = _registry(registry)
     try:
-        _print_aliases(_registry(registry).rollback())
+        previous = reg.read_aliases().previous
+        target = previous[-1] if previous else None
+        if target is not None:
+            reg.bundle(target)  # checksum and schema, as activate does: replicas would refuse it
+        _print_aliases(reg.rollback(expected=target))
+    except BundleError as e:
+        _fail(f"cannot roll back to {target}: {e}")
+    except RegistryError as e:
+        _fail(str(e))
+
+
+@models_app.command("deactivate")
+def models_deactivate(
+    registry: RegistryOpt = Path("registry"),
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Confirm: every replica stops serving.")
+    ] = False,
+) -> None:
+    """Take the production model away from every replica (they answer 503); rollback undoes it.
+
+    The only way to leave replicas without a model: a missing or broken aliases file never does.
+    """
+    from model.core.registry import RegistryError
+
+    if not yes:
+        _fail("every replica will stop serving /rank; pass --yes to confirm")
+    try:
+        _print_aliases(_registry(registry).deactivate())
     except RegistryError as e:
         _fail(str(e))
 
@@ -318,6 +360,145 @@ def models_canary(
             _print_aliases(reg.set_canary(version, percent))
     except (RegistryError, BundleError, ValueError) as e:
         _fail(str(e))
+
+
+# -- feature snapshots ----------------------------------------------------------------------------
+
+
+def _feature_store(registry: Path, redis_url: str | None):  # type: ignore[no-untyped-def]
+    """The snapshot store the options name: Redis when --redis is given, else the registry's."""
+    if redis_url:
+        from model.core.store.redis_store import RedisSnapshots, connect
+
+        return RedisSnapshots(connect(redis_url, timeout_s=30.0))
+    from model.core.store.embedded import SnapshotStore
+
+    return SnapshotStore(registry)
+
+
+def _active_snapshot(store) -> str | None:  # type: ignore[no-untyped-def]
+    return store.active()
+
+
+def _warn_lacks(registry: Path, columns: dict[str, list[str]]) -> None:
+    """Name the features the registry's served versions read that the snapshot lacks."""
+    from model.core.store.encoded import lacks
+
+    reg = _registry(registry)
+    try:
+        aliases = reg.read_aliases()
+    except Exception:  # no registry here (e.g. a Redis-only publisher): nothing to compare with
+        return
+    for version in {aliases.production, aliases.canary.version if aliases.canary else None}:
+        if version is None or not reg.has(version):
+            continue
+        missing = lacks(reg.bundle(version, verify=False).schema, columns)
+        if missing:
+            typer.echo(f"warning: {version} reads features the snapshot lacks: {list(missing)}")
+
+
+def _warn_snapshot_lacks(registry: Path) -> None:
+    """After a model activation: what the registry's active feature snapshot lacks, if any."""
+    from model.core.store.embedded import SnapshotStore
+    from model.core.store.snapshot import SnapshotError
+
+    store = SnapshotStore(registry)
+    try:
+        active = store.active()
+        if active is None:
+            return
+        entities = store.manifest(active)["entities"]
+    except (SnapshotError, KeyError):
+        return
+    _warn_lacks(registry, {e: list(spec["columns"]) for e, spec in entities.items()})
+
+
+@features_app.command("publish")
+def features_publish(
+    data: Annotated[
+        Path, typer.Option(help="Directory with user_features* and video_features_basic*.")
+    ],
+    registry: RegistryOpt = Path("registry"),
+    redis_url: RedisOpt = None,
+    snapshot: Annotated[
+        str | None, typer.Option(help="Snapshot name (default: s + the UTC time).")
+    ] = None,
+    as_of: Annotated[
+        str | None,
+        typer.Option(help="Day upload_age_days is computed for (default: last log day, today)."),
+    ] = None,
+    activate: Annotated[
+        bool, typer.Option("--activate/--no-activate", help="Make the snapshot active.")
+    ] = True,
+    if_empty: Annotated[
+        bool, typer.Option("--if-empty", help="Do nothing when a snapshot is already active.")
+    ] = False,
+) -> None:
+    """Publish the user and video tables of DATA (KuaiRand schema, CSV or Parquet) as a
+    snapshot; every replica converges on it once it is active."""
+    from model.core.store.snapshot import SnapshotError
+    from model.training.feature_tables import default_snapshot_name, publish_features
+
+    store = _feature_store(registry, redis_url)
+    if if_empty and _active_snapshot(store) is not None:
+        typer.echo(f"snapshot {_active_snapshot(store)} is active; nothing to do (--if-empty)")
+        return
+    name = snapshot or default_snapshot_name()
+    try:
+        summary = publish_features(data, store, name, as_of)
+        if activate:
+            store.activate(name)
+    except (SnapshotError, ValueError) as e:
+        _fail(str(e))
+    _warn_lacks(registry, summary["columns"])
+    typer.echo(json.dumps({**summary, "active": activate}, indent=2))
+
+
+@features_app.command("list")
+def features_list(registry: RegistryOpt = Path("registry"), redis_url: RedisOpt = None) -> None:
+    """List snapshots (oldest first) with their row counts; the active one is marked."""
+    store = _feature_store(registry, redis_url)
+    active = _active_snapshot(store)
+    for name in store.snapshots():
+        try:
+            m = store.manifest(name)
+            rows = " ".join(f"{e}={s['rows']}" for e, s in m["entities"].items())
+            summary = f"{m.get('created_at', '')}  {rows}"
+        except Exception as e:  # a broken snapshot is listed, not fatal
+            summary = f"INVALID: {e}"
+        typer.echo(f"{name:24s} {'active' if name == active else '':8s} {summary}")
+
+
+@features_app.command("show")
+def features_show(
+    snapshot: str, registry: RegistryOpt = Path("registry"), redis_url: RedisOpt = None
+) -> None:
+    """Print a snapshot's manifest (columns, row counts, checksums, source)."""
+    from model.core.store.snapshot import SnapshotError
+
+    try:
+        typer.echo(json.dumps(_feature_store(registry, redis_url).manifest(snapshot), indent=2))
+    except SnapshotError as e:
+        _fail(str(e))
+
+
+@features_app.command("activate")
+def features_activate(
+    snapshot: str, registry: RegistryOpt = Path("registry"), redis_url: RedisOpt = None
+) -> None:
+    """Make SNAPSHOT active (verified first); every replica converges on it."""
+    from model.core.store.snapshot import SnapshotError
+
+    store = _feature_store(registry, redis_url)
+    try:
+        previous = _active_snapshot(store)
+        # The embedded store checks every checksum before any replica tries the snapshot.
+        manifest = store.manifest(snapshot) if redis_url else store.load(snapshot).manifest
+        store.activate(snapshot)
+    except SnapshotError as e:
+        _fail(str(e))
+    _warn_lacks(registry, {e: list(s["columns"]) for e, s in manifest["entities"].items()})
+    typer.echo(json.dumps({"active": snapshot, "previous": previous}, indent=2))
 
 
 def main() -> None:

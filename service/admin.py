@@ -1,79 +1,138 @@
 """Admin endpoints: activate, rollback, canary. Bearer-token protected, never open by default.
 
-No token configured → 403 for every call; no ``Authorization`` header → 401; a wrong token →
-403. The comparison is constant-time. Handlers are plain ``def`` so loading a model (seconds)
-runs in the thread pool, not in the event loop.
+No token configured (neither ``VIDRANK_ADMIN_TOKEN`` nor ``VIDRANK_ADMIN_TOKEN_FILE``) → 403
+for every call; no ``Authorization`` header → 401; a wrong token → 403. Several tokens may be
+valid at once (``service/tokens.py``); comparisons are constant-time. Handlers are plain ``def``
+so loading a model (seconds) runs in the thread pool, not in the event loop. A registry that
+cannot be written answers 503 before any model is loaded.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from model.core.registry import Aliases
 from service.errors import Forbidden, Unauthorized
 from service.logging import log_fields
 from service.manager import ModelManager
-from service.schemas import AdminResult, CanaryRequest, ErrorResponse
+from service.routes import error_responses
+from service.schemas import AdminResult, CanaryRequest, FeatureStoreResult
 from service.settings import Settings
+from service.tokens import AdminTokens
 
 log = logging.getLogger("vidrank.admin")
 
-_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "No bearer token"},
-    403: {"model": ErrorResponse, "description": "Wrong token, or admin disabled"},
-    404: {"model": ErrorResponse, "description": "Unknown version"},
-    409: {"model": ErrorResponse, "description": "The version failed to load; nothing changed"},
-    422: {"model": ErrorResponse, "description": "Invalid body; details.field names the field"},
-}
+# Every admin call: auth, and a registry whose state forbids the change (e.g. a broken
+# aliases.json). The rest per operation, so the OpenAPI lists exactly what each can answer.
+_AUTH_AND_STATE = error_responses(
+    (401, "No bearer token (unauthorized)"),
+    (403, "Wrong token, or admin disabled (forbidden)"),
+    (409, "The registry's state forbids it, or the version failed to load; nothing changed"),
+    (503, "The registry cannot be written; nothing changed (registry_unavailable)"),
+)
+# Declares the bearer scheme in the OpenAPI document; the checks and errors are our own.
+_BEARER = HTTPBearer(
+    auto_error=False, description="A token of VIDRANK_ADMIN_TOKEN or VIDRANK_ADMIN_TOKEN_FILE"
+)
+_UNKNOWN_VERSION = error_responses((404, "Unknown version (version_not_found)"))
+_BAD_BODY = error_responses(
+    (400, "Body is not JSON (malformed_json)"),
+    (422, "Invalid body; details.field names the field (invalid_request)"),
+)
+
+
+def admin_guard(settings: Settings) -> Callable[..., None]:
+    """The dependency every admin route runs: 403 disabled, 401 no bearer token, 403 wrong."""
+    secret = settings.admin_token.get_secret_value() if settings.admin_token else None
+    tokens = AdminTokens(secret, settings.admin_token_file)
+
+    def require_admin(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+    ) -> None:
+        if not tokens.configured:
+            raise Forbidden("admin API disabled: no admin token is configured")
+        if credentials is None or not credentials.credentials.strip():
+            raise Unauthorized("expected an 'Authorization: Bearer <token>' header")
+        if not tokens.check(credentials.credentials.strip().encode()):
+            raise Forbidden("invalid admin token")
+
+    return require_admin
 
 
 def admin_router(settings: Settings, manager: ModelManager) -> APIRouter:
-    """Routes under /admin, guarded by ``VIDRANK_ADMIN_TOKEN``."""
-    token = settings.admin_token.get_secret_value().encode() if settings.admin_token else None
-
-    def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
-        if token is None:
-            raise Forbidden("admin API disabled: VIDRANK_ADMIN_TOKEN is not set")
-        if not authorization:
-            raise Unauthorized("missing 'Authorization: Bearer <token>' header")
-        scheme, _, credential = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not credential.strip():
-            raise Unauthorized("expected 'Authorization: Bearer <token>'")
-        if not secrets.compare_digest(credential.strip().encode(), token):
-            raise Forbidden("invalid admin token")
-
+    """Routes under /admin, guarded by the admin token(s)."""
     router = APIRouter(
-        prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)], responses=_RESPONSES
+        prefix="/admin",
+        tags=["admin"],
+        dependencies=[Depends(admin_guard(settings))],
+        responses=_AUTH_AND_STATE,
     )
 
     def result(action: str, aliases: Aliases, **fields: Any) -> dict[str, Any]:
-        serving = manager.describe()
-        log_fields(log, logging.INFO, "admin", action=action, serving=serving, **fields)
-        return {"aliases": aliases.to_dict(), "serving": serving}
+        serving, features = manager.describe(), manager.describe_features()
+        log_fields(
+            log, logging.INFO, "admin", action=action, serving=serving,
+            feature_store=features, **fields,
+        )  # fmt: skip
+        return {"aliases": aliases.to_dict(), "serving": serving, "feature_store": features}
 
-    @router.post("/models/{version}/activate", response_model=AdminResult)
+    @router.post(
+        "/models/{version}/activate",
+        operation_id="activate",
+        response_model=AdminResult,
+        responses=_UNKNOWN_VERSION,
+    )
     def activate(version: str) -> dict[str, Any]:
         """Load, verify and warm VERSION, then make it production (here and in the registry)."""
         return result("activate", manager.activate(version), version=version)
 
-    @router.post("/models/rollback", response_model=AdminResult)
+    @router.post(
+        "/models/rollback",
+        operation_id="rollback",
+        response_model=AdminResult,
+        responses=_UNKNOWN_VERSION,
+    )
     def rollback() -> dict[str, Any]:
         """Return production to the previous version (loaded and warmed first)."""
         return result("rollback", manager.rollback())
 
-    @router.put("/canary", response_model=AdminResult)
+    @router.put(
+        "/canary",
+        operation_id="set_canary",
+        response_model=AdminResult,
+        responses=_UNKNOWN_VERSION | _BAD_BODY,
+    )
     def set_canary(body: CanaryRequest) -> dict[str, Any]:
         """Send ``percent`` of users (stable by user_id) to ``version``."""
         aliases = manager.set_canary(body.version, body.percent)
         return result("set_canary", aliases, version=body.version, percent=body.percent)
 
-    @router.delete("/canary", response_model=AdminResult)
+    @router.delete("/canary", operation_id="clear_canary", response_model=AdminResult)
     def clear_canary() -> dict[str, Any]:
         """Stop the canary."""
         return result("clear_canary", manager.clear_canary())
 
+    _feature_routes(router, manager)
     return router
+
+
+def _feature_routes(router: APIRouter, manager: ModelManager) -> None:
+    """The feature-store routes under /admin."""
+
+    @router.post(
+        "/features/{snapshot}/activate",
+        operation_id="activate_snapshot",
+        response_model=FeatureStoreResult,
+        responses=error_responses((404, "Unknown snapshot (snapshot_not_found)")),
+    )
+    def activate_snapshot(snapshot: str) -> dict[str, Any]:
+        """Load, verify and prepare feature SNAPSHOT for the served versions, then make it active
+        (here and in the store; every replica converges on it)."""
+        features = manager.activate_snapshot(snapshot)
+        log_fields(log, logging.INFO, "admin", action="activate_snapshot", feature_store=features)
+        return {"feature_store": features}

@@ -19,12 +19,22 @@ from fastapi.openapi.utils import get_openapi
 from model.core.fusion import ProfileStore
 from model.core.registry import Registry
 from service.admin import admin_router
+from service.admission import Admission
 from service.catalog import Catalog
+from service.deadlines import ReadDeadlineMiddleware
+from service.docs import docs_router
+from service.feature_source import build_source
 from service.manager import ModelManager
 from service.middleware import AccessMiddleware
 from service.ranking import Ranker, profiles_failed
-from service.responses import install_error_handlers
-from service.routes import health_router, metrics_router, models_router, rank_router
+from service.responses import JSON, install_error_handlers
+from service.routes import (
+    health_router,
+    metrics_router,
+    models_router,
+    rank_router,
+    rank_slots,
+)
 from service.schemas import RankRequest
 from service.scorer import WARMUP_MAX, WARMUP_SIZES
 from service.settings import Settings
@@ -35,28 +45,45 @@ log = logging.getLogger("vidrank.app")
 def create_app(settings: Settings) -> FastAPI:
     """Build the service for ``settings`` (nothing here reads the environment)."""
     registry = Registry(settings.registry)
-    manager = ModelManager(registry, settings.intra_op_threads(), _warmup_sizes(settings))
+    manager = ModelManager(
+        registry,
+        settings.intra_op_threads(),
+        _warmup_sizes(settings),
+        features=build_source(settings),
+    )
     profiles = None
     if settings.fusion_profiles is not None:  # requests fall back to the bundle's default fusion
         profiles = ProfileStore(settings.fusion_profiles, on_failure=profiles_failed)
     ranker = Ranker(manager, profiles, settings.max_candidates)
+    admission = Admission(rank_slots(settings), settings.max_queue)
 
     app = FastAPI(
         title="vidrank",
         summary="Online multi-task (MMoE) ranking for video recommendation.",
         version="0.1.0",
         lifespan=_lifespan(settings, manager),
+        docs_url=None,  # served by service/docs.py, with a Content-Security-Policy
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs else None,
     )
     app.state.settings = settings
     app.state.manager = manager
     app.state.ranker = ranker
-    install_error_handlers(app)
-    app.add_middleware(AccessMiddleware)
-    app.include_router(rank_router(ranker, settings))
-    app.include_router(health_router(manager))
-    app.include_router(models_router(Catalog(registry, manager)))
-    app.include_router(metrics_router(settings))
-    app.include_router(admin_router(settings, manager))
+    app.state.admission = admission  # the server's protocol sheds with it too
+    routers = [
+        rank_router(ranker, settings, admission),
+        health_router(manager, settings),
+        models_router(Catalog(registry, manager)),
+        metrics_router(settings),
+        admin_router(settings, manager),
+    ]
+    if settings.docs:
+        routers.append(docs_router(app.title, "/openapi.json"))
+    install_error_handlers(app, [route for router in routers for route in router.routes])
+    app.add_middleware(ReadDeadlineMiddleware, body_timeout_s=settings.body_timeout_s)
+    app.add_middleware(AccessMiddleware)  # added last: outermost, sees every response
+    for router in routers:
+        app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -95,5 +122,32 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(request_schema.pop("$defs", {}))
         components["RankRequest"] = request_schema
+        _limit_candidates(components, app.state.settings.max_candidates)
+        _own_validation_errors(schema)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _limit_candidates(components: dict[str, Any], max_candidates: int) -> None:
+    """Write this server's VIDRANK_MAX_CANDIDATES into both candidate layouts."""
+    for variant in components["RankRequest"]["properties"]["candidates"]["anyOf"]:
+        if variant.get("type") == "array":
+            variant["maxItems"] = max_candidates
+    components["ColumnarCandidates"]["properties"]["video_id"]["maxItems"] = max_candidates
+
+
+def _own_validation_errors(schema: dict[str, Any]) -> None:
+    """Drop FastAPI's default 422 (``HTTPValidationError``): this service never answers it.
+
+    Every 422 is the one error body; the operations that can answer 422 declare it themselves,
+    and FastAPI adds its own only to operations whose parameters cannot fail (path strings).
+    """
+    default_422 = {"$ref": "#/components/schemas/HTTPValidationError"}
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            r422 = operation.get("responses", {}).get("422", {})
+            if r422.get("content", {}).get(JSON, {}).get("schema") == default_422:
+                del operation["responses"]["422"]
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)

@@ -10,7 +10,7 @@ import threading
 from typing import Any
 
 from model.core.bundle import BundleError
-from model.core.registry import Registry, RegistryError, VersionNotFound
+from model.core.registry import Aliases, Registry, RegistryError, VersionNotFound
 from service.manager import ModelManager
 
 
@@ -45,22 +45,31 @@ class Catalog:
         return summary
 
     def models(self) -> dict[str, Any]:
-        """Versions (oldest first) with training metrics, the aliases and what is served here."""
-        aliases = self.registry.read_aliases()
-        canary = aliases.canary.version if aliases.canary else None
+        """Versions (oldest first) with training metrics, the aliases and what is served here.
+
+        ``registry`` says whether this process could read the aliases on its last poll and
+        whether it serves what they name; a broken aliases file shows there (and as null
+        ``aliases``) rather than failing the call.
+        """
+        try:
+            aliases: Aliases | None = self.registry.read_aliases()
+        except RegistryError:
+            aliases = None
+        production = aliases.production if aliases else None
+        canary = aliases.canary.version if aliases and aliases.canary else None
         versions = []
         for v in self.registry.versions():
             entry = dict(self._summary(v))
             entry["aliases"] = [
-                a
-                for a, name in (("production", aliases.production), ("canary", canary))
-                if name == v
+                a for a, name in (("production", production), ("canary", canary)) if name == v
             ]
             versions.append(entry)
         return {
             "versions": versions,
-            "aliases": aliases.to_dict(),
+            "aliases": aliases.to_dict() if aliases else None,
             "serving": self.manager.describe(),
+            "registry": self.manager.status(),
+            "feature_store": self.manager.describe_features(),
         }
 
     def manifest(self, version: str) -> dict[str, Any]:

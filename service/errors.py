@@ -25,8 +25,12 @@ from model.core.registry import (
     InvalidVersionName,
     NothingToRollBack,
     RegistryError,
+    RegistryUnavailable,
     VersionNotFound,
 )
+from model.core.store.embedded import SnapshotNotFound
+from model.core.store.redis_store import StoreUnavailable
+from model.core.store.snapshot import SnapshotError
 
 
 class InvalidRequest(VidrankError):
@@ -41,8 +45,14 @@ class MalformedBody(VidrankError):
     code = "malformed_json"
 
 
+class MalformedEncoding(MalformedBody):
+    """The body's declared content coding (gzip) does not decode."""
+
+    code = "malformed_encoding"
+
+
 class UnsupportedMediaType(VidrankError):
-    """The body was declared as something other than JSON."""
+    """The body was not declared as JSON, or in a content coding other than gzip."""
 
     code = "unsupported_media_type"
 
@@ -59,10 +69,40 @@ class NotReady(VidrankError):
     code = "not_ready"
 
 
+class Overloaded(VidrankError):
+    """This worker's /rank queue is full: shed at once, retry shortly (or elsewhere)."""
+
+    code = "overloaded"
+
+
+class DeadlineExceeded(VidrankError):
+    """The request's deadline passed before its work could start; it was not scored."""
+
+    code = "deadline_exceeded"
+
+
+class RequestTimeout(VidrankError):
+    """The request body did not arrive within the body deadline."""
+
+    code = "request_timeout"
+
+
+class ClientGone(VidrankError):
+    """The client hung up before its request was scored (nobody reads the answer)."""
+
+    code = "client_closed_request"
+
+
 class SwapFailed(VidrankError):
     """A version could not be loaded, verified or warmed; the old model keeps serving."""
 
     code = "invalid_bundle"
+
+
+class FeatureStoreConflict(VidrankError):
+    """The feature store lacks features a model reads, and the store is required: refused."""
+
+    code = "feature_store_conflict"
 
 
 class Unauthorized(VidrankError):
@@ -83,7 +123,15 @@ HTTP_STATUS: Mapping[type[VidrankError], int] = {
     UnsupportedMediaType: 415,
     PayloadTooLarge: 413,
     NotReady: 503,
+    Overloaded: 503,
+    DeadlineExceeded: 504,
+    RequestTimeout: 408,
+    ClientGone: 499,  # nginx's code for it: logged, never seen by the client
     SwapFailed: 409,
+    FeatureStoreConflict: 409,
+    StoreUnavailable: 503,  # only with VIDRANK_FEATURE_STORE_REQUIRED; else a degraded answer
+    SnapshotNotFound: 404,
+    SnapshotError: 409,
     Unauthorized: 401,
     Forbidden: 403,
     FusionError: 422,
@@ -92,9 +140,27 @@ HTTP_STATUS: Mapping[type[VidrankError], int] = {
     InvalidVersionName: 404,
     InvalidCanary: 422,
     NothingToRollBack: 409,
+    RegistryUnavailable: 503,  # read-only or unwritable registry: nothing changed here
     BundleError: 409,
     RegistryError: 409,  # VersionExists and the rest: the registry's state forbids it
 }
+
+
+# Headers an error response carries besides the body.
+HTTP_HEADERS: Mapping[type[VidrankError], Mapping[str, str]] = {
+    Unauthorized: {"WWW-Authenticate": "Bearer"},
+    Overloaded: {"Retry-After": "1"},
+    RequestTimeout: {"Connection": "close"},  # the rest of the body may still be on its way
+}
+
+
+def http_headers(exc: VidrankError) -> dict[str, str] | None:
+    """The extra headers of a domain error's response (most specific class wins), if any."""
+    for cls in type(exc).__mro__:
+        headers = HTTP_HEADERS.get(cls)
+        if headers is not None:
+            return dict(headers)
+    return None
 
 
 def http_status(exc: VidrankError) -> int:

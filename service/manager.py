@@ -6,7 +6,10 @@ model serving. Loading never happens on the request path.
 
 The request path only reads :attr:`ModelManager.state`, an immutable :class:`ServingState`, with
 no lock: rebinding an attribute is atomic in Python, so a request sees either the old state or
-the new one. Swaps are serialised by ``_swap_lock``.
+the new one. Swaps are serialised by ``_swap_lock``. The state also holds the feature view
+(service/features.py): the active feature snapshot, prepared for exactly the versions the state
+serves, so a request never pairs a model with features prepared for another or from two
+snapshots. Snapshot switches go through the same lock and the same one-reference swap.
 
 Releasing the old model: nothing in the manager keeps a reference to a version it stopped serving
 (no cache of previous versions, TF Serving #1215). A request that picked the old scorer holds a
@@ -15,8 +18,16 @@ onnxruntime session, when the last such request finishes - no explicit ref-count
 no in-flight request loses its session.
 
 Admin changes (activate, rollback, canary) load and warm the target *before* writing the
-registry's aliases, so a bundle that fails here never reaches the other replicas. Every replica
-runs :meth:`poll_once` periodically (a background thread) and converges on the aliases file.
+registry's aliases, so a bundle that fails here never reaches the other replicas. If the write
+fails (a read-only registry), the process serves whatever the file says afterwards: never a
+version the fleet was not told about. Every replica runs :meth:`poll_once` periodically (a
+background thread) and converges on the aliases file.
+
+Registry faults keep the last known good model: a missing, empty or broken ``aliases.json`` (or a
+missing registry directory) is logged, counted and shown in /models, and changes nothing. An
+aliased version that cannot be loaded yet (not visible on a lagging NFS client, or broken) is
+retried with exponential back-off until it loads or the alias moves on; ``vidrank_model_desired``
+against ``vidrank_model_info`` (and ``vidrank_model_converged``) shows a replica that lags.
 """
 
 from __future__ import annotations
@@ -26,27 +37,55 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from model.core.bundle import BundleError
+from model.core.errors import VidrankError
+from model.core.fileio import utc_now_iso
 from model.core.registry import (
     Aliases,
+    AliasesMissing,
     Canary,
     InvalidVersionName,
     Registry,
     RegistryError,
+    RegistryUnavailable,
     VersionNotFound,
 )
 from service import metrics
-from service.errors import NotReady, SwapFailed
+from service.errors import FeatureStoreConflict, NotReady, SwapFailed
+from service.feature_source import FeatureSource
+from service.features import FeatureView
 from service.logging import log_fields
 from service.scorer import Scorer
 
 log = logging.getLogger("vidrank.manager")
 
-FAILED_RETRY_S = 60.0  # a version that failed to load is retried this often while still aliased
+# An aliased version that failed to load is retried after RETRY_BASE_S, doubling up to
+# RETRY_MAX_S, for as long as it stays aliased (an explicit admin call always retries at once).
+RETRY_BASE_S = 2.0
+RETRY_MAX_S = 60.0
 _UNSEEN = object()  # an aliases stamp that equals no real one
+NO_FEATURES = FeatureView()
+
+
+@dataclass(frozen=True)
+class RegistryHealth:
+    """What the last poll made of the registry: ``ok``, or the fault that kept the old model."""
+
+    status: str = "ok"  # ok | aliases_missing | aliases_invalid | unreadable
+    error: str | None = None
+    since: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "error": self.error, "since": self.since}
+
+
+@dataclass
+class _Retry:
+    attempts: int
+    due_at: float
 
 
 def canary_bucket(user_id: object) -> float:
@@ -65,6 +104,7 @@ class ServingState:
     production: Scorer | None = None
     canary: Scorer | None = None
     canary_percent: float = 0.0
+    features: FeatureView = NO_FEATURES  # prepared for production and canary
 
     def pick(self, user_id: object) -> Scorer:
         """The scorer for a user: the canary for ``canary_percent`` of users, else production."""
@@ -100,18 +140,22 @@ class ModelManager:
         intra_op_threads: int,
         warmup_sizes: tuple[int, ...],
         clock: Callable[[], float] = time.monotonic,
+        features: FeatureSource | None = None,
     ) -> None:
         self.registry = registry
         self.intra_op_threads = intra_op_threads
         self.warmup_sizes = warmup_sizes
-        self.state = ServingState()
+        self.features = features if features is not None else FeatureSource()
+        self.state = ServingState(features=self.features.initial())
         self._clock = clock
         self._swap_lock = threading.Lock()
         self._stamp: object = _UNSEEN  # the first poll always converges
-        self._failed: dict[str, float] = {}  # version -> when it last failed to load
+        self._retries: dict[str, _Retry] = {}  # aliased versions that failed to load
+        self._desired: dict[str, str] = {}  # {role: version} the aliases name
+        self.health = RegistryHealth()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last_poll_error: str | None = None
+        self._last_feature_error: str | None = None
 
     # -- request path -------------------------------------------------------------------------
     @property
@@ -127,19 +171,23 @@ class ModelManager:
             bundle = self.registry.bundle(version)  # checksum + schema
             scorer = Scorer(bundle, self.intra_op_threads)  # session + I/O check
             warm_s = scorer.warm_up(self.warmup_sizes)
+            self.features.prepare(self.state.features, scorer)  # lacks check; encode snapshot
         except (VersionNotFound, InvalidVersionName):  # 404, not a failed swap
             raise
         except Exception as e:  # anything at all: the old model must keep serving
-            reason = e.reason if isinstance(e, BundleError) else f"{type(e).__name__}: {e}"
-            self._failed[version] = self._clock()
+            reason = _reason(e)
             metrics.SWAP_FAILURES.labels(trigger).inc()
             log.warning(
                 "model load failed",
                 exc_info=not isinstance(e, BundleError | RegistryError),
                 extra={"fields": {"version": version, "trigger": trigger, "reason": reason}},
             )
-            raise SwapFailed(f"cannot serve version {version}: {reason}") from e
-        self._failed.pop(version, None)
+            details = e.details if isinstance(e, FeatureStoreConflict) else None
+            # A client sees a domain error's own message (no paths in it); anything else, e.g.
+            # an onnxruntime message naming the model's absolute path, stays in the log.
+            public = e.message if isinstance(e, VidrankError) else f"{type(e).__name__} (see log)"
+            raise SwapFailed(f"cannot serve version {version}: {public}", details=details) from e
+        self._retries.pop(version, None)
         load_s = time.perf_counter() - start
         metrics.LOAD_SECONDS.observe(load_s)
         log_fields(
@@ -154,11 +202,21 @@ class ModelManager:
         return current if current is not None else self._load(version, trigger)
 
     def _install(self, new: ServingState, trigger: str) -> None:
-        """Swap the served state (holds ``_swap_lock``)."""
+        """Swap the served state (holds ``_swap_lock``), its features prepared for its scorers."""
         old = self.state
-        if old == new:  # the same scorers (compared by identity) and canary share
+        new = replace(new, features=self.features.cover(new.features, list(new.loaded().values())))
+        if old == new:  # the same scorers and features (compared by identity) and canary share
             return
         self.state = new  # the swap: one reference, atomic for readers
+        if old.features.snapshot != new.features.snapshot:
+            metrics.set_snapshot(old.features.snapshot, new.features.snapshot)
+            metrics.FEATURE_SWAPS.labels(trigger).inc()
+            log_fields(
+                log, logging.INFO, "feature snapshot swap", trigger=trigger,
+                old=old.features.snapshot, new=new.features.snapshot,
+            )  # fmt: skip
+        if old.roles() == new.roles() and old.canary_percent == new.canary_percent:
+            return
         metrics.set_served(old.roles(), new.roles())
         metrics.SWAPS.labels(trigger).inc()
         log_fields(
@@ -171,9 +229,8 @@ class ModelManager:
     ) -> ServingState:
         """The state that serves ``aliases``, loading what is not loaded yet (never raises).
 
-        ``ready`` holds scorers already loaded for this change. A version that fails to load keeps
-        the current scorer in its role; one that failed recently is not retried until
-        ``FAILED_RETRY_S`` passed (an explicit admin call always retries).
+        ``ready`` holds scorers already loaded for this change. A version that fails to load
+        keeps the current scorer in its role and is retried with back-off (``_retry_later``).
         """
         cur = self.state
         ready = ready or {}
@@ -183,59 +240,141 @@ class ModelManager:
                 return None
             if version in ready:
                 return ready[version]
-            failed_at = self._failed.get(version)
-            if failed_at is not None and self._clock() - failed_at < FAILED_RETRY_S:
+            retry = self._retries.get(version)
+            if retry is not None and self._clock() < retry.due_at:
                 return fallback
             try:
                 return self._get(version, trigger)
-            except (SwapFailed, RegistryError):
+            except (SwapFailed, RegistryError) as e:
+                self._retry_later(version, e)
                 return fallback
 
         production = obtain(aliases.production, cur.production)
         if aliases.canary is None or production is None:
-            return ServingState(production)
+            return ServingState(production, features=cur.features)
         canary = obtain(aliases.canary.version, cur.canary)
         if canary is None or canary.version == production.version:
-            return ServingState(production)
+            return ServingState(production, features=cur.features)
         # A canary that failed to load keeps the previous canary at its previous percent.
         same = canary.version == aliases.canary.version
-        return ServingState(
-            production, canary, aliases.canary.percent if same else cur.canary_percent
-        )
+        percent = aliases.canary.percent if same else cur.canary_percent
+        return ServingState(production, canary, percent, cur.features)
+
+    def _retry_later(self, version: str, error: Exception) -> None:
+        """Schedule the next attempt at an aliased version that did not load (doubling waits)."""
+        prev = self._retries.get(version)
+        attempts = 1 if prev is None else prev.attempts + 1
+        wait_s = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempts - 1))
+        self._retries[version] = _Retry(attempts, self._clock() + wait_s)
+        metrics.LOAD_RETRIES.inc()
+        log_fields(
+            log, logging.WARNING, "aliased version not loaded; will retry", version=version,
+            attempt=attempts, retry_in_s=wait_s, reason=str(error),
+        )  # fmt: skip
 
     # -- convergence --------------------------------------------------------------------------
     def poll_once(self, trigger: str = "poll") -> bool:
-        """Converge on the registry's aliases if they changed; True when something was swapped.
+        """Converge on the registry's aliases, then on the active feature snapshot.
 
-        Never raises: errors are logged, and the current versions keep serving.
+        True when something was swapped. Never raises: a registry fault is logged, counted and
+        kept in :attr:`health`, other errors are logged, and the current versions and snapshot
+        keep serving.
         """
+        swapped = self._poll_models(trigger)
+        return self._poll_features(trigger) or swapped
+
+    def _poll_features(self, trigger: str) -> bool:
+        try:
+            with self._swap_lock:
+                cur = self.state
+                view = self.features.poll(cur.features, list(cur.loaded().values()))
+                if view is None:
+                    return False
+                self._install(replace(cur, features=view), trigger)
+                return self.state is not cur
+        except Exception as e:  # a broken alias file fails every poll: one traceback, then lines
+            repeated = repr(e) == self._last_feature_error
+            self._last_feature_error = repr(e)
+            log.warning(
+                "feature store poll failed", exc_info=not repeated,
+                extra={"fields": {"trigger": trigger, "error": repr(e)}},
+            )  # fmt: skip
+            return False
+
+    def _poll_models(self, trigger: str) -> bool:
         try:
             stamp = self.registry.aliases_stamp()
             now = self._clock()
-            retry_due = any(now - t >= FAILED_RETRY_S for t in tuple(self._failed.values()))
-            if stamp == self._stamp and not retry_due:
+            retry_due = any(now >= r.due_at for r in tuple(self._retries.values()))
+            # While a fault lasts, look again every poll: the registry may be back unchanged.
+            if stamp == self._stamp and not retry_due and self.health.status == "ok":
                 return False
             with self._swap_lock:
-                stamp = self.registry.aliases_stamp()
-                aliases = self.registry.read_aliases()
-                before = self.state
-                self._install(self._state_for(aliases, trigger), trigger)
-                self._stamp = stamp
-                self._last_poll_error = None
-                wanted = {aliases.production, aliases.canary.version if aliases.canary else None}
-                for version in [v for v in self._failed if v not in wanted]:
-                    del self._failed[version]
-                return self.state is not before
-        except Exception as e:
-            # A broken aliases file would fail every poll: the traceback once, then one line.
-            repeated = repr(e) == self._last_poll_error
-            self._last_poll_error = repr(e)
-            log.warning(
-                "registry poll failed",
-                exc_info=not repeated,
-                extra={"fields": {"trigger": trigger, "error": repr(e)}},
-            )
+                return self._converge(trigger)
+        except Exception as e:  # unreadable registry (EIO, permissions): try again next poll
+            self._fault("unreadable", e)
             return False
+
+    def _converge(self, trigger: str, ready: dict[str, Scorer] | None = None) -> bool:
+        """Read the aliases and serve them (holds ``_swap_lock``); True when something swapped.
+
+        ``ready``: scorers already loaded for an admin change, used if the aliases name them.
+        """
+        stamp = self.registry.aliases_stamp()
+        try:
+            aliases = self.registry.read_aliases(missing_ok=False)
+        except AliasesMissing as e:
+            self._stamp = stamp
+            self._fault("aliases_missing", e)
+            return False
+        except RegistryError as e:  # not JSON, or not valid aliases
+            self._stamp = stamp
+            self._fault("aliases_invalid", e)
+            return False
+        before = self.state
+        self._install(self._state_for(aliases, trigger, ready), trigger)
+        self._stamp = stamp
+        self._healthy()
+        self._track(aliases)
+        return self.state is not before
+
+    def _fault(self, status: str, error: Exception) -> None:
+        """Record a registry fault; the served versions stay. Logged and counted once per fault."""
+        text = str(error)
+        if not isinstance(error, RegistryError):
+            text = f"{type(error).__name__}: {text}"
+        if (self.health.status, self.health.error) == (status, text):
+            return
+        self.health = RegistryHealth(status, text, utc_now_iso())
+        metrics.REGISTRY_FAULTS.labels(status).inc()
+        metrics.REGISTRY_OK.set(0)
+        log_fields(
+            log, logging.WARNING, "registry fault; keeping the served versions", status=status,
+            error=text, serving=self.state.roles(),
+        )  # fmt: skip
+
+    def _healthy(self) -> None:
+        if self.health.status != "ok":
+            log_fields(log, logging.INFO, "registry readable again", was=self.health.status)
+            self.health = RegistryHealth()
+        metrics.REGISTRY_OK.set(1)
+
+    def _track(self, aliases: Aliases) -> None:
+        """Forget retries of versions no longer aliased; publish desired vs served."""
+        desired = {"production": aliases.production}
+        if aliases.canary is not None and aliases.production is not None:
+            desired["canary"] = aliases.canary.version
+        wanted = {v for v in desired.values() if v is not None}
+        for version in [v for v in self._retries if v not in wanted]:
+            del self._retries[version]
+        self._desired = metrics.set_desired(
+            self._desired, {r: v for r, v in desired.items() if v is not None}, self.state.roles()
+        )
+
+    @property
+    def converged(self) -> bool:
+        """Whether this process serves exactly the versions the aliases last read name."""
+        return self.state.roles() == self._desired
 
     def start_polling(self, interval_s: float) -> None:
         """Run :meth:`poll_once` every ``interval_s`` seconds in a daemon thread."""
@@ -259,36 +398,54 @@ class ModelManager:
 
     # -- admin --------------------------------------------------------------------------------
     def _apply(self, write: Callable[[], Aliases], ready: dict[str, Scorer]) -> Aliases:
-        """Write the aliases (the fleet's source of truth), then serve them here at once."""
-        aliases = write()
+        """Write the aliases (the fleet's source of truth), then serve them here at once.
+
+        A failed write (``RegistryUnavailable``) may or may not have replaced the file (a rename
+        can succeed before a later fsync fails): serve whatever the file says now, then raise.
+        """
+        try:
+            aliases = write()
+        except RegistryUnavailable:
+            self._stamp = _UNSEEN
+            try:
+                self._converge("admin", ready)
+            except Exception as e:  # the registry is unreadable too: the next poll retries
+                self._fault("unreadable", e)
+            raise
         # Re-read on the next poll: another replica may have written right after us.
         self._stamp = _UNSEEN
         self._install(self._state_for(aliases, "admin", ready), "admin")
+        self._healthy()
+        self._track(aliases)
         return aliases
 
     def activate(self, version: str) -> Aliases:
         """Load + verify + warm ``version``, then make it production in the registry and here.
 
-        Raises ``VersionNotFound`` (404) or ``SwapFailed`` (409); on failure nothing changes.
+        Raises ``VersionNotFound`` (404), ``SwapFailed`` (409) or ``RegistryUnavailable`` (503,
+        checked before loading); on failure nothing changes.
         """
         with self._swap_lock:
+            self.registry.check_writable()
             scorer = self._get(version, "admin")
             return self._apply(lambda: self.registry.activate(version), {version: scorer})
 
     def rollback(self) -> Aliases:
         """Make the previous production version production again (loaded and warmed first)."""
         with self._swap_lock:
+            self.registry.check_writable()
             aliases = self.registry.read_aliases()
             if not aliases.previous:
                 return self.registry.rollback()  # raises NothingToRollBack
             target = aliases.previous[-1]
             scorer = self._get(target, "admin")
-            return self._apply(self.registry.rollback, {target: scorer})
+            return self._apply(lambda: self.registry.rollback(target), {target: scorer})
 
     def set_canary(self, version: str, percent: float) -> Aliases:
         """Load + warm ``version``, then route ``percent`` of users to it."""
         Canary(version, percent)  # InvalidCanary (422) before any loading
         with self._swap_lock:
+            self.registry.check_writable()
             scorer = self._get(version, "admin")
             return self._apply(
                 lambda: self.registry.set_canary(version, percent), {version: scorer}
@@ -299,6 +456,24 @@ class ModelManager:
         with self._swap_lock:
             return self._apply(self.registry.clear_canary, {})
 
+    def activate_snapshot(self, name: str) -> dict[str, Any]:
+        """Load + verify + prepare feature snapshot ``name``, then make it active here and in the
+        store; raises SnapshotNotFound (404), SnapshotError / FeatureStoreConflict (409)."""
+        with self._swap_lock:
+            cur = self.state
+            view = self.features.activate(name, list(cur.loaded().values()))
+            self._install(replace(cur, features=view), "admin")
+        return self.describe_features()
+
+    def features_ready(self) -> str | None:
+        """None when the feature store can serve, else why not (``/readyz`` when required)."""
+        return self.features.ready(self.state.features)
+
+    def describe_features(self) -> dict[str, Any]:
+        """The feature store as served here: backend, snapshot, status, lacks per version."""
+        st = self.state
+        return st.features.describe(st.loaded())
+
     def describe(self) -> dict[str, Any]:
         """What this process serves, for /models."""
         st = self.state
@@ -308,3 +483,25 @@ class ModelManager:
                 {"version": st.canary.version, "percent": st.canary_percent} if st.canary else None
             ),
         }
+
+    def status(self) -> dict[str, Any]:
+        """Registry health and convergence of this process, for /models."""
+        now = self._clock()
+        return {
+            **self.health.to_dict(),
+            "desired": dict(self._desired),
+            "converged": self.converged,
+            "retrying": {
+                v: {"attempts": r.attempts, "retry_in_s": round(max(0.0, r.due_at - now), 1)}
+                for v, r in self._retries.items()
+            },
+        }
+
+
+def _reason(e: Exception) -> str:
+    """Why a load failed, for the log and the 409."""
+    if isinstance(e, BundleError):
+        return e.reason
+    if isinstance(e, FeatureStoreConflict):
+        return e.message
+    return f"{type(e).__name__}: {e}"

@@ -8,6 +8,7 @@ there and :func:`exposition` aggregates all workers, whichever one answers the s
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from prometheus_client import (
@@ -28,6 +29,10 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 CANDIDATE_BUCKETS = (0, 1, 10, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 5000)
 MAX_UNKNOWN_FEATURE_LABELS = 200  # client-chosen names must not grow the series without bound
+# Unknown names counted by name per request: the cost of a request must not grow with how many
+# names a client invents (900k names once cost 1.5 s of counter updates per request).
+UNKNOWN_NAMES_BY_LABEL_PER_REQUEST = 16
+UNKNOWN_LABEL_CHARS = 64
 
 HTTP_REQUESTS = Counter(
     "vidrank_http_requests_total", "HTTP requests by route, method and status.",
@@ -50,8 +55,13 @@ RANK_BY_VERSION = Counter(
 )  # fmt: skip
 UNKNOWN_FEATURES = Counter(
     "vidrank_unknown_features_total",
-    "Requests that sent a feature name the serving model does not know (ignored), by name.",
+    "Requests that sent a feature name the serving model does not know (ignored), by name "
+    "(at most 16 names per request; names beyond the first 200 seen count as _other).",
     ["feature"],
+)
+UNKNOWN_FEATURE_NAMES = Counter(
+    "vidrank_unknown_feature_names_total",
+    "Unknown feature names received, all of them (each counted once per request).",
 )
 MODEL_INFO = Gauge(
     "vidrank_model_info", "1 for each version this process serves, by role (production/canary).",
@@ -74,18 +84,86 @@ LOAD_SECONDS = Histogram(
     "vidrank_model_load_seconds", "Time to load, verify and warm up one version.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )  # fmt: skip
+MODEL_DESIRED = Gauge(
+    "vidrank_model_desired",
+    "1 for each version the registry's aliases name, by role; compare with vidrank_model_info.",
+    ["version", "role"], multiprocess_mode="livemax",
+)  # fmt: skip
+CONVERGED = Gauge(
+    "vidrank_model_converged",
+    "1 while this process serves exactly the versions the aliases name (0: lagging, retrying).",
+    multiprocess_mode="livemin",
+)  # fmt: skip
+LOAD_RETRIES = Counter(
+    "vidrank_model_load_retries_total",
+    "Scheduled retries of an aliased version that did not load (missing yet, or broken).",
+)
+REGISTRY_OK = Gauge(
+    "vidrank_registry_ok",
+    "1 while the last poll read valid aliases; 0 while a fault keeps the last known good model.",
+    multiprocess_mode="livemin",
+)  # fmt: skip
+REGISTRY_FAULTS = Counter(
+    "vidrank_registry_faults_total",
+    "Registry faults that kept the served versions, by reason "
+    "(aliases_missing, aliases_invalid, unreadable).",
+    ["reason"],
+)
+SHED = Counter(
+    "vidrank_rank_shed_total",
+    "/rank requests answered without scoring, by reason: queue_full (503), deadline (504), "
+    "client_gone (the client hung up first).",
+    ["reason"],
+)
+QUEUE = Gauge(
+    "vidrank_rank_queue", "/rank requests admitted and waiting for a slot (summed over workers).",
+    multiprocess_mode="livesum",
+)  # fmt: skip
+CONNECTIONS_CLOSED = Counter(
+    "vidrank_connections_closed_total",
+    "Connections closed to bound resources, by reason: max_connections (503), header_timeout "
+    "(408), headers_too_large (431), body_timeout (408), body_unread.",
+    ["reason"],
+)
 PROFILE_RELOAD_FAILURES = Counter(
     "vidrank_fusion_profile_reload_failures_total",
     "Fusion profile file loads that failed (the last good profiles stay in use).",
+)
+FEATURE_MISSES = Counter(
+    "vidrank_feature_misses_total",
+    "Ids the feature snapshot does not hold (scored with schema defaults), by entity.",
+    ["entity"],
+)
+FEATURE_STORE_ERRORS = Counter(
+    "vidrank_feature_store_errors_total",
+    "Requests scored without stored features because the store failed, by reason.",
+    ["reason"],
+)
+FEATURE_LOOKUP_SECONDS = Histogram(
+    "vidrank_feature_lookup_seconds", "Feature-store lookup time per /rank request.",
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+FEATURE_SNAPSHOT_INFO = Gauge(
+    "vidrank_feature_snapshot_info", "1 for the feature snapshot this process serves.",
+    ["snapshot"], multiprocess_mode="livemax",
+)  # fmt: skip
+FEATURE_SWAPS = Counter(
+    "vidrank_feature_snapshot_swaps_total", "Feature snapshot switches, by trigger.", ["trigger"]
+)
+FEATURE_SWAP_FAILURES = Counter(
+    "vidrank_feature_snapshot_failures_total",
+    "Feature snapshots that failed to load, verify or prepare (the old one kept serving).",
+    ["trigger"],
 )
 
 _unknown_labels: set[str] = set()
 
 
 def count_unknown_features(names: set[str]) -> None:
-    """Count each unknown feature name once per request, with a bounded label set."""
-    for name in names:
-        label = name[:64]
+    """Count a request's unknown names: all in one total, the first few by (bounded) label."""
+    UNKNOWN_FEATURE_NAMES.inc(len(names))
+    for name in itertools.islice(names, UNKNOWN_NAMES_BY_LABEL_PER_REQUEST):
+        label = name[:UNKNOWN_LABEL_CHARS]
         if label not in _unknown_labels:
             if len(_unknown_labels) >= MAX_UNKNOWN_FEATURE_LABELS:
                 label = "_other"
@@ -102,6 +180,25 @@ def set_served(old: dict[str, str], new: dict[str, str]) -> None:
     for role, version in new.items():
         MODEL_INFO.labels(version, role).set(1)
     READY.set(1 if "production" in new else 0)
+
+
+def set_desired(old: dict[str, str], new: dict[str, str], served: dict[str, str]) -> dict[str, str]:
+    """Update ``vidrank_model_desired`` from {role: version} before/after; returns ``new``."""
+    for role, version in old.items():
+        if new.get(role) != version:
+            MODEL_DESIRED.labels(version, role).set(0)
+    for role, version in new.items():
+        MODEL_DESIRED.labels(version, role).set(1)
+    CONVERGED.set(1 if served == new else 0)
+    return new
+
+
+def set_snapshot(old: str | None, new: str | None) -> None:
+    """Update ``vidrank_feature_snapshot_info`` after a snapshot switch."""
+    if old is not None and old != new:
+        FEATURE_SNAPSHOT_INFO.labels(old).set(0)
+    if new is not None:
+        FEATURE_SNAPSHOT_INFO.labels(new).set(1)
 
 
 def exposition(multiproc_dir: Path | None) -> tuple[bytes, str]:

@@ -1,4 +1,10 @@
-"""Pure-ASGI middleware: request id, access log line, request metrics, and the last-resort 500.
+"""Pure-ASGI middleware: request id, security headers, access log line, request metrics, and the
+last-resort 500.
+
+Every response says ``X-Content-Type-Options: nosniff``; every response but the docs pages also
+``Cache-Control: no-store`` (rankings and admin results are per request, never to be cached by
+a proxy) and ``Content-Security-Policy: default-src 'none'`` (JSON needs nothing loaded; the docs
+pages set their own policy, ``service/docs.py``).
 
 Pure ASGI rather than ``BaseHTTPMiddleware`` because it sits on every /rank call and costs a few
 microseconds this way.
@@ -14,24 +20,29 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.docs import DOC_PATHS
 from service.errors import error_body
 from service.logging import ACCESS_LOGGER
-from service.request import MAX_REQUEST_ID_LEN
+from service.request import valid_request_id
 
 access_log = logging.getLogger(ACCESS_LOGGER)
 error_log = logging.getLogger("vidrank.error")
 
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"})
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+_NOSNIFF = [(b"x-content-type-options", b"nosniff")]
+_API_HEADERS = [
+    *_NOSNIFF,
+    (b"cache-control", b"no-store"),
+    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
+]
 
 
 def _client_request_id(scope: Scope) -> str | None:
     for name, value in scope["headers"]:
         if name == b"x-request-id":
             rid = value.decode("latin-1")
-            if 0 < len(rid) <= MAX_REQUEST_ID_LEN and rid.isprintable():
-                return rid
-            return None
+            return rid if valid_request_id(rid) else None
     return None
 
 
@@ -48,6 +59,7 @@ class AccessMiddleware:
         start = time.perf_counter()
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = _client_request_id(scope) or uuid.uuid4().hex
+        security = _NOSNIFF if scope["path"] in DOC_PATHS else _API_HEADERS
         status = 500
         started = False
 
@@ -57,7 +69,11 @@ class AccessMiddleware:
                 started = True
                 status = message["status"]
                 rid = state["request_id"].encode("latin-1", "replace")
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    *security,
+                    (b"x-request-id", rid),
+                ]
             await send(message)
 
         try:
@@ -69,7 +85,8 @@ class AccessMiddleware:
             status = 500
             if not started:
                 body = error_body("internal_error", f"internal error (request id {rid})")
-                headers = [*_JSON_HEADERS, (b"x-request-id", rid.encode("latin-1", "replace"))]
+                rid_header = (b"x-request-id", rid.encode("latin-1", "replace"))
+                headers = [*_JSON_HEADERS, *_API_HEADERS, rid_header]
                 await send({"type": "http.response.start", "status": 500, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
         finally:

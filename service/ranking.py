@@ -1,8 +1,10 @@
 """POST /rank without HTTP: bytes in, bytes out.
 
 :meth:`Ranker.rank` reads as the request's way through the service: parse (``service.request``)
-→ pick the version (canary by user) → resolve the fusion → encode (the bundle's feature encoder,
-vectorised) → score (``session.run``) → fuse → stable sort → top_k → serialise (orjson). Domain
+→ pick the version (canary by user) and the feature view prepared for it, from one serving
+state → resolve the fusion → encode (stored features by id under the request's own, through the
+bundle's feature encoder, vectorised: ``service.features``) → score (``session.run``) → fuse →
+stable sort → top_k → serialise (orjson). Domain
 errors propagate as they are, except the encoder's, which get the request field they point at;
 ``service/errors.py`` turns them all into responses. Everything here is blocking and runs in a
 worker thread, never in the event loop.
@@ -22,6 +24,7 @@ from model.core.features import FeatureError
 from model.core.fusion import FusionSpec, ProfileStore, fuse, rank_order, resolve
 from service import metrics
 from service.errors import InvalidRequest
+from service.features import DEGRADED, Encoded, FeatureView
 from service.manager import ModelManager
 from service.request import EncoderInput, RankRequest, encoder_input, parse_request
 from service.scorer import Scorer
@@ -52,7 +55,8 @@ class Ranker:
     def rank(self, body: bytes, request_id: str) -> RankResult:
         """Rank one request; raises domain errors (InvalidRequest, FusionError, NotReady ...)."""
         req = parse_request(body, self.max_candidates)
-        scorer = self.manager.state.pick(req.user_id)
+        state = self.manager.state  # read once: model and features from one swap
+        scorer = state.pick(req.user_id)
         spec = resolve(self.profiles, req.fusion, scorer.default_fusion)
         given = encoder_input(req, scorer.view)
         if given.unknown:
@@ -61,19 +65,21 @@ class Ranker:
         metrics.CANDIDATES.observe(req.n)
         metrics.RANK_BY_VERSION.labels(scorer.version).inc()
         items: list[dict[str, Any]] = []
+        enc = Encoded({}, state.features.snapshot)
         if req.n:
-            preds = score(scorer, encode(scorer, req, given))
-            scores = fuse(spec, preds)
+            enc = encode(state.features, scorer, req, given)
+            preds = score(scorer, enc.inputs)
+            scores = finite(fuse(spec, preds), scorer.version)
             order = rank_order(scores)[: req.top_k]
             items = ranked_items(given.video_ids, order, scores, preds)
-        body_out = serialise(rid, scorer.version, spec, items)
+        body_out = serialise(rid, scorer.version, spec, items, enc)
         return RankResult(body_out, rid, scorer.version, req.n)
 
 
-def encode(scorer: Scorer, req: RankRequest, given: EncoderInput) -> dict[str, np.ndarray]:
+def encode(features: FeatureView, scorer: Scorer, req: RankRequest, given: EncoderInput) -> Encoded:
     """The model inputs; a bad feature value becomes a 422 naming its request field."""
     try:
-        return scorer.schema.encode(given.user, given.context, given.items, given.n)
+        return features.encode(scorer, given)
     except FeatureError as e:
         raise InvalidRequest(e.message, req.field_of(e)) from None
 
@@ -84,6 +90,17 @@ def score(scorer: Scorer, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray
     preds = scorer.score(inputs)
     metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
     return preds
+
+
+def finite(scores: np.ndarray, version: str) -> np.ndarray:
+    """The fused scores, checked: a non-finite one is a 500, never a null score in the answer.
+
+    Any valid fusion spec gives finite scores for finite, non-negative predictions (its weights
+    are bounded, see ``model/core/fusion.py``), so this fails only for a broken model.
+    """
+    if not np.isfinite(scores).all():
+        raise RuntimeError(f"model {version} gave predictions that fuse to non-finite scores")
+    return scores
 
 
 def profiles_failed(error: str) -> None:
@@ -124,14 +141,21 @@ def ranked_items(
 
 
 def serialise(
-    request_id: str, version: str, spec: FusionSpec, items: list[dict[str, Any]]
+    request_id: str,
+    version: str,
+    spec: FusionSpec,
+    items: list[dict[str, Any]],
+    features: Encoded | None = None,
 ) -> bytes:
-    """The response body."""
-    return orjson.dumps(
-        {
-            "request_id": request_id,
-            "model_version": version,
-            "fusion": fusion_view(spec),
-            "items": items,
-        }
-    )
+    """The response body; it names the feature snapshot used and a degraded feature store."""
+    out: dict[str, Any] = {
+        "request_id": request_id,
+        "model_version": version,
+        "fusion": fusion_view(spec),
+        "items": items,
+    }
+    if features is not None and features.snapshot is not None:
+        out["feature_snapshot"] = features.snapshot
+    if features is not None and features.degraded is not None:
+        out["degraded"] = list(DEGRADED)
+    return orjson.dumps(out)

@@ -19,21 +19,25 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from model.core.features import FeatureError, FeatureSchema
+from model.core.errors import shown
+from model.core.features import MAX_STRING_CHARS, FeatureError, FeatureSchema
 from service.errors import InvalidRequest, MalformedBody
 
 REQUEST_KEYS = frozenset({"request_id", "user", "context", "candidates", "fusion", "top_k"})
 USER_KEYS = frozenset({"user_id", "features"})
 CANDIDATE_KEYS = frozenset({"video_id", "features"})
-MAX_REQUEST_ID_LEN = 128
+MAX_REQUEST_ID_LEN = 128  # also the X-Request-ID header's limit; both are echoed in a header
+MAX_ID_CHARS = MAX_STRING_CHARS  # user_id and video_id strings, like every encoded string
 _EMPTY: dict[str, Any] = {}
 _ID_TYPES = frozenset({str, int})
+_ID_RULE = f"must be an integer or a string of at most {MAX_ID_CHARS} characters"
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,22 @@ class EncoderInput:
     unknown: set[str]  # feature names, of any entity, the schema does not have
 
 
+# No ASCII control character (CR, LF, NUL ...) and no space at either end: what any HTTP layer
+# accepts in a header value (characters beyond Latin-1 are sent as "?").
+REQUEST_ID_PATTERN = r"^[^\x00-\x1f\x7f ]([^\x00-\x1f\x7f]*[^\x00-\x1f\x7f ])?$"
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+
+
+def valid_request_id(rid: str) -> bool:
+    """A request id that can be echoed in the ``x-request-id`` header.
+
+    1-128 characters matching REQUEST_ID_PATTERN. The same rule for the header and the body's
+    ``request_id``: a CR/LF or another control character (or, for h11, an edge space) made the
+    HTTP layer refuse the response after the request was served, dropping the connection.
+    """
+    return 0 < len(rid) <= MAX_REQUEST_ID_LEN and _REQUEST_ID.fullmatch(rid) is not None
+
+
 # -- the body -----------------------------------------------------------------------------------
 def loads(body: bytes) -> Any:
     """Parse JSON; a body with NaN/Infinity literals gets a 422 naming the field, not a 400."""
@@ -143,12 +163,14 @@ def parse_request(body: bytes, max_candidates: int) -> RankRequest:
     if type(doc) is not dict:
         raise InvalidRequest("the body must be a JSON object", "$")
     if extra := doc.keys() - REQUEST_KEYS:
-        raise InvalidRequest(f"unknown field; expected {sorted(REQUEST_KEYS)}", min(extra))
+        raise InvalidRequest(f"unknown field; expected {sorted(REQUEST_KEYS)}", shown(min(extra)))
     request_id = doc.get("request_id")
-    if request_id is not None and (
-        type(request_id) is not str or not 0 < len(request_id) <= MAX_REQUEST_ID_LEN
-    ):
-        raise InvalidRequest(f"must be a string of 1-{MAX_REQUEST_ID_LEN} characters", "request_id")
+    if request_id is not None and (type(request_id) is not str or not valid_request_id(request_id)):
+        raise InvalidRequest(
+            f"must be a string of 1-{MAX_REQUEST_ID_LEN} characters, without control "
+            "characters or a space at either end",
+            "request_id",
+        )
     user_id, user = _user(doc.get("user"))
     context = doc.get("context")
     if context is None:
@@ -170,12 +192,14 @@ def _user(user: Any) -> tuple[str | int, dict[str, Any]]:
     if type(user) is not dict:
         raise InvalidRequest("must be an object with user_id and features", "user")
     if extra := user.keys() - USER_KEYS:
-        raise InvalidRequest("unknown field; expected user_id, features", f"user.{min(extra)}")
+        raise InvalidRequest(
+            "unknown field; expected user_id, features", f"user.{shown(min(extra))}"
+        )
     if "user_id" not in user:
         raise InvalidRequest("is required", "user.user_id")
     user_id = user["user_id"]
-    if type(user_id) not in _ID_TYPES:
-        raise InvalidRequest("must be a string or an integer", "user.user_id")
+    if type(user_id) not in _ID_TYPES or (type(user_id) is str and len(user_id) > MAX_ID_CHARS):
+        raise InvalidRequest(_ID_RULE, "user.user_id")
     features = user.get("features")
     if features is None:
         features = {}
@@ -230,7 +254,9 @@ def _rows(cands: list[Any], view: SchemaView) -> tuple[list[Any], dict[str, Any]
     if extra := keys - CANDIDATE_KEYS:
         bad = min(extra)
         i = next(i for i, c in enumerate(cands) if bad in c)
-        raise InvalidRequest("unknown field; expected video_id, features", f"candidates[{i}].{bad}")
+        raise InvalidRequest(
+            "unknown field; expected video_id, features", f"candidates[{i}].{shown(bad)}"
+        )
     try:
         ids = [c["video_id"] for c in cands]
     except KeyError:
@@ -255,7 +281,7 @@ def _columnar(
 ) -> tuple[list[Any], dict[str, Any], set[str]]:
     if extra := cands.keys() - CANDIDATE_KEYS:
         raise InvalidRequest(
-            "unknown field; expected video_id, features", f"candidates.{min(extra)}"
+            "unknown field; expected video_id, features", f"candidates.{shown(min(extra))}"
         )
     features = cands.get("features")
     if features is None:
@@ -265,18 +291,22 @@ def _columnar(
     for name, col in features.items():
         if type(col) is not list or len(col) != n:
             raise InvalidRequest(
-                f"must be a list of {n} values (one per video_id)", f"candidates.features.{name}"
+                f"must be a list of {n} values (one per video_id)",
+                f"candidates.features.{shown(name)}",
             )
     columns = {name: features[name] for name in view.item_columns if name in features}
     return cands["video_id"], columns, features.keys() - view.item
 
 
 def _check_ids(ids: list[Any], path: Callable[[int], str]) -> None:
-    """video_ids are strings or integers, and unique (42 and "42" are the same video)."""
+    """video_ids are integers or short strings, and unique (42 and "42" are the same video)."""
     types = set(map(type, ids))
     if not types <= _ID_TYPES:
         i = next(i for i, v in enumerate(ids) if type(v) not in _ID_TYPES)
-        raise InvalidRequest("must be a string or an integer", path(i))
+        raise InvalidRequest(_ID_RULE, path(i))
+    if str in types and max(len(v) for v in ids if type(v) is str) > MAX_ID_CHARS:
+        i = next(i for i, v in enumerate(ids) if type(v) is str and len(v) > MAX_ID_CHARS)
+        raise InvalidRequest(_ID_RULE, path(i))
     keys = [str(v) for v in ids] if len(types) > 1 else ids
     if len(set(keys)) != len(keys):
         seen: set[Any] = set()

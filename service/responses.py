@@ -7,14 +7,24 @@ translated into the same ``{"error": {"code", "message", "details"?}}`` body her
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import BaseRoute, Match
 
 from model.core.errors import VidrankError
-from service.errors import InvalidRequest, MalformedBody, domain_error_body, error_body, http_status
+from service.errors import (
+    InvalidRequest,
+    MalformedBody,
+    domain_error_body,
+    error_body,
+    http_headers,
+    http_status,
+)
 
 JSON = "application/json"
 
@@ -28,13 +38,24 @@ def json_response(
 
 def error_response(exc: VidrankError) -> Response:
     """The one error body for a domain error, with its status from the table."""
-    status = http_status(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return json_response(domain_error_body(exc), status, headers)
+    return json_response(domain_error_body(exc), http_status(exc), http_headers(exc))
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Route every error the app can meet to the one error body."""
+def allowed_methods(routes: Sequence[BaseRoute], request: Request, named: str) -> str:
+    """Every method some route serves at this path, for a 405's ``Allow``.
+
+    Starlette names only the methods of the first route whose path matched (``named``), so
+    ``POST /admin/canary`` would be told ``Allow: PUT`` though DELETE is served there too.
+    """
+    methods = {m.strip() for m in named.split(",") if m.strip()}
+    for route in routes:
+        if route.matches(request.scope)[0] != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
+def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> None:
+    """Route every error the app can meet to the one error body (``routes``: for 405s)."""
 
     async def domain_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, VidrankError)
@@ -58,7 +79,11 @@ def install_error_handlers(app: FastAPI) -> None:
         body = error_body(
             codes.get(exc.status_code, "http_error"), message or str(exc.detail) or "error"
         )
-        return Response(body, exc.status_code, headers=exc.headers, media_type=JSON)
+        headers = exc.headers
+        if exc.status_code == 405:
+            named = (headers or {}).get("Allow", "")
+            headers = {**(headers or {}), "Allow": allowed_methods(routes, request, named)}
+        return Response(body, exc.status_code, headers=headers, media_type=JSON)
 
     async def client_gone(request: Request, exc: Exception) -> Response:
         # The client hung up while sending its body: nothing to answer, nothing to alarm about.

@@ -2,19 +2,34 @@
 
 ``POST /rank`` does not validate through these models (it parses with orjson and validates
 columns without a Python object per candidate, see ``service/request.py``), but they describe
-exactly what it accepts and returns, and /docs renders them.
+what it accepts and returns, with its limits, and /docs renders them. What a schema cannot say
+is in the descriptions: video ids must be unique, and feature values are checked against the
+serving model's feature schema (its manifest), so their types depend on the model.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from model.core.fusion import METHODS, TRANSFORMS
+from model.core.features import MAX_STRING_CHARS
+from model.core.fusion import MAX_WEIGHT, METHODS, MIN_BETA, MIN_SCALE, TRANSFORMS
 from model.core.tasks import TASKS
+from service.request import MAX_ID_CHARS, MAX_REQUEST_ID_LEN, REQUEST_ID_PATTERN
 
-FeatureValue = str | int | float | list[str | int] | None
+# The integers the JSON parser (orjson) reads as integers; beyond them a number is a float,
+# which no id or top_k accepts.
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
+Id = Annotated[str, Field(max_length=MAX_ID_CHARS)] | Annotated[int, Field(ge=INT_MIN, le=INT_MAX)]
+FEATURES_DOC = (
+    "Feature values by name, checked against the serving model's feature schema (see "
+    "GET /models/{version}): numbers for numeric features; integers or strings of at most "
+    f"{MAX_STRING_CHARS} characters (no booleans) for categorical ones; a list of those or a "
+    "comma-separated string for tag lists; null for not sent. A missing feature takes the feature "
+    "store's value, else its default; an unknown name is ignored (and counted), whatever its value."
+)
+Weight = Annotated[float, Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT, strict=True)]
 
 
 class _Strict(BaseModel):
@@ -22,57 +37,74 @@ class _Strict(BaseModel):
 
 
 class User(_Strict):
-    user_id: str | int = Field(description="Also the user_id feature; selects the canary bucket.")
-    features: dict[str, FeatureValue] | None = Field(
-        None, description="User features by name; missing ones take the schema's defaults."
+    user_id: Id = Field(description="Also the user_id feature; selects the canary bucket.")
+    features: dict[str, Any] | None = Field(
+        None,
+        description="User features by name; they override the feature store's; missing ones "
+        "come from the store, else the schema's defaults. " + FEATURES_DOC,
     )
 
 
 class Candidate(_Strict):
-    video_id: str | int = Field(description="Unique within the request; echoed as sent.")
-    features: dict[str, FeatureValue] | None = Field(
-        None, description="Item features by name; unknown names are ignored (and counted)."
+    video_id: Id = Field(description='Unique within the request (42 and "42" are one id).')
+    features: dict[str, Any] | None = Field(
+        None,
+        description="Item features by name, overriding the store's (null: not sent). Omit to "
+        "rank by id with stored features. " + FEATURES_DOC,
     )
 
 
 class ColumnarCandidates(_Strict):
     """The same candidates as columns: one list per feature, all as long as ``video_id``."""
 
-    video_id: list[str | int]
-    features: dict[str, list[FeatureValue]] | None = None
+    video_id: list[Id] = Field(description="Unique ids, one per candidate.")
+    features: dict[str, list[Any]] | None = Field(
+        None, description="One list per feature, as long as video_id. " + FEATURES_DOC
+    )
 
 
 class TaskWeight(_Strict):
-    weight: float
+    weight: Weight
     transform: str = Field("identity", json_schema_extra={"enum": list(TRANSFORMS)})
-    scale: float = 1.0
+    scale: float = Field(1.0, ge=MIN_SCALE, description="transform 'scale' only: x / scale.")
 
 
 class FusionParams(_Strict):
     method: str = Field(json_schema_extra={"enum": list(METHODS)})
-    weights: dict[str, float | TaskWeight] = Field(
+    weights: dict[str, Weight | TaskWeight] = Field(
         json_schema_extra={"propertyNames": {"enum": list(TASKS)}},
-        description="Per task: a weight, or a weight with a transform.",
+        description="Per task: a weight, or a weight with a transform; at least one non-zero.",
     )
-    epsilon: float = Field(1e-6, description="weighted_product: added before the log.")
-    beta: float = Field(1.0, description="rank_sum: score = sum_k w_k / (rank_k + beta).")
+    epsilon: float = Field(1e-6, gt=0, description="weighted_product: added before the log.")
+    beta: float = Field(
+        1.0, ge=MIN_BETA, description="rank_sum: score = sum_k w_k / (rank_k + beta)."
+    )
 
 
 class FusionProfile(_Strict):
-    profile: str
+    profile: str = Field(description="A profile of the server's profile file.")
 
 
 class RankRequest(_Strict):
-    request_id: str | None = Field(None, max_length=128, description="Echoed; generated if absent.")
+    request_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_REQUEST_ID_LEN,
+        pattern=REQUEST_ID_PATTERN,
+        description="Echoed in the body and the x-request-id header; generated if absent. "
+        "Printable, no space at either end.",
+    )
     user: User
-    context: dict[str, FeatureValue] | None = Field(None, description="Context features.")
+    context: dict[str, Any] | None = Field(None, description="Context features. " + FEATURES_DOC)
     candidates: list[Candidate] | ColumnarCandidates = Field(
         description="Up to VIDRANK_MAX_CANDIDATES candidates, as rows or columns."
     )
     fusion: str | FusionProfile | FusionParams | None = Field(
-        None, description="A profile name, or method + weights; default: the default profile."
+        None,
+        description="A profile name (of the server's profile file), or method + weights; "
+        "default: the profile file's default, else the model's default fusion.",
     )
-    top_k: int | None = Field(None, ge=1, description="Return only the best top_k.")
+    top_k: int | None = Field(None, ge=1, le=INT_MAX, description="Return only the best top_k.")
 
     model_config = ConfigDict(
         extra="forbid",
@@ -85,7 +117,6 @@ class RankRequest(_Strict):
                         {"video_id": 1001, "features": {"duration_s": 35.0, "tag": "12,65"}},
                         {"video_id": 1002, "features": {"duration_s": 610.0}},
                     ],
-                    "fusion": "balanced",
                     "top_k": 10,
                 }
             ]
@@ -101,7 +132,7 @@ class Predictions(BaseModel):
 
 class RankedItem(BaseModel):
     video_id: str | int
-    score: float | None
+    score: float = Field(description="The fused score; always a finite number.")
     predictions: Predictions
 
 
@@ -118,6 +149,14 @@ class RankResponse(BaseModel):
     model_version: str
     fusion: AppliedFusion
     items: list[RankedItem] = Field(description="Sorted by descending score; ties by input order.")
+    feature_snapshot: str | None = Field(
+        None, description="The feature snapshot whose stored features were used (if any)."
+    )
+    degraded: list[str] | None = Field(
+        None,
+        description='["feature_store"] when the store failed and the request was scored with '
+        "its own features and schema defaults.",
+    )
 
 
 class ErrorDetail(BaseModel):
@@ -132,7 +171,9 @@ class ErrorResponse(BaseModel):
 
 class CanaryRequest(_Strict):
     version: str
-    percent: float = Field(gt=0, le=100, description="Percent of users (stable by user_id).")
+    percent: float = Field(
+        gt=0, le=100, strict=True, description="Percent of users (stable by user_id)."
+    )
 
 
 class Status(BaseModel):
@@ -140,13 +181,76 @@ class Status(BaseModel):
     model_version: str | None = None
 
 
+class CanaryOut(BaseModel):
+    version: str
+    percent: float
+
+
 class AliasesOut(BaseModel):
     production: str | None
     previous: list[str]
-    canary: dict[str, Any] | None
+    canary: CanaryOut | None
     updated_at: str | None
+
+
+class FeatureStoreState(BaseModel):
+    backend: str = Field(description="embedded, redis or off.")
+    snapshot: str | None = Field(description="The active feature snapshot served here.")
+    required: bool
+    status: str = Field(description="ok, or degraded: <reason>.")
+    lacks: dict[str, list[str]] = Field(
+        description="Per served version: the user/item features it reads that the store lacks."
+    )
+
+
+class Serving(BaseModel):
+    """What this process serves right now."""
+
+    production: str | None
+    canary: CanaryOut | None
 
 
 class AdminResult(BaseModel):
     aliases: AliasesOut
-    serving: dict[str, Any]
+    serving: Serving
+    feature_store: FeatureStoreState
+
+
+class FeatureStoreResult(BaseModel):
+    feature_store: FeatureStoreState
+
+
+class VersionSummary(BaseModel):
+    version: str
+    valid: bool = Field(description="False when the bundle cannot be read; see error.")
+    aliases: list[str] = Field(description="production and/or canary, when it is one.")
+    created_at: str | None = None
+    size_bytes: int | None = None
+    metrics: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class RetryOut(BaseModel):
+    attempts: int
+    retry_in_s: float
+
+
+class RegistryStatus(BaseModel):
+    """What this process's last poll made of the registry."""
+
+    status: str = Field(description="ok, aliases_missing, aliases_invalid or unreadable.")
+    error: str | None = Field(description="The fault that kept the served versions, if any.")
+    since: str | None = Field(description="When the fault began (UTC, ISO 8601).")
+    desired: dict[str, str] = Field(description="{role: version} the aliases name.")
+    converged: bool = Field(description="Whether this process serves what the aliases name.")
+    retrying: dict[str, RetryOut] = Field(description="Aliased versions that failed to load.")
+
+
+class ModelsOut(BaseModel):
+    versions: list[VersionSummary] = Field(description="Oldest first.")
+    aliases: AliasesOut | None = Field(
+        description="The registry's aliases; null while aliases.json is missing or unreadable."
+    )
+    serving: Serving
+    registry: RegistryStatus
+    feature_store: FeatureStoreState

@@ -63,7 +63,10 @@ class Scorer:
         try:
             self.session = make_session(bundle.onnx_path, intra_op_threads)
         except Exception as e:  # onnxruntime raises its own types for corrupt graphs
-            raise BundleError(f"onnxruntime cannot load {bundle.onnx_path.name}: {e}") from e
+            # onnxruntime's message names the file by its absolute path: keep the registry's
+            # location out of what an admin client (and /models) is told.
+            reason = str(e).replace(str(bundle.path), bundle.path.name)
+            raise BundleError(f"onnxruntime cannot load {bundle.onnx_path.name}: {reason}") from e
         validate_against_session_io(
             bundle,
             [(i.name, i.type, i.shape) for i in self.session.get_inputs()],

@@ -10,11 +10,19 @@ which Linux copies onto every accepted connection.
 The supervisor (workers > 1) spawns fresh interpreters (no fork of a process with threads),
 points prometheus-client at a shared multiprocess directory so /metrics aggregates the workers,
 restarts a worker that dies, and on SIGTERM/SIGINT forwards SIGTERM to the workers, waits for
-them to drain and exits 0.
+them to drain and exits 0. Workers never outlive it: the kernel sends them SIGTERM when it dies
+(``PR_SET_PDEATHSIG``), a watchdog thread checks the parent pid as a fallback, and the last
+worker to go removes the metrics directory it leaves behind.
+
+Each worker's connections are bounded by ``service/protocol.py`` (connection cap, header and body
+deadlines). With ``metrics_port`` set, /metrics is served on that port only - by the supervisor
+(aggregating its workers) or, with one worker, by the server process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import logging
 import multiprocessing
@@ -33,9 +41,12 @@ from typing import Any
 from service.logging import configure_logging, log_fields
 from service.settings import Settings
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PARENT_CHECK_S = 1.0  # how often the watchdog compares the parent pid (fallback to the prctl)
 log = logging.getLogger("vidrank.server")
 
 BACKLOG = 2048
+KEEP_ALIVE_S = 75  # idle keep-alive: above common LB/nginx idle timeouts, so they close first
 GRACEFUL_TIMEOUT_S = 25  # in-flight requests get this long after SIGTERM (k8s default is 30 s)
 CRASH_WINDOW_S = 10.0  # a worker that dies this soon after starting, MAX_FAST_CRASHES times in a
 MAX_FAST_CRASHES = 3  # row, is crash-looping (port taken, broken install): give up
@@ -81,6 +92,7 @@ def serve(settings: Settings, sock: socket.socket) -> None:
     import uvicorn
 
     from service.app import create_app
+    from service.protocol import ConnectionLimits, guarded_protocol
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -89,14 +101,22 @@ def serve(settings: Settings, sock: socket.socket) -> None:
             host, port = sock.getsockname()[:2]
             log_fields(log, logging.INFO, "listening", host=host, port=port, pid=os.getpid())
 
+    app = create_app(settings)
+    limits = ConnectionLimits(
+        settings.max_connections,
+        settings.header_timeout_s,
+        settings.body_timeout_s,
+        admission=app.state.admission,
+    )
     config = uvicorn.Config(
-        create_app(settings),
+        app,
+        http=guarded_protocol(limits),
         lifespan="on",
         log_config=None,
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=GRACEFUL_TIMEOUT_S,
-        timeout_keep_alive=75,  # above common LB/nginx idle timeouts, so they close first
+        timeout_keep_alive=KEEP_ALIVE_S,
         backlog=BACKLOG,
     )
     # uvicorn re-raises the signal it shut down for once it is done; with a no-op handler in
@@ -106,9 +126,10 @@ def serve(settings: Settings, sock: socket.socket) -> None:
     _Server(config).run(sockets=[sock])
 
 
-def _worker_main(settings: Settings, index: int) -> None:
+def _worker_main(settings: Settings, index: int, parent: int) -> None:
     """Entry point of a spawned worker process."""
     configure_logging(settings.log_level)
+    exit_with_parent(parent, settings.metrics_multiproc_dir)
     # Bound but not listening: uvicorn listens once the model is loaded, so a (re)starting
     # worker never queues connections that the ready workers could have served.
     sock = bind_socket(settings.host, settings.port, reuse_port=True, listen=False)
@@ -129,7 +150,7 @@ class Supervisor:
 
     def _spawn(self, index: int, settings: Settings) -> None:
         proc = self.ctx.Process(
-            target=_worker_main, args=(settings, index), name=f"vidrank-worker-{index}"
+            target=_worker_main, args=(settings, index, os.getpid()), name=f"vidrank-worker-{index}"
         )
         proc.start()
         self.procs[index] = proc
@@ -150,6 +171,8 @@ class Supervisor:
             signal.signal(sig, lambda *_: self.stopping.set())
         log_fields(log, logging.INFO, "supervisor starting", workers=s.workers, port=port)
         try:
+            if s.metrics_port is not None:
+                serve_metrics(s.host, s.metrics_port, metrics_dir)
             for i in range(s.workers):
                 self._spawn(i, worker_settings)
             code = self._watch(worker_settings)
@@ -195,6 +218,57 @@ class Supervisor:
             _mark_dead(proc.pid)
 
 
+def exit_with_parent(parent: int, metrics_dir: Path | None) -> None:
+    """Make this worker stop (SIGTERM: a graceful drain) when the supervisor ``parent`` dies.
+
+    ``PR_SET_PDEATHSIG`` asks the kernel for the signal; it fires when the thread that spawned us
+    exits, which for the supervisor is its main thread, i.e. the process. A daemon thread also
+    compares ``getppid()`` every second (covers a parent that died before the prctl, and systems
+    without it). On the way out the worker removes its metric files and, if it was the last, the
+    metrics directory the dead supervisor can no longer clean up.
+    """
+    if metrics_dir is not None:
+        import atexit
+
+        atexit.register(_cleanup_metrics, metrics_dir, parent)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the watchdog alone
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        log_fields(log, logging.ERROR, "supervisor gone; stopping", pid=os.getpid())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="vidrank-parent-watch", daemon=True).start()
+
+
+def _cleanup_metrics(metrics_dir: Path, parent: int) -> None:
+    """At a worker's exit, when its supervisor is gone: drop its metric files, then the dir."""
+    if os.getppid() == parent:
+        return  # the supervisor lives and owns the directory (it restarts workers into it)
+    suffix = f"_{os.getpid()}.db"
+    for path in metrics_dir.glob(f"*{suffix}"):
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        metrics_dir.rmdir()  # only succeeds once the last worker's files are gone
+
+
+def serve_metrics(host: str, port: int, multiproc_dir: Path | None) -> None:
+    """Serve /metrics on ``host:port`` from a daemon thread (prometheus-client's own server)."""
+    from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server
+
+    registry = REGISTRY
+    if multiproc_dir is not None:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(multiproc_dir))
+    start_http_server(port, addr=host, registry=registry)
+    log_fields(log, logging.INFO, "metrics listening", host=host, port=port)
+
+
 def _mark_dead(pid: int | None) -> None:
     """Drop a dead worker's live-gauge files (prometheus-client multiprocess mode)."""
     if pid is None:
@@ -209,9 +283,13 @@ def run_server(settings: Settings) -> None:
     configure_logging(settings.log_level)
     safe: dict[str, Any] = settings.model_dump(exclude={"admin_token"})
     safe["admin_token_set"] = settings.admin_token is not None
+    safe["feature_store"] = settings.feature_store_display()
     log_fields(log, logging.INFO, "starting", settings={k: str(v) for k, v in safe.items()})
     if settings.workers == 1:
-        serve(settings, bind_socket(settings.host, settings.port, reuse_port=False, listen=False))
+        sock = bind_socket(settings.host, settings.port, reuse_port=False, listen=False)
+        if settings.metrics_port is not None:
+            serve_metrics(settings.host, settings.metrics_port, None)
+        serve(settings, sock)
         return
     code = Supervisor(settings).run()
     if code:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -28,6 +29,10 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for /admin; unset means admin answers 403."
     )
+    admin_token_file: Path | None = Field(
+        None,
+        description="File of admin bearer tokens, one per line (re-read when it changes).",
+    )
     fusion_profiles: Path | None = Field(None, description="TOML file of fusion profiles.")
     max_candidates: int = Field(2000, ge=1, le=1_000_000, description="Candidates per request.")
     ort_intra_op_threads: int = Field(
@@ -37,6 +42,41 @@ class Settings(BaseSettings):
         5.0, gt=0, le=3600, description="How often the registry's aliases are polled."
     )
     log_level: LogLevel = Field("info", description="Log level.")
+    max_queue: int = Field(
+        8, ge=0, le=100_000, description="/rank requests waiting per worker; more get 503."
+    )
+    request_timeout_ms: int = Field(
+        1000, ge=0, le=600_000, description="Default /rank deadline in ms; 0 = none."
+    )
+    header_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="Request line + headers must arrive within this; else 408."
+    )
+    body_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="A request body must arrive within this; else 408."
+    )
+    max_connections: int = Field(
+        1024, ge=1, le=1_000_000, description="Open connections per worker; more get 503."
+    )
+    docs: bool = Field(True, description="Serve /docs, /redoc and /openapi.json.")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve /metrics on this port instead of the main one."
+    )
+    feature_store: str = Field(
+        "embedded",
+        description="Where /rank looks features up by id: embedded (snapshots in the registry), "
+        "redis://host:port/db, or off.",
+    )
+    feature_timeout_ms: float = Field(
+        20.0, gt=0, le=10_000, description="Budget of one feature lookup (Redis socket timeout)."
+    )
+    feature_store_required: bool = Field(
+        False, description="A store failure answers 503 (and /readyz follows the store)."
+    )
+    feature_cache: Path | None = Field(
+        None,
+        description="Directory of snapshots encoded per model (default <registry>/features/"
+        ".encoded); the workers sharing it share one memory-mapped copy.",
+    )
     # Not in the public table: set by the multi-worker supervisor for its workers.
     metrics_multiproc_dir: Path | None = Field(
         None, description="prometheus-client multiprocess directory (set by the supervisor)."
@@ -48,10 +88,35 @@ class Settings(BaseSettings):
         # VIDRANK_ADMIN_TOKEN="" must not turn into "the empty string is the password".
         return v if v is not None and v.get_secret_value() else None
 
+    @model_validator(mode="after")
+    def _metrics_port_differs(self) -> Settings:
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError("metrics_port must differ from port")
+        return self
+
+    @field_validator("feature_store")
+    @classmethod
+    def _store_url(cls, v: str) -> str:
+        v = v.strip()
+        if v.lower() in ("embedded", "off"):
+            return v.lower()
+        if v.startswith(("redis://", "rediss://", "unix://")):
+            return v
+        raise ValueError("must be embedded, off, or a redis://host:port/db URL")
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_level(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
+
+    def feature_store_display(self) -> str:
+        """The store setting for logs: a Redis URL without its password."""
+        parts = urlsplit(self.feature_store)
+        if parts.password is None:
+            return self.feature_store
+        host = parts.hostname or ""
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
 
     def intra_op_threads(self) -> int:
         """Resolved onnxruntime intra-op threads: explicit, else 1 per worker or all cores."""

@@ -72,3 +72,27 @@ def registry_copy(tiny_bundle: tuple[Path, str], tmp_path: Path) -> Path:
 def version(tiny_bundle: tuple[Path, str]) -> str:
     """The tiny bundle's version name (production in ``registry_copy``)."""
     return tiny_bundle[1]
+
+
+@pytest.fixture(scope="session")
+def sim_tables(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's simulated world as KuaiRand-schema files (Parquet).
+
+    The same users and videos the tiny model was trained on: the simulated world depends on the
+    seed, not on the number of impressions, so 2000 impressions suffice for the tables.
+    """
+    from model.training.simulate import SimConfig, simulate, write_simulation
+
+    out = tmp_path_factory.mktemp("sim")
+    write_simulation(simulate(SimConfig(n_impressions=2000, seed=TINY_SEED)), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def feature_tables(sim_tables: Path) -> tuple[dict, dict]:
+    """(entity tables, source) of ``sim_tables``, as ``vidrank features publish`` builds them."""
+    from model.core.store.snapshot import build_tables
+    from model.training.feature_tables import feature_columns
+
+    columns, source = feature_columns(sim_tables)
+    return build_tables(columns), source

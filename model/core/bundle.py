@@ -453,10 +453,10 @@ def load_bundle(path: Path, *, verify: bool = True) -> Bundle:
     """
     path = Path(path)
     if not path.is_dir():
-        raise BundleError(f"bundle directory not found: {path}")
+        raise BundleError(f"bundle directory not found: {path.name}")
     for name in (MODEL_FILE, MANIFEST_FILE):
         if not (path / name).is_file():
-            raise BundleError(f"bundle {path} has no {name}")
+            raise BundleError(f"bundle {path.name} has no {name}")
     manifest = _read_manifest(path / MANIFEST_FILE)
     _check_keys(manifest)
     _check_header(manifest)

@@ -28,3 +28,15 @@ class VidrankError(Exception):
 
     def __str__(self) -> str:
         return f"{self.field}: {self.message}" if self.field else self.message
+
+
+SHOWN_CHARS = 64  # client-supplied text echoed in a message or a field path is cut to this
+
+
+def shown(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (marked with "..."), for echoing client input.
+
+    Error messages and field paths repeat names and values a client sent; cutting them keeps a
+    hostile 16 MB key from coming back in the response and the logs.
+    """
+    return text if len(text) <= limit else f"{text[:limit]}..."

@@ -13,8 +13,15 @@ such features (see docs/internals.md):
 - ``{e}_num``     float32 [B, n_num]       transformed, standardised and clipped numerics
 
 Categorical values are hashed into buckets (no vocabulary, so no vocabulary miss): integers, and
-strings that spell an integer, hash through a splitmix64 finaliser; other strings through
-blake2b. ``42`` and ``"42"`` land in the same bucket.
+strings of ASCII digits that spell an integer, hash through a splitmix64 finaliser; other strings
+through blake2b. ``42`` and ``"42"`` land in the same bucket; ``"³"`` or ``"٣"`` are ordinary
+strings. Booleans are not categories or numbers: ``true`` is rejected, not read as 1.
+
+Strings are bounded: a value longer than :data:`MAX_STRING_CHARS` is a :class:`FeatureError`.
+String keys and tag lists are cached (ids and tags repeat across requests), but only strings of
+at most :data:`CACHE_KEY_CHARS` characters, in caches whose size is derived from a byte budget
+(:data:`KEY_CACHE_BYTES`, :data:`TOKEN_CACHE_BYTES`): whatever clients send, the caches hold at
+most that much memory.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import json
 import math
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -35,6 +44,10 @@ ENTITIES: tuple[str, ...] = ("user", "context", "item")
 KINDS: tuple[str, ...] = ("categorical", "multi_categorical", "numeric")
 TRANSFORMS: tuple[str, ...] = ("identity", "log1p")
 NUMERIC_CLIP = 10.0  # standardised numerics are clipped to +-this many standard deviations
+MAX_STRING_CHARS = 256  # longest string value (id, category, tag or tag list) that is encoded
+CACHE_KEY_CHARS = 64  # only strings up to this long are cached; longer ones are hashed each time
+KEY_CACHE_BYTES = 16 << 20  # string -> key cache: memory it may hold at most
+TOKEN_CACHE_BYTES = 8 << 20  # tag list string -> keys cache: memory it may hold at most
 
 Entity = Literal["user", "context", "item"]
 Kind = Literal["categorical", "multi_categorical", "numeric"]
@@ -213,27 +226,67 @@ class FeatureSchema:
         if lay.cat:
             cat = np.empty((n, len(lay.cat)), dtype=np.int64)
             for j, name in enumerate(lay.cat):
-                f = self.by_name(name)
-                cat[:, j] = lay.offsets[name] + _hash_column(f, columns.get(name), n)
+                (cat[:, j],) = self._encode_feature(lay, name, columns.get(name), n)
             out[f"{entity}_cat"] = cat
         if lay.multi:
             idx = np.zeros((n, len(lay.multi), lay.max_len), dtype=np.int64)
             w = np.zeros((n, len(lay.multi), lay.max_len), dtype=np.float32)
             for j, name in enumerate(lay.multi):
-                f = self.by_name(name)
-                fi, fw = _encode_multi(f, columns.get(name), n)
-                idx[:, j, : f.max_len] = lay.offsets[name] + fi
-                idx[:, j, : f.max_len] *= fw > 0  # padding slots point at 0
-                w[:, j, : f.max_len] = fw
+                idx[:, j], w[:, j] = self._encode_feature(lay, name, columns.get(name), n)
             out[f"{entity}_multi"] = idx
             out[f"{entity}_multi_w"] = w
         if lay.num:
             num = np.empty((n, len(lay.num)), dtype=np.float32)
             for j, name in enumerate(lay.num):
-                f = self.by_name(name)
-                num[:, j] = _encode_numeric(f, columns.get(name), n)
+                (num[:, j],) = self._encode_feature(lay, name, columns.get(name), n)
             out[f"{entity}_num"] = num
         return out
+
+    def encode_feature(self, name: str, values: Any, n: int) -> tuple[np.ndarray, ...]:
+        """One feature's share of its entity's encoded groups, for ``n`` rows.
+
+        ``(index [n],)`` for a categorical, ``(index [n, L], weight [n, L])`` for a
+        multi-categorical (L = the entity's ``max_len``) and ``(value [n],)`` for a numeric: the
+        values :meth:`encode_entity` writes at the feature's :meth:`slot`. A feature store uses
+        it to encode a stored column once, and to apply a request's value over a stored row.
+        """
+        f = self.by_name(name)
+        try:
+            return self._encode_feature(self.layout(f.entity), name, values, n)
+        except FeatureError as e:
+            e.entity = f.entity
+            raise
+
+    def _encode_feature(
+        self, lay: EntityLayout, name: str, values: Any, n: int
+    ) -> tuple[np.ndarray, ...]:
+        f = self.by_name(name)
+        if f.kind == "categorical":
+            return (lay.offsets[name] + _hash_column(f, values, n),)
+        if f.kind == "numeric":
+            return (_encode_numeric(f, values, n),)
+        fi, fw = _encode_multi(f, values, n)
+        idx = np.zeros((n, lay.max_len), dtype=np.int64)
+        w = np.zeros((n, lay.max_len), dtype=np.float32)
+        idx[:, : f.max_len] = (lay.offsets[name] + fi) * (fw > 0)  # padding slots point at 0
+        w[:, : f.max_len] = fw
+        return idx, w
+
+    def slot(self, name: str) -> tuple[tuple[str, ...], int]:
+        """Where :meth:`encode_feature`'s arrays go: (input names, in order; the column index)."""
+        f = self.by_name(name)
+        e, lay = f.entity, self.layout(f.entity)
+        if f.kind == "categorical":
+            return (f"{e}_cat",), lay.cat.index(name)
+        if f.kind == "numeric":
+            return (f"{e}_num",), lay.num.index(name)
+        return (f"{e}_multi", f"{e}_multi_w"), lay.multi.index(name)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """A short content hash: two schemas with equal digests encode every value alike."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def encode(
         self,
@@ -272,23 +325,93 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return z
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _str_key(s: str) -> int:
-    """A stable 64-bit key for a string; strings that spell an integer key as that integer.
+_MASK64 = 0xFFFFFFFFFFFFFFFF
 
-    Cached: ids and tag strings repeat across requests, and blake2b per value would dominate.
+
+def _str_key(s: str) -> int:
+    """A stable 64-bit key for a string; a string of ASCII digits keys as the integer it spells.
+
+    Only ASCII digits: ``int()`` also reads other scripts' digits ("٣" is 3) and ``isdigit()``
+    accepts superscripts it cannot read ("³"); both are ordinary strings here.
     """
     t = s.strip()
-    if t.lstrip("-").isdigit() and len(t) < 19:
-        try:
-            return int(t) & 0xFFFFFFFFFFFFFFFF
-        except ValueError:  # digits int() does not read ("²", "--5"): an ordinary string
-            pass
-    return int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little")
+    digits = t[1:] if t.startswith("-") else t
+    if 0 < len(digits) < 19 and digits.isascii() and digits.isdigit():
+        return int(t) & _MASK64
+    data = t.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+# The largest entry a cache can hold: a key of CACHE_KEY_CHARS 4-byte characters, its value, and
+# lru_cache's own per-entry cost (a link node of ~72 bytes and a dict slot of <= ~100 bytes).
+_WIDEST_KEY = sys.getsizeof("\U0010ffff" * CACHE_KEY_CHARS)
+_INT_BYTES = sys.getsizeof(_MASK64)
+_LRU_ENTRY_BYTES = 200
+_MAX_TOKENS = CACHE_KEY_CHARS // 2 + 1  # "1,2,3,...": the most tokens a cached string holds
+_KEY_ENTRY_BYTES = _WIDEST_KEY + _INT_BYTES + _LRU_ENTRY_BYTES
+_TOKEN_ENTRY_BYTES = (
+    _WIDEST_KEY + sys.getsizeof((0,) * _MAX_TOKENS) + _MAX_TOKENS * _INT_BYTES + _LRU_ENTRY_BYTES
+)
+
+# Cached: ids and tag strings repeat across requests, and blake2b per value would dominate.
+_cached_key = functools.lru_cache(maxsize=KEY_CACHE_BYTES // _KEY_ENTRY_BYTES)(_str_key)
+
+
+def _key(s: str) -> int:
+    """The key of one string of at most MAX_STRING_CHARS characters, cached if it is short."""
+    return _cached_key(s) if len(s) <= CACHE_KEY_CHARS else _str_key(s)
+
+
+def _longest(f: Feature, values: Sequence[str] | np.ndarray, first_row: int = 0) -> int:
+    """Length of the longest string; FeatureError naming the row if it exceeds the limit."""
+    longest = max(map(len, values), default=0)
+    if longest > MAX_STRING_CHARS:
+        i = next(i for i, v in enumerate(values) if len(v) > MAX_STRING_CHARS)
+        raise FeatureError(
+            f.name,
+            f"string of {len(values[i])} characters; at most {MAX_STRING_CHARS} are accepted",
+            row=first_row + i,
+        )
+    return longest
+
+
+def _string_keyer(f: Feature, values: Sequence[str] | np.ndarray) -> Callable[[str], int]:
+    """The key function for a column of strings: the cached one when every string is short."""
+    return _cached_key if _longest(f, values) <= CACHE_KEY_CHARS else _key
+
+
+# id_keys reads ids through the categorical path of a feature like this one.
+_ID_FEATURE = Feature("id", "item", "categorical", buckets=1)
 
 
 def _bucket(keys: np.ndarray, buckets: int) -> np.ndarray:
     return (_mix64(keys) % np.uint64(buckets)).astype(np.int64)
+
+
+def id_keys(values: Any) -> np.ndarray:
+    """The 64-bit keys [n] (uint64) the encoder hashes for ids, so 42 and "42" share a key.
+
+    Feature stores index rows by these keys: any spelling of an id that the encoder treats as
+    the same value finds the same stored row. Integers (and strings of ASCII digits that spell
+    one) key as the integer, other strings through blake2b. Raises ``FeatureError`` for other
+    types and for strings longer than MAX_STRING_CHARS.
+    """
+    f = _ID_FEATURE
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
+        return values.astype(np.int64).view(np.uint64)
+    arr = _as_array(f, values, len(values))
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64).view(np.uint64)
+    if arr.dtype.kind in "US":
+        arr = arr.astype(object)
+    if arr.dtype.kind == "O" and all(type(v) is str for v in arr):
+        return np.fromiter(map(_string_keyer(f, arr), arr), dtype=np.uint64, count=len(arr))
+    keys = np.empty(len(arr), dtype=np.uint64)
+    for i, v in enumerate(arr):
+        if not isinstance(v, str | int | np.integer) or isinstance(v, bool | np.bool_):
+            raise FeatureError("id", f"expected a string or integer id, got {v!r}", row=i)
+        keys[i] = _key_of(f, v, i)
+    return keys
 
 
 def _key_of(f: Feature, v: Any, row: int) -> int:
@@ -296,15 +419,16 @@ def _key_of(f: Feature, v: Any, row: int) -> int:
     if v is None:
         v = f.default if f.default is not None else ""
     if isinstance(v, bool | np.bool_):
-        return int(v)
+        raise FeatureError(f.name, "expected a string or integer, got a boolean", row=row)
     if isinstance(v, int | np.integer):
-        return int(v) & 0xFFFFFFFFFFFFFFFF
+        return int(v) & _MASK64
     if isinstance(v, float | np.floating):
         if not math.isfinite(v) or v != int(v):
             raise FeatureError(f.name, f"expected a string or integer, got {v!r}", row=row)
-        return int(v) & 0xFFFFFFFFFFFFFFFF
+        return int(v) & _MASK64
     if isinstance(v, str):
-        return _str_key(v)
+        _longest(f, [v], row)
+        return _key(v)
     raise FeatureError(f.name, f"expected a string or integer, got {type(v).__name__}", row=row)
 
 
@@ -314,7 +438,9 @@ def _hash_column(f: Feature, values: Any, n: int) -> np.ndarray:
         return np.full(n, _bucket(np.array([_key_of(f, None, 0)], np.uint64), f.buckets)[0])
     arr = _as_array(f, values, n)
     kind = arr.dtype.kind
-    if kind in "iub":
+    if kind == "b":
+        raise FeatureError(f.name, "expected strings or integers, got booleans")
+    if kind in "iu":
         return _bucket(arr.astype(np.int64).view(np.uint64), f.buckets)
     if kind == "f":
         bad = ~np.isfinite(arr) | (arr != np.round(arr))
@@ -325,7 +451,7 @@ def _hash_column(f: Feature, values: Any, n: int) -> np.ndarray:
     if kind in "US":
         arr = arr.astype(object)
     if all(type(v) is str for v in arr):
-        keys = np.fromiter(map(_str_key, arr), dtype=np.uint64, count=n)
+        keys = np.fromiter(map(_string_keyer(f, arr), arr), dtype=np.uint64, count=n)
     else:
         keys = np.fromiter((_key_of(f, v, i) for i, v in enumerate(arr)), np.uint64, count=n)
     return _bucket(keys, f.buckets)
@@ -349,17 +475,26 @@ def _as_array(f: Feature, values: Any, n: int) -> np.ndarray:
 
 
 # -- multi-categorical -----------------------------------------------------------------------
-@functools.lru_cache(maxsize=1 << 16)
-def _str_tokens(s: str, max_len: int) -> tuple[int, ...]:
-    """Keys of a comma-separated string such as KuaiRand's tag "12,65" (cached per string)."""
-    return tuple(_str_key(p) for p in s.split(",") if p.strip())[:max_len]
+def _str_tokens(s: str) -> tuple[int, ...]:
+    """Keys of a comma-separated string such as KuaiRand's tag "12,65"."""
+    return tuple(_key(p) for p in s.split(",") if p.strip())
+
+
+_cached_tokens = functools.lru_cache(maxsize=TOKEN_CACHE_BYTES // _TOKEN_ENTRY_BYTES)(_str_tokens)
+
+
+def _string_tokenizer(
+    f: Feature, values: Sequence[str], first_row: int = 0
+) -> Callable[[str], tuple[int, ...]]:
+    """The tokenizer for a column of tag strings: the cached one when every string is short."""
+    return _cached_tokens if _longest(f, values, first_row) <= CACHE_KEY_CHARS else _str_tokens
 
 
 def _tokens(f: Feature, v: Any, row: int) -> tuple[int, ...]:
     if v is None:
         v = f.default if f.default is not None else ""
     if isinstance(v, str):
-        return _str_tokens(v, f.max_len)
+        return _string_tokenizer(f, [v], row)(v)[: f.max_len]
     if isinstance(v, list | tuple | np.ndarray):
         return tuple(_key_of(f, p, row) for p in list(v)[: f.max_len])
     raise FeatureError(f.name, "expected a list or a comma-separated string", row=row)
@@ -377,7 +512,8 @@ def _encode_multi(f: Feature, values: Any, n: int) -> tuple[np.ndarray, np.ndarr
     if len(seq) != n:
         raise FeatureError(f.name, f"expected {n} values, got {len(seq)}")
     if all(type(v) is str for v in seq):
-        rows = [_str_tokens(v, f.max_len) for v in seq]
+        tokenize = _string_tokenizer(f, seq)
+        rows = [tokenize(v)[: f.max_len] for v in seq]
     else:
         rows = [_tokens(f, v, i) for i, v in enumerate(seq)]
     tok, cnt = _pad(rows, f.max_len)
@@ -421,13 +557,15 @@ def _to_float(f: Feature, values: Any, n: int) -> np.ndarray:
             arr = np.array(seq, dtype=np.float64) if numbers else _object_1d(seq)
         except OverflowError:  # an int beyond float range: the per-value path names its row
             arr = _object_1d(seq)
-    if arr.dtype.kind in "iufb":
+    if arr.dtype.kind in "iuf":
         x = arr.astype(np.float64)
     elif arr.dtype.kind == "O":
         x = np.empty(len(arr), dtype=np.float64)
         for i, v in enumerate(arr):
             if v is None:
                 x[i] = np.inf if f.default is None else float(f.default)
+            elif isinstance(v, bool | np.bool_):
+                raise FeatureError(f.name, "expected a number, got a boolean", row=i)
             elif isinstance(v, int | float | np.integer | np.floating):
                 try:
                     x[i] = float(v)

@@ -20,6 +20,11 @@ The model predicts, per candidate, ``click`` (probability), ``watch_time`` (expe
 ``t_k`` is the task's transform: ``identity`` (x), ``log1p`` (log(1 + x)) or ``scale``
 (x / scale, e.g. watch seconds / 60). A task that a spec does not name has weight 0.
 
+Scores are always finite for finite, non-negative predictions (what the model's heads emit): a
+spec is valid only with ``|weight| <= MAX_WEIGHT``, ``scale >= MIN_SCALE`` and ``beta >=
+MIN_BETA``, which keeps every term far inside float64's range (no ``inf - inf``, no overflow).
+Without these bounds, weights such as 1e308 made scores NaN, which JSON can only send as null.
+
 Specs come from three places in one dict form (see :meth:`FusionSpec.from_dict`): the bundle
 manifest's ``default_fusion``, named profiles in a hot-reloaded TOML file (:class:`ProfileStore`)
 and request bodies. :func:`resolve` picks the spec for a request. Every validation error is a
@@ -44,11 +49,15 @@ from typing import Any, Final
 
 import numpy as np
 
-from model.core.errors import VidrankError
+from model.core.errors import VidrankError, shown
 from model.core.tasks import TASKS
 
 METHODS: Final = ("weighted_sum", "weighted_product", "rank_sum")
 TRANSFORMS: Final = ("identity", "log1p", "scale")
+# Bounds that keep every fused score finite (see the module docstring); far beyond any real use.
+MAX_WEIGHT: Final = 1e6
+MIN_SCALE: Final = 1e-6
+MIN_BETA: Final = 1e-6
 
 _SPEC_KEYS: Final = ("method", "weights", "epsilon", "beta", "name")
 _TERM_KEYS: Final = ("weight", "transform", "scale")
@@ -74,21 +83,36 @@ class FusionError(VidrankError, ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+def _r(value: object) -> str:
+    """``repr(value)`` cut short: messages echo client input, which may be huge."""
+    return shown(repr(value))
+
+
 def _is_number(value: object) -> bool:
     """True for int and float values, but not for bool (a JSON ``true`` is not a weight)."""
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _check_weight(weight: object, field: str) -> None:
+    """A weight is a number within +-MAX_WEIGHT (so never NaN or infinite)."""
+    number = isinstance(weight, int | float) and not isinstance(weight, bool)
+    if not number or not abs(weight) <= MAX_WEIGHT:  # type: ignore[arg-type]  # NaN: False
+        raise FusionError(
+            field, f"must be a number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {_r(weight)}"
+        )
+
+
 def _check_term(weight: float, transform: str, scale: float, path: str) -> None:
     """Validate one task term; errors name ``path.weight`` / ``path.transform`` / ``path.scale``."""
-    if not _is_number(weight) or not math.isfinite(weight):
-        raise FusionError(f"{path}.weight", f"must be a finite number, got {weight!r}")
+    _check_weight(weight, f"{path}.weight")
     if transform not in TRANSFORMS:
         raise FusionError(
-            f"{path}.transform", f"unknown transform {transform!r}; expected one of {TRANSFORMS}"
+            f"{path}.transform", f"unknown transform {_r(transform)}; expected one of {TRANSFORMS}"
         )
-    if not _is_number(scale) or not math.isfinite(scale) or scale <= 0:
-        raise FusionError(f"{path}.scale", f"must be a finite number > 0, got {scale!r}")
+    if not _is_number(scale) or not math.isfinite(scale) or scale < MIN_SCALE:
+        raise FusionError(
+            f"{path}.scale", f"must be a finite number >= {MIN_SCALE:g}, got {_r(scale)}"
+        )
     if transform != "scale" and scale != 1.0:
         raise FusionError(f"{path}.scale", "is only used with transform 'scale'")
 
@@ -134,19 +158,23 @@ def _check_spec(
     """Validate spec-level fields; errors name ``prefix.method``, ``prefix.weights.<task>`` ..."""
     if method not in METHODS:
         raise FusionError(
-            f"{prefix}.method", f"unknown method {method!r}; expected one of {METHODS}"
+            f"{prefix}.method", f"unknown method {_r(method)}; expected one of {METHODS}"
         )
     for task, term in terms.items():
         if task not in TASKS:
-            raise FusionError(f"{prefix}.weights.{task}", f"unknown task; expected one of {TASKS}")
+            raise FusionError(
+                f"{prefix}.weights.{shown(str(task))}", f"unknown task; expected one of {TASKS}"
+            )
         if not isinstance(term, TaskTerm):
             raise FusionError(f"{prefix}.weights.{task}", "must be a TaskTerm")
     if not any(term.weight != 0.0 for term in terms.values()):
         raise FusionError(f"{prefix}.weights", "at least one task needs a non-zero weight")
     if not _is_number(epsilon) or not math.isfinite(epsilon) or epsilon <= 0:
-        raise FusionError(f"{prefix}.epsilon", f"must be a finite number > 0, got {epsilon!r}")
-    if not _is_number(beta) or not math.isfinite(beta) or beta <= 0:
-        raise FusionError(f"{prefix}.beta", f"must be a finite number > 0, got {beta!r}")
+        raise FusionError(f"{prefix}.epsilon", f"must be a finite number > 0, got {_r(epsilon)}")
+    if not _is_number(beta) or not math.isfinite(beta) or beta < MIN_BETA:
+        raise FusionError(
+            f"{prefix}.beta", f"must be a finite number >= {MIN_BETA:g}, got {_r(beta)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -191,7 +219,9 @@ class FusionSpec:
             raise FusionError(field_prefix, "must be an object with method and weights")
         for key in d:
             if key not in _SPEC_KEYS:
-                raise FusionError(f"{field_prefix}.{key}", f"unknown key; expected {_SPEC_KEYS}")
+                raise FusionError(
+                    f"{field_prefix}.{shown(str(key))}", f"unknown key; expected {_SPEC_KEYS}"
+                )
         method = _required(d, "method", field_prefix)
         if not isinstance(method, str):
             raise FusionError(f"{field_prefix}.method", "must be a string")
@@ -230,7 +260,7 @@ def _parse_weights(weights: object, path: str) -> dict[str, TaskTerm]:
         raise FusionError(path, "must be an object mapping task names to weights")
     terms: dict[str, TaskTerm] = {}
     for task, value in weights.items():
-        task_path = f"{path}.{task}"
+        task_path = f"{path}.{shown(str(task))}"
         if task not in TASKS:
             raise FusionError(task_path, f"unknown task; expected one of {TASKS}")
         terms[task] = _parse_term(value, task_path)
@@ -241,14 +271,14 @@ def _parse_term(value: object, path: str) -> TaskTerm:
     """Parse one task's weight: a bare number or a table; errors name ``path`` or a sub-key."""
     if _is_number(value):
         assert isinstance(value, int | float)
-        if not math.isfinite(value):
-            raise FusionError(path, f"must be a finite number, got {value!r}")
+        _check_weight(value, path)
+        assert isinstance(value, int | float)
         return TaskTerm(weight=float(value))
     if not isinstance(value, Mapping):
         raise FusionError(path, "must be a number or an object with weight/transform/scale")
     for key in value:
         if key not in _TERM_KEYS:
-            raise FusionError(f"{path}.{key}", f"unknown key; expected {_TERM_KEYS}")
+            raise FusionError(f"{path}.{shown(str(key))}", f"unknown key; expected {_TERM_KEYS}")
     weight = _required(value, "weight", path)
     transform = value.get("transform", "identity")
     scale = value.get("scale", 1.0)
@@ -510,7 +540,7 @@ class ProfileStore:
         spec = profiles.specs.get(name)
         if spec is None:
             known = ", ".join(profiles.specs) or "none"
-            raise FusionError("fusion.profile", f"unknown profile {name!r} (known: {known})")
+            raise FusionError("fusion.profile", f"unknown profile {_r(name)} (known: {known})")
         return spec
 
     def names(self) -> list[str]:
@@ -610,5 +640,5 @@ def resolve(
 def _profile(store: ProfileStore | None, name: str) -> FusionSpec:
     """Profile ``name`` from ``store``; without a store every name is unknown."""
     if store is None:
-        raise FusionError("fusion.profile", f"unknown profile {name!r} (no profiles configured)")
+        raise FusionError("fusion.profile", f"unknown profile {_r(name)} (no profiles configured)")
     return store.get(name)

@@ -49,7 +49,7 @@ from model.core.bundle import (
     BundleError,
     load_bundle,
 )
-from model.core.errors import VidrankError
+from model.core.errors import VidrankError, shown
 from model.core.fileio import (
     copy_durable,
     fsync_dir,
@@ -64,12 +64,14 @@ __all__ = [
     "MAX_PREVIOUS",
     "VERSION_RE",
     "Aliases",
+    "AliasesMissing",
     "Canary",
     "InvalidCanary",
     "InvalidVersionName",
     "NothingToRollBack",
     "Registry",
     "RegistryError",
+    "RegistryUnavailable",
     "VersionExists",
     "VersionNotFound",
 ]
@@ -109,6 +111,22 @@ class InvalidCanary(RegistryError, ValueError):
     code = "invalid_request"
 
 
+class AliasesMissing(RegistryError):
+    """``aliases.json`` (or the registry directory itself) is not there.
+
+    A fault, not an instruction: a replica keeps serving what it serves (only an explicit
+    ``vidrank models deactivate`` takes the production model away).
+    """
+
+    code = "aliases_missing"
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry cannot be written (read-only volume, permissions, full disk ...)."""
+
+    code = "registry_unavailable"
+
+
 class NothingToRollBack(RegistryError):
     """``rollback`` was asked for but the ``previous`` stack is empty."""
 
@@ -119,7 +137,7 @@ def check_version_name(version: Any) -> str:
     """``version`` if it is a valid version name, else ``InvalidVersionName``."""
     if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
         raise InvalidVersionName(
-            f"invalid version name {version!r}: must match {VERSION_RE.pattern}"
+            f"invalid version name {shown(repr(version))}: must match {VERSION_RE.pattern}"
         )
     return version
 
@@ -181,9 +199,15 @@ class Aliases:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Aliases:
-        """Parse the JSON form; raises ``RegistryError`` when malformed."""
+        """Parse the JSON form; raises ``RegistryError`` when malformed.
+
+        ``production`` must be present (``null`` when deliberately empty): a file without it,
+        such as ``{}``, is as broken as one that is not JSON, and changes nothing.
+        """
         if not isinstance(d, Mapping):
             raise RegistryError(f"aliases must be a JSON object, not {type(d).__name__}")
+        if "production" not in d:
+            raise RegistryError("aliases must name 'production' (null when there is none)")
         previous = d.get("previous") or []
         canary = d.get("canary")
         updated_at = d.get("updated_at")
@@ -263,7 +287,7 @@ class Registry:
         """
         path = self.version_dir(version)
         if not path.is_dir():
-            raise VersionNotFound(f"version {version!r} is not published in {self.root}")
+            raise VersionNotFound(f"version {shown(version)!r} is not published")
         bundle = load_bundle(path, verify=verify)
         if bundle.version != version:
             raise BundleError(
@@ -353,19 +377,24 @@ class Registry:
         return sorted(removed)
 
     # -- aliases -------------------------------------------------------------------------------
-    def read_aliases(self) -> Aliases:
+    def read_aliases(self, *, missing_ok: bool = True) -> Aliases:
         """Current aliases; ``Aliases(None)`` when none have been written yet.
 
+        With ``missing_ok=False`` a missing file (or registry directory) raises
+        ``AliasesMissing`` instead: a serving replica must tell "no file" from "no production".
         Needs no lock: the file is only ever replaced whole.
         """
         try:
             raw = self.aliases_path.read_bytes()
         except FileNotFoundError:
-            return Aliases(None)
+            if missing_ok:
+                return Aliases(None)
+            what = ALIASES_FILE if self.root.is_dir() else "the registry directory"
+            raise AliasesMissing(f"{what} is missing") from None
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RegistryError(f"{self.aliases_path} is not valid JSON: {e}") from e
+            raise RegistryError(f"{ALIASES_FILE} is not valid JSON: {e}") from e
         return Aliases.from_dict(data)
 
     def aliases_stamp(self) -> tuple[int, int] | None:
@@ -405,17 +434,23 @@ class Registry:
 
         return self._update(change)
 
-    def rollback(self) -> Aliases:
+    def rollback(self, expected: str | None = None) -> Aliases:
         """Make the most recent ``previous`` version production again (popping it).
 
         The current production is discarded, not pushed, so repeated rollbacks walk back in
-        history. Raises ``NothingToRollBack`` when ``previous`` is empty.
+        history. Raises ``NothingToRollBack`` when ``previous`` is empty. ``expected`` is the
+        target the caller verified: if another writer changed the stack since, nothing changes
+        and ``RegistryError`` says so.
         """
 
         def change(cur: Aliases) -> Aliases:
             if not cur.previous:
                 raise NothingToRollBack("nothing to roll back to: no previous production version")
             target = cur.previous[-1]
+            if expected is not None and target != expected:
+                raise RegistryError(
+                    f"the rollback target changed from {expected} to {target} meanwhile; retry"
+                )
             self._require(target)
             return replace(
                 cur,
@@ -448,17 +483,46 @@ class Registry:
         """Stop the canary (a no-op apart from ``updated_at`` when there is none)."""
         return self._update(lambda cur: replace(cur, canary=None))
 
+    def deactivate(self) -> Aliases:
+        """Serve nothing: ``production`` becomes null (pushed onto ``previous``), no canary.
+
+        The one way to take the model away from every replica on purpose; ``rollback`` brings
+        it back. A missing or broken aliases file never does this.
+        """
+
+        def change(cur: Aliases) -> Aliases:
+            if cur.production is None:
+                return replace(cur, canary=None)
+            previous = (*cur.previous, cur.production)[-MAX_PREVIOUS:]
+            return replace(cur, production=None, previous=previous, canary=None)
+
+        return self._update(change)
+
+    def check_writable(self) -> None:
+        """Raise ``RegistryUnavailable`` unless aliases can be written (the lock can be taken).
+
+        Lets a caller refuse before it spends seconds loading a model it could not activate.
+        """
+        with self._locked():
+            pass
+
     # -- internals -----------------------------------------------------------------------------
     def _require(self, version: str) -> None:
         check_version_name(version)
         if not self.has(version):
-            raise VersionNotFound(f"version {version!r} is not published in {self.root}")
+            raise VersionNotFound(f"version {shown(version)!r} is not published")
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        """Hold an exclusive flock on ``<root>/.lock`` (cross-process, and across NFS clients)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        """Hold an exclusive flock on ``<root>/.lock`` (cross-process, and across NFS clients).
+
+        An ``OSError`` on the way (read-only volume, permissions) is ``RegistryUnavailable``.
+        """
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _unavailable("cannot take the registry lock", e) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -469,8 +533,17 @@ class Registry:
         """Read-modify-write ``aliases.json`` under the lock, so no concurrent update is lost."""
         with self._locked():
             new = replace(change(self.read_aliases()), updated_at=utc_now_iso())
-            replace_durable(self.aliases_path, json_bytes(new.to_dict()))
+            try:
+                replace_durable(self.aliases_path, json_bytes(new.to_dict()))
+            except OSError as e:
+                raise _unavailable(f"cannot write {ALIASES_FILE}", e) from e
             return new
+
+
+def _unavailable(what: str, e: OSError) -> RegistryUnavailable:
+    """The error of a failed registry write, naming the cause but not the path."""
+    reason = e.strerror or type(e).__name__
+    return RegistryUnavailable(f"registry is not writable: {what} ({reason})")
 
 
 def _drop_canary_of(canary: Canary | None, version: str) -> Canary | None:

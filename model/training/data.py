@@ -235,6 +235,42 @@ def _watch_seconds(
     return np.where(click == 1, watch, 0.0).astype(np.float32)
 
 
+def user_feature_columns(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The default schema's user features from user_features* columns (joined to a log or not).
+
+    Missing columns and values take the loader's defaults; the feature store publishes exactly
+    these values, so training and serving read a user the same way.
+    """
+    return {
+        "user_id": _int_col(frame, "user_id", -1),
+        "user_active_degree": _text_col(frame, "user_active_degree", "UNKNOWN"),
+        "is_video_author": _int_col(frame, "is_video_author", 0),
+        "follow_user_num": _float_col(frame, "follow_user_num", 0.0).astype(np.float32),
+        "fans_user_num": _float_col(frame, "fans_user_num", 0.0).astype(np.float32),
+        "register_days": _float_col(frame, "register_days", 0.0).astype(np.float32),
+    }
+
+
+def video_feature_columns(
+    frame: pd.DataFrame, duration_s: np.ndarray, upload_age_days: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The default schema's item features from video_features_basic* columns.
+
+    ``duration_s`` and ``upload_age_days`` are derived by the caller: per impression in training
+    (the log's duration, the impression day), per video in the feature store (the table's
+    duration, the snapshot's as-of day).
+    """
+    return {
+        "video_id": _int_col(frame, "video_id", -1),
+        "author_id": _int_col(frame, "author_id", -1),
+        "video_type": _text_col(frame, "video_type", "NORMAL"),
+        "music_id": _int_col(frame, "music_id", -1),
+        "tag": _text_col(frame, "tag", ""),
+        "duration_s": duration_s.astype(np.float32),
+        "upload_age_days": upload_age_days.astype(np.float32),
+    }
+
+
 def _build_frame(joined: pd.DataFrame, max_watch_ratio: float | None) -> pd.DataFrame:
     time_ms, day, hour = _time_columns(joined)
     # The log's per-impression duration wins; the video table's fills the gaps.
@@ -246,22 +282,11 @@ def _build_frame(joined: pd.DataFrame, max_watch_ratio: float | None) -> pd.Data
     click = np.clip(_int_col(joined, "is_click", 0), 0, 1).astype(np.int8)
     out = pd.DataFrame(
         {
-            "user_id": _int_col(joined, "user_id", -1),
-            "user_active_degree": _text_col(joined, "user_active_degree", "UNKNOWN"),
-            "is_video_author": _int_col(joined, "is_video_author", 0),
-            "follow_user_num": _float_col(joined, "follow_user_num", 0.0).astype(np.float32),
-            "fans_user_num": _float_col(joined, "fans_user_num", 0.0).astype(np.float32),
-            "register_days": _float_col(joined, "register_days", 0.0).astype(np.float32),
+            **user_feature_columns(joined),
             "hour": hour,
             "day_of_week": _day_of_week(day),
             "tab": _int_col(joined, "tab", 0),
-            "video_id": _int_col(joined, "video_id", -1),
-            "author_id": _int_col(joined, "author_id", -1),
-            "video_type": _text_col(joined, "video_type", "NORMAL"),
-            "music_id": _int_col(joined, "music_id", -1),
-            "tag": _text_col(joined, "tag", ""),
-            "duration_s": duration_s.astype(np.float32),
-            "upload_age_days": _upload_age_days(joined, day).astype(np.float32),
+            **video_feature_columns(joined, duration_s, _upload_age_days(joined, day)),
             "click": click,
             "watch_s": _watch_seconds(joined, click, duration_s, max_watch_ratio),
             "like": np.clip(_int_col(joined, "is_like", 0), 0, 1).astype(np.int8),
@@ -272,6 +297,34 @@ def _build_frame(joined: pd.DataFrame, max_watch_ratio: float | None) -> pd.Data
         if col in joined.columns:
             out[col] = joined[col].to_numpy(dtype=np.float32)
     return out
+
+
+def read_entity_tables(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Path]]:
+    """(users, videos, {"user": path, "item": path}): the user_features* and
+    video_features_basic* tables of ``data_dir`` (CSV or Parquet), with ``upload_day`` parsed."""
+    user_path = _find_one(data_dir, "user_features")
+    video_path = _find_one(data_dir, "video_features_basic")
+    users = _read_table(user_path, USER_COLUMNS)
+    _require(users, ("user_id",), user_path)
+    videos = _read_table(video_path, VIDEO_COLUMNS)
+    _require(videos, ("video_id",), video_path)
+    if "upload_dt" in videos.columns:  # parse per video, not per impression
+        videos["upload_day"] = _parse_days(videos.pop("upload_dt"), None)
+    return users, videos, {"user": user_path, "item": video_path}
+
+
+def last_log_day(data_dir: Path) -> np.datetime64 | None:
+    """The local (Beijing) day of the latest impression in the logs, None without logs."""
+    paths = _find(data_dir, "log_standard") + _find(data_dir, "log_random")
+    days = []
+    for path in paths:
+        frame = _read_table(path, ("date", "time_ms"))
+        if "date" in frame.columns and frame["date"].notna().all() and len(frame):
+            days.append(_parse_days(pd.Series([int(frame["date"].max())]), "%Y%m%d")[0])
+        elif "time_ms" in frame.columns and len(frame):
+            local = np.int64(frame["time_ms"].max()) + BEIJING_OFFSET_MS
+            days.append(np.datetime64(int(local), "ms").astype("datetime64[D]"))
+    return max(days) if days else None
 
 
 def load_impressions(
@@ -290,15 +343,8 @@ def load_impressions(
     if max_rows is not None and max_rows < 1:
         raise ValueError("max_rows must be >= 1")
     log = _read_logs(data_dir, max_rows)
-    user_path = _find_one(data_dir, "user_features")
-    video_path = _find_one(data_dir, "video_features_basic")
-    users = _read_table(user_path, USER_COLUMNS)
-    _require(users, ("user_id",), user_path)
-    videos = _read_table(video_path, VIDEO_COLUMNS)
-    _require(videos, ("video_id",), video_path)
-    if "upload_dt" in videos.columns:  # parse per video, not per impression
-        videos["upload_day"] = _parse_days(videos.pop("upload_dt"), None)
-    joined = _join(_join(log, users, "user_id", user_path), videos, "video_id", video_path)
+    users, videos, paths = read_entity_tables(data_dir)
+    joined = _join(_join(log, users, "user_id", paths["user"]), videos, "video_id", paths["item"])
     frame = _build_frame(joined, max_watch_ratio)
     order = np.argsort(frame["time_ms"].to_numpy(), kind="stable")
     return frame.iloc[order].reset_index(drop=True)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTS = ("floor", "graphs", "vidrank", "textbook", "lifecycle")
+PARTS = ("floor", "graphs", "vidrank", "textbook", "features", "lifecycle", "overload")
 TARGET_IDS = {
     "p50_vs_floor",
     "p99_vs_p50",
@@ -30,9 +30,18 @@ TARGET_IDS = {
     "rss_one_worker",
     "start_to_ready",
     "swap_extra",
+    "overload_answered_p99",
+    "overload_timeouts",
+    "overload_shed_p99",
+    "overload_c8_no_shed",
+    "fs_embedded_vs_floor",
+    "fs_redis_p50",
+    "fs_redis_rps",
+    "fs_million_load",
+    "fs_million_rss",
 }
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +53,11 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
         sys.executable, "-m", "benchmarks.run", "--quick", "--small",
         "--ns", "16", "--per-n", "3", "--impressions", "5000", "--epochs", "1",
         "--http-seconds", "1", "--floor-seconds", "0.1", "--starts", "1",
+        "--overload-seconds", "1", "--overload-connections", "64",
+        "--store-videos", "20000",
         "--out", str(out), "--work-dir", str(work),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = list(out.glob("*.json"))
     assert len(files) == 1, files
@@ -82,6 +93,17 @@ def test_http_results(bench_run: tuple[Path, dict[str, Any]]) -> None:
     assert life["rss_one_worker_bytes"] > 0
     assert life["model_footprint"]["footprint_bytes"] > 0
     assert len(life["swap"]["swaps"]) >= 2
+
+
+def test_overload_rows(bench_run: tuple[Path, dict[str, Any]]) -> None:
+    out, results = bench_run
+    o = results["overload"]
+    assert (o["workers"], o["connections"]) == (2, 64)
+    runs = [o["shedding"]["c8"], o["shedding"]["overload"], o["no_shedding"]["overload"]]
+    for run in runs:
+        assert run["answered"] > 0 and run["answered_ms"]["p50"] > 0
+        assert run["answered"] == run["statuses"]["200"]
+    assert "## Overload" in (out / "latest.md").read_text()
 
 
 def test_load_generator_is_recorded(bench_run: tuple[Path, dict[str, Any]]) -> None:

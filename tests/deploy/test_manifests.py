@@ -203,7 +203,7 @@ def test_selectors_match_pod_labels(
     for constraint in spread:
         assert constraint["labelSelector"]["matchLabels"].items() <= pod_labels.items()
     # The training Job's pods must not be picked up by the Service.
-    job = _one(k8s, "Job")
+    job = k8s[("Job", "vidrank-train")]
     job_labels = job["spec"]["template"]["metadata"].get("labels", {})
     assert not service["spec"]["selector"].items() <= job_labels.items()
 
@@ -231,14 +231,22 @@ def test_env_names_are_settings(
     assert "VIDRANK_ADMIN_TOKEN" not in env, "the admin token must come from the Secret"
 
 
-def test_admin_token_from_secret(
+def test_admin_token_from_a_mounted_secret_file(
     k8s: dict[tuple[str, str], dict[str, Any]], container: dict[str, Any]
 ) -> None:
-    (item,) = [e for e in container["env"] if e["name"] == "VIDRANK_ADMIN_TOKEN"]
-    ref = item["valueFrom"]["secretKeyRef"]
-    assert ref["key"] == "admin-token"
-    secret = k8s[("Secret", ref["name"])]
-    assert "admin-token" in secret.get("stringData", {}) or "admin-token" in secret.get("data", {})
+    """The token comes from a Secret mounted as a directory (so updates reach the file and a
+    rotation needs no restart), never from an env var (fixed at start)."""
+    names = {e["name"] for e in container["env"]}
+    assert "VIDRANK_ADMIN_TOKEN" not in names
+    (item,) = [e for e in container["env"] if e["name"] == "VIDRANK_ADMIN_TOKEN_FILE"]
+    path = Path(item["value"])
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    assert mount.get("readOnly") is True and "subPath" not in mount
+    spec = _one(k8s, "Deployment")["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    secret = k8s[("Secret", volume["secret"]["secretName"])]
+    key = path.name
+    assert key in secret.get("stringData", {}) or key in secret.get("data", {})
 
 
 def test_images_match_dockerfile_targets(
@@ -247,7 +255,7 @@ def test_images_match_dockerfile_targets(
     stages = _stage_names()
     assert {"serve", "train"} <= stages
     assert container["image"] == "vidrank:serve"
-    (job_container,) = _one(k8s, "Job")["spec"]["template"]["spec"]["containers"]
+    (job_container,) = k8s[("Job", "vidrank-train")]["spec"]["template"]["spec"]["containers"]
     assert job_container["image"] == "vidrank:train"
     for (kind, _), doc in k8s.items():
         if kind in {"Deployment", "Job"}:
@@ -348,7 +356,7 @@ def test_hpa_targets_deployment(
 
 
 def test_training_job(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
-    job = _one(k8s, "Job")
+    job = k8s[("Job", "vidrank-train")]
     pod = job["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never"
     (c,) = pod["containers"]
@@ -357,6 +365,43 @@ def test_training_job(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
     assert args[args.index("--registry") + 1] == "/registry"
     assert args[args.index("--simulate") + 1] == "1000000"
     assert args[args.index("--nproc") + 1] == "2"
+
+
+def test_feature_store_from_the_secret_and_a_publishing_job(
+    k8s: dict[tuple[str, str], dict[str, Any]], container: dict[str, Any]
+) -> None:
+    (item,) = [e for e in container["env"] if e["name"] == "VIDRANK_FEATURE_STORE"]
+    ref = item["valueFrom"]["secretKeyRef"]
+    secret = k8s[("Secret", ref["name"])]
+    url = secret["stringData"][ref["key"]]
+    assert Settings(feature_store=url).feature_store == "embedded"  # a value the service takes
+    env = _configmap_env(k8s, container)
+    assert float(env["VIDRANK_FEATURE_TIMEOUT_MS"]) > 0
+    assert env["VIDRANK_FEATURE_STORE_REQUIRED"] in ("true", "false")
+    job = k8s[("Job", "vidrank-features")]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (init,) = pod["initContainers"]
+    (publish,) = pod["containers"]
+    assert init["image"] == publish["image"] == "vidrank:train"
+    assert (
+        init["args"][0] == "simulate" and init["args"][init["args"].index("--out") + 1] == "/data"
+    )
+    (store,) = [e for e in publish["env"] if e["name"] == "VIDRANK_FEATURE_STORE"]
+    assert store["valueFrom"]["secretKeyRef"] == ref  # the same store the rankers read
+    script = publish["args"][0]
+    for fragment in ("features publish --data /data --registry /registry",
+                     '--redis "$VIDRANK_FEATURE_STORE"', "--if-empty"):  # fmt: skip
+        assert fragment in script, fragment
+    mounts = {m["name"]: m["mountPath"] for m in publish["volumeMounts"]}
+    assert mounts == {"registry": "/registry", "data": "/data"}
+    claims = {
+        v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]
+    }
+    assert claims["registry"] == "vidrank-registry"
+    # The job's pods are not ranker endpoints.
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert labels.get("app.kubernetes.io/component") == "feature-publisher"
 
 
 def test_namespace(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
@@ -454,6 +499,24 @@ def test_compose_ranker(compose: dict[str, Any]) -> None:
     assert mode == "ro"
     assert (COMPOSE.parent / src).resolve() == FUSION.resolve()
     assert "registry" in compose["volumes"]
+
+
+def test_compose_redis_and_feature_publisher(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    redis = services["redis"]
+    assert redis["image"].startswith("redis:")
+    assert "redis-cli" in redis["healthcheck"]["test"] and "ping" in redis["healthcheck"]["test"]
+    assert "--lazyfree-lazy-expire" in redis["command"]
+    features = services["features"]
+    assert features["image"] == "vidrank:train" and features.get("restart") == "no"
+    assert features["depends_on"]["redis"]["condition"] == "service_healthy"
+    script = features["command"][-1]
+    url = _compose_env(services["ranker"])["VIDRANK_FEATURE_STORE"]
+    assert f"vidrank features publish --data /tmp/tables --redis {url} --if-empty" in script
+    assert url.startswith("redis://redis:") and Settings(feature_store=url).feature_store == url
+    ranker = services["ranker"]
+    assert ranker["depends_on"]["features"]["condition"] == "service_completed_successfully"
+    assert "redis-data" in compose["volumes"]
 
 
 def test_compose_nginx(compose: dict[str, Any]) -> None:
@@ -841,4 +904,10 @@ def test_cli_serve_options() -> None:
 def test_cli_train_options_used_by_compose_and_k8s() -> None:
     out = _cli_help("train")
     for opt in ("--registry", "--simulate", "--if-empty", "--nproc"):
+        assert opt in out, opt
+    out = _cli_help("features", "publish")
+    for opt in ("--data", "--registry", "--redis", "--if-empty", "--snapshot", "--as-of"):
+        assert opt in out, opt
+    out = _cli_help("simulate")
+    for opt in ("--out", "--impressions", "--seed"):
         assert opt in out, opt

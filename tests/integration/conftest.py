@@ -15,6 +15,9 @@ LIVE_ENV = {
     "VIDRANK_POLL_INTERVAL_S": "0.5",
     "VIDRANK_ORT_INTRA_OP_THREADS": "1",
     "VIDRANK_LOG_LEVEL": "info",
+    # No default deadline: on a busy 2-core machine a big test body can take a second to arrive;
+    # the tests of deadlines set their own.
+    "VIDRANK_REQUEST_TIMEOUT_MS": "0",
 }
 
 

@@ -95,6 +95,40 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
     ("numeric string", cand_with(1, duration_s="12"), "candidates[1].features.duration_s"),
     ("numeric bool list", cand_with(1, duration_s=[1]), "candidates[1].features.duration_s"),
     ("categorical float", cand_with(2, author_id=2.5), "candidates[2].features.author_id"),
+    ("categorical bool", cand_with(2, author_id=True), "candidates[2].features.author_id"),
+    ("numeric bool", cand_with(1, duration_s=False), "candidates[1].features.duration_s"),
+    ("context bool", body_with(context={"hour": True}), "context.hour"),
+    (
+        "user categorical bool",
+        body_with(user={"user_id": 1, "features": {"is_video_author": True}}),
+        "user.features.is_video_author",
+    ),
+    ("tag list bool", cand_with(3, tag=[1, True]), "candidates[3].features.tag"),
+    ("long category", cand_with(1, video_type="x" * 257), "candidates[1].features.video_type"),
+    ("long tag string", cand_with(2, tag="1," * 200), "candidates[2].features.tag"),
+    ("long tag in list", cand_with(0, tag=["1", "y" * 300]), "candidates[0].features.tag"),
+    ("long user_id", body_with(user={"user_id": "u" * 257}), "user.user_id"),
+    (
+        "long user category",
+        body_with(user={"user_id": 1, "features": {"user_active_degree": "z" * 1000}}),
+        "user.features.user_active_degree",
+    ),
+    ("long context category", body_with(context={"tab": "t" * 300}), "context.tab"),
+    (
+        "long video_id",
+        body_with(candidates=[{"video_id": 1}, {"video_id": "v" * 257}]),
+        "candidates[1].video_id",
+    ),
+    (
+        "long columnar video_id",
+        body_with(candidates={"video_id": [1, "v" * 10_000]}),
+        "candidates.video_id[1]",
+    ),
+    (
+        "long columnar category",
+        body_with(candidates={"video_id": [1, 2], "features": {"music_id": ["m", "m" * 257]}}),
+        "candidates.features.music_id[1]",
+    ),
     ("categorical object", cand_with(0, author_id={"a": 1}), "candidates[0].features.author_id"),
     ("multi object", cand_with(1, tag={"a": 1}), "candidates[1].features.tag"),
     ("multi nested", cand_with(1, tag=[[1]]), "candidates[1].features.tag"),
@@ -107,6 +141,11 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
     ("request_id int", body_with(request_id=5), "request_id"),
     ("request_id empty", body_with(request_id=""), "request_id"),
     ("request_id too long", body_with(request_id="x" * 129), "request_id"),
+    ("request_id CRLF", body_with(request_id="a\r\nX-Injected: 1"), "request_id"),
+    ("request_id NUL", body_with(request_id="a\x00b"), "request_id"),
+    ("request_id DEL", body_with(request_id="a\x7f"), "request_id"),
+    ("request_id trailing LF", body_with(request_id="abc\n"), "request_id"),
+    ("request_id edge space", body_with(request_id=" abc"), "request_id"),
     (
         "unknown task",
         body_with(fusion={"method": "weighted_sum", "weights": {"clik": 1.0}}),
@@ -215,9 +254,10 @@ def test_malformed_or_wrong_content(
     )
 
 
-def test_json_without_content_type_is_accepted(client: TestClient) -> None:
+def test_json_without_content_type_is_415_as_documented(client: TestClient) -> None:
     r = client.post("/rank", content=orjson.dumps(rank_body(3)))
-    assert r.status_code == 200
+    assert_error(r, 415, code="unsupported_media_type")
+    assert "no Content-Type" in r.json()["error"]["message"]
 
 
 def test_body_too_large(make_client: Callable[..., TestClient]) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from model.core.registry import Registry
+from model.core.registry import Registry, RegistryUnavailable
 from service.errors import NotReady, SwapFailed
-from service.manager import FAILED_RETRY_S, ModelManager, ServingState, canary_bucket
+from service.manager import RETRY_MAX_S, ModelManager, ServingState, canary_bucket
 from tests.service.service_helpers import corrupt_copy, publish_as, sample
 
 
@@ -63,7 +63,7 @@ def test_failed_poll_load_keeps_serving_and_backs_off(registry_dir: Path, versio
     clock.now += 1
     m.poll_once()  # not retried every poll ...
     assert sample("vidrank_model_swap_failures_total", {"trigger": "poll"}) == failures + 1
-    clock.now += FAILED_RETRY_S
+    clock.now += RETRY_MAX_S
     m.poll_once()  # ... but after the back-off
     assert sample("vidrank_model_swap_failures_total", {"trigger": "poll"}) == failures + 2
     Registry(registry_dir).rollback()
@@ -170,3 +170,175 @@ def test_canary_bucket_is_stable_and_uniform() -> None:
 def test_serving_state_without_canary_serves_production() -> None:
     with pytest.raises(NotReady):
         ServingState().pick(1)
+
+
+# -- registry faults keep the last known good model (issue 10, defect 2) -------------------------
+
+
+def test_missing_aliases_file_keeps_serving(registry_dir: Path, version: str) -> None:
+    m = manager(registry_dir)
+    m.poll_once()
+    good = m.state.production
+    faults = sample("vidrank_registry_faults_total", {"reason": "aliases_missing"})
+    saved = (registry_dir / "aliases.json").read_bytes()
+    (registry_dir / "aliases.json").unlink()
+    assert m.poll_once() is False
+    assert m.state.production is good and m.ready
+    assert m.health.status == "aliases_missing"
+    assert m.status()["status"] == "aliases_missing" and m.status()["since"]
+    assert sample("vidrank_registry_ok") == 0
+    m.poll_once()  # the same fault is counted once, not once per poll
+    assert sample("vidrank_registry_faults_total", {"reason": "aliases_missing"}) == faults + 1
+    (registry_dir / "aliases.json").write_bytes(saved)
+    m.poll_once()
+    assert m.health.status == "ok" and sample("vidrank_registry_ok") == 1
+    assert m.state.production is good
+
+
+def test_missing_registry_directory_keeps_serving(registry_dir: Path, version: str) -> None:
+    m = manager(registry_dir)
+    m.poll_once()
+    good = m.state.production
+    moved = registry_dir.with_name("registry-away")
+    registry_dir.rename(moved)  # e.g. a volume that failed to mount
+    m.poll_once()
+    assert m.state.production is good
+    assert m.status()["error"] == "the registry directory is missing"
+    moved.rename(registry_dir)
+    m.poll_once()
+    assert m.health.status == "ok" and m.state.production is good
+
+
+@pytest.mark.parametrize("content", [b"", b"{ not json", b"{}", b'["v1"]'])
+def test_broken_aliases_file_keeps_serving(
+    registry_dir: Path, version: str, content: bytes
+) -> None:
+    m = manager(registry_dir)
+    m.poll_once()
+    good = m.state.production
+    (registry_dir / "aliases.json").write_bytes(content)
+    m.poll_once()
+    assert m.state.production is good and m.health.status == "aliases_invalid"
+
+
+def test_only_an_explicit_deactivate_empties_a_replica(registry_dir: Path, version: str) -> None:
+    m = manager(registry_dir)
+    m.poll_once()
+    Registry(registry_dir).deactivate()
+    m.poll_once()
+    assert not m.ready and m.health.status == "ok" and m.converged
+    Registry(registry_dir).rollback()
+    m.poll_once()
+    assert m.state.pick("u").version == version
+
+
+# -- an alias ahead of its version directory converges (issue 10, defect 4) ---------------------
+
+
+def test_alias_written_before_the_version_appears_converges(
+    registry_dir: Path, version: str
+) -> None:
+    """NFS lag: the replica sees the alias first; it retries with back-off until the version is
+    visible, without a restart, and says meanwhile that it lags."""
+    clock = FakeClock()
+    m = manager(registry_dir, clock)
+    m.poll_once()
+    publish_as(registry_dir, version, "v2")
+    lagging = registry_dir / "versions" / "v2"
+    hidden = registry_dir / "v2-in-flight"
+    Registry(registry_dir).activate("v2")
+    lagging.rename(hidden)  # the alias is visible, the version directory not yet
+    retries = sample("vidrank_model_load_retries_total")
+    m.poll_once()
+    assert m.state.pick("u").version == version
+    assert not m.converged and sample("vidrank_model_converged") == 0
+    assert sample("vidrank_model_desired", {"version": "v2", "role": "production"}) == 1
+    assert sample("vidrank_model_info", {"version": version, "role": "production"}) == 1
+    assert m.status()["retrying"]["v2"]["attempts"] == 1
+    clock.now += 0.5
+    assert m.poll_once() is False  # backing off: not retried at every poll
+    assert sample("vidrank_model_load_retries_total") == retries + 1
+    clock.now += 5
+    m.poll_once()  # due again, still missing: the wait doubles
+    assert m.status()["retrying"]["v2"]["attempts"] == 2
+    hidden.rename(lagging)  # the version shows up
+    clock.now += 10
+    assert m.poll_once() is True
+    assert m.state.pick("u").version == "v2"
+    assert m.converged and sample("vidrank_model_converged") == 1
+    assert m.status()["retrying"] == {}
+
+
+def test_retry_stops_when_the_alias_moves_on(registry_dir: Path, version: str) -> None:
+    clock = FakeClock()
+    m = manager(registry_dir, clock)
+    m.poll_once()
+    publish_as(registry_dir, version, "v2")
+    Registry(registry_dir).activate("v2")
+    (registry_dir / "versions" / "v2").rename(registry_dir / "gone")
+    m.poll_once()
+    assert "v2" in m.status()["retrying"]
+    Registry(registry_dir).rollback()  # back to a version that is there
+    m.poll_once()
+    assert m.status()["retrying"] == {} and m.converged
+
+
+# -- an unwritable registry changes nothing (issue 10, defect 6) ---------------------------------
+
+
+def test_admin_change_on_an_unwritable_registry_changes_nothing(
+    registry_dir: Path, version: str
+) -> None:
+    publish_as(registry_dir, version, "v2")
+    m = manager(registry_dir)
+    m.poll_once()
+    before = m.state
+    aliases = (registry_dir / "aliases.json").read_bytes()
+    (registry_dir / ".lock").unlink(missing_ok=True)
+    (registry_dir / ".lock").mkdir()  # the lock cannot be opened for writing, even as root
+    for call in (lambda: m.activate("v2"), m.rollback, lambda: m.set_canary("v2", 10)):
+        with pytest.raises(RegistryUnavailable):
+            call()
+        assert m.state is before
+    assert (registry_dir / "aliases.json").read_bytes() == aliases
+
+
+def test_failure_after_the_rename_serves_what_the_file_says(
+    registry_dir: Path, version: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aliases.json was replaced but the directory fsync failed: the process must not keep
+    serving the old version while the file (and so every other replica) says the new one."""
+    import model.core.registry as registry_module
+
+    publish_as(registry_dir, version, "v2")
+    m = manager(registry_dir)
+    m.poll_once()
+
+    def replaced_then_failed(dest: Path, data: bytes) -> None:
+        dest.write_bytes(data)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(registry_module, "replace_durable", replaced_then_failed)
+    with pytest.raises(RegistryUnavailable):
+        m.activate("v2")
+    assert Registry(registry_dir).read_aliases().production == "v2"
+    assert m.state.pick("u").version == "v2" and m.converged
+
+
+def test_unreadable_aliases_recover_when_the_file_comes_back_unchanged(
+    registry_dir: Path, version: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = manager(registry_dir)
+    m.poll_once()
+    good = m.state.production
+    real = Registry.aliases_stamp
+
+    def eio(self: Registry) -> object:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(Registry, "aliases_stamp", eio)  # e.g. a hung NFS mount
+    m.poll_once()
+    assert m.health.status == "unreadable" and m.state.production is good
+    monkeypatch.setattr(Registry, "aliases_stamp", real)  # back, with the same content
+    m.poll_once()
+    assert m.health.status == "ok" and m.state.production is good

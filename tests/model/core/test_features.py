@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -208,13 +211,21 @@ def test_homogeneous_columns_take_the_numpy_path(monkeypatch: pytest.MonkeyPatch
         np.testing.assert_array_equal(got[name], expected[name])
 
 
-@pytest.mark.parametrize(("text", "same_as"), [("²", None), ("--5", None), ("٣", 3), (" 42 ", 42)])
-def test_digit_like_strings_encode(text: str, same_as: int | None) -> None:
-    # isdigit() is true for all of these; those int() cannot read hash as ordinary strings.
-    enc = encode_items({"video_id": [text]}, 1)["item_cat"]
-    assert enc.shape == (1, 4)
-    if same_as is not None:
-        np.testing.assert_array_equal(enc, encode_items({"video_id": [same_as]}, 1)["item_cat"])
+@pytest.mark.parametrize(("text", "as_int"), [(" 42 ", 42), ("-7", -7), ("0012", 12)])
+def test_ascii_digit_strings_key_as_their_integer(text: str, as_int: int) -> None:
+    np.testing.assert_array_equal(
+        encode_items({"video_id": [text]}, 1)["item_cat"],
+        encode_items({"video_id": [as_int]}, 1)["item_cat"],
+    )
+
+
+@pytest.mark.parametrize("text", ["²", "³", "--5", "٣", "٤٢", "１２"])
+def test_other_digit_like_strings_hash_as_strings(text: str) -> None:
+    # isdigit() is true for all of these and int() reads "٣" as 3 and "１２" as 12; a string id
+    # is hashed as a string unless it is ASCII digits.
+    as_string = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    assert features._str_key(text) == as_string
+    assert encode_items({"video_id": [text]}, 1)["item_cat"].shape == (1, 4)
 
 
 json_values = st.recursive(
@@ -251,3 +262,92 @@ def test_encoder_raises_only_feature_errors(name: str, values: list, user_value:
         except FeatureError as e:
             assert e.entity == entity and e.feature in columns
             assert e.row is None or 0 <= e.row < n
+
+
+# -- bounded strings and caches ------------------------------------------------------------------
+LONG = "x" * (features.MAX_STRING_CHARS + 1) if hasattr(features, "MAX_STRING_CHARS") else "x" * 257
+
+
+@pytest.mark.parametrize(
+    ("entity", "columns", "n", "feature", "row"),
+    [
+        ("item", {"author_id": ["a", LONG, "c"]}, 3, "author_id", 1),
+        ("item", {"author_id": [1, "b", LONG]}, 3, "author_id", 2),
+        ("item", {"author_id": np.array(["a", LONG])}, 2, "author_id", 1),
+        ("item", {"tag": ["1,2", "3," + LONG]}, 2, "tag", 1),
+        ("item", {"tag": [["1", LONG]]}, 1, "tag", 0),
+        ("item", {"tag": [None, ["1", 2], LONG]}, 3, "tag", 2),
+        ("user", {"user_id": [LONG]}, 1, "user_id", 0),
+    ],
+)
+def test_strings_longer_than_the_limit_are_rejected_with_their_row(
+    entity: str, columns: dict, n: int, feature: str, row: int
+) -> None:
+    with pytest.raises(FeatureError) as info:
+        SCHEMA.encode_entity(entity, columns, n)
+    assert info.value.feature == feature and info.value.row == row
+    assert "256" in info.value.message
+
+
+def test_strings_up_to_the_limit_encode() -> None:
+    ok = "y" * 256
+    enc = encode_items({"author_id": [ok, "z" * 65], "tag": [ok, "1," * 128]}, 2)
+    assert enc["item_cat"].shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    ("columns", "feature"),
+    [
+        ({"author_id": [True]}, "author_id"),
+        ({"author_id": [1, False]}, "author_id"),
+        ({"author_id": np.array([True, False])}, "author_id"),
+        ({"duration_s": [True]}, "duration_s"),
+        ({"duration_s": [1.5, False]}, "duration_s"),
+        ({"duration_s": np.array([True])}, "duration_s"),
+        ({"tag": [[1, True]]}, "tag"),
+    ],
+)
+def test_booleans_are_neither_categories_nor_numbers(columns: dict, feature: str) -> None:
+    n = len(next(iter(columns.values())))
+    with pytest.raises(FeatureError) as info:
+        encode_items(columns, n)
+    assert info.value.feature == feature
+
+
+def _retained_bytes(work: object) -> int:
+    """Bytes still allocated (tracemalloc) after calling ``work()`` and collecting garbage."""
+    gc.collect()
+    before = tracemalloc.get_traced_memory()[0]
+    work()  # type: ignore[operator]
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0] - before
+
+
+def test_string_caches_keep_no_long_strings_and_stay_within_their_byte_budget() -> None:
+    for cached in (features._str_key, getattr(features, "_cached_key", None)):
+        if cached is not None and hasattr(cached, "cache_clear"):
+            cached.cache_clear()
+    rng = np.random.default_rng(0)
+
+    def long_ids() -> None:  # 5,000 distinct valid ids of 200-256 characters, as requests send
+        for i in range(50):
+            ids = [f"{i}-{j}-" + "v" * int(rng.integers(200, 250)) for j in range(100)]
+            encode_items({"video_id": ids, "tag": [s[:200] for s in ids]}, 100)
+
+    tracemalloc.start()
+    try:
+        assert _retained_bytes(long_ids) < 256 << 10  # today: megabytes, kept for good
+        wide = "\U0010ffff" * 56  # 4 bytes per character: the largest entries a cache can hold
+
+        def fill() -> None:  # more distinct short strings than either cache can hold
+            for b in range(40):
+                ids = [f"{b:03d}{i:05d}{wide}" for i in range(1000)]
+                encode_items({"video_id": ids, "tag": [f"{s[:8]},{s[8:48]}" for s in ids]}, 1000)
+
+        budget = features.KEY_CACHE_BYTES + features.TOKEN_CACHE_BYTES
+        assert _retained_bytes(fill) <= budget
+        for cache in (features._cached_key, features._cached_tokens):
+            info = cache.cache_info()
+            assert info.currsize == info.maxsize  # full: the worst case was measured
+    finally:
+        tracemalloc.stop()

@@ -774,3 +774,76 @@ def test_fuse_lists_ranks_within_lists() -> None:
     np.testing.assert_array_equal(scores, [1.0, 0.5, 0.5, 1.0])
     with pytest.raises(ValueError, match="groups"):
         fuse_lists(spec, preds, np.array(["u", "v"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Scores are always finite (a NaN score used to reach clients as "score": null)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("d", "field"),
+    [
+        (
+            _ws(
+                {
+                    "click": {"weight": -1e308, "transform": "scale", "scale": 1e-300},
+                    "watch_time": 1e308,
+                }
+            ),
+            "fusion.weights.click.weight",
+        ),
+        (_ws({"click": 1e6 + 1}), "fusion.weights.click"),
+        (_ws({"like": -2e6}), "fusion.weights.like"),
+        (
+            _ws({"watch_time": {"weight": 1.0, "transform": "scale", "scale": 1e-320}}),
+            "fusion.weights.watch_time.scale",
+        ),
+        ({"method": "rank_sum", "weights": {"click": 1.0}, "beta": 1e-320}, "fusion.beta"),
+    ],
+)
+def test_weights_that_could_overflow_are_rejected(d: Any, field: str) -> None:
+    with pytest.raises(FusionError) as info:
+        FusionSpec.from_dict(d)
+    assert info.value.field == field
+
+
+bounded_weights = st.floats(-1e6, 1e6, allow_nan=False) | st.sampled_from([-1e6, 1e6, 5e-324])
+terms = st.builds(
+    lambda w, transform, scale: (
+        {"weight": w, "transform": transform} | ({"scale": scale} if transform == "scale" else {})
+    ),
+    bounded_weights,
+    st.sampled_from(TRANSFORMS),
+    st.floats(1e-6, 1e300) | st.just(1e-6),
+)
+valid_specs = st.fixed_dictionaries(
+    {
+        "method": st.sampled_from(METHODS),
+        "weights": st.dictionaries(st.sampled_from(TASKS), terms, min_size=1),
+        "epsilon": st.floats(5e-324, 1e300, exclude_min=False) | st.just(5e-324),
+        "beta": st.floats(1e-6, 1e300) | st.just(1e-6),
+    }
+)
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+@PROPERTY_SETTINGS
+@given(
+    d=valid_specs,
+    click=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=6),
+    watch=st.lists(st.floats(0.0, F32_MAX) | st.just(F32_MAX), min_size=6, max_size=6),
+    like=st.lists(st.floats(0.0, 1.0), min_size=6, max_size=6),
+)
+def test_any_valid_spec_gives_finite_scores(
+    d: dict[str, Any], click: list[float], watch: list[float], like: list[float]
+) -> None:
+    # The heads emit probabilities and non-negative float32 seconds: whatever weights a valid
+    # spec holds, every fused score is a finite number.
+    try:
+        spec = FusionSpec.from_dict(d)
+    except FusionError:  # e.g. all weights zero: refused, fine
+        return
+    n = len(click)
+    scores = fuse(spec, preds_of(click, watch[:n], like[:n]))
+    assert np.isfinite(scores).all(), (d, scores)

@@ -18,12 +18,14 @@ from model.core.registry import (
     MAX_PREVIOUS,
     VERSION_RE,
     Aliases,
+    AliasesMissing,
     Canary,
     InvalidCanary,
     InvalidVersionName,
     NothingToRollBack,
     Registry,
     RegistryError,
+    RegistryUnavailable,
     VersionExists,
     VersionNotFound,
 )
@@ -440,7 +442,7 @@ def test_failed_aliases_write_keeps_old_file(
         raise OSError(errno.EIO, "I/O error")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(RegistryUnavailable, match="cannot write aliases.json"):
         reg.activate("v2")
     monkeypatch.undo()
     assert reg.aliases_path.read_bytes() == before
@@ -482,3 +484,67 @@ def test_concurrent_activations_lose_no_update(reg: Registry, tmp_path: Path) ->
     for _, mine in argsets:
         assert [v for v in history if v in mine] == mine
     assert reads > 0
+
+
+# -- faults: missing aliases, unwritable registry (issue 10) -------------------------------------
+
+
+def test_missing_aliases_are_told_apart_from_no_production(reg: Registry, tmp_path: Path) -> None:
+    assert reg.read_aliases() == Aliases(None)  # a new registry: nothing to serve
+    with pytest.raises(AliasesMissing, match="the registry directory is missing"):
+        reg.read_aliases(missing_ok=False)
+    publish_many(reg, tmp_path, ["v1"])
+    with pytest.raises(AliasesMissing, match="aliases.json is missing"):
+        reg.read_aliases(missing_ok=False)
+    reg.activate("v1")
+    assert reg.read_aliases(missing_ok=False).production == "v1"
+    # The messages never carry the registry's absolute path.
+    reg.aliases_path.unlink()
+    with pytest.raises(AliasesMissing) as e:
+        reg.read_aliases(missing_ok=False)
+    assert str(reg.root) not in str(e.value)
+
+
+def test_aliases_without_production_key_are_invalid(reg: Registry) -> None:
+    # `{}` used to read as "no production" and emptied every replica; it is a broken file.
+    with pytest.raises(RegistryError, match="production"):
+        Aliases.from_dict({})
+    reg.root.mkdir(parents=True)
+    reg.aliases_path.write_text("{}")
+    with pytest.raises(RegistryError):
+        reg.read_aliases()
+
+
+def test_deactivate_is_explicit_and_rollback_restores(reg: Registry, tmp_path: Path) -> None:
+    publish_many(reg, tmp_path, ["v1", "v2"])
+    reg.activate("v1")
+    reg.activate("v2")
+    reg.set_canary("v1", 10)
+    off = reg.deactivate()
+    assert (off.production, off.previous, off.canary) == (None, ("v1", "v2"), None)
+    assert reg.read_aliases(missing_ok=False).production is None
+    assert reg.rollback().production == "v2"
+
+
+def test_rollback_refuses_when_the_target_changed(reg: Registry, tmp_path: Path) -> None:
+    publish_many(reg, tmp_path, ["v1", "v2", "v3"])
+    for v in ("v1", "v2", "v3"):
+        reg.activate(v)
+    before = reg.aliases_path.read_bytes()
+    with pytest.raises(RegistryError, match="changed from v1 to v2"):
+        reg.rollback(expected="v1")
+    assert reg.aliases_path.read_bytes() == before
+    assert reg.rollback(expected="v2").production == "v2"
+
+
+def test_unwritable_lock_is_registry_unavailable(reg: Registry, tmp_path: Path) -> None:
+    publish_many(reg, tmp_path, ["v1", "v2"])
+    reg.activate("v1")
+    before = reg.aliases_path.read_bytes()
+    (reg.root / ".lock").unlink()
+    (reg.root / ".lock").mkdir()  # the lock cannot be opened for writing, even by root
+    for call in (reg.check_writable, lambda: reg.activate("v2"), reg.rollback, reg.deactivate):
+        with pytest.raises(RegistryUnavailable, match="registry is not writable") as e:
+            call()
+        assert str(reg.root) not in str(e.value)
+    assert reg.aliases_path.read_bytes() == before

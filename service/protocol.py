@@ -1,0 +1,186 @@
+"""uvicorn's httptools protocol with the bounds a public-facing worker needs.
+
+uvicorn 0.54 has no request-read timeout: a connection that never sends (or trickles) its
+request line and headers is kept for ever, and so is every such connection (a Slowloris client
+holds thousands). ``limit_concurrency`` does not help: it answers 503 only once a request's
+headers are complete, which a stalled client never reaches. So this subclass adds, per worker:
+
+* a connection cap: beyond ``max_connections`` open connections a new one gets an immediate
+  ``503`` with ``Retry-After`` and is closed, before any byte of it is read;
+* a header deadline: from the connection's start (and from the first byte of every later request
+  on it) the request line and headers must arrive within ``header_timeout_s``, else ``408`` and
+  close; they may not exceed ``max_header_bytes`` either (``431`` and close) - httptools would
+  otherwise collect any number of header lines;
+* a body backstop: a request body must be complete ``body_timeout_s`` (+1 s) after its headers,
+  else the connection is closed. The app answers ``408`` at ``body_timeout_s`` itself
+  (``service/deadlines.py``) when it is reading the body; this catches bodies nobody reads
+  (e.g. after an early 404/413), which uvicorn would otherwise keep draining.
+
+When the worker's /rank queue is full, a ``POST /rank`` is answered 503 right after its headers
+by ``Admission.shed_app``, without entering the app. The protocol keeps reading once a request
+is complete, so a client that hangs up while its request waits is noticed. It also stamps
+``scope["state"]["arrived_at"]`` (monotonic seconds) with the moment the request's first byte
+arrived, which request deadlines count from.
+
+Idle keep-alive connections between requests stay governed by uvicorn's ``timeout_keep_alive``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service import metrics
+from service.admission import Admission
+
+BODY_GRACE_S = 1.0  # the app's own 408 comes first; this only closes what it never read
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Per-worker connection bounds (from ``Settings``)."""
+
+    max_connections: int
+    header_timeout_s: float
+    body_timeout_s: float
+    max_header_bytes: int = 64 * 1024
+    admission: Admission | None = None  # sheds POST /rank before the app when it is full
+
+
+def _canned(status: bytes, code: bytes, message: bytes, extra: bytes = b"") -> bytes:
+    """A complete ``connection: close`` response with the service's error body."""
+    body = b'{"error":{"code":"%s","message":"%s"}}' % (code, message)
+    return (
+        b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"x-content-type-options: nosniff\r\ncache-control: no-store\r\n%s"
+        b"connection: close\r\n\r\n%s" % (status, len(body), extra, body)
+    )
+
+
+OVER_CAPACITY = _canned(
+    b"503 Service Unavailable",
+    b"too_many_connections",
+    b"this worker holds its maximum of open connections; retry",
+    b"retry-after: 1\r\n",
+)
+HEADER_TIMEOUT = _canned(
+    b"408 Request Timeout", b"request_timeout", b"request headers did not arrive in time"
+)
+HEADERS_TOO_LARGE = _canned(
+    b"431 Request Header Fields Too Large", b"headers_too_large", b"request headers are too large"
+)
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol bounded by ``limits`` (set on the subclass ``guarded_protocol`` makes)."""
+
+    limits: ClassVar[ConnectionLimits]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._in_headers = False  # reading a request line + headers
+        self._header_bytes = 0
+        self._rejected = False
+
+    # -- connection -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            self._rejected = True
+            metrics.CONNECTIONS_CLOSED.labels("max_connections").inc()
+            transport.write(OVER_CAPACITY)
+            transport.close()
+            return
+        self._await_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        counting = self._in_headers
+        super().data_received(data)
+        # Still in the headers after this chunk: they alone exceed the bound.
+        if counting and self._in_headers:
+            self._header_bytes += len(data)
+            if self._header_bytes > self.limits.max_header_bytes:
+                self._close_with(HEADERS_TOO_LARGE, "headers_too_large")
+
+    # -- parser callbacks -------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope["state"]["arrived_at"] = time.monotonic()
+        if not self._in_headers:  # a later request on a kept-alive connection
+            self._await_headers()
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        self._cancel_deadline()
+        self._deadline = self.loop.call_later(
+            self.limits.body_timeout_s + BODY_GRACE_S, self._body_timed_out
+        )
+        admission = self.limits.admission
+        if admission is not None and admission.full() and self._is_rank():
+            app, self.app = self.app, admission.shed_app  # this request only
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+            return
+        super().on_headers_complete()
+
+    def _is_rank(self) -> bool:
+        return self.parser.get_method() == b"POST" and self.url.split(b"?", 1)[0] == b"/rank"
+
+    def on_message_complete(self) -> None:
+        self._cancel_deadline()
+        super().on_message_complete()
+        # uvicorn pauses reading while a large body waits for the app and resumes only when
+        # the app next calls receive(); after the last chunk nobody does, so a client that
+        # hangs up would go unnoticed. The request is whole: keep reading (a pipelined
+        # request pauses it again), so the EOF of a departed client is seen and the app
+        # can skip its work (``service/admission.py``).
+        self.flow.resume_reading()
+
+    # -- deadlines --------------------------------------------------------------------
+    def _await_headers(self) -> None:
+        self._in_headers = True
+        self._header_bytes = 0
+        self._cancel_deadline()
+        self._deadline = self.loop.call_later(self.limits.header_timeout_s, self._header_timed_out)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _header_timed_out(self) -> None:
+        self._deadline = None
+        if self._in_headers:
+            self._close_with(HEADER_TIMEOUT, "header_timeout")
+
+    def _body_timed_out(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            metrics.CONNECTIONS_CLOSED.labels("body_unread").inc()
+            self.transport.close()
+
+    def _close_with(self, response: bytes, reason: str) -> None:
+        self._in_headers = False
+        self._cancel_deadline()
+        metrics.CONNECTIONS_CLOSED.labels(reason).inc()
+        if not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
+
+
+def guarded_protocol(limits: ConnectionLimits) -> type[GuardedProtocol]:
+    """The protocol class for ``uvicorn.Config(http=...)`` enforcing ``limits``."""
+    return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits})

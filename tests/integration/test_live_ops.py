@@ -1,0 +1,482 @@
+"""Real ``vidrank serve`` processes under registry faults, hostile clients, a killed supervisor
+and overload (issue 10). Raw sockets where a well-behaved client library would hide the fault."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from benchmarks.harness import AUTH, HOST, Server, free_port, listening, rank_body
+
+pytestmark = pytest.mark.slow
+
+Start = Callable[..., Server]
+NOBODY = 65534
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+class Traffic:
+    """Clients ranking back to back in threads until stopped; every outcome recorded."""
+
+    def __init__(self, url: str, clients: int = 2, n: int = 20) -> None:
+        self.url, self.n = url, n
+        self.statuses: list[int] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def _run(self, seed: int) -> None:
+        body = rank_body(self.n, seed=seed)
+        with httpx.Client(base_url=self.url, timeout=10) as http:
+            while not self._stop.is_set():
+                try:
+                    r = http.post("/rank", json=body)
+                except httpx.HTTPError as e:
+                    self.failures.append(repr(e))
+                    continue
+                self.statuses.append(r.status_code)
+                if r.status_code != 200:
+                    self.failures.append(f"{r.status_code} {r.text[:200]}")
+
+    def __enter__(self) -> Traffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+    """One sample of the server's /metrics (0 when absent)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    prefix = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(prefix + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def read_until_closed(sock: socket.socket, timeout_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    start = time.monotonic()
+    sock.settimeout(timeout_s)
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data, time.monotonic() - start
+
+
+def raw(port: int, payload: bytes = b"") -> socket.socket:
+    sock = socket.create_connection((HOST, port), timeout=10)
+    if payload:
+        sock.sendall(payload)
+    return sock
+
+
+# -- defect 2: a missing aliases file or registry directory keeps the fleet serving ----------
+
+
+def test_registry_outage_keeps_serving(
+    start_server: Start, live_registry: Path, version: str
+) -> None:
+    """The measured outage: aliases.json gone for several polls (15 s outage, 2,405 of 3,506
+    requests failed). Now every request succeeds, and the fault is visible."""
+    server = start_server(live_registry)  # polls every 0.5 s
+    aliases = live_registry / "aliases.json"
+    saved = aliases.read_bytes()
+    with Traffic(server.url) as traffic:
+        time.sleep(0.5)
+        aliases.unlink()
+        time.sleep(2.5)  # five polls
+        models = httpx.get(f"{server.url}/models", timeout=10).json()
+        registry_ok = metric(server.url, "vidrank_registry_ok")
+        moved = live_registry.with_name("registry-unmounted")
+        live_registry.rename(moved)  # the whole volume gone
+        time.sleep(2.0)
+        moved.rename(live_registry)
+        aliases.write_bytes(saved)
+        time.sleep(1.5)
+    assert not traffic.failures, traffic.failures[:3]
+    assert len(traffic.statuses) > 20
+    # While the file was missing: the same version served, the fault visible.
+    assert models["serving"]["production"] == version
+    assert models["registry"]["status"] == "aliases_missing" and registry_ok == 0
+    assert httpx.get(f"{server.url}/models").json()["registry"]["status"] == "ok"
+    assert metric(server.url, "vidrank_registry_faults_total", 'reason="aliases_missing"') >= 1
+    warnings = [r for r in server.log_records() if r.get("msg", "").startswith("registry fault")]
+    assert warnings and warnings[0]["level"] == "warning"
+
+
+# -- defect 4: a version that shows up after its alias is picked up without a restart ----------
+
+
+def test_alias_ahead_of_its_version_converges(
+    start_server: Start, live_registry: Path, version: str
+) -> None:
+    from model.core.registry import Registry
+
+    server = start_server(live_registry)
+    versions = live_registry / "versions"
+    shutil.copytree(versions / version, live_registry / "staging-v3")
+    # The alias names v3 before the version directory is visible (a lagging NFS client).
+    data = json.loads((live_registry / "aliases.json").read_text())
+    data.update(production="v3", previous=[*data["previous"], version])
+    (live_registry / "aliases.json").write_text(json.dumps(data))
+    time.sleep(1.5)
+    status = httpx.get(f"{server.url}/models").json()["registry"]
+    assert status["converged"] is False and "v3" in status["retrying"]
+    assert metric(server.url, "vidrank_model_desired", 'role="production",version="v3"') == 1
+    assert metric(server.url, "vidrank_model_converged") == 0
+    manifest = json.loads((live_registry / "staging-v3" / "manifest.json").read_text())
+    manifest["version"] = "v3"
+    (live_registry / "staging-v3" / "manifest.json").write_text(json.dumps(manifest))
+    (live_registry / "staging-v3").rename(versions / "v3")
+    assert Registry(live_registry).has("v3")
+    deadline = time.monotonic() + 30  # back-off: 2 s, then 4 s ...
+    while time.monotonic() < deadline:
+        if httpx.post(f"{server.url}/rank", json=rank_body(3)).json()["model_version"] == "v3":
+            break
+        time.sleep(0.2)
+    assert httpx.post(f"{server.url}/rank", json=rank_body(3)).json()["model_version"] == "v3"
+    assert metric(server.url, "vidrank_model_converged") == 1
+    assert any(
+        r.get("msg") == "aliased version not loaded; will retry" for r in server.log_records()
+    )
+
+
+# -- defect 6: a read-only registry answers 503 and leaves the process consistent ---------------
+
+
+@pytest.fixture
+def readonly_registry(live_registry: Path) -> Iterator[tuple[Path, list[str]]]:
+    """A copy of the registry that the server process cannot write, and the command prefix that
+    runs the server so. As root (which ignores permissions) the server runs as ``nobody``."""
+    base = Path(tempfile.mkdtemp(prefix="vidrank-ro-"))
+    os.chmod(base, 0o755)
+    registry = base / "registry"
+    shutil.copytree(live_registry, registry)
+    for path in [registry, *registry.rglob("*")]:
+        os.chmod(path, 0o555 if path.is_dir() else 0o444)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is needed to run the server unprivileged")
+        prefix = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    try:
+        yield registry, prefix
+    finally:
+        for path in [registry, *registry.rglob("*")]:
+            with contextlib.suppress(OSError):
+                os.chmod(path, 0o755)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_readonly_registry_admin_is_503_and_consistent(
+    tmp_path: Path, readonly_registry: tuple[Path, list[str]], version: str
+) -> None:
+    from benchmarks.harness import child_env, serve_cmd
+    from tests.integration.conftest import LIVE_ENV
+
+    registry, prefix = readonly_registry
+    # As the server's user, the registry really is unwritable (PermissionError on the lock).
+    probe = [*prefix, sys.executable, "-c", f"open({str(registry / '.lock')!r}, 'a')"]
+    done = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "PermissionError" in done.stderr, done.stderr
+    port = free_port()
+    cmd = [*prefix, *serve_cmd(registry, port)]
+    server = Server("ro", cmd, port, tmp_path / "ro.log", child_env(LIVE_ENV))
+    try:
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as http:
+            for call in (
+                lambda: http.post("/admin/models/v2/activate"),
+                lambda: http.put("/admin/canary", json={"version": "v2", "percent": 10}),
+            ):
+                r = call()
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "registry_unavailable"
+            models = http.get("/models").json()
+            assert models["serving"]["production"] == models["aliases"]["production"] == version
+            assert http.post("/rank", json=rank_body(3)).json()["model_version"] == version
+        assert "Traceback" not in server.logs()
+        assert not any(r.get("level") == "error" for r in server.log_records())
+    finally:
+        server.stop()
+
+
+TIMEOUT = "X-Request-Timeout-Ms"
+
+
+# -- defect 8: stalled clients are bounded in time and in number ---------------------------------
+
+BOUNDS = {
+    "VIDRANK_HEADER_TIMEOUT_S": "1",
+    "VIDRANK_BODY_TIMEOUT_S": "1",
+    "VIDRANK_MAX_CONNECTIONS": "64",
+}
+
+
+def test_stalled_requests_are_answered_408_and_closed(
+    start_server: Start, live_registry: Path
+) -> None:
+    server = start_server(live_registry, env=BOUNDS)
+    cases = {
+        "silent": b"",
+        "partial headers": b"POST /rank HTTP/1.1\r\nHost: x\r\nContent-Type: appl",
+        "partial body": b"POST /rank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 5000\r\n\r\n" + json.dumps(rank_body(1)).encode()[:40],
+    }
+    socks = {name: raw(server.port, payload) for name, payload in cases.items()}
+    # A keep-alive connection's second request stalls after one header line.
+    keep = raw(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    keep.settimeout(10)
+    first = b""
+    while not first.endswith(b'{"status":"ok"}'):
+        first += keep.recv(65536)
+    assert first.startswith(b"HTTP/1.1 200")
+    keep.sendall(b"GET /healthz HTTP/1.1\r\nHost: x")
+    socks["stalled second request"] = keep
+    for name, sock in socks.items():
+        with sock:
+            data, took = read_until_closed(sock, timeout_s=15)  # the bound is 1 s (+1 s grace)
+        assert data.startswith(b"HTTP/1.1 408"), (name, data[:200])
+        body = json.loads(data.split(b"\r\n\r\n", 1)[1])
+        assert body["error"]["code"] == "request_timeout", name
+        assert b"connection: close" in data.lower(), name
+    assert metric(server.url, "vidrank_connections_closed_total", 'reason="header_timeout"') >= 3
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_thousands_of_stalled_connections_are_not_all_kept(
+    start_server: Start, live_registry: Path
+) -> None:
+    server = start_server(live_registry, env=BOUNDS)
+    sel = selectors.DefaultSelector()
+    socks = []
+    for _ in range(2000):
+        s = socket.create_connection((HOST, server.port), timeout=10)
+        s.sendall(b"GET /healthz HTTP/1.1\r\n")  # and never more
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+        socks.append(s)
+    replies: dict[socket.socket, bytes] = {}
+    deadline = time.monotonic() + 20
+    while len(replies) < len(socks) and time.monotonic() < deadline:
+        for key, _ in sel.select(timeout=0.5):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, BlockingIOError):
+                chunk = b""
+            replies[sock] = replies.get(sock, b"") + chunk
+            if not chunk:
+                sel.unregister(sock)
+    # Meanwhile and afterwards the server answers normal requests.
+    healthy = httpx.get(f"{server.url}/healthz", timeout=10).status_code
+    for s in socks:
+        s.close()
+    assert len(replies) == len(socks), f"{len(socks) - len(replies)} connections still held"
+    refused = [r for r in replies.values() if r.startswith(b"HTTP/1.1 503")]
+    timed_out = [r for r in replies.values() if r.startswith(b"HTTP/1.1 408")]
+    assert len(refused) >= 2000 - 64 and all(b"retry-after: 1" in r for r in refused)
+    assert len(refused) + len(timed_out) == 2000
+    assert healthy == 200
+
+
+def test_oversized_headers_are_refused(start_server: Start, live_registry: Path) -> None:
+    server = start_server(live_registry, env=BOUNDS)
+    with raw(server.port, b"GET /healthz HTTP/1.1\r\n") as sock:
+        with contextlib.suppress(OSError):  # the server may close while we still send
+            for i in range(2000):
+                sock.sendall(b"X-Filler-%d: %s\r\n" % (i, b"a" * 100))
+        data, _ = read_until_closed(sock, timeout_s=15)
+    assert data.startswith(b"HTTP/1.1 431"), data[:100]
+
+
+# -- defect 9: workers die with their supervisor -------------------------------------------------
+
+
+def test_killing_the_supervisor_stops_its_workers(start_server: Start, live_registry: Path) -> None:
+    server = start_server(live_registry, workers=2)
+    workers = [psutil.Process(pid) for pid in server.worker_pids() if pid != server.pid]
+    assert len(workers) == 2
+    metrics_dir = Path(workers[0].environ()["PROMETHEUS_MULTIPROC_DIR"])
+    assert metrics_dir.is_dir()
+    assert httpx.post(f"{server.url}/rank", json=rank_body(3), timeout=10).status_code == 200
+    server.signal(signal.SIGKILL)  # the supervisor only: no chance to stop anything
+    gone, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive, [p.pid for p in alive]
+    assert not listening(server.port)
+    deadline = time.monotonic() + 5
+    while metrics_dir.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not metrics_dir.exists(), sorted(p.name for p in metrics_dir.iterdir())
+
+
+# -- overload: shedding, deadlines and liveness --------------------------------------------------
+
+
+def test_overload_sheds_fast_and_liveness_stays_up(
+    start_server: Start, live_registry: Path
+) -> None:
+    """More concurrent work than the queue holds: the excess gets 503 + Retry-After at once, a
+    tight deadline gets 504, nothing else fails, and /healthz answers within the liveness probe's
+    timeout (docker/k8s: 2 s) throughout."""
+    n = 20_000
+    server = start_server(
+        live_registry,
+        env={"VIDRANK_MAX_QUEUE": "2", "VIDRANK_MAX_CANDIDATES": str(n)},
+    )
+    body = json.dumps(rank_body(n)).encode()
+    headers = {"content-type": "application/json"}
+    patient = {**headers, "X-Request-Timeout-Ms": "60000"}  # only the probes below are late
+    statuses: list[int] = []
+    sheds: list[httpx.Response] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            while not stop.is_set():
+                r = http.post("/rank", content=body, headers=patient)
+                statuses.append(r.status_code)
+                if r.status_code == 503:
+                    sheds.append(r)
+                    time.sleep(0.05)
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    for t in threads:
+        t.start()
+    probes: list[int] = []
+    late: list[int] = []
+    try:
+        time.sleep(1.0)
+        for _ in range(20):
+            probes.append(httpx.get(f"{server.url}/healthz", timeout=2).status_code)
+            r = httpx.post(
+                f"{server.url}/rank",
+                content=body,
+                headers={**headers, "X-Request-Timeout-Ms": "5"},
+                timeout=60,
+            )
+            late.append(r.status_code)
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert probes == [200] * 20
+    assert set(statuses) == {200, 503}, set(statuses)
+    for r in sheds[:5]:
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "overloaded"
+    # A full queue sheds the late probes before their deadline is looked at: 503 or 504.
+    assert set(late) <= {200, 503, 504}, late
+    assert metric(server.url, "vidrank_rank_shed_total", 'reason="queue_full"') == len(
+        sheds
+    ) + late.count(503)
+    assert metric(server.url, "vidrank_rank_shed_total", 'reason="deadline"') == late.count(504)
+
+
+def test_a_deadline_that_passes_while_waiting_is_504(
+    start_server: Start, live_registry: Path
+) -> None:
+    """Both rank slots are kept busy and the queue has room: a request whose deadline passes
+    while it waits gets 504 ``deadline_exceeded`` and its work never starts."""
+    n = 20_000
+    server = start_server(live_registry, env={"VIDRANK_MAX_CANDIDATES": str(n)})
+    body = json.dumps(rank_body(n)).encode()
+    headers = {"content-type": "application/json"}
+    stop = threading.Event()
+    busy: list[int] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            while not stop.is_set():
+                r = http.post("/rank", content=body, headers={**headers, TIMEOUT: "60000"})
+                busy.append(r.status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]  # both slots busy, 2 waiting
+    for t in threads:
+        t.start()
+    late: list[httpx.Response] = []
+    try:
+        time.sleep(1.0)
+        for _ in range(5):
+            late.append(
+                httpx.post(
+                    f"{server.url}/rank",
+                    content=body,
+                    headers={**headers, TIMEOUT: "5"},
+                    timeout=60,
+                )
+            )
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert set(busy) == {200}, set(busy)
+    assert [r.status_code for r in late] == [504] * 5
+    assert {r.json()["error"]["code"] for r in late} == {"deadline_exceeded"}
+    assert metric(server.url, "vidrank_rank_shed_total", 'reason="deadline"') == 5
+
+
+def test_a_request_whose_client_left_is_not_scored(
+    start_server: Start, live_registry: Path
+) -> None:
+    n = 20_000
+    env = {"VIDRANK_MAX_CANDIDATES": str(n), "VIDRANK_REQUEST_TIMEOUT_MS": "0"}  # no deadline
+    server = start_server(live_registry, env=env)
+    body = json.dumps(rank_body(n)).encode()
+    request = (
+        b"POST /rank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    # Two slots busy with big requests, then one more that hangs up while it waits.
+    busy = [raw(server.port, request) for _ in range(2)]
+    time.sleep(0.3)
+    with raw(server.port, request):
+        time.sleep(0.2)
+    for sock in busy:
+        with sock:
+            sock.settimeout(60)
+            assert sock.recv(64).startswith(b"HTTP/1.1 200")
+    time.sleep(0.5)
+    assert metric(server.url, "vidrank_rank_shed_total", 'reason="client_gone"') == 1
+    ranked = metric(server.url, "vidrank_rank_requests_total", 'model_version="v-tiny"')
+    assert ranked == 2
+
+
+# -- metrics on their own port -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_metrics_on_a_separate_port(start_server: Start, live_registry: Path, workers: int) -> None:
+    port = free_port()
+    server = start_server(live_registry, workers=workers, env={"VIDRANK_METRICS_PORT": str(port)})
+    assert httpx.post(f"{server.url}/rank", json=rank_body(3), timeout=10).status_code == 200
+    assert httpx.get(f"{server.url}/metrics").status_code == 404
+    text = httpx.get(f"http://{HOST}:{port}/metrics", timeout=10).text
+    assert 'vidrank_http_requests_total{method="POST",route="/rank",status="200"}' in text
