@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -134,6 +134,88 @@ def train(
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     run_train(job)
+
+
+@app.command("tune-fusion")
+def tune_fusion(
+    version: Annotated[str, typer.Argument(help="The version whose fusion to tune.")],
+    registry: RegistryOpt = Path("registry"),
+    data: Annotated[
+        Path | None, typer.Option(help="Logs in KuaiRand's schema; their test split is used.")
+    ] = None,
+    simulate: Annotated[
+        int | None,
+        typer.Option("--simulate", help="Simulate N impressions (with --seed); test split used."),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the simulation, the search/report user split, TPE.")
+    ] = 0,
+    trials: Annotated[int, typer.Option(help="Optuna trials.")] = 100,
+    profile: Annotated[
+        str | None, typer.Option(help="Profile name to write (default: tuned_<version>).")
+    ] = None,
+    profiles: Annotated[
+        Path,
+        typer.Option(envvar="VIDRANK_FUSION_PROFILES", help="Profile file (TOML) to write into."),
+    ] = Path("fusion_profiles.toml"),
+    objective: Annotated[
+        str,
+        typer.Option(help="truth (simulated data), logged (real logs) or auto (truth if any)."),
+    ] = "auto",
+    k: Annotated[int, typer.Option("--k", help="NDCG cut-off (top k of each user's list).")] = 10,
+    floor: Annotated[
+        str | None,
+        typer.Option(help="e.g. click=0.95: top-k click rate >= 95% of click-only ranking's."),
+    ] = None,
+    search_fraction: Annotated[
+        float, typer.Option(help="Share of held-out users the search sees (the rest: report).")
+    ] = 0.5,
+) -> None:
+    """Search the fusion (method, weights, watch transform) of VERSION on held-out data.
+
+    Writes the best profile into the profile file (other profiles kept), its record with the
+    version, and refreshes the version's report.
+    """
+    _run_tune(dict(locals()))  # the parameters are TuneJob's fields, by name
+
+
+def _run_tune(options: dict[str, Any]) -> None:
+    """Build the TuneJob (a bad option is a usage error, before any data is read) and run it."""
+    from model.training.fusion_search import Floor
+    from model.training.report import REPORT_FILE, write_report
+    from model.training.tune import TuneJob, run_tune_fusion
+
+    floor = options.pop("floor")
+    try:
+        job = TuneJob(**options, floor=Floor.parse(floor) if floor is not None else None)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    _check_version(job.registry, job.version)
+    try:
+        run_tune_fusion(job)
+    except (ValueError, RuntimeError) as e:  # no truth, too little data, a floor nobody met
+        _fail(str(e))
+    typer.echo(f"report: {write_report(_registry(job.registry), job.version) / REPORT_FILE}")
+
+
+@app.command()
+def report(version: str, registry: RegistryOpt = Path("registry")) -> None:
+    """Write VERSION's Markdown report with PNG plots to <registry>/reports/VERSION/."""
+    from model.training.report import REPORT_FILE, write_report
+
+    _check_version(registry, version)
+    typer.echo(str(write_report(_registry(registry), version) / REPORT_FILE))
+
+
+def _check_version(registry: Path, version: str) -> None:
+    """Fail with a one-line error unless VERSION is a readable bundle of the registry."""
+    from model.core.bundle import BundleError
+    from model.core.registry import RegistryError
+
+    try:
+        _registry(registry).bundle(version)
+    except (RegistryError, BundleError) as e:
+        _fail(str(e))
 
 
 @app.command()

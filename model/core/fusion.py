@@ -61,7 +61,7 @@ MIN_BETA: Final = 1e-6
 
 _SPEC_KEYS: Final = ("method", "weights", "epsilon", "beta", "name")
 _TERM_KEYS: Final = ("weight", "transform", "scale")
-_FILE_KEYS: Final = ("default", "profiles")
+_FILE_KEYS: Final = ("default", "profiles", "tuning")
 
 
 class FusionError(VidrankError, ValueError):
@@ -385,6 +385,40 @@ def fuse_terms(spec: FusionSpec, preds: Mapping[str, np.ndarray]) -> tuple[np.nd
     return score, terms
 
 
+def _grouped_ranks(values: np.ndarray, codes: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """0-based descending rank of every row within its group (stable, like :func:`task_ranks`).
+
+    ``codes`` are dense group codes and ``starts[c]`` the first sorted position of group ``c``.
+    ``np.lexsort`` is stable and sorts NaN last, as ``rank_order`` does within one request.
+    """
+    order = np.lexsort((-values, codes))
+    ranks = np.empty(values.shape[0], dtype=np.float64)
+    ranks[order] = np.arange(values.shape[0]) - starts[codes[order]]
+    return ranks
+
+
+def fuse_lists(spec: FusionSpec, preds: Mapping[str, np.ndarray], groups: np.ndarray) -> np.ndarray:
+    """Fused scores of many candidate lists at once; equal to :func:`fuse` on each list.
+
+    ``groups`` (length N) names the list (request) of every row. Only ``rank_sum`` depends on
+    the other candidates of a list, so only it is computed per group (vectorised); the other
+    methods score each candidate on its own and are plain :func:`fuse`. For offline evaluation
+    and tuning, where a frame holds thousands of users' lists.
+    """
+    if spec.method != "rank_sum":
+        return fuse(spec, preds)
+    arrays = _prediction_arrays(spec, preds)
+    codes = np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1)
+    n = codes.shape[0]
+    if any(arr.shape[0] != n for arr in arrays.values()):
+        raise ValueError(f"groups has {n} rows, the predictions do not")
+    starts = np.concatenate(([0], np.cumsum(np.bincount(codes))[:-1])) if n else codes
+    score = np.zeros(n, dtype=np.float64)
+    for task, values in arrays.items():
+        score += spec.terms[task].weight / (_grouped_ranks(values, codes, starts) + spec.beta)
+    return score
+
+
 def fuse(spec: FusionSpec, preds: Mapping[str, np.ndarray]) -> np.ndarray:
     """Fused float64 score per candidate, shape [N]; higher is better. Fully vectorised.
 
@@ -415,11 +449,16 @@ _NO_PROFILES: Final = _Profiles(specs=MappingProxyType({}), default=None)
 def parse_profiles(data: Mapping[str, Any]) -> tuple[dict[str, FusionSpec], str | None]:
     """Parse a decoded profile file: ``{"default": name?, "profiles": {name: spec dict}}``.
 
-    Errors name paths such as ``profiles.balanced.weights.clik`` or ``default``.
+    An optional ``tuning`` table (what ``vidrank tune-fusion`` records about the profiles it
+    wrote: objective, value, search space, data) is documentation for people and reports; it
+    must be a table and is otherwise ignored here. Errors name paths such as
+    ``profiles.balanced.weights.clik`` or ``default``.
     """
     for key in data:
         if key not in _FILE_KEYS:
             raise FusionError(key, f"unknown top-level key; expected {_FILE_KEYS}")
+    if not isinstance(data.get("tuning", {}), Mapping):
+        raise FusionError("tuning", "must be a table (tuning records by profile name)")
     tables = data.get("profiles", {})
     if not isinstance(tables, Mapping):
         raise FusionError("profiles", "must be a table of profiles")
@@ -451,6 +490,7 @@ class ProfileStore:
         [profiles.balanced]
         method = "weighted_product"
         weights = { click = 1.0, watch_time = { weight = 0.6, transform = "log1p" }, like = 0.4 }
+        [tuning.balanced]              # optional, ignored: how vidrank tune-fusion found it
 
     On :meth:`get` the store checks the file's ``(mtime_ns, size)`` at most once per
     ``check_interval_s`` (measured with ``clock``) and re-reads it when it changed. A file that

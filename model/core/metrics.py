@@ -1,6 +1,6 @@
-"""Ranking metrics in plain numpy: AUC, XAUC, RMSE, log loss, NDCG@k, and for comparing two
-rankers or two distributions online: Kendall's tau-b, top-k overlap and the population
-stability index.
+"""Ranking metrics in plain numpy: AUC, XAUC, RMSE, log loss, NDCG@k, top-k means and
+reliability bins offline; and for comparing two rankers or two distributions online: Kendall's
+tau-b, top-k overlap and the population stability index.
 
 All functions take array-likes, flatten them to 1-D and validate that the lengths match. They are
 exact (no sampling) and vectorised; the sort-based ones are O(n log n).
@@ -264,3 +264,59 @@ def psi(expected: npt.ArrayLike, actual: npt.ArrayLike, eps: float = 1e-4) -> fl
     p = np.maximum(p / p_total, eps)
     q = np.maximum(q / q_total, eps)
     return float(np.sum((q - p) * np.log(q / p)))
+
+
+def topk_mean(
+    values: npt.ArrayLike, scores: npt.ArrayLike, groups: npt.ArrayLike, k: int = 10
+) -> float:
+    """Mean over groups of the mean of ``values`` among each group's top-k rows by score.
+
+    E.g. the click rate in the top 10 of every user's list, averaged over users: a list with
+    fewer than k rows contributes the mean over all of its rows. Ties in scores are broken
+    pessimistically (lower value first), as in :func:`ndcg_at_k`. NaN for no rows.
+    """
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    v = _as_1d("values", values)
+    s = _as_1d("scores", scores)
+    codes = np.unique(np.asarray(groups).ravel(), return_inverse=True)[1].ravel()
+    _check_same_length(values=v, scores=s, groups=codes)
+    if len(v) == 0:
+        return float("nan")
+    n_groups = int(codes.max()) + 1
+    order = np.lexsort((v, -s, codes))
+    sizes = np.bincount(codes, minlength=n_groups)
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    in_top = np.arange(len(order)) - starts[codes[order]] < k
+    top_sum = np.bincount(codes[order][in_top], weights=v[order][in_top], minlength=n_groups)
+    return float(np.mean(top_sum / np.minimum(sizes, k)))
+
+
+def reliability_bins(
+    labels: npt.ArrayLike, preds: npt.ArrayLike, n_bins: int = 10
+) -> dict[str, list[float]]:
+    """Reliability-diagram data over ``n_bins`` equal-mass bins of the predictions.
+
+    The rows sorted by prediction are cut into consecutive runs whose sizes differ by at most
+    one (equal mass keeps every bin populated for a rare event such as a like). Returns lists
+    per bin: ``count``, ``mean_pred`` and ``mean_label``; the expected calibration error is
+    ``sum(count * |mean_pred - mean_label|) / sum(count)``. ``labels`` may be 0/1 or any target
+    whose mean the prediction estimates (e.g. watch seconds).
+    """
+    if n_bins < 1:
+        raise ValueError("n_bins must be >= 1")
+    y = _as_1d("labels", labels)
+    p = _as_1d("preds", preds)
+    n = _check_same_length(labels=y, preds=p)
+    if n == 0:
+        raise ValueError("reliability_bins of empty arrays")
+    order = np.argsort(p, kind="stable")
+    edges = np.linspace(0, n, min(n_bins, n) + 1).round().astype(np.int64)
+    counts = np.diff(edges).astype(np.float64)
+    mean_pred = np.add.reduceat(p[order], edges[:-1]) / counts
+    mean_label = np.add.reduceat(y[order], edges[:-1]) / counts
+    return {
+        "count": counts.tolist(),
+        "mean_pred": mean_pred.tolist(),
+        "mean_label": mean_label.tolist(),
+    }

@@ -7,8 +7,9 @@ the simulator's ``true_utility`` (one definition for the whole repo):
     U = w_click * true_p_click + w_watch * true_watch_s + w_like * true_p_like
 
 with ``simulate.DEFAULT_UTILITY_WEIGHTS`` (click 1, watch 0.1 per second, like 20), under
-which the three terms contribute about equally on average. Fusion is ``model.core.fusion.fuse``,
-the exact code the service ranks with (pure numpy). model/training/compare.py sets MMoE and the
+which the three terms contribute about equally on average. Fusion is
+``model.core.fusion.fuse_lists``, the exact code the service ranks with (pure numpy), applied per
+user list (``rank_sum`` ranks within a list). model/training/compare.py sets MMoE and the
 shared-bottom baseline side by side with it.
 """
 
@@ -20,9 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from model.core.fusion import FusionSpec, fuse
-from model.core.metrics import ndcg_at_k
-from model.core.tasks import TRUTH_COLUMNS
+from model.core.fusion import FusionSpec, fuse_lists
+from model.core.metrics import auc, ndcg_at_k, reliability_bins, xauc
+from model.core.tasks import LABEL_COLUMNS, TRUTH_COLUMNS
 from model.training.simulate import true_utility
 
 # The trainer's recommended fusion (manifest ``default_fusion``): YouTube-style weighted product,
@@ -65,12 +66,53 @@ def ranking_eval(
     model_preds = {t: np.asarray(p, dtype=np.float64) for t, p in preds.items()}
     rng = np.random.default_rng(seed)
     orderings = {
-        "fused": fuse(spec, model_preds)[keep],
+        "fused": fuse_lists(spec, model_preds, users)[keep],
         "click_only": model_preds["click"][keep],
-        "fused_truth": fuse(spec, truth)[keep],
+        "fused_truth": fuse_lists(spec, truth, users)[keep],
         "oracle": relevance,
         "random": rng.random(len(relevance)),
     }
     out = {f"ndcg{k}_{name}": ndcg_at_k(relevance, s, groups, k) for name, s in orderings.items()}
     out["ndcg_lists"] = float(len(np.unique(groups)))
+    return out
+
+
+def truth_ceiling(df_test: pd.DataFrame) -> dict[str, float]:
+    """The held-out metrics of the simulator's truth itself: what a perfect model would score.
+
+    ``click_auc_truth`` / ``like_auc_truth`` (AUC of the true probabilities against the sampled
+    labels) and ``watch_xauc_truth`` (XAUC of the expected watch seconds): the labels are
+    noisy draws, so even the truth stays well below 1.
+    """
+    if not has_truth(df_test):
+        raise ValueError(f"truth_ceiling needs the truth columns {list(TRUTH_COLUMNS.values())}")
+    truth = {t: df_test[c].to_numpy(dtype=np.float64) for t, c in TRUTH_COLUMNS.items()}
+    labels = {t: df_test[c].to_numpy(dtype=np.float64) for t, c in LABEL_COLUMNS.items()}
+    return {
+        "click_auc_truth": auc(labels["click"], truth["click"]),
+        "like_auc_truth": auc(labels["like"], truth["like"]),
+        "watch_xauc_truth": xauc(labels["watch_time"], truth["watch_time"]),
+    }
+
+
+def calibration_summary(
+    df_test: pd.DataFrame, preds: Mapping[str, np.ndarray], n_bins: int = 10
+) -> dict[str, Any]:
+    """Per task: reliability bins (equal mass) of the held-out predictions, ECE, overall means.
+
+    Small enough for the manifest (``calibration``), where ``vidrank report`` draws the
+    reliability diagrams from it without scoring the data again.
+    """
+    out: dict[str, Any] = {"n_bins": n_bins, "split": "test", "tasks": {}}
+    for task, column in LABEL_COLUMNS.items():
+        labels = df_test[column].to_numpy(dtype=np.float64)
+        bins = reliability_bins(labels, preds[task], n_bins)
+        count = np.asarray(bins["count"])
+        gap = np.abs(np.asarray(bins["mean_pred"]) - np.asarray(bins["mean_label"]))
+        out["tasks"][task] = {
+            **bins,
+            "ece": float((count * gap).sum() / count.sum()),
+            "overall_pred": float(np.mean(preds[task])),
+            "overall_label": float(labels.mean()),
+        }
     return out

@@ -6,8 +6,9 @@
    the training base rates;
 3. ``EpochLoop.run`` (model/training/loop.py) - epochs with early stopping, one progress line per
    epoch, the best weights restored;
-4. ``finalise`` - test metrics (and the ranking evaluation when the data carry the simulator's
-   truth) plus the gate diagnostics into a ``TrainResult``.
+4. ``finalise`` - test metrics (and, when the data carry the simulator's truth, the ranking
+   evaluation and the truth's own AUC/XAUC, the ceiling) plus the gate diagnostics into a
+   ``TrainResult``.
 
 Training is deterministic per seed on a given machine: seeded torch and numpy generators and a
 fixed torch thread count.
@@ -28,7 +29,7 @@ from model.core.tasks import LABEL_COLUMNS
 from model.training.batches import EncodedSplit, Shuffled, encode_split, predict
 from model.training.config import TrainConfig
 from model.training.data import split_by_time
-from model.training.evaluate import has_truth, ranking_eval
+from model.training.evaluate import has_truth, ranking_eval, truth_ceiling
 from model.training.loop import EpochLoop, Epochs
 from model.training.mmoe import MMoEConfig, RankingModel, build_model, init_output_bias
 from model.training.objective import evaluate_split
@@ -132,6 +133,7 @@ def finalise(
     metrics = evaluate_split(test_preds, test, config.loss_weights)
     if has_truth(test.frame):
         metrics.update(ranking_eval(test.frame, test_preds))
+        metrics.update(truth_ceiling(test.frame))
     metrics.update(
         train_time_s=round(epochs.train_time_s, 2),
         rows_train=float(rows["train"]),

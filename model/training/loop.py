@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from model.core.tasks import TASKS
 from model.training.batches import Batch, EncodedSplit, predict
 from model.training.config import TrainConfig
 from model.training.mmoe import RankingModel
@@ -123,7 +124,7 @@ class EarlyStopping:
 class Epochs:
     """What the loop hands to ``finalise`` (meaningful on the process that validated)."""
 
-    history: list[dict[str, float]]  # per epoch: epoch, train_loss and the validation metrics
+    history: list[dict[str, float]]  # per epoch: epoch, train losses and the validation metrics
     best_loss: float
     gate_diagnostics: dict[str, Any] | None  # of the validation split, under the best weights
     train_time_s: float
@@ -136,24 +137,32 @@ def train_epoch(
     loss_weights: Mapping[str, float],
     n_batches: int | None = None,
     desc: str = "train",
-) -> float:
-    """One pass over ``batches`` (this rank's share); returns the mean weighted training loss.
+) -> dict[str, float]:
+    """One pass over ``batches`` (this rank's share); returns the mean training losses.
 
-    ``module`` is a ranking model or its DistributedDataParallel wrapper.
+    ``{"train_loss": weighted sum, "train_loss_<task>": each task's}`` (the report draws the
+    per-task curves). ``module`` is a ranking model or its DistributedDataParallel wrapper.
     """
     module.train()
-    total, seen = 0.0, 0
+    # Every key from the start: under DDP each rank averages the same keys, even with no batch.
+    totals = dict.fromkeys(("train_loss", *(f"train_loss_{t}" for t in TASKS)), 0.0)
+    seen = 0
     bar = tqdm(batches, total=n_batches, desc=desc, disable=None, leave=False, unit="batch")
     for inputs, labels in bar:
-        loss = weighted_sum(task_losses(module(inputs), labels), loss_weights)
+        losses = task_losses(module(inputs), labels)
+        loss = weighted_sum(losses, loss_weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         n = len(labels["click"])
-        total += loss.item() * n
+        for key, value in (
+            ("train_loss", loss),
+            *((f"train_loss_{t}", v) for t, v in losses.items()),
+        ):
+            totals[key] += value.item() * n
         seen += n
-        bar.set_postfix(loss=f"{total / seen:.4f}", refresh=False)
-    return total / max(seen, 1)
+        bar.set_postfix(loss=f"{totals['train_loss'] / seen:.4f}", refresh=False)
+    return {key: total / max(seen, 1) for key, total in totals.items()}
 
 
 def epoch_line(record: Mapping[str, float], secs: float, world: int = 1) -> str:
@@ -189,11 +198,12 @@ class EpochLoop:
         started = time.perf_counter()
         for epoch in range(1, self.config.epochs + 1):
             t0 = time.perf_counter()
-            loss = train_epoch(
+            losses = train_epoch(
                 module, batches.epoch(rng), optimizer, self.config.loss_weights,
                 batches.steps, f"epoch {epoch}",
             )  # fmt: skip
-            record = {"epoch": epoch, "train_loss": self.collective.mean(loss, batches.rows)}
+            record: dict[str, float] = {"epoch": epoch}
+            record.update({k: self.collective.mean(v, batches.rows) for k, v in losses.items()})
             for hook in self.hooks:
                 hook(epoch, optimizer)
             if valid is not None:

@@ -23,9 +23,10 @@ from model.core.distribution import reference_section
 from model.core.metrics import auc
 from model.core.registry import Registry
 from model.training.config import TrainJob
-from model.training.evaluate import DEFAULT_FUSION
+from model.training.evaluate import DEFAULT_FUSION, calibration_summary
 from model.training.export import DEFAULT_OPSET, FrameRequests, export_onnx, parity, quantize_int8
 from model.training.fit import TrainResult
+from model.training.report import REPORT_FILE, write_report
 
 # A published graph must match torch far tighter than this; looser means a broken export.
 PARITY_MAX_ABS_PROB = 1e-4
@@ -104,7 +105,8 @@ def write_result_bundle(
 ) -> Bundle:
     """Export, check parity and write the (verified) bundle into ``dest``.
 
-    The manifest's ``parity`` holds the torch-vs-onnxruntime figures and its
+    The manifest's ``parity`` holds the torch-vs-onnxruntime figures, ``calibration`` the
+    held-out reliability bins per task (model/training/evaluate.py ``calibration_summary``) and
     ``prediction_distribution`` the histogram of the published graph's held-out predictions,
     which the service compares served predictions against (population stability index).
 
@@ -120,7 +122,11 @@ def write_result_bundle(
         or checked["max_rel_watch"] > PARITY_MAX_REL_WATCH
     ):
         raise RuntimeError(f"ONNX export disagrees with torch; not publishing: {checked}")
-    extra: dict[str, Any] = {"parity": checked}
+    # Reliability bins of the held-out predictions: the report's calibration diagrams.
+    extra: dict[str, Any] = {
+        "parity": checked,
+        "calibration": calibration_summary(result.test, result.test_preds),
+    }
     heldout = result.test_preds  # torch's, equal to the fp32 graph's within the parity bounds
     if quantize:
         extra["quantization"], heldout = quantize_result(result, onnx_path, seed)
@@ -186,7 +192,17 @@ def summary_table(metrics: Mapping[str, float]) -> str:
 
 
 def announce(result: TrainResult, published: str, job: TrainJob, world: int = 1) -> None:
-    """Print the metrics table and where the version went (the end of ``vidrank train``)."""
+    """Print the metrics table and where the version went, then write the version's report.
+
+    The end of ``vidrank train``. The version is published by then, so a report that fails is
+    reported (with the command to retry) rather than failing the run.
+    """
     print(summary_table(result.metrics))
     ranks = f" ({world} ranks)" if world > 1 else ""
     print(f"published {published} to {job.registry}{ranks}")
+    try:
+        where = write_report(Registry(job.registry), published)
+    except Exception as e:  # the model is out; the report can be redone
+        print(f"warning: no report ({type(e).__name__}: {e}); retry: vidrank report {published}")
+        return
+    print(f"report: {where / REPORT_FILE}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ from model.core.fusion import (
     ProfileStore,
     TaskTerm,
     fuse,
+    fuse_lists,
     fuse_terms,
+    parse_profiles,
     rank_order,
     resolve,
     task_ranks,
@@ -464,6 +467,15 @@ def test_empty_file_is_a_failed_reload(profile_file: Path) -> None:
     assert store.reload_failures == 1
 
 
+def test_tuning_records_are_accepted_and_ignored() -> None:
+    text = PROFILES_TOML + "[tuning.balanced]\nvalue = 0.8\n[tuning.balanced.objective]\nk = 10\n"
+    specs, default = parse_profiles(tomllib.loads(text))
+    assert list(specs) == ["balanced", "clicks"] and default == "balanced"
+    with pytest.raises(FusionError) as err:
+        parse_profiles(tomllib.loads('tuning = "x"\n' + PROFILES_TOML))
+    assert err.value.field == "tuning"
+
+
 @pytest.mark.parametrize(
     ("text", "where"),
     [
@@ -727,6 +739,42 @@ def test_weighted_sum_scaling_keeps_order_up_to_ties(
     scaled = fuse(_scaled(spec, c), preds)
     assert _sorts_descending_up_to_ties(rank_order(scaled), scores)
     assert _sorts_descending_up_to_ties(rank_order(scores), scaled / c)
+
+
+@st.composite
+def grouped_predictions(draw: st.DrawFn) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Predictions of 1..30 rows that belong to 1..4 interleaved lists (group labels)."""
+    n = draw(st.integers(1, 30))
+    preds = {
+        task: np.array(draw(st.lists(RANGES[task], min_size=n, max_size=n)), dtype=np.float64)
+        for task in TASKS
+    }
+    groups = np.array(draw(st.lists(st.sampled_from("abcd"), min_size=n, max_size=n)))
+    return preds, groups
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data(), method=st.sampled_from(METHODS), task=st.sampled_from(TASKS))
+def test_fuse_lists_equals_fuse_on_each_list(data: st.DataObject, method: str, task: str) -> None:
+    # fuse_lists is what offline evaluation and tune-fusion rank with: for every method it must
+    # give each list exactly the scores the service gives that list as one request.
+    preds, groups = data.draw(grouped_predictions())
+    spec = data.draw(specs(method, task))
+    scores = fuse_lists(spec, preds, groups)
+    for group in np.unique(groups):
+        rows = groups == group
+        expected = fuse(spec, {t: p[rows] for t, p in preds.items()})
+        np.testing.assert_array_equal(scores[rows], expected)
+
+
+def test_fuse_lists_ranks_within_lists() -> None:
+    spec = FusionSpec.from_dict({"method": "rank_sum", "weights": {"click": 1.0}})
+    preds = {"click": np.array([0.9, 0.1, 0.5, 0.2])}
+    scores = fuse_lists(spec, preds, np.array(["u", "v", "u", "v"]))
+    # each list's best candidate has rank 0 (score 1/(0+1)); fuse over all four would not
+    np.testing.assert_array_equal(scores, [1.0, 0.5, 0.5, 1.0])
+    with pytest.raises(ValueError, match="groups"):
+        fuse_lists(spec, preds, np.array(["u", "v"]))
 
 
 # --------------------------------------------------------------------------------------------

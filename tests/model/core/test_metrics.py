@@ -17,8 +17,10 @@ from model.core.metrics import (
     log_loss,
     ndcg_at_k,
     psi,
+    reliability_bins,
     rmse,
     top_k_overlap,
+    topk_mean,
     xauc,
 )
 
@@ -227,3 +229,41 @@ def test_psi() -> None:
     assert math.isnan(psi([0, 0], [1, 2]))
     with pytest.raises(ValueError):
         psi([1, -1], [1, 1])
+
+
+def brute_topk_mean(values: list[float], scores: list[float], groups: list[int], k: int) -> float:
+    means = []
+    for g in sorted(set(groups)):
+        items = [(s, v) for s, v, gg in zip(scores, values, groups, strict=True) if gg == g]
+        top = sorted(items, key=lambda x: (-x[0], x[1]))[:k]  # pessimistic on score ties
+        means.append(sum(v for _, v in top) / len(top))
+    return sum(means) / len(means)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), n=st.integers(1, 40), k=st.integers(1, 6))
+def test_topk_mean_matches_brute_force(data: st.DataObject, n: int, k: int) -> None:
+    values = data.draw(st.lists(st.integers(0, 3).map(float), min_size=n, max_size=n))
+    scores = data.draw(st.lists(st.integers(0, 4).map(float), min_size=n, max_size=n))
+    groups = data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
+    assert same(topk_mean(values, scores, groups, k), brute_topk_mean(values, scores, groups, k))
+
+
+def test_reliability_bins_equal_mass_and_ece() -> None:
+    rng = np.random.default_rng(3)
+    preds = rng.random(1003)
+    labels = (rng.random(1003) < preds).astype(float)
+    bins = reliability_bins(labels, preds, n_bins=10)
+    counts = np.asarray(bins["count"])
+    assert counts.sum() == 1003 and counts.max() - counts.min() <= 1
+    order = np.argsort(preds, kind="stable")
+    first = order[: int(counts[0])]  # the lowest predictions form the first bin
+    assert bins["mean_pred"][0] == pytest.approx(preds[first].mean())
+    assert bins["mean_label"][0] == pytest.approx(labels[first].mean())
+    assert np.all(np.diff(bins["mean_pred"]) > 0)
+    # calibrated predictions: every bin's label mean sits near its prediction mean
+    assert np.max(np.abs(np.subtract(bins["mean_pred"], bins["mean_label"]))) < 0.1
+    few = reliability_bins([1.0, 0.0, 1.0], [0.2, 0.1, 0.9], n_bins=10)
+    assert few["count"] == [1.0, 1.0, 1.0] and few["mean_label"] == [0.0, 1.0, 1.0]
+    with pytest.raises(ValueError):
+        reliability_bins([], [])

@@ -50,6 +50,11 @@ def test_end_to_end_train_publish_load_and_score(tmp_path: Path) -> None:
         make_session(bundle.onnx_path), random_encoded(bundle.schema, 11, np.random.default_rng(0))
     )
     assert all(out[t].shape == (11,) and np.isfinite(out[t]).all() for t in TASKS)
+    # vidrank train ends with the version's report, next to (not inside) the immutable version
+    assert (registry / "reports" / "v-e2e" / "report.md").is_file()
+    history = manifest["training"]["history"]
+    assert all(history[0][f"train_loss_{t}"] > 0 for t in TASKS)  # per-task training curves
+    assert set(manifest["calibration"]["tasks"]) == set(TASKS)
     # --if-empty: production exists, so nothing is trained and production is returned.
     again = TrainJob(registry=registry, simulate=5_000, if_empty=True)
     assert run_train(again) == "v-e2e" and Registry(registry).versions() == ["v-e2e"]
