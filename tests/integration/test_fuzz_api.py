@@ -3,16 +3,16 @@
 The server's own OpenAPI document drives the run: examples, boundary values and random inputs
 (valid and invalid) for each operation, then stateful sequences along the document's links
 (``GET /models`` -> ``GET /models/{version}``, ``POST .../activate``). It passes when no answer is
-a 500 and every answer has a documented status, content type, headers and body schema.
+a 5xx and every answer has a documented status, content type, headers and body schema.
 
 ``make test`` runs a bounded, seeded pass (well under two minutes on 2 cores); ``make fuzz`` the
 same for longer with a fresh seed: ``VIDRANK_FUZZ_SECONDS`` (time budget), ``VIDRANK_FUZZ_EXAMPLES``
 (examples per operation) and ``VIDRANK_FUZZ_SEED`` (``random`` for a new one) tune it.
 
-Two checks are left out. ``not_a_server_error``: the documented 503 (overloaded) and 504 (the
-``X-Request-Timeout-Ms`` deadline passed, e.g. a fuzzed deadline of 1 ms) are answers by design;
-``status_code_conformance`` still fails any status an operation does not document, a 500
-included. ``positive_data_acceptance`` (every schema-valid request gets a 2xx): what
+Every request carries ``X-Request-Timeout-Ms: 60000``: a fuzzed deadline of 1 ms would get the
+documented 504 by design, not a defect (the header's own parsing is tested in
+tests/service/test_api_ops.py). One check is left out: ``positive_data_acceptance`` (every
+schema-valid request gets a 2xx): what
 /rank accepts also depends on what JSON Schema cannot state: video ids must be unique across
 candidates (42 and "42" are one), feature values must suit the serving model's schema, and a
 profile name must exist in the server's profile file. Those are 422s for schema-valid bodies by
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 EXAMPLES = int(os.environ.get("VIDRANK_FUZZ_EXAMPLES", "25"))
 SECONDS = os.environ.get("VIDRANK_FUZZ_SECONDS")  # unset: bounded by the examples alone
 SEED = os.environ.get("VIDRANK_FUZZ_SEED", "20261130")
-EXCLUDED_CHECKS = "positive_data_acceptance,not_a_server_error"
+EXCLUDED_CHECKS = "positive_data_acceptance"
 RUN_TIMEOUT_S = 600 + int(SECONDS or 0)
 
 
@@ -47,6 +47,7 @@ def schemathesis_cmd(url: str, report_dir: Path) -> list[str]:
         sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json",
         "--checks", "all", "--exclude-checks", EXCLUDED_CHECKS,
         "--header", f"Authorization: Bearer {ADMIN_TOKEN}",
+        "--header", "X-Request-Timeout-Ms: 60000",
         "--max-examples", str(EXAMPLES),
         "--workers", "2",
         "--request-timeout", "30",
