@@ -43,7 +43,13 @@ from model.core.bundle import normalise_dtype
 from model.core.features import FeatureSchema
 from model.core.runtime import make_session
 from model.core.tasks import PROBABILITY_TASKS, TASKS
-from model.training.mmoe import MMoE, RankingModel, batched
+from model.training.mmoe import (
+    Interactions,
+    MMoE,
+    RankingModel,
+    add_task_terms,
+    batched,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -80,6 +86,37 @@ def _linear(weight_in_out: Tensor, bias: Tensor) -> nn.Linear:
     return lin
 
 
+class ServingInteractions(nn.Module):
+    """The interaction layer of a request (user side batch 1) as 2-D GEMMs.
+
+    ``Interactions.forward`` writes them as matmuls that broadcast a user batch of 1 over the
+    candidates; onnxruntime runs such a broadcast as N small GEMMs. Here the user side is one
+    matrix: the dots are one ``[N*F_i, k] x [k, F_u]`` GEMM and the per-task bilinear terms one
+    ``[N, F_i*k] x [F_i*k, T]`` GEMM against ``q``, which is computed once per request.
+    """
+
+    def __init__(self, trained: Interactions) -> None:
+        super().__init__()
+        self.layer = copy.deepcopy(trained)
+
+    def forward(self, inputs: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
+        """Encoded request -> (dots N x F_i*F_u or None, task logit terms N x T or None)."""
+        layer = self.layer
+        a, b = layer.sides(inputs)  # 1 x F_u x k, N x F_i x k
+        user = a[0]  # F_u x k
+        dots = None
+        if layer.dots:  # same order as training: item field major
+            dots = (b.reshape(-1, layer.dim) @ user.T).reshape(b.shape[0], -1)
+        terms = None
+        if layer.bilinear:
+            q = torch.einsum("fd,tfgd->tgd", user, layer.pair_weights).flatten(1)  # T x F_i*k
+            terms = b.flatten(1) @ q.T  # N x T
+        if layer.first_order:
+            wide = layer.wide_logits(inputs)
+            terms = wide if terms is None else terms + wide
+        return dots, terms
+
+
 class NaiveMMoE(nn.Module):
     """The straightforward MMoE graph, with weights copied from a fused ``MMoE``.
 
@@ -96,6 +133,7 @@ class NaiveMMoE(nn.Module):
         n_exp, n_tasks = cfg.n_experts, len(cfg.tasks)
         self.temperature = cfg.gate_temperature
         self.embedding = copy.deepcopy(fused.embedding)
+        self.interactions = copy.deepcopy(fused.interactions)
         self.item_input = self.embedding.input_names("item")[0]
         ex = fused.experts
         experts = []
@@ -133,14 +171,15 @@ class NaiveMMoE(nn.Module):
             for k, x in inputs.items()
         }
         u, v = self.embedding(tiled)
-        x = torch.cat([u, v], 1)  # N x d
+        dots, terms = self.interactions(tiled) if self.interactions is not None else (None, None)
+        x = torch.cat([u, v] if dots is None else [u, v, dots], 1)  # N x d
         experts = torch.stack([expert(x) for expert in self.experts], 1)  # N x E x H
         logits = []
         for gate, tower in zip(self.gates, self.towers, strict=True):
             weights = torch.softmax(gate(x) / self.temperature, dim=-1)  # N x E
             mixed = (weights.unsqueeze(-1) * experts).sum(1)  # N x H
             logits.append(tower(mixed).squeeze(-1))
-        out: dict[str, Tensor] = self.heads(torch.stack(logits, 0))
+        out: dict[str, Tensor] = self.heads(add_task_terms(torch.stack(logits, 0), terms))
         return out
 
 
@@ -176,6 +215,9 @@ class ServingMMoE(nn.Module):
         self.h1 = int(ex.w_item.shape[2])
         self.temperature = fused.config.gate_temperature
         self.embedding = copy.deepcopy(fused.embedding)
+        self.interactions = (
+            ServingInteractions(fused.interactions) if fused.interactions is not None else None
+        )
         # [W_u of expert 0 | ... | expert E-1 | gates]: D_u x (E*H1 + T*E), one matmul per request
         self.w_user = _frozen(torch.cat([ex.w_user.permute(1, 0, 2).flatten(1), gate.w_user], 1))
         self.b_user = _frozen(torch.cat([ex.bias.flatten(), gate.bias]))
@@ -194,6 +236,9 @@ class ServingMMoE(nn.Module):
     def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Encoded inputs (user/context batch 1) -> {task: N, task_logit: N}."""
         u, v = self.embedding(inputs)  # 1 x D_u, N x D_i
+        dots, terms = self.interactions(inputs) if self.interactions is not None else (None, None)
+        if dots is not None:
+            v = torch.cat([v, dots], 1)  # N x D_i': the dots join the item side
         user = u @ self.w_user + self.b_user  # 1 x (E*H1 + T*E): the user side, once
         experts = []
         for e, w_item in enumerate(self.w_item):
@@ -206,7 +251,7 @@ class ServingMMoE(nn.Module):
         gates = torch.softmax(logits.reshape(-1, self.n_tasks, self.n_experts), -1)  # N x T x E
         mixed = torch.matmul(gates, torch.stack(experts, 1))  # N x T x H
         towers = [tower(mixed[:, t]).squeeze(-1) for t, tower in enumerate(self.towers)]
-        out: dict[str, Tensor] = self.heads(torch.stack(towers, 0))
+        out: dict[str, Tensor] = self.heads(add_task_terms(torch.stack(towers, 0), terms))
         return out
 
 

@@ -51,6 +51,7 @@ from model.core.tasks import PROBABILITY_TASKS, TASKS
 BINARY_TASKS: frozenset[str] = PROBABILITY_TASKS  # trained with BCE on a logit
 POISSON_TASKS: frozenset[str] = frozenset(TASKS) - PROBABILITY_TASKS  # Poisson NLL, log rate
 ARCHS: tuple[str, ...] = ("mmoe", "shared_bottom")
+INTERACTIONS: tuple[str, ...] = ("dots", "bilinear", "first_order")
 # Clamp of the watch-time log-rate (relative to watch_scale): exp(10) ~ 2.2e4 times the mean
 # keeps float32 finite and the gradient alive over any plausible range.
 WATCH_LOG_RATE_MIN = -15.0
@@ -84,6 +85,8 @@ class MMoEConfig:
     gate_dropout: float = 0.1
     watch_scale: float = 1.0
     bottom_hidden: tuple[int, ...] = (768, 512)
+    interactions: tuple[str, ...] = INTERACTIONS
+    interaction_dim: int = 32
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -103,6 +106,12 @@ class MMoEConfig:
             raise ValueError("gate_dropout must be in [0, 1)")
         if not (self.watch_scale > 0 and math.isfinite(self.watch_scale)):
             raise ValueError("watch_scale must be a finite number of seconds > 0")
+        if len(set(self.interactions)) != len(self.interactions) or (
+            set(self.interactions) - set(INTERACTIONS)
+        ):
+            raise ValueError(f"interactions must be distinct names from {INTERACTIONS}")
+        if self.interaction_dim < 1:
+            raise ValueError("interaction_dim must be >= 1")
 
     @classmethod
     def small(cls, **overrides: Any) -> MMoEConfig:
@@ -143,6 +152,18 @@ def _embedding(rows: int, dim: int) -> nn.Embedding:
     return nn.Embedding.from_pretrained(weight, freeze=False)
 
 
+def _field_vectors(table: nn.Module, lay: EntityLayout, inputs: dict[str, Tensor]) -> Tensor | None:
+    """B x F x D: one row of ``table`` per categorical field, one pooled row per multi field."""
+    e = lay.entity
+    parts: list[Tensor] = []
+    if lay.cat:
+        parts.append(table(inputs[f"{e}_cat"]))  # B x C x D
+    if lay.multi:
+        emb = table(inputs[f"{e}_multi"])  # B x M x L x D
+        parts.append((emb * inputs[f"{e}_multi_w"].unsqueeze(-1)).sum(2))  # B x M x D
+    return torch.cat(parts, 1) if parts else None
+
+
 class FeatureEmbedding(nn.Module):
     """Encoded schema inputs -> (user-side u [B_u x D_u], item-side v [N x D_i]).
 
@@ -181,12 +202,10 @@ class FeatureEmbedding(nn.Module):
         """B x W_e: flattened categorical embeddings, pooled multi-hot embeddings, numerics."""
         lay = self.layouts[entity]
         parts: list[Tensor] = []
-        if lay.cat:
-            parts.append(self.tables[entity](inputs[f"{entity}_cat"]).flatten(1))
-        if lay.multi:
-            emb = self.tables[entity](inputs[f"{entity}_multi"])  # B x M x L x D
-            weights = inputs[f"{entity}_multi_w"].unsqueeze(-1)  # B x M x L x 1
-            parts.append((emb * weights).sum(2).flatten(1))
+        if lay.table_size:
+            fields = _field_vectors(self.tables[entity], lay, inputs)
+            assert fields is not None  # a non-empty table means categorical fields
+            parts.append(fields.flatten(1))
         if lay.num:
             parts.append(inputs[f"{entity}_num"])
         return torch.cat(parts, 1) if parts else None
@@ -209,6 +228,112 @@ class FeatureEmbedding(nn.Module):
             for name in self.input_names(e):
                 if inputs[name].shape[0] not in (1, n):
                     raise ValueError(f"{name} has batch {inputs[name].shape[0]}; need 1 or {n}")
+
+
+def _n_fields(lay: EntityLayout) -> int:
+    return len(lay.cat) + len(lay.multi)
+
+
+class Interactions(nn.Module):
+    """Explicit user-side x item-side interactions between field embeddings.
+
+    Every categorical and multi-categorical field gets a vector from the interaction tables
+    (``dim`` wide, separate from the MLP's embeddings). With user/context field vectors
+    ``a_f`` (F_u of them) and item field vectors ``b_g`` (F_i):
+
+    ``dots`` (DLRM, Naumov et al. 2019)
+        the F_u * F_i scalars ``<a_f, b_g>``, appended to the item-side input of the experts,
+        gates and shared bottom.
+    ``bilinear`` (per-task field-weighted factorisation machine)
+        a logit term per task, ``sum_{f,g} <r_tfg * a_f, b_g>`` with a learnt vector ``r_tfg``
+        per task and field pair: one set of embeddings, a different weighting of its
+        dimensions per task (a diagonal bilinear form).
+    ``first_order``
+        a logit term per task, the sum over fields of a learnt scalar per id (the "wide" part).
+
+    A dot product is an MLP's weak spot (Rendle et al., RecSys 2020); these give it exactly.
+    """
+
+    def __init__(
+        self,
+        schema: FeatureSchema,
+        n_tasks: int,
+        dim: int,
+        *,
+        dots: bool,
+        bilinear: bool,
+        first_order: bool,
+    ) -> None:
+        super().__init__()
+        self.layouts = {e: schema.layout(e) for e in ENTITIES}
+        self.user_entities = tuple(e for e in ("user", "context") if self.layouts[e].table_size)
+        self.n_user = sum(_n_fields(self.layouts[e]) for e in self.user_entities)
+        self.n_item = _n_fields(self.layouts["item"])
+        if dim < 1 or not (self.n_user and self.n_item):
+            raise ValueError("interactions need dim >= 1 and user-side and item-side fields")
+        self.dim, self.n_tasks = dim, n_tasks
+        self.dots, self.bilinear, self.first_order = dots, bilinear, first_order
+        used = ("user", "context", "item")
+        self.tables = nn.ModuleDict(
+            {
+                e: _embedding(self.layouts[e].table_size, dim)
+                for e in used
+                if self.layouts[e].table_size
+            }
+        )
+        if first_order:
+            self.wide = nn.ModuleDict(
+                {
+                    e: nn.Embedding.from_pretrained(
+                        torch.zeros(self.layouts[e].table_size, n_tasks), freeze=False
+                    )
+                    for e in used
+                    if self.layouts[e].table_size
+                }
+            )
+        if bilinear:
+            self.pair_weights = nn.Parameter(torch.ones(n_tasks, self.n_user, self.n_item, dim))
+        self.out_dim = self.n_user * self.n_item if dots else 0
+
+    def sides(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(user-side field vectors B_u x F_u x D, item-side field vectors N x F_i x D)."""
+        user = [_field_vectors(self.tables[e], self.layouts[e], inputs) for e in self.user_entities]
+        item = _field_vectors(self.tables["item"], self.layouts["item"], inputs)
+        assert item is not None
+        return torch.cat([u for u in user if u is not None], 1), item
+
+    def wide_logits(self, inputs: dict[str, Tensor]) -> Tensor:
+        """First-order terms N x T (user side B_u x T broadcast over the N items)."""
+        total: Tensor | None = None
+        for e, table in self.wide.items():
+            w = _field_vectors(table, self.layouts[e], inputs)
+            if w is not None:
+                total = w.sum(1) if total is None else total + w.sum(1)
+        assert total is not None  # the constructor guarantees item fields
+        return total
+
+    def forward(self, inputs: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
+        """-> (dots N x F_i*F_u or None, task logit terms N x T or None).
+
+        Written as matmuls that broadcast over the batch: with a user side of batch 1 the user
+        vectors are one matrix shared by all N candidates.
+        """
+        if not (self.dots or self.bilinear or self.first_order):
+            return None, None
+        a, b = self.sides(inputs)  # B_u x F_u x D, N x F_i x D
+        dots = None
+        if self.dots:
+            # dots[n, g, f] = <b_ng, a_f>, flattened item field major.
+            dots = torch.matmul(b, a.transpose(1, 2)).flatten(1)  # N x F_i*F_u
+        logits = None
+        if self.bilinear:
+            # q_tg = sum_f r_tfg * a_f depends on the user side only: once per request.
+            q = torch.einsum("bfd,tfgd->btgd", a, self.pair_weights).flatten(2)  # B_u x T x F_i*D
+            logits = torch.matmul(b.flatten(1).unsqueeze(1), q.transpose(1, 2)).squeeze(1)  # N x T
+        if self.first_order:
+            wide = self.wide_logits(inputs)
+            logits = wide if logits is None else logits + wide
+        return dots, logits
 
 
 def _uniform_(t: Tensor, fan_in: int) -> Tensor:
@@ -364,25 +489,39 @@ class Towers(nn.Module):
 
 
 class Heads(nn.Module):
-    """Logits T x N -> per-task predictions [N] plus the loss inputs ``<task>_logit`` [N]."""
+    """Logits T x N -> per-task predictions [N] plus the loss inputs ``<task>_logit`` [N].
+
+    Each logit first goes through a per-task affine map ``scale * logit + shift``, identity
+    while training; the trainer fits it on validation data after training (Platt scaling,
+    see ``calibrate_heads``) so that the exported graph predicts calibrated values.
+    """
 
     watch_scale: Tensor
+    calibration_scale: Tensor
+    calibration_shift: Tensor
 
     def __init__(self, tasks: tuple[str, ...], watch_scale: float) -> None:
         super().__init__()
         self.tasks = tasks
         self.register_buffer("watch_scale", torch.tensor(float(watch_scale)))
+        self.register_buffer("calibration_scale", torch.ones(len(tasks), 1))
+        self.register_buffer("calibration_shift", torch.zeros(len(tasks), 1))
+
+    def link(self, task: str, logit: Tensor) -> Tensor:
+        """The prediction for a task's (calibrated) logit."""
+        if task in POISSON_TASKS:
+            return self.watch_scale * torch.exp(logit)
+        return torch.sigmoid(logit)
 
     def forward(self, logits: Tensor) -> dict[str, Tensor]:
         """logits: T x N -> {task: N, task_logit: N}."""
+        logits = logits * self.calibration_scale + self.calibration_shift
         out: dict[str, Tensor] = {}
         for i, task in enumerate(self.tasks):
             logit = logits[i]
             if task in POISSON_TASKS:
                 logit = logit.clamp(WATCH_LOG_RATE_MIN, WATCH_LOG_RATE_MAX)
-                out[task] = self.watch_scale * torch.exp(logit)
-            else:
-                out[task] = torch.sigmoid(logit)
+            out[task] = self.link(task, logit)
             out[f"{task}_logit"] = logit
         return out
 
@@ -390,14 +529,51 @@ class Heads(nn.Module):
 # -- models ------------------------------------------------------------------------------------
 
 
-class MMoE(nn.Module):
-    """Embedding -> Experts + Gates -> per-task mixtures -> Towers -> Heads."""
+class _Ranker(nn.Module):
+    """The input every architecture shares: field embeddings plus explicit interactions."""
+
+    config: MMoEConfig
+
+    def _build_input(self, config: MMoEConfig, schema: FeatureSchema) -> tuple[int, int]:
+        """Build ``embedding`` and ``interactions``; returns the (user, item) input widths."""
+        self.embedding = FeatureEmbedding(schema, config.embedding_dim)
+        self.interactions: Interactions | None = None
+        if config.interactions:
+            kinds = set(config.interactions)
+            self.interactions = Interactions(
+                schema,
+                len(config.tasks),
+                config.interaction_dim,
+                dots="dots" in kinds,
+                bilinear="bilinear" in kinds,
+                first_order="first_order" in kinds,
+            )
+        extra = self.interactions.out_dim if self.interactions is not None else 0
+        return self.embedding.user_dim, self.embedding.item_dim + extra
+
+    def shared_input(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """-> (u B_u x D_u, item side v N x D_i' with the dots appended, logit terms N x T)."""
+        u, v = self.embedding(inputs)
+        if self.interactions is None:
+            return u, v, None
+        dots, terms = self.interactions(inputs)
+        if dots is not None:
+            v = torch.cat([v, dots], 1)
+        return u, v, terms
+
+
+def add_task_terms(logits: Tensor, terms: Tensor | None) -> Tensor:
+    """Tower logits T x N plus the interaction layer's per-task terms N x T, if any."""
+    return logits if terms is None else logits + terms.T
+
+
+class MMoE(_Ranker):
+    """Embedding + interactions -> Experts + Gates -> per-task mixtures -> Towers -> Heads."""
 
     def __init__(self, config: MMoEConfig, schema: FeatureSchema) -> None:
         super().__init__()
         self.config = config
-        self.embedding = FeatureEmbedding(schema, config.embedding_dim)
-        d_u, d_i = self.embedding.user_dim, self.embedding.item_dim
+        d_u, d_i = self._build_input(config, schema)
         self.experts = Experts(d_u, d_i, config.n_experts, config.expert_hidden)
         self.gates = Gates(
             d_u,
@@ -412,18 +588,18 @@ class MMoE(nn.Module):
 
     def forward(self, inputs: dict[str, Tensor], return_gates: bool = False) -> dict[str, Tensor]:
         """Encoded inputs -> {task: N, task_logit: N[, "gates": N x T x E]}."""
-        u, v = self.embedding(inputs)
+        u, v, terms = self.shared_input(inputs)
         experts = self.experts(u, v)  # E x N x H
         gates = self.gates(u, v)  # N x T x E
         # sum_e gate[t, e] * expert_e as a broadcast multiply-add: T x E x N x 1 * 1 x E x N x H.
         mixed = (gates.permute(1, 2, 0).unsqueeze(-1) * experts.unsqueeze(0)).sum(1)  # T x N x H
-        out = self.heads(self.towers(mixed))
+        out = self.heads(add_task_terms(self.towers(mixed), terms))
         if return_gates:
             out["gates"] = gates
         return out
 
 
-class SharedBottom(nn.Module):
+class SharedBottom(_Ranker):
     """The baseline: one shared ReLU MLP (first layer split like the experts') -> Towers -> Heads.
 
     Same interface as ``MMoE``; it has no gates, so ``return_gates`` adds nothing.
@@ -432,9 +608,9 @@ class SharedBottom(nn.Module):
     def __init__(self, config: MMoEConfig, schema: FeatureSchema) -> None:
         super().__init__()
         self.config = config
-        self.embedding = FeatureEmbedding(schema, config.embedding_dim)
+        d_u, d_i = self._build_input(config, schema)
         hidden = config.bottom_hidden
-        self.first = SplitLinear(self.embedding.user_dim, self.embedding.item_dim, hidden[0])
+        self.first = SplitLinear(d_u, d_i, hidden[0])
         self.rest = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(hidden))
         self.n_tasks = len(config.tasks)
         self.towers = Towers(hidden[-1], config.tower_hidden, self.n_tasks)
@@ -442,12 +618,12 @@ class SharedBottom(nn.Module):
 
     def forward(self, inputs: dict[str, Tensor], return_gates: bool = False) -> dict[str, Tensor]:
         """Encoded inputs -> {task: N, task_logit: N}."""
-        u, v = self.embedding(inputs)
+        u, v, terms = self.shared_input(inputs)
         h = F.relu(self.first(u, v))  # N x B1
         for layer in self.rest:
             h = F.relu(layer(h))
         shared = h.unsqueeze(0).expand(self.n_tasks, -1, -1)  # T x N x B_last
-        return self.heads(self.towers(shared))
+        return self.heads(add_task_terms(self.towers(shared), terms))
 
 
 RankingModel = MMoE | SharedBottom
@@ -482,24 +658,43 @@ def _mlp_macs(dims: tuple[int, ...]) -> int:
     return sum(a * b for a, b in pairwise(dims))
 
 
+def _interaction_macs(
+    cfg: MMoEConfig, layouts: dict[str, EntityLayout], user_side_once: bool
+) -> tuple[int, int]:
+    """(multiply-adds of the interaction layer, number of dots it adds to the item side)."""
+    kinds = set(cfg.interactions)
+    f_u = sum(_n_fields(layouts[e]) for e in ("user", "context"))
+    f_i, dim, n_tasks = _n_fields(layouts["item"]), cfg.interaction_dim, len(cfg.tasks)
+    macs, dots = 0, 0
+    if "dots" in kinds:
+        macs, dots = f_u * f_i * dim, f_u * f_i
+    if "bilinear" in kinds:
+        macs += n_tasks * f_i * dim + (0 if user_side_once else n_tasks * f_u * f_i * dim)
+    return macs, dots  # first-order terms are lookups and adds only
+
+
 def flops_per_candidate(
     cfg: MMoEConfig, schema: FeatureSchema, *, user_side_once: bool = False
 ) -> int:
     """Dense FLOPs (2 per multiply-add) to score one candidate.
 
-    With d = D_u + D_i the embedded input width, E experts of widths (H1..HL), T tasks and towers
-    (t1..tm):
+    With d = D_u + D_i the embedded input width (D_i including the F_u * F_i interaction dots),
+    E experts of widths (H1..HL), T tasks and towers (t1..tm):
 
-        MMoE  = 2 * [ d*E*H1 + E*sum_j H_j*H_{j+1} + d*T*E + T*E*HL + T*MLP(HL, t1..tm, 1) ]
-        SB    = 2 * [ d*B1 + sum_j B_j*B_{j+1} + T*MLP(BL, t1..tm, 1) ]
+        MMoE  = 2 * [ d*E*H1 + E*sum_j H_j*H_{j+1} + d*T*E + T*E*HL + T*MLP(HL, t1..tm, 1) + I ]
+        SB    = 2 * [ d*B1 + sum_j B_j*B_{j+1} + T*MLP(BL, t1..tm, 1) + I ]
 
-    (first layers, deeper expert layers, gates, gate mixture, towers). Embedding lookups, biases
-    and activations are left out. ``user_side_once`` drops the D_u rows of the first layers and
-    gates: the per-candidate cost when a request's user side is computed once and N is large.
+    (first layers, deeper expert layers, gates, gate mixture, towers, interactions). With
+    interaction width k, the interactions I are F_u*F_i*k for the dots and T*F_i*k for the
+    bilinear terms, plus T*F_u*F_i*k for the bilinear user side. Embedding lookups, biases and
+    activations are left out. ``user_side_once`` drops the D_u rows of the first layers and
+    gates and the bilinear user side: the per-candidate cost when a request's user side is
+    computed once and N is large.
     """
     layouts = {e: schema.layout(e) for e in ENTITIES}
     d_u = sum(_entity_width(layouts[e], cfg.embedding_dim) for e in ("user", "context"))
-    d_i = _entity_width(layouts["item"], cfg.embedding_dim)
+    inter, dots = _interaction_macs(cfg, layouts, user_side_once)
+    d_i = _entity_width(layouts["item"], cfg.embedding_dim) + dots
     d = d_i if user_side_once else d_u + d_i
     n_tasks = len(cfg.tasks)
     if cfg.arch == "mmoe":
@@ -510,5 +705,5 @@ def flops_per_candidate(
         b = cfg.bottom_hidden
         macs = d * b[0] + _mlp_macs(b)
         tower_in = b[-1]
-    macs += n_tasks * _mlp_macs((tower_in, *cfg.tower_hidden, 1))
+    macs += n_tasks * _mlp_macs((tower_in, *cfg.tower_hidden, 1)) + inter
     return 2 * macs

@@ -21,7 +21,7 @@ from model.training.export import (
     torch_predict,
 )
 from model.training.fit import TrainResult
-from model.training.mmoe import MMoE, MMoEConfig, SharedBottom
+from model.training.mmoe import INTERACTIONS, MMoE, MMoEConfig, SharedBottom
 
 DTYPES: dict[int, str] = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32"}
 
@@ -68,11 +68,18 @@ def test_parity_of_the_trained_model(exported: Path, trained_model: TrainResult)
 
 
 @pytest.mark.parametrize("arch", ["mmoe", "shared_bottom"])
-def test_parity_of_the_default_config(tmp_path: Path, arch: str) -> None:
+@pytest.mark.parametrize("kinds", [(), ("dots",), ("bilinear", "first_order"), INTERACTIONS])
+def test_parity_of_the_default_config(tmp_path: Path, arch: str, kinds: tuple[str, ...]) -> None:
     torch.manual_seed(1)
     schema = default_schema()
-    cfg = MMoEConfig(arch=arch, watch_scale=5.0)
+    cfg = MMoEConfig(arch=arch, watch_scale=5.0, interactions=kinds)
     model = MMoE(cfg, schema) if arch == "mmoe" else SharedBottom(cfg, schema)
+    if model.interactions is not None:  # trained-like magnitudes, not the near-zero init
+        for p in model.interactions.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    with torch.no_grad():  # a fitted calibration is part of the graph
+        model.heads.calibration_scale.copy_(torch.tensor([[0.9], [1.1], [0.8]]))
+        model.heads.calibration_shift.copy_(torch.tensor([[0.2], [-0.1], [-0.3]]))
     export_onnx(model, schema, tmp_path / "m.onnx")
     result = parity(model, schema, tmp_path / "m.onnx", n_values=(1, 7, 1000), seed=3)
     assert result["max_abs_prob"] <= 1e-5 and result["max_rel_watch"] <= 1e-4
