@@ -94,6 +94,8 @@ def test_metrics_are_sane(trained_model: TrainResult) -> None:
     assert 0.0 <= m["ndcg10_random"] <= m["ndcg10_fused_truth"] <= 1.0
     # The Poisson head estimates the mean over impressions, so it is calibrated on average.
     assert 0.7 < m["watch_calibration"] < 1.4
+    # ECE (10 equal-mass bins) is reported per binary head; a tiny model is roughly calibrated.
+    assert 0.0 < m["click_ece"] < 0.1 and 0.0 < m["like_ece"] < 0.05
 
 
 def test_logged_impression_scores_the_same_online_and_offline(
