@@ -20,6 +20,7 @@ from model.core.registry import Registry
 from model.core.runtime import make_session
 from model.core.tasks import TASKS
 from model.training.batches import Shuffled, encode_split, predict
+from model.training.calibrate import calibrate_heads
 from model.training.config import TrainConfig, TrainJob, parse_loss_weights
 from model.training.export import FrameRequests, random_encoded, run_session
 from model.training.fit import TrainResult, build, fit, prepare
@@ -96,6 +97,32 @@ def test_metrics_are_sane(trained_model: TrainResult) -> None:
     assert 0.7 < m["watch_calibration"] < 1.4
     # ECE (10 equal-mass bins) is reported per binary head; a tiny model is roughly calibrated.
     assert 0.0 < m["click_ece"] < 0.1 and 0.0 < m["like_ece"] < 0.05
+
+
+def test_calibration_recovers_a_known_affine_map(trained_model: TrainResult) -> None:
+    model = copy.deepcopy(trained_model.model)
+    split = encode_split(trained_model.schema, trained_model.test, model.config.watch_scale)
+    with torch.no_grad():  # the raw logits: identity calibration
+        model.heads.calibration_scale.fill_(1.0)
+        model.heads.calibration_shift.fill_(0.0)
+    raw = predict(model, split)
+    truth = {"click": (1.7, -0.4), "watch_time": (0.6, 0.3), "like": (0.8, -0.9)}
+    # Labels at their exact expectations (soft labels for the binary heads): each head's loss is
+    # minimised exactly by the true map, so the fit must recover it.
+    for task, (scale, shift) in truth.items():
+        z = torch.from_numpy(raw[f"{task}_logit"]) * scale + shift
+        split.labels[task] = torch.exp(z) if task == "watch_time" else torch.sigmoid(z)
+    fitted = calibrate_heads(model, split)
+    assert fitted["click"]["scale"] == pytest.approx(1.7, abs=1e-3)  # click logits vary most
+    assert fitted["click"]["shift"] == pytest.approx(-0.4, abs=1e-3)
+    # The like logits of a 1-epoch tiny model barely vary, so only the predictions are pinned.
+    calibrated = predict(model, split)
+    for task in TASKS:
+        expected = split.labels[task].numpy() * (
+            model.config.watch_scale if task == "watch_time" else 1
+        )
+        np.testing.assert_allclose(calibrated[task], expected, rtol=1e-3, atol=1e-5)
+    assert trained_model.calibration.keys() == set(TASKS)  # fit() calibrates on validation
 
 
 def test_logged_impression_scores_the_same_online_and_offline(
