@@ -50,7 +50,7 @@ def fit_affine(logits: Tensor, labels: Tensor, poisson: bool) -> tuple[float, fl
 
 
 def calibrate_heads(model: RankingModel, split: EncodedSplit) -> Calibration:
-    """Fit every head's affine map on ``split`` and store it in ``model.heads``; returns the maps."""
+    """Fit each head's affine map on ``split``, store it in ``model.heads``; return the maps."""
     heads = model.heads
     with torch.no_grad():
         heads.calibration_scale.fill_(1.0)
