@@ -66,6 +66,15 @@ def train(
     version: Annotated[
         str | None, typer.Option(help="Version name (default: a timestamp).")
     ] = None,
+    interactions: Annotated[
+        str,
+        typer.Option(
+            help="User x item interaction layer: any of dots,bilinear,first_order, or 'none'."
+        ),
+    ] = "dots,bilinear,first_order",
+    interaction_dim: Annotated[
+        int, typer.Option(help="Width of the interaction layer's field embeddings.")
+    ] = 32,
     epochs: Annotated[
         int, typer.Option(help="Maximum epochs (early stopping may end sooner).")
     ] = 3,
@@ -107,13 +116,20 @@ def train(
     Under torchrun (``torchrun --nproc_per_node N -m model.cli train ...``) every process is one
     DDP rank.
     """
-    from model.training.config import TrainConfig, TrainJob, parse_loss_weights
+    from model.training.config import (
+        TrainConfig,
+        TrainJob,
+        parse_interactions,
+        parse_loss_weights,
+    )
     from model.training.train import run_train
 
     try:  # every option is parsed and checked here, once: a bad one fails before any data is read
         config = TrainConfig(
             arch=arch,
             small=small,
+            interactions=parse_interactions(interactions),
+            interaction_dim=interaction_dim,
             epochs=epochs,
             seed=seed,
             batch_size=batch_size,

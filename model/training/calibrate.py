@@ -45,7 +45,7 @@ def fit_affine(logits: Tensor, labels: Tensor, poisson: bool) -> tuple[float, fl
         return loss
 
     optimizer.step(closure)
-    a, b = float(params[0]), float(params[1])
+    a, b = (float(x) for x in params.detach())
     return a / std.item(), b - a * mean.item() / std.item()
 
 

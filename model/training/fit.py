@@ -108,9 +108,17 @@ def prepare(frame: pd.DataFrame) -> Prepared:
 
 
 def model_config(config: TrainConfig, basis: Basis) -> MMoEConfig:
-    """The network's config: ``config.arch`` (tiny with ``small``), watch head in basis units."""
+    """The network's config: ``config.arch`` and interaction layer (tiny with ``small``), the watch
+    head in basis units.
+    """
     base = MMoEConfig.small() if config.small else MMoEConfig()
-    return replace(base, arch=config.arch, watch_scale=basis.watch_scale)
+    return replace(
+        base,
+        arch=config.arch,
+        interactions=config.interactions,
+        interaction_dim=config.interaction_dim,
+        watch_scale=basis.watch_scale,
+    )
 
 
 def build(config: TrainConfig, basis: Basis) -> RankingModel:

@@ -21,9 +21,9 @@ from model.core.runtime import make_session
 from model.core.tasks import TASKS
 from model.training.batches import Shuffled, encode_split, predict
 from model.training.calibrate import calibrate_heads
-from model.training.config import TrainConfig, TrainJob, parse_loss_weights
+from model.training.config import TrainConfig, TrainJob, parse_interactions, parse_loss_weights
 from model.training.export import FrameRequests, random_encoded, run_session
-from model.training.fit import TrainResult, build, fit, prepare
+from model.training.fit import TrainResult, build, fit, model_config, prepare
 from model.training.loop import EarlyStopping, EpochLoop
 from model.training.mmoe import MMoE, MMoEConfig
 from model.training.objective import evaluate_split, gate_diagnostics
@@ -298,6 +298,8 @@ def test_train_config_checks_every_option(tmp_path: Path) -> None:
         "--batch-size": {"batch_size": 0},
         "--lr": {"lr": float("inf")},
         "--loss-weights": {"loss_weights": {"dwell": 1.0}},
+        "--interactions": {"interactions": ("dots", "cross")},
+        "--interaction-dim": {"interaction_dim": 0},
     }
     for flag, kwargs in bad.items():
         with pytest.raises(ValueError, match=flag):
@@ -310,12 +312,21 @@ def test_train_config_checks_every_option(tmp_path: Path) -> None:
             TrainJob(registry=tmp_path, **kwargs)  # type: ignore[arg-type]
 
 
+def test_interactions_option_parses_names_and_none(tiny_frame: pd.DataFrame) -> None:
+    assert parse_interactions(" dots, first_order ") == ("dots", "first_order")
+    assert parse_interactions("none") == parse_interactions("") == ()
+    config = TrainConfig(interactions=("bilinear",), interaction_dim=8)
+    net = model_config(config, prepare(tiny_frame).basis)
+    assert (net.interactions, net.interaction_dim) == (("bilinear",), 8)
+
+
 def test_cli_rejects_a_bad_option_before_reading_data(tmp_path: Path) -> None:
     registry = tmp_path / "registry"
     args = ["train", "--registry", str(registry), "--simulate", "100000"]
     for extra, flag in (
         (["--loss-weights", "dwell=1"], "--loss-weights"),
         (["--epochs", "0"], "--epochs"),
+        (["--interactions", "dots,dots"], "--interactions"),
     ):
         done = CliRunner().invoke(app, [*args, *extra])
         assert done.exit_code == 2, done.output  # click's usage error, not a traceback
