@@ -62,7 +62,9 @@ def train(
     simulate: Annotated[
         int | None, typer.Option("--simulate", help="Train on N simulated impressions instead.")
     ] = None,
-    arch: Annotated[str, typer.Option(help="mmoe or shared_bottom.")] = "mmoe",
+    arch: Annotated[
+        str, typer.Option(help="single_task, shared_bottom, omoe, mmoe or ple.")
+    ] = "mmoe",
     version: Annotated[
         str | None, typer.Option(help="Version name (default: a timestamp).")
     ] = None,
@@ -111,7 +113,7 @@ def train(
         ),
     ] = False,
 ) -> None:
-    """Train an MMoE (or the shared-bottom baseline), export it to ONNX and publish the bundle.
+    """Train a ranking model (``--arch``, MMoE by default), export it to ONNX, publish the bundle.
 
     Under torchrun (``torchrun --nproc_per_node N -m model.cli train ...``) every process is one
     DDP rank.

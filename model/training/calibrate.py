@@ -15,7 +15,8 @@ from torch import Tensor
 from torch.nn import functional as F  # noqa: N812 -- the conventional alias
 
 from model.training.batches import EncodedSplit, predict
-from model.training.mmoe import POISSON_TASKS, RankingModel
+from model.training.layers import POISSON_TASKS
+from model.training.mmoe import RankingModel
 
 Calibration = dict[str, dict[str, float]]  # per head: {"scale": a, "shift": b}
 

@@ -43,13 +43,8 @@ from model.core.bundle import normalise_dtype
 from model.core.features import FeatureSchema
 from model.core.runtime import make_session
 from model.core.tasks import PROBABILITY_TASKS, TASKS
-from model.training.mmoe import (
-    Interactions,
-    MMoE,
-    RankingModel,
-    add_task_terms,
-    batched,
-)
+from model.training.layers import batched
+from model.training.mmoe import MMoE, RankingModel, add_task_terms
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -84,37 +79,6 @@ def _linear(weight_in_out: Tensor, bias: Tensor) -> nn.Linear:
         lin.weight.copy_(weight_in_out.T)
         lin.bias.copy_(bias)
     return lin
-
-
-class ServingInteractions(nn.Module):
-    """The interaction layer of a request (user side batch 1) as 2-D GEMMs.
-
-    ``Interactions.forward`` writes them as matmuls that broadcast a user batch of 1 over the
-    candidates; onnxruntime runs such a broadcast as N small GEMMs. Here the user side is one
-    matrix: the dots are one ``[N*F_i, k] x [k, F_u]`` GEMM and the per-task bilinear terms one
-    ``[N, F_i*k] x [F_i*k, T]`` GEMM against ``q``, which is computed once per request.
-    """
-
-    def __init__(self, trained: Interactions) -> None:
-        super().__init__()
-        self.layer = copy.deepcopy(trained)
-
-    def forward(self, inputs: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
-        """Encoded request -> (dots N x F_i*F_u or None, task logit terms N x T or None)."""
-        layer = self.layer
-        a, b = layer.sides(inputs)  # 1 x F_u x k, N x F_i x k
-        user = a[0]  # F_u x k
-        dots = None
-        if layer.dots:  # same order as training: item field major
-            dots = (b.reshape(-1, layer.dim) @ user.T).reshape(b.shape[0], -1)
-        terms = None
-        if layer.bilinear:
-            q = torch.einsum("fd,tfgd->tgd", user, layer.pair_weights).flatten(1)  # T x F_i*k
-            terms = b.flatten(1) @ q.T  # N x T
-        if layer.first_order:
-            wide = layer.wide_logits(inputs)
-            terms = wide if terms is None else terms + wide
-        return dots, terms
 
 
 class NaiveMMoE(nn.Module):
@@ -215,9 +179,7 @@ class ServingMMoE(nn.Module):
         self.h1 = int(ex.w_item.shape[2])
         self.temperature = fused.config.gate_temperature
         self.embedding = copy.deepcopy(fused.embedding)
-        self.interactions = (
-            ServingInteractions(fused.interactions) if fused.interactions is not None else None
-        )
+        self.interactions = copy.deepcopy(fused.interactions)  # request form: user side once
         # [W_u of expert 0 | ... | expert E-1 | gates]: D_u x (E*H1 + T*E), one matmul per request
         self.w_user = _frozen(torch.cat([ex.w_user.permute(1, 0, 2).flatten(1), gate.w_user], 1))
         self.b_user = _frozen(torch.cat([ex.bias.flatten(), gate.bias]))
@@ -350,6 +312,11 @@ def export_onnx(
         with torch.no_grad(), warnings.catch_warnings():
             # The legacy exporter is chosen on purpose (module docstring); its notice is noise.
             warnings.filterwarnings("ignore", category=DeprecationWarning)
+            # Branches on the user side's batch (Interactions) are constants here on purpose: the
+            # request graph's user/context inputs have batch 1 by contract (the input specs).
+            warnings.filterwarnings(
+                "ignore", category=torch.jit.TracerWarning, message="Converting a tensor"
+            )
             torch.onnx.export(
                 graph,
                 args,

@@ -12,18 +12,20 @@ import torch
 from model.core.features import default_schema
 from model.core.tasks import TASKS
 from model.training.export import random_encoded, random_request
-from model.training.mmoe import (
-    INTERACTIONS,
+from model.training.layers import (
     BatchedLinear,
     Experts,
     FeatureEmbedding,
     Gates,
     Interactions,
+    SplitLinear,
+    Towers,
+)
+from model.training.mmoe import (
+    INTERACTIONS,
     MMoE,
     MMoEConfig,
     SharedBottom,
-    SplitLinear,
-    Towers,
     build_model,
     flops_per_candidate,
 )

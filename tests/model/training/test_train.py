@@ -22,10 +22,10 @@ from model.core.tasks import TASKS
 from model.training.batches import Shuffled, encode_split, predict
 from model.training.calibrate import calibrate_heads
 from model.training.config import TrainConfig, TrainJob, parse_interactions, parse_loss_weights
-from model.training.export import FrameRequests, random_encoded, run_session
+from model.training.export import FrameRequests, export_onnx, parity, random_encoded, run_session
 from model.training.fit import TrainResult, build, fit, model_config, prepare
 from model.training.loop import EarlyStopping, EpochLoop
-from model.training.mmoe import MMoE, MMoEConfig
+from model.training.mmoe import ARCHS, MMoE, MMoEConfig
 from model.training.objective import evaluate_split, gate_diagnostics
 from model.training.publish import publish
 from model.training.train import run_train
@@ -284,6 +284,28 @@ def test_epoch_loop_runs_hooks_and_stops_early(tiny_frame: pd.DataFrame) -> None
         assert losses[-1] >= epochs.best_loss
     restored = evaluate_split(predict(model, data.valid), data.valid, config.loss_weights)
     assert restored["loss"] == pytest.approx(epochs.best_loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_trains_calibrates_and_exports(
+    tmp_path: Path, tiny_frame: pd.DataFrame, arch: str
+) -> None:
+    config = TrainConfig(arch=arch, small=True, epochs=1, seed=1, interaction_dim=8)
+    result = fit(tiny_frame, config, verbose=False)
+    m = result.metrics
+    assert 0.5 < m["click_auc"] < 1.0 and math.isfinite(m["loss"])  # it learnt something
+    assert result.calibration.keys() == set(TASKS)
+    gated = arch in ("omoe", "mmoe", "ple")
+    assert (result.gate_diagnostics is not None) == gated
+    if result.gate_diagnostics is not None:  # one row of weights per task over its own experts
+        n_gated = 2 if arch == "ple" else 4  # small(): 1 shared + 1 own, or 4 experts
+        for task in TASKS:
+            weights = result.gate_diagnostics["tasks"][task]["mean_weights"]
+            assert len(weights) == n_gated and sum(weights) == pytest.approx(1.0, abs=1e-4)
+    path = tmp_path / "m.onnx"
+    export_onnx(result.model, result.schema, path)
+    checked = parity(result.model, result.schema, path)
+    assert checked["max_abs_prob"] <= 1e-5 and checked["max_rel_watch"] <= 1e-4
 
 
 def test_train_config_checks_every_option(tmp_path: Path) -> None:
