@@ -62,10 +62,21 @@ def train(
     simulate: Annotated[
         int | None, typer.Option("--simulate", help="Train on N simulated impressions instead.")
     ] = None,
-    arch: Annotated[str, typer.Option(help="mmoe or shared_bottom.")] = "mmoe",
+    arch: Annotated[
+        str, typer.Option(help="single_task, shared_bottom, omoe, mmoe or ple.")
+    ] = "mmoe",
     version: Annotated[
         str | None, typer.Option(help="Version name (default: a timestamp).")
     ] = None,
+    interactions: Annotated[
+        str,
+        typer.Option(
+            help="User x item interaction layer: any of dots,bilinear,first_order, or 'none'."
+        ),
+    ] = "dots,bilinear,first_order",
+    interaction_dim: Annotated[
+        int, typer.Option(help="Width of the interaction layer's field embeddings.")
+    ] = 32,
     epochs: Annotated[
         int, typer.Option(help="Maximum epochs (early stopping may end sooner).")
     ] = 3,
@@ -102,18 +113,25 @@ def train(
         ),
     ] = False,
 ) -> None:
-    """Train an MMoE (or the shared-bottom baseline), export it to ONNX and publish the bundle.
+    """Train a ranking model (``--arch``, MMoE by default), export it to ONNX, publish the bundle.
 
     Under torchrun (``torchrun --nproc_per_node N -m model.cli train ...``) every process is one
     DDP rank.
     """
-    from model.training.config import TrainConfig, TrainJob, parse_loss_weights
+    from model.training.config import (
+        TrainConfig,
+        TrainJob,
+        parse_interactions,
+        parse_loss_weights,
+    )
     from model.training.train import run_train
 
     try:  # every option is parsed and checked here, once: a bad one fails before any data is read
         config = TrainConfig(
             arch=arch,
             small=small,
+            interactions=parse_interactions(interactions),
+            interaction_dim=interaction_dim,
             epochs=epochs,
             seed=seed,
             batch_size=batch_size,

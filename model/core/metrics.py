@@ -1,6 +1,6 @@
-"""Ranking metrics in plain numpy: AUC, XAUC, RMSE, log loss, NDCG@k, top-k means and
-reliability bins offline; and for comparing two rankers or two distributions online: Kendall's
-tau-b, top-k overlap and the population stability index.
+"""Ranking metrics in plain numpy: AUC, XAUC, RMSE, log loss, NDCG@k, top-k means, reliability
+bins and ECE offline; and for comparing two rankers or two distributions online: Kendall's tau-b,
+top-k overlap and the population stability index.
 
 All functions take array-likes, flatten them to 1-D and validate that the lengths match. They are
 exact (no sampling) and vectorised; the sort-based ones are O(n log n).
@@ -157,6 +157,20 @@ def log_loss(labels: npt.ArrayLike, probs: npt.ArrayLike, eps: float = 1e-7) -> 
     if _check_same_length(labels=y, probs=p) == 0:
         raise ValueError("log_loss of empty arrays")
     return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+
+
+def ece(labels: npt.ArrayLike, probs: npt.ArrayLike, n_bins: int = 10) -> float:
+    """Expected calibration error over ``n_bins`` equal-mass bins of the predictions.
+
+    ECE = sum_b (n_b / n) * |mean(p)_b - mean(y)_b| over the bins of ``reliability_bins`` (rows
+    sorted by prediction, consecutive runs whose sizes differ by at most one). Equal-mass bins
+    keep every bin populated for a rare event such as a like, where fixed-width bins would leave
+    most of them empty.
+    """
+    bins = reliability_bins(labels, probs, n_bins)
+    count = np.asarray(bins["count"])
+    gap = np.abs(np.asarray(bins["mean_pred"]) - np.asarray(bins["mean_label"]))
+    return float((count * gap).sum() / count.sum())
 
 
 def ndcg_at_k(

@@ -1,7 +1,8 @@
-"""MMoE vs the shared-bottom baseline on the same simulated data and seed.
+"""The architectures side by side on the same simulated data and seed.
 
-``python -m model.training.compare --impressions 300000`` trains both architectures and prints
-their test metrics (model/training/evaluate.py's ranking evaluation included) side by side.
+``python -m model.training.compare --impressions 300000 [--archs mmoe,shared_bottom]`` trains
+each architecture (default: all of ``ARCHS``) and prints their test metrics
+(model/training/evaluate.py's ranking evaluation included) side by side.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ from typing import Any
 
 from model.training.config import TrainConfig
 from model.training.fit import fit
+from model.training.mmoe import ARCHS
 from model.training.sources import simulated_impressions
 
 COMPARE_METRICS: tuple[str, ...] = (
     "click_auc",
     "like_auc",
+    "click_ece",
+    "like_ece",
     "watch_rmse",
     "watch_xauc",
     "watch_calibration",
@@ -48,11 +52,12 @@ def compare_archs(
     epochs: int = 3,
     task_correlation: float = 0.5,
     small: bool = False,
+    archs: Sequence[str] = ARCHS,
 ) -> dict[str, dict[str, Any]]:
-    """Train MMoE and shared-bottom on the same simulated data and seed; metrics by arch."""
+    """Train each of ``archs`` on the same simulated data and seed; metrics by arch."""
     frame = simulated_impressions(impressions, seed, task_correlation=task_correlation)
     results: dict[str, dict[str, Any]] = {}
-    for arch in ("mmoe", "shared_bottom"):
+    for arch in archs:
         config = TrainConfig(arch=arch, small=small, epochs=epochs, seed=seed)
         results[arch] = fit(frame, config).metrics
     return results
@@ -60,15 +65,19 @@ def compare_archs(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: ``python -m model.training.compare --impressions 300000``."""
-    parser = argparse.ArgumentParser(description="MMoE vs shared-bottom on simulated data.")
+    parser = argparse.ArgumentParser(description="The architectures on simulated data.")
     parser.add_argument("--impressions", type=int, default=300_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--task-correlation", type=float, default=0.5)
     parser.add_argument("--small", action="store_true", help="use the tiny test config")
+    parser.add_argument("--archs", default=",".join(ARCHS), help="comma-separated, from ARCHS")
     args = parser.parse_args(argv)
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    if unknown := sorted(set(archs) - set(ARCHS)):
+        parser.error(f"--archs: unknown {unknown}; choose from {ARCHS}")
     results = compare_archs(
-        args.impressions, args.seed, args.epochs, args.task_correlation, args.small
+        args.impressions, args.seed, args.epochs, args.task_correlation, args.small, archs
     )
     print(
         f"\n{args.impressions:,} simulated impressions, seed {args.seed}, "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from model.core.registry import check_version_name
 from model.core.tasks import TASKS
-from model.training.mmoe import ARCHS
+from model.training.mmoe import ARCHS, DEFAULT_INTERACTIONS, INTERACTIONS
 
 MIN_SIMULATED = 10  # fewer impressions cannot be split into train/valid/test
 
@@ -42,6 +42,12 @@ def parse_loss_weights(text: str) -> dict[str, float]:
     return weights
 
 
+def parse_interactions(text: str) -> tuple[str, ...]:
+    """``"dots,bilinear"`` -> ("dots", "bilinear"); ``"none"`` (or "") -> no interaction layer."""
+    names = tuple(filter(None, (p.strip() for p in text.split(","))))
+    return () if names == ("none",) else names
+
+
 def _check_loss_weights(weights: dict[str, float]) -> None:
     unknown = sorted(set(weights) - set(TASKS))
     if unknown:
@@ -53,14 +59,19 @@ def _check_loss_weights(weights: dict[str, float]) -> None:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to fit: architecture, epochs, seed, batch size, learning rate and loss weights.
+    """How to fit: architecture, interaction layer, epochs, seed, batch size, lr, loss weights.
 
-    ``loss_weights`` names a weight per task; tasks left out weigh 1 (the stored dict always
-    holds every task, in ``TASKS`` order). Training is deterministic per seed on a machine.
+    ``interactions`` and ``interaction_dim`` configure the explicit user x item interaction layer
+    every architecture shares (model/training/mmoe.py ``Interactions``; the default was chosen
+    by held-out measurements, README "Model quality"). ``loss_weights`` names a weight per task;
+    tasks left out weigh 1 (the stored dict always holds every task, in ``TASKS`` order).
+    Training is deterministic per seed on a machine.
     """
 
     arch: str = "mmoe"
     small: bool = False  # MMoEConfig.small(): a tiny network for tests
+    interactions: tuple[str, ...] = DEFAULT_INTERACTIONS
+    interaction_dim: int = 32
     epochs: int = 3  # at most: early stopping may end sooner
     seed: int = 0
     batch_size: int = 2048
@@ -70,6 +81,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"--arch must be one of {ARCHS}, got {self.arch!r}")
+        unknown = [i for i in self.interactions if i not in INTERACTIONS]
+        if unknown or len(set(self.interactions)) != len(self.interactions):
+            raise ValueError(
+                f"--interactions must be distinct names from {INTERACTIONS} (or 'none'),"
+                f" got {list(self.interactions)}"
+            )
+        if self.interaction_dim < 1:
+            raise ValueError(f"--interaction-dim must be >= 1, got {self.interaction_dim}")
         if self.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:

@@ -250,8 +250,10 @@ def fit_rank(
     epochs = loop.run(batches, valid)
     if not rank.is_main:
         return None
+    assert valid is not None  # rank 0 reads it
     test = _read_split(data, "test", rank)
-    return finalise(model, data.basis, epochs, test, data.rows, config, world=rank.world)
+    splits = (valid, test)
+    return finalise(model, data.basis, epochs, splits, data.rows, config, world=rank.world)
 
 
 def run_rank(job: TrainJob, version: str, prepared: Path | None) -> str:

@@ -43,7 +43,8 @@ from model.core.bundle import normalise_dtype
 from model.core.features import FeatureSchema
 from model.core.runtime import make_session
 from model.core.tasks import PROBABILITY_TASKS, TASKS
-from model.training.mmoe import MMoE, RankingModel, batched
+from model.training.layers import batched
+from model.training.mmoe import MMoE, RankingModel, add_task_terms
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -96,6 +97,7 @@ class NaiveMMoE(nn.Module):
         n_exp, n_tasks = cfg.n_experts, len(cfg.tasks)
         self.temperature = cfg.gate_temperature
         self.embedding = copy.deepcopy(fused.embedding)
+        self.interactions = copy.deepcopy(fused.interactions)
         self.item_input = self.embedding.input_names("item")[0]
         ex = fused.experts
         experts = []
@@ -133,14 +135,15 @@ class NaiveMMoE(nn.Module):
             for k, x in inputs.items()
         }
         u, v = self.embedding(tiled)
-        x = torch.cat([u, v], 1)  # N x d
+        dots, terms = self.interactions(tiled) if self.interactions is not None else (None, None)
+        x = torch.cat([u, v] if dots is None else [u, v, dots], 1)  # N x d
         experts = torch.stack([expert(x) for expert in self.experts], 1)  # N x E x H
         logits = []
         for gate, tower in zip(self.gates, self.towers, strict=True):
             weights = torch.softmax(gate(x) / self.temperature, dim=-1)  # N x E
             mixed = (weights.unsqueeze(-1) * experts).sum(1)  # N x H
             logits.append(tower(mixed).squeeze(-1))
-        out: dict[str, Tensor] = self.heads(torch.stack(logits, 0))
+        out: dict[str, Tensor] = self.heads(add_task_terms(torch.stack(logits, 0), terms))
         return out
 
 
@@ -176,6 +179,7 @@ class ServingMMoE(nn.Module):
         self.h1 = int(ex.w_item.shape[2])
         self.temperature = fused.config.gate_temperature
         self.embedding = copy.deepcopy(fused.embedding)
+        self.interactions = copy.deepcopy(fused.interactions)  # request form: user side once
         # [W_u of expert 0 | ... | expert E-1 | gates]: D_u x (E*H1 + T*E), one matmul per request
         self.w_user = _frozen(torch.cat([ex.w_user.permute(1, 0, 2).flatten(1), gate.w_user], 1))
         self.b_user = _frozen(torch.cat([ex.bias.flatten(), gate.bias]))
@@ -194,6 +198,9 @@ class ServingMMoE(nn.Module):
     def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Encoded inputs (user/context batch 1) -> {task: N, task_logit: N}."""
         u, v = self.embedding(inputs)  # 1 x D_u, N x D_i
+        dots, terms = self.interactions(inputs) if self.interactions is not None else (None, None)
+        if dots is not None:
+            v = torch.cat([v, dots], 1)  # N x D_i': the dots join the item side
         user = u @ self.w_user + self.b_user  # 1 x (E*H1 + T*E): the user side, once
         experts = []
         for e, w_item in enumerate(self.w_item):
@@ -206,7 +213,7 @@ class ServingMMoE(nn.Module):
         gates = torch.softmax(logits.reshape(-1, self.n_tasks, self.n_experts), -1)  # N x T x E
         mixed = torch.matmul(gates, torch.stack(experts, 1))  # N x T x H
         towers = [tower(mixed[:, t]).squeeze(-1) for t, tower in enumerate(self.towers)]
-        out: dict[str, Tensor] = self.heads(torch.stack(towers, 0))
+        out: dict[str, Tensor] = self.heads(add_task_terms(torch.stack(towers, 0), terms))
         return out
 
 
@@ -305,6 +312,11 @@ def export_onnx(
         with torch.no_grad(), warnings.catch_warnings():
             # The legacy exporter is chosen on purpose (module docstring); its notice is noise.
             warnings.filterwarnings("ignore", category=DeprecationWarning)
+            # Branches on the user side's batch (Interactions) are constants here on purpose: the
+            # request graph's user/context inputs have batch 1 by contract (the input specs).
+            warnings.filterwarnings(
+                "ignore", category=torch.jit.TracerWarning, message="Converting a tensor"
+            )
             torch.onnx.export(
                 graph,
                 args,

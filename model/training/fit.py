@@ -6,9 +6,10 @@
    the training base rates;
 3. ``EpochLoop.run`` (model/training/loop.py) - epochs with early stopping, one progress line per
    epoch, the best weights restored;
-4. ``finalise`` - test metrics (and, when the data carry the simulator's truth, the ranking
-   evaluation and the truth's own AUC/XAUC, the ceiling) plus the gate diagnostics into a
-   ``TrainResult``.
+4. ``finalise`` - each head's calibration fitted on the validation split
+   (model/training/calibrate.py), then test metrics (and, when the data carry the simulator's
+   truth, the ranking evaluation and the truth's own AUC/XAUC, the ceiling) plus the gate
+   diagnostics into a ``TrainResult``.
 
 Training is deterministic per seed on a given machine: seeded torch and numpy generators and a
 fixed torch thread count.
@@ -27,6 +28,7 @@ import torch
 from model.core.features import FeatureSchema, default_schema
 from model.core.tasks import LABEL_COLUMNS
 from model.training.batches import EncodedSplit, Shuffled, encode_split, predict
+from model.training.calibrate import Calibration, calibrate_heads
 from model.training.config import TrainConfig
 from model.training.data import split_by_time
 from model.training.evaluate import has_truth, ranking_eval, truth_ceiling
@@ -85,6 +87,7 @@ class TrainResult:
     metrics: dict[str, float]
     gate_diagnostics: dict[str, Any] | None
     history: list[dict[str, float]] = field(default_factory=list)
+    calibration: Calibration = field(default_factory=dict)  # per head: scale, shift
 
 
 def split_frame(frame: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], Basis]:
@@ -105,9 +108,17 @@ def prepare(frame: pd.DataFrame) -> Prepared:
 
 
 def model_config(config: TrainConfig, basis: Basis) -> MMoEConfig:
-    """The network's config: ``config.arch`` (tiny with ``small``), watch head in basis units."""
+    """The network's config: ``config.arch`` and interaction layer (tiny with ``small``), the watch
+    head in basis units.
+    """
     base = MMoEConfig.small() if config.small else MMoEConfig()
-    return replace(base, arch=config.arch, watch_scale=basis.watch_scale)
+    return replace(
+        base,
+        arch=config.arch,
+        interactions=config.interactions,
+        interaction_dim=config.interaction_dim,
+        watch_scale=basis.watch_scale,
+    )
 
 
 def build(config: TrainConfig, basis: Basis) -> RankingModel:
@@ -123,12 +134,16 @@ def finalise(
     model: RankingModel,
     basis: Basis,
     epochs: Epochs,
-    test: EncodedSplit,
+    splits: tuple[EncodedSplit, EncodedSplit],
     rows: Mapping[str, int],
     config: TrainConfig,
     world: int = 1,
 ) -> TrainResult:
-    """Step 4: the (restored) model's test metrics, ranking evaluation and gate diagnostics."""
+    """Step 4: with ``splits`` = (valid, test), fit the (restored) model's calibration on valid,
+    then its test metrics, ranking evaluation and gate diagnostics.
+    """
+    valid, test = splits
+    calibration = calibrate_heads(model, valid)
     test_preds = predict(model, test)
     metrics = evaluate_split(test_preds, test, config.loss_weights)
     if has_truth(test.frame):
@@ -154,6 +169,7 @@ def finalise(
         metrics=metrics,
         gate_diagnostics=epochs.gate_diagnostics,
         history=epochs.history,
+        calibration=calibration,
     )
 
 
@@ -170,4 +186,4 @@ def fit(
     model = build(config, data.basis)
     loop = EpochLoop(model, config, verbose=verbose)
     epochs = loop.run(Shuffled(data.train, config.batch_size), data.valid)
-    return finalise(model, data.basis, epochs, data.test, data.rows, config)
+    return finalise(model, data.basis, epochs, (data.valid, data.test), data.rows, config)

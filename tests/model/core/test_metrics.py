@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from model.core.metrics import (
     _count_ascending_pairs,
     auc,
+    ece,
     kendall_tau,
     log_loss,
     ndcg_at_k,
@@ -41,6 +42,19 @@ def brute_xauc(y_true: list[float], y_pred: list[float]) -> float:
             pairs += 1
             wins += 1.0 if y_pred[i] > y_pred[j] else 0.5 if y_pred[i] == y_pred[j] else 0.0
     return wins / pairs if pairs else math.nan
+
+
+def brute_ece(labels: list[float], probs: list[float], n_bins: int) -> float:
+    ranked = sorted(range(len(probs)), key=lambda i: probs[i])  # stable, like the metric
+    n, k = len(probs), min(n_bins, len(probs))
+    edges = [round(b * n / k) for b in range(k + 1)]  # equal mass, sizes differ by <= 1
+    bins = {b: ranked[edges[b] : edges[b + 1]] for b in range(k)}
+    total = 0.0
+    for members in bins.values():
+        mean_p = sum(probs[i] for i in members) / len(members)
+        mean_y = sum(labels[i] for i in members) / len(members)
+        total += len(members) / len(probs) * abs(mean_p - mean_y)
+    return total
 
 
 def brute_ndcg(rel: list[float], scores: list[float], groups: list[int], k: int) -> float:
@@ -139,6 +153,29 @@ def test_rmse_and_log_loss_match_definitions(data: st.DataObject, n: int) -> Non
     assert log_loss(y, p) == pytest.approx(expected / n, rel=1e-9, abs=1e-12)
 
 
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), n=st.integers(1, 40), n_bins=st.integers(1, 12))
+def test_ece_matches_brute_force(data: st.DataObject, n: int, n_bins: int) -> None:
+    labels = data.draw(st.lists(st.sampled_from([0, 1]), min_size=n, max_size=n))
+    probs = data.draw(st.lists(st.sampled_from([0.1, 0.25, 0.5, 0.9]), min_size=n, max_size=n))
+    assert ece(labels, probs, n_bins) == pytest.approx(brute_ece(labels, probs, n_bins))
+
+
+def test_ece_of_calibrated_shifted_and_rare_predictions() -> None:
+    # Two groups predicted exactly at their positive rate: calibrated, ECE 0.
+    labels = [1, 0, 0, 0] * 5 + [1, 1, 1, 0] * 5
+    probs = [0.25] * 20 + [0.75] * 20
+    assert ece(labels, probs, n_bins=2) == pytest.approx(0.0)
+    # Every prediction 0.1 too high: ECE is that offset, whatever the binning.
+    assert ece(labels, np.asarray(probs) + 0.1, n_bins=4) == pytest.approx(0.1)
+    # A 2% event predicted 20% too high overall (the like head's failure mode) stands out of
+    # the sampling noise of 200k rows (~0.0008).
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.0, 0.04, 200_000)
+    y = rng.random(p.size) < p
+    assert ece(y, p) < 0.0015 < ece(y, 1.2 * p)
+
+
 def test_input_validation() -> None:
     assert math.isnan(auc([1, 1], [0.2, 0.3]))
     with pytest.raises(ValueError, match="length mismatch"):
@@ -150,6 +187,10 @@ def test_input_validation() -> None:
     with pytest.raises(ValueError, match="empty"):
         log_loss([], [])
     assert math.isnan(xauc([1.0, 1.0], [0.0, 1.0]))
+    with pytest.raises(ValueError, match="empty"):
+        ece([], [])
+    with pytest.raises(ValueError, match="n_bins"):
+        ece([1], [0.5], n_bins=0)
 
 
 def test_large_inputs_are_fast_enough() -> None:

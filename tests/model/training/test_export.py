@@ -21,7 +21,8 @@ from model.training.export import (
     torch_predict,
 )
 from model.training.fit import TrainResult
-from model.training.mmoe import MMoE, MMoEConfig, SharedBottom
+from model.training.layers import Interactions
+from model.training.mmoe import ARCHS, INTERACTIONS, MMoE, MMoEConfig, SharedBottom, build_model
 
 DTYPES: dict[int, str] = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32"}
 
@@ -68,14 +69,69 @@ def test_parity_of_the_trained_model(exported: Path, trained_model: TrainResult)
 
 
 @pytest.mark.parametrize("arch", ["mmoe", "shared_bottom"])
-def test_parity_of_the_default_config(tmp_path: Path, arch: str) -> None:
+@pytest.mark.parametrize("kinds", [(), ("dots",), ("bilinear", "first_order"), INTERACTIONS])
+def test_parity_of_the_default_config(tmp_path: Path, arch: str, kinds: tuple[str, ...]) -> None:
     torch.manual_seed(1)
     schema = default_schema()
-    cfg = MMoEConfig(arch=arch, watch_scale=5.0)
+    cfg = MMoEConfig(arch=arch, watch_scale=5.0, interactions=kinds)
     model = MMoE(cfg, schema) if arch == "mmoe" else SharedBottom(cfg, schema)
+    if model.interactions is not None:  # trained-like magnitudes, not the near-zero init
+        for p in model.interactions.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    with torch.no_grad():  # a fitted calibration is part of the graph
+        model.heads.calibration_scale.copy_(torch.tensor([[0.9], [1.1], [0.8]]))
+        model.heads.calibration_shift.copy_(torch.tensor([[0.2], [-0.1], [-0.3]]))
     export_onnx(model, schema, tmp_path / "m.onnx")
     result = parity(model, schema, tmp_path / "m.onnx", n_values=(1, 7, 1000), seed=3)
     assert result["max_abs_prob"] <= 1e-5 and result["max_rel_watch"] <= 1e-4
+
+
+def user_side_tiled(path: Path) -> list[str]:
+    """Expand/Tile nodes that tile a tensor computed from the user/context inputs alone to the
+    candidates' batch: a graph without any computes the user side once per request.
+    """
+    graph = onnx.load(str(path)).graph
+    user = {i.name for i in graph.input if not i.name.startswith("item_")}
+    item = {i.name for i in graph.input if i.name.startswith("item_")}
+    tiled = []
+    for node in graph.node:  # topologically sorted
+        ins = [i for i in node.input if i]
+        if node.op_type in ("Expand", "Tile") and ins[0] in user and ins[0] not in item:
+            if ins[1] in item:  # the target shape comes from the candidates
+                tiled.append(node.name)
+        if any(i in item for i in ins):
+            item.update(node.output)
+        if any(i in user for i in ins):
+            user.update(node.output)
+    return tiled
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_exports_with_parity_and_the_user_side_once(tmp_path: Path, arch: str) -> None:
+    torch.manual_seed(2)
+    schema = default_schema()
+    model = build_model(MMoEConfig(arch=arch, watch_scale=5.0), schema)
+    for module in model.modules():  # trained-like interaction magnitudes, not the near-zero init
+        if isinstance(module, Interactions):
+            for p in module.parameters():
+                torch.nn.init.normal_(p, std=0.3)
+    with torch.no_grad():  # a fitted calibration is part of the graph
+        model.heads.calibration_scale.copy_(torch.tensor([[0.9], [1.1], [0.8]]))
+        model.heads.calibration_shift.copy_(torch.tensor([[0.2], [-0.1], [-0.3]]))
+    path = tmp_path / "m.onnx"
+    export_onnx(model, schema, path)
+    result = parity(model, schema, path, n_values=(1, 7, 1000), seed=3)
+    assert result["max_abs_prob"] <= 1e-5 and result["max_rel_watch"] <= 1e-4
+    assert user_side_tiled(path) == []
+
+
+def test_the_naive_graph_tiles_the_user_side(
+    tmp_path: Path, exported: Path, trained_model: TrainResult
+) -> None:
+    # The check above can fail: the naive graph tiles the request's user rows to N.
+    naive = tmp_path / "naive.onnx"
+    export_onnx(trained_model.model, trained_model.schema, naive, variant="naive")
+    assert user_side_tiled(naive) != [] and user_side_tiled(exported) == []
 
 
 def test_naive_graph_equals_fused_graph(

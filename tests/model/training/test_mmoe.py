@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -11,16 +12,20 @@ import torch
 from model.core.features import default_schema
 from model.core.tasks import TASKS
 from model.training.export import random_encoded, random_request
-from model.training.mmoe import (
+from model.training.layers import (
     BatchedLinear,
     Experts,
     FeatureEmbedding,
     Gates,
+    Interactions,
+    SplitLinear,
+    Towers,
+)
+from model.training.mmoe import (
+    INTERACTIONS,
     MMoE,
     MMoEConfig,
     SharedBottom,
-    SplitLinear,
-    Towers,
     build_model,
     flops_per_candidate,
 )
@@ -53,13 +58,15 @@ def model() -> MMoE:
 @pytest.mark.parametrize("n", [1, 7])
 def test_output_shapes_for_request_and_training_layouts(model: MMoE, n: int) -> None:
     cfg = model.config
-    for inputs in (request(n), tiled(n)):
+    for inputs, user_batch in ((request(n), 1), (tiled(n), n)):
         out = model(inputs, return_gates=True)
         for task in TASKS:
             assert out[task].shape == (n,) and out[f"{task}_logit"].shape == (n,)
         assert out["gates"].shape == (n, len(TASKS), cfg.n_experts)
-        u, v = model.embedding(inputs)
-        assert v.shape == (n, model.embedding.item_dim)
+        u, v, terms = model.shared_input(inputs)
+        assert u.shape == (user_batch, model.embedding.user_dim)
+        assert v.shape == (n, model.embedding.item_dim + 6 * 5)  # the 30 field dots appended
+        assert terms is not None and terms.shape == (n, len(TASKS))
         assert model.experts(u, v).shape == (cfg.n_experts, n, cfg.expert_hidden[-1])
 
 
@@ -98,6 +105,9 @@ def test_heads_ranges(model: MMoE) -> None:
         lambda: MMoEConfig(tasks=("click", "dwell")),
         lambda: MMoEConfig(watch_scale=0.0),
         lambda: MMoEConfig(expert_hidden=()),
+        lambda: MMoEConfig(interactions=("cross",)),
+        lambda: MMoEConfig(interactions=("dots", "dots")),
+        lambda: MMoEConfig(interaction_dim=0),
     ],
 )
 def test_bad_dimensions_raise_value_error(make) -> None:  # type: ignore[no-untyped-def]
@@ -149,14 +159,63 @@ def test_config_round_trips_through_json() -> None:
 
 def test_flops_of_the_default_config() -> None:
     # Default schema, embedding dim 16: D_u = 3*16 + 3 (user) + 3*16 (context) = 99,
-    # D_i = 4*16 + 1*16 (tag) + 2 = 82, d = 181. E = 8 experts of (256, 128), T = 3, towers (64,).
-    d_u, d_i, e, t = 99, 82, 8, 3
+    # D_i = 4*16 + 1*16 (tag) + 2 = 82. E = 8 experts of (256, 128), T = 3, towers (64,).
+    # Interactions (width k = 32) between F_u = 6 user/context fields (user_id, activity, author
+    # flag, hour, weekday, tab) and F_i = 5 item fields (video, author, type, music, tag):
+    # 30 dots join the item side, d = 99 + 82 + 30 = 211.
+    d_u, d_i, e, t, f_u, f_i, k = 99, 82 + 30, 8, 3, 6, 5, 32
     d = d_u + d_i
+    interactions = f_u * f_i * k + t * f_i * k  # dots, bilinear item side
     macs = d * e * 256 + e * 256 * 128 + d * t * e + t * e * 128 + t * (128 * 64 + 64 * 1)
     cfg = MMoEConfig()
-    assert flops_per_candidate(cfg, SCHEMA) == 2 * macs == 1_330_032  # ~1.3 MFLOP
-    # With the user side computed once per request, its terms drop out of the per-candidate cost.
-    amortised = 2 * (macs - d_u * e * 256 - d_u * t * e)
+    assert flops_per_candidate(cfg, SCHEMA) == 2 * (macs + interactions + t * f_u * f_i * k)
+    # With the user side computed once per request, its terms drop out of the per-candidate cost
+    # (the user rows of the first layers and gates, and the bilinear user side q).
+    amortised = 2 * (macs - d_u * e * 256 - d_u * t * e + interactions)
     assert flops_per_candidate(cfg, SCHEMA, user_side_once=True) == amortised
+    plain = MMoEConfig(interactions=())
+    assert flops_per_candidate(plain, SCHEMA, user_side_once=True) == 919_776
+    assert flops_per_candidate(cfg, SCHEMA, user_side_once=True) / 919_776 < 1.15
     baseline = flops_per_candidate(MMoEConfig(arch="shared_bottom"), SCHEMA)
     assert 0.8 < baseline / (2 * macs) < 1.2  # "comparable size"
+
+
+def test_interactions_equal_their_definitions() -> None:
+    torch.manual_seed(0)
+    layer = Interactions(SCHEMA, 3, 4, dots=True, bilinear=True, first_order=True)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p)
+    inputs = tiled(6)
+    a, b = layer.sides(inputs)  # N x F_u x k, N x F_i x k
+    assert a.shape == (6, 6, 4) and b.shape == (6, 5, 4)
+    dots, terms = layer(inputs)
+    assert dots is not None and terms is not None
+    r, expected_dots = layer.pair_weights, torch.empty(6, 5, 6)
+    expected_terms = torch.zeros(6, 3)
+    for n, g, f in itertools.product(range(6), range(5), range(6)):
+        expected_dots[n, g, f] = a[n, f] @ b[n, g]
+        expected_terms[n] += (r[:, f, g] * a[n, f] * b[n, g]).sum(-1)
+    for e in ("user", "context", "item"):  # first order: one learnt scalar per task and id
+        wide = layer.wide[e].weight
+        lay = SCHEMA.layout(e)
+        if lay.cat:
+            expected_terms += wide[inputs[f"{e}_cat"]].sum(1)
+        if lay.multi:
+            pooled = wide[inputs[f"{e}_multi"]] * inputs[f"{e}_multi_w"].unsqueeze(-1)
+            expected_terms += pooled.sum((1, 2))
+    torch.testing.assert_close(dots, expected_dots.flatten(1))
+    torch.testing.assert_close(terms, expected_terms, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kinds", [(), ("dots",), ("bilinear",), ("first_order",), INTERACTIONS])
+def test_each_interaction_kind_broadcasts_the_user_side(kinds: tuple[str, ...]) -> None:
+    torch.manual_seed(0)
+    model = MMoE(MMoEConfig.small(interactions=kinds), SCHEMA).eval()
+    assert (model.interactions is None) == (not kinds)
+    if model.interactions is not None:
+        for p in model.interactions.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    with torch.no_grad():
+        once, tiled_out = model(request(9)), model(tiled(9))
+    for task in TASKS:
+        torch.testing.assert_close(once[task], tiled_out[task], rtol=1e-5, atol=1e-6)

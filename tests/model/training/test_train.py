@@ -20,11 +20,12 @@ from model.core.registry import Registry
 from model.core.runtime import make_session
 from model.core.tasks import TASKS
 from model.training.batches import Shuffled, encode_split, predict
-from model.training.config import TrainConfig, TrainJob, parse_loss_weights
-from model.training.export import FrameRequests, random_encoded, run_session
-from model.training.fit import TrainResult, build, fit, prepare
+from model.training.calibrate import calibrate_heads
+from model.training.config import TrainConfig, TrainJob, parse_interactions, parse_loss_weights
+from model.training.export import FrameRequests, export_onnx, parity, random_encoded, run_session
+from model.training.fit import TrainResult, build, fit, model_config, prepare
 from model.training.loop import EarlyStopping, EpochLoop
-from model.training.mmoe import MMoE, MMoEConfig
+from model.training.mmoe import ARCHS, MMoE, MMoEConfig
 from model.training.objective import evaluate_split, gate_diagnostics
 from model.training.publish import publish
 from model.training.train import run_train
@@ -94,6 +95,34 @@ def test_metrics_are_sane(trained_model: TrainResult) -> None:
     assert 0.0 <= m["ndcg10_random"] <= m["ndcg10_fused_truth"] <= 1.0
     # The Poisson head estimates the mean over impressions, so it is calibrated on average.
     assert 0.7 < m["watch_calibration"] < 1.4
+    # ECE (10 equal-mass bins) is reported per binary head; a tiny model is roughly calibrated.
+    assert 0.0 < m["click_ece"] < 0.1 and 0.0 < m["like_ece"] < 0.05
+
+
+def test_calibration_recovers_a_known_affine_map(trained_model: TrainResult) -> None:
+    model = copy.deepcopy(trained_model.model)
+    split = encode_split(trained_model.schema, trained_model.test, model.config.watch_scale)
+    with torch.no_grad():  # the raw logits: identity calibration
+        model.heads.calibration_scale.fill_(1.0)
+        model.heads.calibration_shift.fill_(0.0)
+    raw = predict(model, split)
+    truth = {"click": (1.7, -0.4), "watch_time": (0.6, 0.3), "like": (0.8, -0.9)}
+    # Labels at their exact expectations (soft labels for the binary heads): each head's loss is
+    # minimised exactly by the true map, so the fit must recover it.
+    for task, (scale, shift) in truth.items():
+        z = torch.from_numpy(raw[f"{task}_logit"]) * scale + shift
+        split.labels[task] = torch.exp(z) if task == "watch_time" else torch.sigmoid(z)
+    fitted = calibrate_heads(model, split)
+    assert fitted["click"]["scale"] == pytest.approx(1.7, abs=1e-3)  # click logits vary most
+    assert fitted["click"]["shift"] == pytest.approx(-0.4, abs=1e-3)
+    # The like logits of a 1-epoch tiny model barely vary, so only the predictions are pinned.
+    calibrated = predict(model, split)
+    for task in TASKS:
+        expected = split.labels[task].numpy() * (
+            model.config.watch_scale if task == "watch_time" else 1
+        )
+        np.testing.assert_allclose(calibrated[task], expected, rtol=1e-3, atol=1e-5)
+    assert trained_model.calibration.keys() == set(TASKS)  # fit() calibrates on validation
 
 
 def test_logged_impression_scores_the_same_online_and_offline(
@@ -257,6 +286,28 @@ def test_epoch_loop_runs_hooks_and_stops_early(tiny_frame: pd.DataFrame) -> None
     assert restored["loss"] == pytest.approx(epochs.best_loss, rel=1e-6)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_trains_calibrates_and_exports(
+    tmp_path: Path, tiny_frame: pd.DataFrame, arch: str
+) -> None:
+    config = TrainConfig(arch=arch, small=True, epochs=1, seed=1, interaction_dim=8)
+    result = fit(tiny_frame, config, verbose=False)
+    m = result.metrics
+    assert 0.5 < m["click_auc"] < 1.0 and math.isfinite(m["loss"])  # it learnt something
+    assert result.calibration.keys() == set(TASKS)
+    gated = arch in ("omoe", "mmoe", "ple")
+    assert (result.gate_diagnostics is not None) == gated
+    if result.gate_diagnostics is not None:  # one row of weights per task over its own experts
+        n_gated = 2 if arch == "ple" else 4  # small(): 1 shared + 1 own, or 4 experts
+        for task in TASKS:
+            weights = result.gate_diagnostics["tasks"][task]["mean_weights"]
+            assert len(weights) == n_gated and sum(weights) == pytest.approx(1.0, abs=1e-4)
+    path = tmp_path / "m.onnx"
+    export_onnx(result.model, result.schema, path)
+    checked = parity(result.model, result.schema, path)
+    assert checked["max_abs_prob"] <= 1e-5 and checked["max_rel_watch"] <= 1e-4
+
+
 def test_train_config_checks_every_option(tmp_path: Path) -> None:
     assert TrainConfig(loss_weights={"like": 2.0}).loss_weights == {
         "click": 1.0,
@@ -269,6 +320,8 @@ def test_train_config_checks_every_option(tmp_path: Path) -> None:
         "--batch-size": {"batch_size": 0},
         "--lr": {"lr": float("inf")},
         "--loss-weights": {"loss_weights": {"dwell": 1.0}},
+        "--interactions": {"interactions": ("dots", "cross")},
+        "--interaction-dim": {"interaction_dim": 0},
     }
     for flag, kwargs in bad.items():
         with pytest.raises(ValueError, match=flag):
@@ -281,12 +334,21 @@ def test_train_config_checks_every_option(tmp_path: Path) -> None:
             TrainJob(registry=tmp_path, **kwargs)  # type: ignore[arg-type]
 
 
+def test_interactions_option_parses_names_and_none(tiny_frame: pd.DataFrame) -> None:
+    assert parse_interactions(" dots, first_order ") == ("dots", "first_order")
+    assert parse_interactions("none") == parse_interactions("") == ()
+    config = TrainConfig(interactions=("bilinear",), interaction_dim=8)
+    net = model_config(config, prepare(tiny_frame).basis)
+    assert (net.interactions, net.interaction_dim) == (("bilinear",), 8)
+
+
 def test_cli_rejects_a_bad_option_before_reading_data(tmp_path: Path) -> None:
     registry = tmp_path / "registry"
     args = ["train", "--registry", str(registry), "--simulate", "100000"]
     for extra, flag in (
         (["--loss-weights", "dwell=1"], "--loss-weights"),
         (["--epochs", "0"], "--epochs"),
+        (["--interactions", "dots,dots"], "--interactions"),
     ):
         done = CliRunner().invoke(app, [*args, *extra])
         assert done.exit_code == 2, done.output  # click's usage error, not a traceback
