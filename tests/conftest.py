@@ -50,6 +50,20 @@ def trained_model(tiny_frame: pd.DataFrame, tiny_config: TrainConfig) -> TrainRe
 
 
 @pytest.fixture(scope="session")
+def heldout_bodies(trained_model: TrainResult) -> list[dict]:
+    """30 /rank bodies of 100 candidates drawn from the tiny model's held-out impressions.
+
+    Traffic like the data the manifest's prediction distribution was measured on, so a drift
+    check sees a healthy version as healthy (hand-made bodies with made-up ids are not).
+    """
+    from benchmarks.workload import build_workload
+
+    return build_workload(trained_model.test, trained_model.schema, [100], per_n=30, seed=1).bodies[
+        100
+    ]
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(
     tmp_path_factory: pytest.TempPathFactory, trained_model: TrainResult, tiny_config: TrainConfig
 ) -> tuple[Path, str]:
@@ -99,7 +113,7 @@ def shifted_bundle(
     model = copy.deepcopy(trained_model.model)
     like = list(trained_model.config.tasks).index("like")
     with torch.no_grad():
-        model.towers.batched_layers()[-1].bias[like] += LIKE_LOGIT_SHIFT
+        model.heads.calibration_shift[like] += LIKE_LOGIT_SHIFT  # the final logit, any --arch
     out = tmp_path_factory.mktemp("shifted")
     export_onnx(model, trained_model.schema, out / "shifted.onnx")
     registry, version = tiny_bundle

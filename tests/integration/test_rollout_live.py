@@ -36,14 +36,20 @@ def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> N
         time.sleep(0.1)
 
 
-def hammer(url: str, clients: int, per_client: int, n: int) -> list[str]:
-    """``clients`` threads each sending ``per_client`` /rank requests; returns the failures."""
+def hammer(
+    url: str, clients: int, per_client: int, n: int, bodies: list[dict] | None = None
+) -> list[str]:
+    """``clients`` threads each sending ``per_client`` /rank requests (of ``n`` made-up
+    candidates, or taken in turn from ``bodies``); returns the failures."""
     failures: list[str] = []
 
     def client(seed: int) -> None:
         with httpx.Client(base_url=url, timeout=30) as http:
             for i in range(per_client):
-                body = rank_body(n, user_id=f"u{seed}-{i}", seed=seed * 1000 + i)
+                if bodies:
+                    body = bodies[(seed * per_client + i) % len(bodies)]
+                else:
+                    body = rank_body(n, user_id=f"u{seed}-{i}", seed=seed * 1000 + i)
                 try:
                     r = http.post("/rank", json=body)
                 except httpx.HTTPError as e:
@@ -125,26 +131,31 @@ def test_shadow_under_load_adds_no_errors_and_its_queue_stays_bounded(
 
 
 def test_explain_and_drift_metrics_over_http(
-    start_server: Start, live_registry: Path, version: str, shifted_bundle: Path
+    start_server: Start,
+    live_registry: Path,
+    version: str,
+    shifted_bundle: Path,
+    heldout_bodies: list[dict],
 ) -> None:
     Registry(live_registry).publish(shifted_bundle)
     server = start_server(live_registry, env=ROLLOUT_ENV)
     with httpx.Client(base_url=server.url, timeout=30) as http:
-        r = http.post("/rank", json=rank_body(300, explain=True, fusion=None))
+        # Traffic drawn from the held-out data, which the manifest's distribution describes.
+        r = http.post("/rank", json={**heldout_bodies[0], "explain": True})
         assert r.status_code == 200, r.text
         for item in r.json()["items"]:
             total = 0.0
             for task in TASKS:
                 total += item["explain"][task]
             assert total == item["score"]
-        for i in range(10):
-            assert http.post("/rank", json=rank_body(100, seed=i)).status_code == 200
+        for body in heldout_bodies[1:11]:
+            assert http.post("/rank", json=body).status_code == 200
 
         def counted(served: str, n: int) -> bool:  # the monitor moved the counts into Prometheus
             like = {"task": "like", "version": served}
             return metric(http.get("/metrics").text, "vidrank_prediction_count", like) == n
 
-        wait_for(lambda: counted(version, 1300), "the prediction histograms")
+        wait_for(lambda: counted(version, 1100), "the prediction histograms")
         text = http.get("/metrics").text
         for task in TASKS:
             psi = metric(text, "vidrank_prediction_psi", {"task": task, "version": version})
@@ -152,8 +163,8 @@ def test_explain_and_drift_metrics_over_http(
         # The shifted export in production: its like predictions move, and its PSI with them.
         r = http.post(f"/admin/models/{SHIFTED_VERSION}/activate", headers=AUTH)
         assert r.status_code == 200, r.text
-        for i in range(10):
-            assert http.post("/rank", json=rank_body(100, seed=i)).status_code == 200
+        for body in heldout_bodies[1:11]:
+            assert http.post("/rank", json=body).status_code == 200
         wait_for(lambda: counted(SHIFTED_VERSION, 1000), "the shifted version's histograms")
         text = http.get("/metrics").text
         like = {"task": "like", "version": SHIFTED_VERSION}
@@ -172,7 +183,11 @@ def canary_status(server: Server) -> Any:
 
 
 def test_shifted_canary_rolled_back_and_second_replica_converges(
-    start_server: Start, live_registry: Path, version: str, shifted_bundle: Path
+    start_server: Start,
+    live_registry: Path,
+    version: str,
+    shifted_bundle: Path,
+    heldout_bodies: list[dict],
 ) -> None:
     registry = Registry(live_registry)
     registry.publish(shifted_bundle)
@@ -192,7 +207,7 @@ def test_shifted_canary_rolled_back_and_second_replica_converges(
         deadline = time.monotonic() + 60
         while not judged("v2"):
             assert time.monotonic() < deadline, "the healthy canary was never judged"
-            assert not hammer(a.url, 2, 20, 50)
+            assert not hammer(a.url, 2, 20, 100, heldout_bodies)
         health = models(a)["canary_health"]
         assert health["verdict"] is None and health["psi"]["like"] < 0.5, health
         assert registry.read_aliases().canary is not None
@@ -203,7 +218,7 @@ def test_shifted_canary_rolled_back_and_second_replica_converges(
         deadline = time.monotonic() + 60
         while registry.read_aliases().canary is not None:
             assert time.monotonic() < deadline, f"no rollback: {models(a)['canary_health']}"
-            assert not hammer(a.url, 2, 20, 50)
+            assert not hammer(a.url, 2, 20, 100, heldout_bodies)
     # Replica b converges on the removal by polling the registry.
     wait_for(lambda: canary_status(b) is None, "replica b to drop the canary")
     assert canary_status(a) is None
