@@ -42,14 +42,34 @@ def simulate(
     out: Annotated[Path, typer.Option(help="Output directory for the Parquet files.")],
     impressions: Annotated[int, typer.Option(help="Number of impressions.")] = 1_000_000,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="Named world: default, identical, related, unrelated or conflicting "
+            "(docs/internals.md, 'Simulator knobs')."
+        ),
+    ] = "default",
     task_correlation: Annotated[
-        float, typer.Option(help="0..1: how much click, completion and like share a driver.")
-    ] = 0.5,
+        float | None,
+        typer.Option(
+            help="-1..1: how much click, completion and like share a driver (< 0: click "
+            "conflicts with the others); default: the preset's (0.5 for default)."
+        ),
+    ] = None,
 ) -> None:
     """Simulate video-interaction logs (KuaiRand schema) with ground truth."""
     from model.training.simulate import run_simulate
 
-    run_simulate(out, impressions=impressions, seed=seed, task_correlation=task_correlation)
+    try:
+        run_simulate(
+            out,
+            impressions=impressions,
+            seed=seed,
+            task_correlation=task_correlation,
+            preset=preset,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 @app.command()
@@ -62,6 +82,9 @@ def train(
     simulate: Annotated[
         int | None, typer.Option("--simulate", help="Train on N simulated impressions instead.")
     ] = None,
+    preset: Annotated[
+        str, typer.Option(help="The simulator preset --simulate draws from (see `simulate`).")
+    ] = "default",
     arch: Annotated[
         str, typer.Option(help="single_task, shared_bottom, omoe, mmoe or ple.")
     ] = "mmoe",
@@ -142,6 +165,7 @@ def train(
             registry=registry,
             data=data,
             simulate=simulate,
+            preset=preset,
             train=config,
             version=version,
             activate=activate,

@@ -15,6 +15,7 @@ from pathlib import Path
 from model.core.registry import check_version_name
 from model.core.tasks import TASKS
 from model.training.mmoe import ARCHS, DEFAULT_INTERACTIONS, INTERACTIONS
+from model.training.simulate import PRESETS
 
 MIN_SIMULATED = 10  # fewer impressions cannot be split into train/valid/test
 
@@ -108,6 +109,7 @@ class TrainJob:
     registry: Path
     data: Path | None = None  # logs in KuaiRand's schema, or prepared DDP data
     simulate: int | None = None  # ... or this many simulated impressions
+    preset: str = "default"  # ... of this simulator preset (model/training/simulate.py)
     train: TrainConfig = field(default_factory=TrainConfig)
     version: str | None = None  # default: a UTC timestamp
     activate: bool | None = None  # None: only when the registry has no production model
@@ -120,6 +122,10 @@ class TrainJob:
             raise ValueError("give exactly one of --data DIR or --simulate N")
         if self.simulate is not None and self.simulate < MIN_SIMULATED:
             raise ValueError(f"--simulate needs at least {MIN_SIMULATED} impressions")
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {list(PRESETS)}, got {self.preset!r}")
+        if self.preset != "default" and self.simulate is None:
+            raise ValueError("--preset names a simulated world: it needs --simulate N")
         if self.nproc < 1:
             raise ValueError(f"--nproc must be >= 1, got {self.nproc}")
         if self.version is not None:
@@ -128,4 +134,7 @@ class TrainJob:
     @property
     def data_description(self) -> str:
         """Where the impressions came from, as the manifest records it."""
-        return str(self.data) if self.data is not None else f"simulated:{self.simulate}"
+        if self.data is not None:
+            return str(self.data)
+        suffix = "" if self.preset == "default" else f":{self.preset}"
+        return f"simulated:{self.simulate}{suffix}"

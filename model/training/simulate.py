@@ -2,8 +2,21 @@
 
 Users and videos carry latent vectors for four components: one *shared* driver and one driver per
 task (click, completion, like). A task's affinity mixes the shared and its own driver as
-sqrt(rho) * shared + sqrt(1 - rho) * own, so `task_correlation` = rho is the correlation of the
-click, completion and like drivers (1.0 = one driver), as in the MMoE paper's synthetic study.
+sqrt(|rho|) * s_k * shared + sqrt(1 - |rho|) * own, where rho = ``task_correlation`` and s_k = +1
+for click and sign(rho) for completion and like: rho in [0, 1] is the correlation of the three
+drivers (1.0 = one driver), as in the MMoE paper's synthetic study; rho < 0 makes click
+*conflict* with completion and like (correlation rho), which stay correlated |rho| with each other.
+
+The knobs that give multi-gate models something to choose between (``SimConfig``, and the named
+``PRESETS`` the experiment sweeps; docs/internals.md has the table):
+
+- ``task_fields``: the item field whose latent vector meets the user's in each task's *own*
+  driver - the video itself (default), its tags, its author, its music or its duration (a smooth
+  per-user preference curve over log duration). Different fields per task = tasks driven by
+  different inputs.
+- ``nonlinearity``: amplitude a of a task-specific response z + a * sum_i sin(alpha_ki z + beta_ki)
+  of each task's affinity z (Ma et al., KDD 2018, build their synthetic tasks from sin terms);
+  alpha and beta are drawn per task, so equal drivers still get different responses.
 
 Everything the truth depends on is visible to a ranking model: user/video/author/music ids
 (latent affinities and biases), tags (video vectors are partly built from tag vectors), hour, tab,
@@ -14,7 +27,6 @@ fused utility. Labels are sampled from the truth; the truth columns hold the exa
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,6 +63,12 @@ WATCH_CONCENTRATION = 3.0  # Beta(k*c, k*(1-c)) spread of the watched fraction a
 
 DEFAULT_UTILITY_WEIGHTS: dict[str, float] = {"click": 1.0, "watch_time": 0.1, "like": 20.0}
 
+# Item fields a task's own driver can come from (SimConfig.task_fields).
+TASK_FIELDS = ("video", "tag", "author", "music", "duration")
+SIN_TERMS = 2  # sin terms per task in the nonlinear response
+SIN_FREQUENCY = (1.0, 3.0)  # alpha ~ U(lo, hi): a few wiggles over the affinity's +-2 sd range
+DURATION_LOG_SD = 0.8  # sd of log duration of normal videos (see _make_videos)
+
 
 @dataclass(frozen=True)
 class SimConfig:
@@ -71,6 +89,9 @@ class SimConfig:
     start_date: str = "2022-04-08"
     n_days: int = 14
     popularity_skew: float = 0.8  # Zipf exponent of video exposure
+    # Item field of each task's own driver (click, complete, like), from TASK_FIELDS.
+    task_fields: tuple[str, str, str] = ("video", "video", "video")
+    nonlinearity: float = 0.0  # amplitude of the task-specific sin response (0 = linear)
 
     def __post_init__(self) -> None:
         for name in ("n_users", "n_videos", "n_authors", "n_impressions", "n_tags", "n_music"):
@@ -78,12 +99,47 @@ class SimConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.latent_dim < 1 or self.n_days < 1:
             raise ValueError("latent_dim and n_days must be >= 1")
-        for name in ("task_correlation", "clickbait_fraction", "ad_fraction", "tag_share"):
+        for name in ("clickbait_fraction", "ad_fraction", "tag_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
+        if not -1.0 <= self.task_correlation <= 1.0:
+            raise ValueError("task_correlation must be in [-1, 1]")
         if self.popularity_skew < 0:
             raise ValueError("popularity_skew must be >= 0")
+        if len(self.task_fields) != len(TASKS) or not set(self.task_fields) <= set(TASK_FIELDS):
+            raise ValueError(
+                f"task_fields must name {len(TASKS)} fields (click, complete, like) from "
+                f"{TASK_FIELDS}, got {self.task_fields!r}"
+            )
+        if not (self.nonlinearity >= 0 and np.isfinite(self.nonlinearity)):
+            raise ValueError("nonlinearity must be a finite number >= 0")
         np.datetime64(self.start_date, "D")  # raises ValueError on a malformed date
+
+
+DIFFERENT_FIELDS = ("tag", "duration", "author")  # click by user x tag, completion by user x
+# duration, like by user x author
+
+# Named worlds. "default" is the world every earlier figure was measured on (same config and seed
+# -> byte-identical data); the other four span task relatedness for `vidrank experiment`, from
+# one shared linear driver to conflicting tasks driven by different fields.
+PRESETS: dict[str, dict[str, object]] = {
+    "default": {},
+    "identical": {"task_correlation": 1.0},
+    "related": {"task_correlation": 0.5, "task_fields": DIFFERENT_FIELDS, "nonlinearity": 1.0},
+    "unrelated": {"task_correlation": 0.0, "task_fields": DIFFERENT_FIELDS, "nonlinearity": 1.0},
+    "conflicting": {
+        "task_correlation": -0.5,
+        "task_fields": DIFFERENT_FIELDS,
+        "nonlinearity": 1.0,
+    },
+}
+
+
+def preset_config(name: str, **overrides: object) -> SimConfig:
+    """The SimConfig of a named preset, with ``overrides`` (sizes, seed, ...) applied on top."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown simulator preset {name!r}; presets are {list(PRESETS)}")
+    return SimConfig(**{**PRESETS[name], **overrides})  # type: ignore[arg-type]
 
 
 @dataclass
@@ -133,8 +189,14 @@ def _sigmoid(x: Floats) -> Floats:
 
 
 def _mix(shared: Floats, own: Floats, rho: float) -> Floats:
-    """Correlation-rho mixture of two independent unit-variance drivers (unit variance)."""
-    return np.sqrt(rho) * shared + np.sqrt(1.0 - rho) * own
+    """Per-task mixtures [task, n] of a shared and an own unit-variance driver (unit variance).
+
+    The click row takes +sqrt(|rho|) of the shared driver, the others sign(rho) * sqrt(|rho|):
+    for rho >= 0 every pair correlates rho; for rho < 0 click correlates rho with the others.
+    """
+    signs = np.asarray([1.0] + [1.0 if rho >= 0 else -1.0] * (len(TASKS) - 1))
+    weights = (np.sqrt(abs(rho)) * signs).reshape((len(TASKS),) + (1,) * (own.ndim - 1))
+    return weights * shared + np.sqrt(1.0 - abs(rho)) * own
 
 
 def _task_biases(rng: np.random.Generator, n: int, rho: float, sd: float) -> Floats:
@@ -321,15 +383,83 @@ def _sample_impressions(
     )
 
 
-def _affinity(users: _Latent, videos: _Latent, imp: _Impressions, rho: float) -> Floats:
-    """Per-task user x video affinity [task, impression]: rho-mixed shared and own drivers."""
+def _affinity(world: _World, imp: _Impressions, rho: float) -> Floats:
+    """Per-task user x item affinity [task, impression]: rho-mixed shared and own drivers.
+
+    The shared driver is user . video; task k's own driver is user_k . (its field's vector).
+    """
+    users = world.users.vectors
+    items = np.concatenate([world.videos.vectors[:1], world.structure.items])
     dots = np.stack(
         [
-            np.einsum("nd,nd->n", users.vectors[c][imp.user], videos.vectors[c][imp.video])
+            np.einsum("nd,nd->n", users[c][imp.user], items[c][imp.video])
             for c in range(1 + len(TASKS))
         ]
     )
-    return _mix(dots[0][None, :], dots[1:], rho)
+    mixed = _mix(dots[0][None, :], dots[1:], rho)
+    return _respond(mixed, world.structure)
+
+
+def _respond(affinity: Floats, structure: _Structure) -> Floats:
+    """The task-specific response z + a * sum_i sin(alpha_ki z + beta_ki) (identity if a = 0)."""
+    if structure.amplitude == 0:
+        return affinity
+    waves = np.sin(structure.alpha[:, :, None] * affinity[:, None, :] + structure.beta[:, :, None])
+    return np.asarray(affinity + structure.amplitude * waves.sum(axis=1))
+
+
+@dataclass
+class _Structure:
+    """How tasks relate beyond rho: each own driver's item vectors and the response's shape."""
+
+    items: Floats  # [task, video, dim]: the per-video vector of each task's field
+    alpha: Floats  # [task, SIN_TERMS] frequencies of the nonlinear response
+    beta: Floats  # [task, SIN_TERMS] phases
+    amplitude: float
+
+
+def _make_structure(
+    cfg: SimConfig, rng: np.random.Generator, videos: pd.DataFrame, video_vectors: Floats
+) -> _Structure:
+    """Per-task field vectors and sin responses, drawn from their own stream.
+
+    Every field's vectors are drawn whatever ``task_fields`` says, so a knob changes only what it
+    names. Unit-variance dot products with the user vectors, as for the video vectors.
+    """
+    scale = cfg.latent_dim**-0.25
+    d, n_tasks = cfg.latent_dim, len(TASKS)
+    tag_vectors = rng.normal(0.0, scale, size=(n_tasks, cfg.n_tags, d))
+    author_vectors = rng.normal(0.0, scale, size=(n_tasks, cfg.n_authors, d))
+    music_vectors = rng.normal(0.0, scale, size=(n_tasks, cfg.n_music, d))
+    # Duration: random Fourier features of the standardised log duration, i.e. a smooth
+    # preference curve over duration per user (sqrt(2) cos(.) has unit variance over the phase).
+    omega = rng.normal(0.0, 1.0, size=(n_tasks, 1, d))
+    phase = rng.uniform(0.0, 2 * np.pi, size=(n_tasks, 1, d))
+    alpha = rng.uniform(*SIN_FREQUENCY, size=(n_tasks, SIN_TERMS))
+    beta = rng.uniform(0.0, 2 * np.pi, size=(n_tasks, SIN_TERMS))
+    log_duration = np.log(videos["video_duration"].to_numpy() / 1000.0 / MEDIAN_DURATION_S)
+    z = (log_duration / DURATION_LOG_SD)[None, :, None]
+    tags, mask = _parse_tags(videos["tag"].to_numpy())
+    by_field = {
+        "video": video_vectors[1:],
+        "tag": (tag_vectors[:, tags, :] * mask[None, :, :, None]).sum(axis=2)
+        / np.sqrt(mask.sum(axis=1))[None, :, None],
+        "author": author_vectors[:, videos["author_id"].to_numpy(), :],
+        "music": music_vectors[:, videos["music_id"].to_numpy(), :],
+        "duration": scale * np.sqrt(2.0) * np.cos(omega * z + phase),
+    }
+    items = np.stack([by_field[f][k] for k, f in enumerate(cfg.task_fields)])
+    return _Structure(items, alpha, beta, cfg.nonlinearity)
+
+
+def _parse_tags(tag_strings: npt.NDArray[np.object_]) -> tuple[Ints, Bools]:
+    """The (tags, mask) arrays back from the comma-separated tag strings (one loop per video)."""
+    rows = [[int(t) for t in str(s).split(",")] for s in tag_strings]
+    tags = np.zeros((len(rows), MAX_TAGS), dtype=np.int64)
+    mask = np.zeros((len(rows), MAX_TAGS), dtype=bool)
+    for i, row in enumerate(rows):
+        tags[i, : len(row)], mask[i, : len(row)] = row, True
+    return tags, mask
 
 
 def _context_effects(tabs: _Tabs, imp: _Impressions) -> Floats:
@@ -353,11 +483,12 @@ class _World:
     duration_s: Floats
     upload_day: Ints  # days since start_date (negative: uploaded before the log window)
     tabs: _Tabs
+    structure: _Structure
 
 
 def _truth(cfg: SimConfig, world: _World, imp: _Impressions) -> tuple[Floats, Floats, Floats]:
     """Exact p_click, mean watched fraction given click, and p_like given click per impression."""
-    affinity = _affinity(world.users, world.videos, imp, cfg.task_correlation)
+    affinity = _affinity(world, imp, cfg.task_correlation)
     logit = BIAS_VECTOR[:, None] + AFFINITY_VECTOR[:, None] * affinity
     logit += world.users.bias[:, imp.user] + world.videos.bias[:, imp.video]
     logit += _context_effects(world.tabs, imp)
@@ -440,8 +571,10 @@ def simulate(cfg: SimConfig) -> SimData:
     spawned from the seed, so identical configs give identical frames, and the world (users,
     videos, tabs) does not change with the number of impressions.
     """
-    user_rng, video_rng, tab_rng, imp_rng, label_rng = (
-        np.random.Generator(np.random.PCG64(s)) for s in np.random.SeedSequence(cfg.seed).spawn(5)
+    # The structure stream is the sixth child: spawn(6)[:5] are the five streams spawn(5) gives,
+    # so the default world is the same as before the structure knobs existed.
+    user_rng, video_rng, tab_rng, imp_rng, label_rng, structure_rng = (
+        np.random.Generator(np.random.PCG64(s)) for s in np.random.SeedSequence(cfg.seed).spawn(6)
     )
     users, user_latent, user_weight = _make_users(cfg, user_rng)
     videos, video_truth, video_latent, video_weight = _make_videos(cfg, video_rng)
@@ -453,6 +586,7 @@ def simulate(cfg: SimConfig) -> SimData:
         duration_s=videos["video_duration"].to_numpy() / 1000.0,
         upload_day=_upload_days(videos, cfg.start_date),
         tabs=_make_tabs(tab_rng),
+        structure=_make_structure(cfg, structure_rng, videos, video_latent.vectors),
     )
     imp = _sample_impressions(
         cfg, imp_rng, user_weight, video_weight, world.upload_day, world.tabs.weight
@@ -524,29 +658,30 @@ def run_simulate(
     out: Path,
     impressions: int,
     seed: int,
-    task_correlation: float = 0.5,
-    clickbait_fraction: float = 0.1,
+    task_correlation: float | None = None,
+    clickbait_fraction: float | None = None,
     n_users: int | None = None,
     n_videos: int | None = None,
+    preset: str = "default",
 ) -> Path:
-    """CLI entry point: simulate, write Parquet into `out`, print a one-line summary."""
+    """CLI entry point: simulate the preset's world (options override it), write Parquet into
+    `out`, print a one-line summary."""
     started = time.perf_counter()
-    cfg = SimConfig(
-        n_impressions=impressions,
-        seed=seed,
-        task_correlation=task_correlation,
-        clickbait_fraction=clickbait_fraction,
-    )
-    if n_users is not None:
-        cfg = dataclasses.replace(cfg, n_users=n_users)
-    if n_videos is not None:
-        cfg = dataclasses.replace(cfg, n_videos=n_videos)
+    options = {
+        "task_correlation": task_correlation,
+        "clickbait_fraction": clickbait_fraction,
+        "n_users": n_users,
+        "n_videos": n_videos,
+    }
+    overrides = {k: v for k, v in options.items() if v is not None}
+    cfg = preset_config(preset, n_impressions=impressions, seed=seed, **overrides)
     data = simulate(cfg)
     write_simulation(data, out)
     log = data.log
     print(
-        f"simulated {len(log):,} impressions ({cfg.n_users} users, {cfg.n_videos} videos) "
-        f"-> {out}: CTR {log['is_click'].mean():.3f}, like rate {log['is_like'].mean():.4f}, "
+        f"simulated {len(log):,} impressions ({preset} world, {cfg.n_users} users, "
+        f"{cfg.n_videos} videos) -> {out}: CTR {log['is_click'].mean():.3f}, "
+        f"like rate {log['is_like'].mean():.4f}, "
         f"mean watch {log['play_time_ms'].mean() / 1000.0:.2f}s/impression, "
         f"{time.perf_counter() - started:.1f}s"
     )

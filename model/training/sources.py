@@ -1,4 +1,5 @@
-"""Where a run's impressions come from: ``--data DIR`` (KuaiRand's schema) or ``--simulate N``."""
+"""Where a run's impressions come from: ``--data DIR`` (KuaiRand's schema) or ``--simulate N``
+(of the world ``--preset`` names, model/training/simulate.py's PRESETS)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,25 @@ import pandas as pd
 
 from model.training.config import TrainJob
 from model.training.data import load_impressions
-from model.training.simulate import SimConfig, simulate, write_simulation
+from model.training.simulate import SimConfig, preset_config, simulate, write_simulation
 
 
-def simulated_impressions(n: int, seed: int, task_correlation: float = 0.5) -> pd.DataFrame:
-    """``n`` simulated impressions as the trainer's frame.
+def simulated_impressions(
+    n: int, seed: int, task_correlation: float | None = None, preset: str = "default"
+) -> pd.DataFrame:
+    """``n`` simulated impressions of the named preset's world as the trainer's frame.
 
-    The simulation goes through a temporary Parquet directory and ``load_impressions`` so that
-    simulated and real data take the very same loading path (about 0.2 s per 1M rows).
+    ``task_correlation``, when given, overrides the preset's. The simulation goes through a
+    temporary Parquet directory and ``load_impressions`` so that simulated and real data take the
+    very same loading path (about 0.2 s per 1M rows).
     """
-    data = simulate(SimConfig(n_impressions=n, seed=seed, task_correlation=task_correlation))
+    overrides = {} if task_correlation is None else {"task_correlation": task_correlation}
+    return simulated_frame(preset_config(preset, n_impressions=n, seed=seed, **overrides))
+
+
+def simulated_frame(config: SimConfig) -> pd.DataFrame:
+    """The trainer's frame of one simulated world (through Parquet, as real data)."""
+    data = simulate(config)
     with tempfile.TemporaryDirectory(prefix="vidrank-sim-") as tmp:
         write_simulation(data, Path(tmp))
         return load_impressions(Path(tmp))
@@ -27,6 +37,6 @@ def simulated_impressions(n: int, seed: int, task_correlation: float = 0.5) -> p
 def load_frame(job: TrainJob) -> pd.DataFrame:
     """The impression frame named by the job's ``--data`` or ``--simulate``."""
     if job.simulate is not None:
-        return simulated_impressions(job.simulate, job.train.seed)
+        return simulated_impressions(job.simulate, job.train.seed, preset=job.preset)
     assert job.data is not None  # TrainJob holds exactly one of the two
     return load_impressions(job.data)

@@ -1,8 +1,10 @@
-"""Simulator: determinism, KuaiRand schema, label/truth consistency and the clickbait property."""
+"""Simulator: determinism, KuaiRand schema, label/truth consistency, the clickbait property and the
+task-structure knobs (presets, conflicting tasks, per-task fields, nonlinear responses)."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,15 @@ import pytest
 
 from model.core.metrics import ndcg_at_k
 from model.training.simulate import (
+    DIFFERENT_FIELDS,
+    PRESETS,
+    TASK_FIELDS,
     SimConfig,
     SimData,
+    _make_structure,
+    _parse_tags,
+    _respond,
+    preset_config,
     run_simulate,
     simulate,
     true_utility,
@@ -179,6 +188,61 @@ def test_task_correlation_knob_controls_shared_driver() -> None:
     assert abs(low[0]) < 0.15 and high[0] > 0.8
 
 
+def test_negative_task_correlation_makes_click_conflict_with_completion_and_like() -> None:
+    conflicting, unrelated = driver_correlations(-0.8), driver_correlations(0.0)
+    assert conflicting[0] < -0.5 and conflicting[1] < -0.3  # click vs like, click vs completion
+    assert conflicting[0] < unrelated[0] - 0.4 and conflicting[1] < unrelated[1] - 0.3
+
+
+def test_task_fields_give_each_task_its_field_vectors() -> None:
+    """Each task's own item vector is a function of the field it names and of nothing else."""
+    cfg = SimConfig(**SMALL_WORLD, task_fields=("tag", "author", "duration"))  # type: ignore[arg-type]
+    videos = simulate(cfg).videos
+    rng = np.random.default_rng(0)
+    fake_video_vectors = rng.normal(size=(4, cfg.n_videos, cfg.latent_dim))
+    items = _make_structure(cfg, rng, videos, fake_video_vectors).items
+    assert items.shape == (3, cfg.n_videos, cfg.latent_dim)
+    for task, column in enumerate(("tag", "author_id", "video_duration")):
+        key = videos[column].astype(str).to_numpy()
+        if column == "tag":  # a set of tags: order does not matter
+            key = np.asarray([",".join(sorted(k.split(","))) for k in key])
+        # Same field value -> same vector; the number of distinct vectors = of distinct values.
+        distinct = np.unique(items[task].round(12), axis=0)
+        assert len(distinct) == len(np.unique(key)), column
+        first = pd.Series(np.arange(len(key))).groupby(key).transform("first").to_numpy()
+        np.testing.assert_array_equal(items[task], items[task][first])
+    # Unit variance of the user . item dot product, as for the video vectors (user sd dim^-1/4).
+    for task in range(3):
+        var = (items[task] ** 2).sum(axis=1).mean() * cfg.latent_dim**-0.5
+        assert 0.6 < var < 1.4, task
+    same = SimConfig(**SMALL_WORLD)  # type: ignore[arg-type]
+    video = _make_structure(same, rng, videos, fake_video_vectors).items
+    np.testing.assert_array_equal(video, fake_video_vectors[1:])
+    assert set(TASK_FIELDS) == {"video", "tag", "author", "music", "duration"}
+
+
+def test_parse_tags_inverts_the_tag_strings(sim: SimData) -> None:
+    tags, mask = _parse_tags(sim.videos["tag"].to_numpy())
+    rebuilt = [",".join(str(t) for t in row[m]) for row, m in zip(tags, mask, strict=True)]
+    assert rebuilt == list(sim.videos["tag"])
+
+
+def test_nonlinear_response_is_task_specific_and_non_monotone() -> None:
+    cfg = SimConfig(**SMALL_WORLD, nonlinearity=1.0)  # type: ignore[arg-type]
+    rng = np.random.default_rng(1)
+    videos = simulate(cfg).videos
+    structure = _make_structure(cfg, rng, videos, rng.normal(size=(4, cfg.n_videos, 8)))
+    z = np.tile(np.linspace(-2.5, 2.5, 501), (3, 1))  # the same affinity for every task
+    out = _respond(z, structure)
+    assert not np.allclose(out[0], out[1]) and not np.allclose(out[1], out[2])
+    assert (np.diff(out, axis=1) < 0).any()  # a sin wiggle, not a monotone link
+    np.testing.assert_allclose(out - z, np.sin(
+        structure.alpha[:, :, None] * z[:, None, :] + structure.beta[:, :, None]
+    ).sum(axis=1))  # fmt: skip
+    linear = dataclasses.replace(structure, amplitude=0.0)
+    assert _respond(z, linear) is z
+
+
 def test_truth_depends_on_observable_features(sim: SimData) -> None:
     log = sim.log
     rates = per_impression_rates(log)
@@ -208,8 +272,78 @@ def test_true_utility_weights() -> None:
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="task_correlation"):
         SimConfig(task_correlation=1.5)
+    with pytest.raises(ValueError, match="task_correlation"):
+        SimConfig(task_correlation=-1.01)
     with pytest.raises(ValueError, match="n_users"):
         SimConfig(n_users=0)
+    with pytest.raises(ValueError, match="task_fields"):
+        SimConfig(task_fields=("tag", "genre", "author"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="task_fields"):
+        SimConfig(task_fields=("tag", "author"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="nonlinearity"):
+        SimConfig(nonlinearity=-0.1)
+    with pytest.raises(ValueError, match="unknown simulator preset 'nope'"):
+        preset_config("nope")
+
+
+def frames_digest(data: SimData) -> str:
+    """sha256 over every frame's column names, dtypes and values (exact bytes)."""
+    h = hashlib.sha256()
+    for name in ("log", "users", "videos", "video_truth"):
+        frame = getattr(data, name)
+        for col in frame.columns:
+            values = frame[col].to_numpy()
+            h.update(f"{name}.{col}:{values.dtype}".encode())
+            if values.dtype == object:
+                h.update("\x1f".join(map(str, values)).encode())
+            else:
+                h.update(np.ascontiguousarray(values).tobytes())
+    return h.hexdigest()
+
+
+# Digests of worlds generated by main's simulator (commit 1cdee94) before the structure knobs
+# existed: the "default" preset, and SimConfig's own default, must keep producing these bytes.
+MAIN_DIGESTS = {
+    ("default", 0): "ad4d2622cbadf8f01fe351bb47d40db21e15b170f343237ae2f2b5784614c293",
+    ("default", 3): "89b8b03e0412b76ddcf1de783bd4bac39d2b650ef6ac7e8e5b16e54007c3dc11",
+}
+SMALL_WORLD = {"n_users": 300, "n_videos": 600, "n_authors": 120, "n_impressions": 5_000}
+MAIN_RHO_DIGESTS = {
+    (0.0, 1): "9d63b16f7935e1eacecaf27db945242cf501fcc03e48eb635e829a1c801d32c3",
+    (1.0, 2): "3b2b31b1f1a4a1c21f2bbf820d345d9153fcd6e5a112782a586d42991bf40894",
+}
+
+
+def test_default_preset_is_byte_identical_to_the_world_before_presets() -> None:
+    for (preset, seed), digest in MAIN_DIGESTS.items():
+        assert frames_digest(simulate(preset_config(preset, n_impressions=20_000, seed=seed))) == (
+            digest
+        )
+    assert preset_config("default", seed=4) == SimConfig(seed=4)
+    for (rho, seed), digest in MAIN_RHO_DIGESTS.items():
+        cfg = SimConfig(**SMALL_WORLD, seed=seed, task_correlation=rho)  # type: ignore[arg-type]
+        assert frames_digest(simulate(cfg)) == digest
+
+
+def test_structure_knobs_change_the_truth_not_the_world_or_exposure() -> None:
+    """task_fields and nonlinearity change what drives the labels, not who sees what and when."""
+    base = simulate(preset_config("default", **SMALL_WORLD))  # type: ignore[arg-type]
+    for knobs in ({"task_fields": DIFFERENT_FIELDS}, {"nonlinearity": 1.0}):
+        other = simulate(preset_config("default", **SMALL_WORLD, **knobs))  # type: ignore[arg-type]
+        pd.testing.assert_frame_equal(other.users, base.users)
+        pd.testing.assert_frame_equal(other.videos, base.videos)
+        for col in ("user_id", "video_id", "time_ms", "tab"):
+            assert (other.log[col].to_numpy() == base.log[col].to_numpy()).all(), (knobs, col)
+        for col in TRUTH:
+            assert not np.allclose(other.log[col], base.log[col]), (knobs, col)
+
+
+def test_every_preset_simulates_its_knobs() -> None:
+    for name, knobs in PRESETS.items():
+        cfg = preset_config(name, **SMALL_WORLD)  # type: ignore[arg-type]
+        assert all(getattr(cfg, k) == v for k, v in knobs.items()), name
+        log = simulate(cfg).log
+        assert 0.2 < log["is_click"].mean() < 0.45 and 0.005 < log["is_like"].mean() < 0.05, name
 
 
 def test_run_simulate_writes_files_and_prints_summary(
@@ -220,3 +354,20 @@ def test_run_simulate_writes_files_and_prints_summary(
     assert len(pd.read_parquet(out / "log_standard_sim.parquet")) == 2_000
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and "CTR" in lines[0] and "like rate" in lines[0]
+
+
+def test_cli_simulate_writes_a_preset_and_rejects_an_unknown_one(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from model.cli import app
+
+    args = ["simulate", "--impressions", "3000", "--seed", "2"]
+    done = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "c"), "--preset", "conflicting"])
+    assert done.exit_code == 0, done.output
+    assert "conflicting world" in done.output
+    log = pd.read_parquet(tmp_path / "c" / "log_standard_sim.parquet")
+    expected = simulate(preset_config("conflicting", n_impressions=3000, seed=2)).log
+    np.testing.assert_array_equal(log["true_p_like"], expected["true_p_like"])
+    bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x"), "--preset", "nope"])
+    assert bad.exit_code == 2 and "nope" in bad.output
+    assert not (tmp_path / "x").exists()

@@ -329,9 +329,14 @@ def test_train_config_checks_every_option(tmp_path: Path) -> None:
     for flag, kwargs in {
         "--simulate": {"simulate": 5},
         "--nproc": {"simulate": 100, "nproc": 0},
+        "--preset must be one of": {"simulate": 100, "preset": "nope"},
+        "--preset names a simulated world": {"data": tmp_path, "preset": "conflicting"},
     }.items():
         with pytest.raises(ValueError, match=flag):
             TrainJob(registry=tmp_path, **kwargs)  # type: ignore[arg-type]
+    assert TrainJob(registry=tmp_path, simulate=100).data_description == "simulated:100"
+    job = TrainJob(registry=tmp_path, simulate=100, preset="unrelated")
+    assert job.data_description == "simulated:100:unrelated"
 
 
 def test_interactions_option_parses_names_and_none(tiny_frame: pd.DataFrame) -> None:
