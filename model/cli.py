@@ -260,6 +260,59 @@ def _check_version(registry: Path, version: str) -> None:
         _fail(str(e))
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(filter(None, (part.strip() for part in text.split(","))))
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in _names(text))
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected integers such as 0,1,2") from None
+
+
+@app.command()
+def experiment(
+    out: Annotated[Path, typer.Option(help="Output directory (a rerun resumes it).")] = Path(
+        "experiment"
+    ),
+    presets: Annotated[
+        str, typer.Option(help="Simulator presets, comma-separated, by increasing relatedness.")
+    ] = "conflicting,unrelated,related,identical",
+    archs: Annotated[
+        str | None, typer.Option(help="Architectures, comma-separated (default: every --arch).")
+    ] = None,
+    seeds: Annotated[str, typer.Option(help="Seeds, comma-separated (world and training).")] = (
+        "0,1,2"
+    ),
+    impressions: Annotated[int, typer.Option(help="Simulated impressions per world.")] = 150_000,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs per run.")] = 2,
+    users: Annotated[int, typer.Option(help="Users per world.")] = 2_000,
+    videos: Annotated[int, typer.Option(help="Videos per world (authors, music scale).")] = 3_000,
+    small: Annotated[bool, typer.Option("--small", help="A tiny model config (tests).")] = False,
+) -> None:
+    """Sweep simulator presets x architectures x seeds; write runs, a Markdown table and a plot."""
+    from model.training.config import ARCHS
+    from model.training.experiment import Sweep, check_resumable, run_sweep
+
+    try:
+        sweep = Sweep(
+            presets=_names(presets),
+            archs=_names(archs) if archs else ARCHS,
+            seeds=_seeds(seeds),
+            impressions=impressions,
+            epochs=epochs,
+            n_users=users,
+            n_videos=videos,
+            small=small,
+        )
+        check_resumable(out, sweep)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    run_sweep(sweep, out)
+    typer.echo(f"wrote {out / 'summary.md'} and {out / 'relatedness.png'}")
+
+
 @app.command()
 def serve(
     registry: RegistryOpt = Path("registry"),

@@ -1,0 +1,351 @@
+"""``vidrank experiment``: does a multi-gate model beat a shared bottom, and when?
+
+The sweep of the MMoE paper's synthetic study (Ma et al., KDD 2018, Fig. 4) on our simulator:
+simulator presets (task relatedness, from conflicting to identical tasks; model/training/
+simulate.py's ``PRESETS``) x architectures (``config.ARCHS``: whatever ``--arch`` offers) x seeds.
+Seed s simulates world s and trains with seed s, and every architecture of a (preset, seed) trains
+on the same frame, so gains over shared-bottom are paired differences.
+
+Each run goes through the trainer's own ``fit`` (chronological 80/10/10 split, early stopping on
+the validation loss, best weights restored) and is scored on the held-out test split: click and
+like AUC, watch XAUC and NDCG@10 of the fused ranking against the simulator's true utility. What
+the truth itself scores on the same rows is recorded as the pseudo-architecture ``truth``.
+
+Files in ``--out``: ``experiment.json`` (the sweep's scale; a rerun must match it), ``runs.jsonl``
+(one line per finished run - a rerun skips those, so an interrupted sweep resumes), ``runs.csv``,
+``summary.md`` (mean +- sd over seeds, paired gains over shared-bottom, gate diagnostics) and
+``relatedness.png`` (metric vs relatedness, one line per architecture, error bars = sd).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from model.core.metrics import auc, xauc
+from model.training.config import ARCHS, TrainConfig
+from model.training.fit import TrainResult, fit
+from model.training.simulate import PRESETS, preset_config
+from model.training.sources import simulated_frame
+
+SWEEP_PRESETS = ("conflicting", "unrelated", "related", "identical")  # by increasing relatedness
+BASELINE = "shared_bottom"
+TRUTH = "truth"
+METRICS = {  # column -> label in tables and plots
+    "click_auc": "click AUC",
+    "like_auc": "like AUC",
+    "watch_xauc": "watch XAUC",
+    "ndcg10_fused": "NDCG@10 fused",
+}
+COLLAPSE_SHARE = 0.9  # a gate whose mean weight on one expert exceeds this has collapsed
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What to sweep and at which scale (the world is scaled down with the impressions)."""
+
+    presets: tuple[str, ...] = SWEEP_PRESETS
+    archs: tuple[str, ...] = ARCHS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    impressions: int = 150_000
+    epochs: int = 2
+    n_users: int = 2_000
+    n_videos: int = 3_000
+    small: bool = False  # the tiny network (tests)
+
+    def __post_init__(self) -> None:
+        for name, given, known in (
+            ("--presets", self.presets, PRESETS),
+            ("--archs", self.archs, ARCHS),
+        ):
+            unknown = [g for g in given if g not in known]
+            if unknown or not given:
+                raise ValueError(f"{name}: unknown or empty {unknown}; choose from {list(known)}")
+        if not self.seeds:
+            raise ValueError("--seeds: give at least one seed")
+        if self.epochs < 1 or self.impressions < 1_000:
+            raise ValueError("--epochs must be >= 1 and --impressions >= 1000")
+        if self.n_users < 1 or self.n_videos < 1:
+            raise ValueError("--users and --videos must be >= 1")
+
+    def world(self, preset: str, seed: int) -> dict[str, Any]:
+        """SimConfig overrides: authors and music scale with the videos as in the default world."""
+        return {
+            "n_impressions": self.impressions,
+            "seed": seed,
+            "n_users": self.n_users,
+            "n_videos": self.n_videos,
+            "n_authors": max(1, self.n_videos * 3 // 16),
+            "n_music": max(1, self.n_videos // 4),
+        }
+
+    def scale(self) -> dict[str, Any]:
+        """What makes runs comparable: a resumed sweep must have the same."""
+        return {k: v for k, v in asdict(self).items() if k not in ("presets", "archs", "seeds")}
+
+
+def check_resumable(out: Path, sweep: Sweep) -> None:
+    """Refuse an output directory that holds a sweep at another scale (its runs would mix)."""
+    meta = out / "experiment.json"
+    if meta.exists() and json.loads(meta.read_text())["scale"] != sweep.scale():
+        raise ValueError(
+            f"--out {out} holds a sweep at another scale ({meta}); use another --out to start anew"
+        )
+
+
+@dataclass
+class RunStore:
+    """``runs.jsonl`` in the output directory: finished runs, appended one line at a time."""
+
+    out: Path
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, out: Path, sweep: Sweep) -> RunStore:
+        check_resumable(out, sweep)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = out / "experiment.json"
+        meta.write_text(json.dumps({"scale": sweep.scale()}, indent=2) + "\n")
+        path = out / "runs.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return cls(out, [json.loads(line) for line in lines if line.strip()])
+
+    def done(self, preset: str, arch: str, seed: int) -> bool:
+        return any((r["preset"], r["arch"], r["seed"]) == (preset, arch, seed) for r in self.runs)
+
+    def add(self, run: dict[str, Any]) -> None:
+        self.runs.append(run)
+        with (self.out / "runs.jsonl").open("a") as f:
+            f.write(json.dumps(run) + "\n")
+
+
+def gate_summary(diagnostics: dict[str, Any] | None) -> dict[str, float]:
+    """Per task: largest mean expert share and gate entropy / log(E) (0 = one-hot, 1 = uniform)."""
+    if not diagnostics:
+        return {}
+    out: dict[str, float] = {}
+    max_entropy = float(diagnostics["max_entropy"]) or 1.0
+    for task, d in diagnostics["tasks"].items():
+        out[f"gate_{task}_max_share"] = float(d["max_mean_share"])
+        out[f"gate_{task}_entropy"] = float(d["mean_entropy"]) / max_entropy
+    return out
+
+
+def truth_metrics(result: TrainResult) -> dict[str, float]:
+    """What the simulator's expectations score on the held-out rows (the ceiling); NDCG@10 is
+    the truth through the same fusion (``ndcg10_fused_truth``)."""
+    test = result.test
+    return {
+        "click_auc": auc(test["click"].to_numpy(), test["true_p_click"].to_numpy()),
+        "like_auc": auc(test["like"].to_numpy(), test["true_p_like"].to_numpy()),
+        "watch_xauc": xauc(test["watch_s"].to_numpy(), test["true_watch_s"].to_numpy()),
+        "ndcg10_fused": float(result.metrics.get("ndcg10_fused_truth", float("nan"))),
+    }
+
+
+def run_record(
+    preset: str, arch: str, seed: int, result: TrainResult, seconds: float
+) -> dict[str, Any]:
+    """One finished run as a flat JSON record."""
+    m = result.metrics
+    keep = (*METRICS, "ndcg10_fused_truth", "ndcg10_click_only", "epochs", "train_time_s")
+    record: dict[str, Any] = {"preset": preset, "arch": arch, "seed": seed}
+    record.update({k: float(m[k]) for k in keep if k in m})
+    record["wall_s"] = round(seconds, 1)
+    record.update(gate_summary(result.gate_diagnostics))
+    return record
+
+
+def run_sweep(sweep: Sweep, out: Path, verbose: bool = True) -> RunStore:
+    """Train every missing (preset, arch, seed) run; rewrite the reports after each one."""
+    store = RunStore.open(out, sweep)
+    for preset in sweep.presets:
+        for seed in sweep.seeds:
+            todo = [a for a in sweep.archs if not store.done(preset, a, seed)]
+            if not todo:
+                continue
+            frame = simulated_frame(preset_config(preset, **sweep.world(preset, seed)))
+            for arch in todo:
+                started = time.perf_counter()
+                config = TrainConfig(arch=arch, small=sweep.small, epochs=sweep.epochs, seed=seed)
+                result = fit(frame, config, verbose=False)
+                record = run_record(preset, arch, seed, result, time.perf_counter() - started)
+                store.add(record)
+                if not store.done(preset, TRUTH, seed):
+                    truth = truth_metrics(result)
+                    store.add({"preset": preset, "arch": TRUTH, "seed": seed, **truth})
+                if verbose:
+                    print(progress_line(record), flush=True)
+                write_reports(store.runs, sweep, out)
+    write_reports(store.runs, sweep, out)
+    return store
+
+
+def progress_line(run: dict[str, Any]) -> str:
+    metrics = " ".join(f"{k}={run[k]:.4f}" for k in METRICS if k in run)
+    return f"{run['preset']:12s} {run['arch']:14s} seed {run['seed']}: {metrics} ({run['wall_s']}s)"
+
+
+# -- reports ---------------------------------------------------------------------------------
+
+
+def write_reports(runs: Sequence[dict[str, Any]], sweep: Sweep, out: Path) -> None:
+    """runs.csv, summary.md and relatedness.png from the runs of this sweep."""
+    frame = sweep_frame(runs, sweep)
+    if frame.empty:
+        return
+    frame.to_csv(out / "runs.csv", index=False)
+    stats, gains = aggregate(frame)
+    (out / "summary.md").write_text(summary_markdown(frame, stats, gains, sweep))
+    plot_relatedness(stats, sweep, out / "relatedness.png")
+
+
+def sweep_frame(runs: Iterable[dict[str, Any]], sweep: Sweep) -> pd.DataFrame:
+    """The runs of the sweep's presets, archs (and truth) and seeds, in sweep order."""
+    frame = pd.DataFrame(list(runs))
+    if frame.empty:
+        return frame
+    archs = (*sweep.archs, TRUTH)
+    frame = frame[
+        frame["preset"].isin(sweep.presets)
+        & frame["arch"].isin(archs)
+        & frame["seed"].isin(sweep.seeds)
+    ]
+    order = {"preset": list(sweep.presets), "arch": list(archs)}
+    keys = [frame[c].map({v: i for i, v in enumerate(o)}) for c, o in order.items()]
+    return (
+        frame.assign(_p=keys[0], _a=keys[1])
+        .sort_values(["_p", "_a", "seed"])
+        .drop(columns=["_p", "_a"])
+        .reset_index(drop=True)
+    )
+
+
+def aggregate(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mean, sd and count over seeds per (preset, arch); paired gains over the baseline."""
+    cols = [c for c in METRICS if c in frame]
+    stats = frame.groupby(["preset", "arch"], sort=False)[cols].agg(["mean", "std", "count"])
+    base = frame.loc[frame["arch"] == BASELINE, ["preset", "seed", *cols]]
+    models = frame[~frame["arch"].isin([BASELINE, TRUTH])]
+    if base.empty or models.empty:
+        return stats, pd.DataFrame()
+    paired = models.merge(base, on=["preset", "seed"], suffixes=("", "_base"))
+    for c in cols:
+        paired[c] = paired[c] - paired[f"{c}_base"]
+    gains = paired.groupby(["preset", "arch"], sort=False)[cols].agg(["mean", "std", "count"])
+    return stats, gains
+
+
+def _cell(mean: float, sd: float, signed: bool = False) -> str:
+    if not math.isfinite(mean):
+        return "—"
+    text = f"{mean:+.4f}" if signed else f"{mean:.4f}"
+    if not math.isfinite(sd):
+        return text
+    marker = " *" if signed and abs(mean) > sd else ""
+    return f"{text} ± {sd:.4f}{marker}"
+
+
+def _table(stats: pd.DataFrame, signed: bool) -> list[str]:
+    cols = [c for c in METRICS if c in stats.columns.get_level_values(0)]
+    head = "| preset | arch | " + " | ".join(METRICS[c] for c in cols) + " | seeds |"
+    lines = [head, "|" + "---|" * (len(cols) + 3)]
+    for (preset, arch), row in stats.iterrows():
+        cells = [_cell(row[(c, "mean")], row[(c, "std")], signed) for c in cols]
+        n = int(row[(cols[0], "count")])
+        lines.append(f"| {preset} | {arch} | " + " | ".join(cells) + f" | {n} |")
+    return lines
+
+
+def gate_lines(frame: pd.DataFrame) -> list[str]:
+    """Per (preset, arch) with gates: the largest expert share and normalised entropy per task."""
+    share_cols = [c for c in frame.columns if c.startswith("gate_") and c.endswith("_max_share")]
+    gated = frame.dropna(subset=share_cols, how="all") if share_cols else frame.iloc[:0]
+    if gated.empty:
+        return ["No architecture in this sweep has gates."]
+    tasks = [c[len("gate_") : -len("_max_share")] for c in share_cols]
+    lines = [
+        "| preset | arch | " + " | ".join(f"{t}: max share / entropy" for t in tasks) + " |",
+        "|" + "---|" * (len(tasks) + 2),
+    ]
+    for (preset, arch), rows in gated.groupby(["preset", "arch"], sort=False):
+        cells = [
+            f"{rows[f'gate_{t}_max_share'].mean():.2f} / {rows[f'gate_{t}_entropy'].mean():.2f}"
+            for t in tasks
+        ]
+        lines.append(f"| {preset} | {arch} | " + " | ".join(cells) + " |")
+    collapsed = int((gated[share_cols] > COLLAPSE_SHARE).to_numpy().sum())
+    lines.append("")
+    lines.append(
+        f"Collapsed gates (one expert's mean share > {COLLAPSE_SHARE}): {collapsed} of "
+        f"{int(gated[share_cols].notna().to_numpy().sum())} task gates."
+    )
+    return lines
+
+
+def summary_markdown(
+    frame: pd.DataFrame, stats: pd.DataFrame, gains: pd.DataFrame, sweep: Sweep
+) -> str:
+    """The sweep's tables as Markdown."""
+    rho = {p: PRESETS[p].get("task_correlation", 0.5) for p in sweep.presets}
+    lines = [
+        "# Multi-gate vs shared-bottom across task relatedness",
+        "",
+        f"{sweep.impressions:,} simulated impressions per world ({sweep.n_users:,} users, "
+        f"{sweep.n_videos:,} videos), up to {sweep.epochs} epochs, seeds {list(sweep.seeds)}; "
+        "held-out test split (last 10% by time). Presets (task correlation): "
+        + ", ".join(f"{p} ({rho[p]})" for p in sweep.presets)
+        + ". Mean ± sd over seeds; `truth` = the simulator's expectations on the same rows.",
+        "",
+        *_table(stats, signed=False),
+    ]
+    if not gains.empty:
+        lines += [
+            "",
+            f"## Gain over {BASELINE} (paired by seed; * = |mean| > sd of the gain)",
+            "",
+            *_table(gains, signed=True),
+        ]
+    lines += ["", "## Gate diagnostics (test split, mean over seeds)", "", *gate_lines(frame)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_relatedness(stats: pd.DataFrame, sweep: Sweep, path: Path) -> None:
+    """Fig. 4-style plot: each metric vs task relatedness, one line per arch, sd error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.arange(len(sweep.presets))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    for ax, (metric, label) in zip(axes.flat, METRICS.items(), strict=True):
+        for arch in sweep.archs:
+            rows = [(preset, arch) in stats.index for preset in sweep.presets]
+            if metric not in stats.columns.get_level_values(0) or not any(rows):
+                continue
+            sub = stats.reindex([(p, arch) for p in sweep.presets])[metric]
+            ax.errorbar(x, sub["mean"], yerr=sub["std"].fillna(0.0), marker="o", capsize=3,
+                        label=arch)  # fmt: skip
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xticks(x, [_tick(p) for p in sweep.presets])
+        ax.set_xlabel("task relatedness")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"{sweep.impressions:,} impressions, {len(sweep.seeds)} seeds (error bars: sd)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _tick(preset: str) -> str:
+    return f"{preset}\nρ={PRESETS[preset].get('task_correlation', 0.5)}"
