@@ -57,6 +57,8 @@ class Sweep:
     seeds: tuple[int, ...] = (0, 1, 2)
     impressions: int = 150_000
     epochs: int = 2
+    batch_size: int = 512  # small data: more updates per epoch than the trainer's 2048
+    lr: float = 2e-3
     n_users: int = 2_000
     n_videos: int = 3_000
     small: bool = False  # the tiny network (tests)
@@ -71,8 +73,10 @@ class Sweep:
                 raise ValueError(f"{name}: unknown or empty {unknown}; choose from {list(known)}")
         if not self.seeds:
             raise ValueError("--seeds: give at least one seed")
-        if self.epochs < 1 or self.impressions < 1_000:
-            raise ValueError("--epochs must be >= 1 and --impressions >= 1000")
+        if self.epochs < 1 or self.impressions < 1_000 or self.batch_size < 1:
+            raise ValueError("--epochs and --batch-size must be >= 1, --impressions >= 1000")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
         if self.n_users < 1 or self.n_videos < 1:
             raise ValueError("--users and --videos must be >= 1")
 
@@ -175,7 +179,14 @@ def run_sweep(sweep: Sweep, out: Path, verbose: bool = True) -> RunStore:
             frame = simulated_frame(preset_config(preset, **sweep.world(preset, seed)))
             for arch in todo:
                 started = time.perf_counter()
-                config = TrainConfig(arch=arch, small=sweep.small, epochs=sweep.epochs, seed=seed)
+                config = TrainConfig(
+                    arch=arch,
+                    small=sweep.small,
+                    epochs=sweep.epochs,
+                    seed=seed,
+                    batch_size=sweep.batch_size,
+                    lr=sweep.lr,
+                )
                 result = fit(frame, config, verbose=False)
                 record = run_record(preset, arch, seed, result, time.perf_counter() - started)
                 store.add(record)
@@ -300,7 +311,9 @@ def summary_markdown(
         "# Multi-gate vs shared-bottom across task relatedness",
         "",
         f"{sweep.impressions:,} simulated impressions per world ({sweep.n_users:,} users, "
-        f"{sweep.n_videos:,} videos), up to {sweep.epochs} epochs, seeds {list(sweep.seeds)}; "
+        f"{sweep.n_videos:,} videos), up to {sweep.epochs} epochs of batch {sweep.batch_size} "
+        f"at lr {sweep.lr:g}{' (small network)' if sweep.small else ''}, "
+        f"seeds {list(sweep.seeds)}; "
         "held-out test split (last 10% by time). Presets (task correlation): "
         + ", ".join(f"{p} ({rho[p]})" for p in sweep.presets)
         + ". Mean ± sd over seeds; `truth` = the simulator's expectations on the same rows.",
