@@ -171,8 +171,9 @@ def run_record(
 def run_sweep(sweep: Sweep, out: Path, verbose: bool = True) -> RunStore:
     """Train every missing (preset, arch, seed) run; rewrite the reports after each one."""
     store = RunStore.open(out, sweep)
-    for preset in sweep.presets:
-        for seed in sweep.seeds:
+    # Seeds outermost: a sweep cut short still covers every preset with its first seeds.
+    for seed in sweep.seeds:
+        for preset in sweep.presets:
             todo = [a for a in sweep.archs if not store.done(preset, a, seed)]
             if not todo:
                 continue
