@@ -285,13 +285,19 @@ def experiment(
     seeds: Annotated[str, typer.Option(help="Seeds, comma-separated (world and training).")] = (
         "0,1,2"
     ),
-    impressions: Annotated[int, typer.Option(help="Simulated impressions per world.")] = 150_000,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs per run.")] = 2,
-    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 512,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
-    users: Annotated[int, typer.Option(help="Users per world.")] = 2_000,
-    videos: Annotated[int, typer.Option(help="Videos per world (authors, music scale).")] = 3_000,
-    small: Annotated[bool, typer.Option("--small", help="A tiny model config (tests).")] = False,
+    impressions: Annotated[int, typer.Option(help="Simulated impressions per world.")] = 60_000,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs per run.")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 1024,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-2,
+    users: Annotated[int, typer.Option(help="Users per world.")] = 600,
+    videos: Annotated[int, typer.Option(help="Videos per world (authors, music scale).")] = 1_500,
+    small: Annotated[
+        bool,
+        typer.Option(
+            "--small/--full",
+            help="The small network (default: fits the time on 2 cores) or the trainer's default.",
+        ),
+    ] = True,
 ) -> None:
     """Sweep simulator presets x architectures x seeds; write runs, a Markdown table and a plot."""
     from model.training.config import ARCHS
