@@ -371,3 +371,14 @@ def test_cli_simulate_writes_a_preset_and_rejects_an_unknown_one(tmp_path: Path)
     bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x"), "--preset", "nope"])
     assert bad.exit_code == 2 and "nope" in bad.output
     assert not (tmp_path / "x").exists()
+
+
+def test_train_job_preset_flows_to_the_simulated_frame(tmp_path: Path) -> None:
+    from model.training.config import TrainJob
+    from model.training.sources import load_frame
+
+    frame = load_frame(TrainJob(registry=tmp_path, simulate=2_000, preset="conflicting"))
+    expected = simulate(preset_config("conflicting", n_impressions=2_000, seed=0)).log
+    np.testing.assert_array_equal(frame["true_p_like"], expected["true_p_like"])
+    default = load_frame(TrainJob(registry=tmp_path, simulate=2_000))
+    assert not np.allclose(default["true_p_like"], frame["true_p_like"])
