@@ -193,7 +193,8 @@ def test_shifted_canary_rolled_back_and_second_replica_converges(
     registry.publish(shifted_bundle)
     a = start_server(live_registry, env=ROLLOUT_ENV)
     b = start_server(live_registry, env=ROLLOUT_ENV)
-    policy = {"max_psi": 0.5, "min_requests": 20}
+    # The PSI bound is what this test is about; a latency bound would judge the machine's load.
+    policy = {"max_psi": 0.5, "min_requests": 20, "max_p99_ratio": 1000.0}
     with httpx.Client(base_url=a.url, headers=AUTH, timeout=60) as admin:
         # A healthy canary (the same weights) under the same traffic: judged, and kept.
         body = {"version": "v2", "percent": 50, "policy": policy, "reason": "healthy"}

@@ -35,12 +35,14 @@ beta = 2.0
 
 
 def settings_for(registry: Path, **overrides: Any) -> Settings:
-    """Settings for tests: the poller effectively off unless a test asks for it."""
+    """Settings for tests: the poller effectively off and no default deadline (on a busy 2-core
+    machine a request can wait a second for the CPU) unless a test asks for them."""
     values: dict[str, Any] = {
         "registry": registry,
         "admin_token": ADMIN_TOKEN,
         "poll_interval_s": 3600.0,
         "ort_intra_op_threads": 1,
+        "request_timeout_ms": 0,
     }
     values.update(overrides)
     return Settings(**values)
