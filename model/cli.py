@@ -86,7 +86,7 @@ def train(
         str, typer.Option(help="The simulator preset --simulate draws from (see `simulate`).")
     ] = "default",
     arch: Annotated[
-        str, typer.Option(help="single_task, shared_bottom, omoe, mmoe or ple.")
+        str, typer.Option(help="single_task, shared_bottom, omoe, mmoe, ple or stem.")
     ] = "mmoe",
     version: Annotated[
         str | None, typer.Option(help="Version name (default: a timestamp).")
@@ -112,6 +112,10 @@ def train(
     loss_weights: Annotated[
         str, typer.Option(help="Per-task loss weights, e.g. 'click=1,watch_time=1,like=1'.")
     ] = "click=1,watch_time=1,like=1",
+    loss_balance: Annotated[
+        str,
+        typer.Option(help="How task losses combine: fixed (the weights), uncertainty or gradnorm."),
+    ] = "fixed",
     activate: Annotated[
         bool | None,
         typer.Option(
@@ -160,6 +164,7 @@ def train(
             batch_size=batch_size,
             lr=lr,
             loss_weights=parse_loss_weights(loss_weights),
+            loss_balance=loss_balance,
         )
         job = TrainJob(
             registry=registry,
@@ -280,7 +285,11 @@ def experiment(
         str, typer.Option(help="Simulator presets, comma-separated, by increasing relatedness.")
     ] = "conflicting,unrelated,related,identical",
     archs: Annotated[
-        str | None, typer.Option(help="Architectures, comma-separated (default: every --arch).")
+        str | None,
+        typer.Option(
+            help="Architectures, comma-separated (default: every --arch); ARCH:BALANCE trains"
+            " ARCH with that --loss-balance, e.g. mmoe:gradnorm."
+        ),
     ] = None,
     seeds: Annotated[str, typer.Option(help="Seeds, comma-separated (world and training).")] = (
         "0,1,2"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from model.core.registry import check_version_name
 from model.core.tasks import TASKS
+from model.training.balance import BALANCES
 from model.training.mmoe import ARCHS, DEFAULT_INTERACTIONS, INTERACTIONS
 from model.training.simulate import PRESETS
 
@@ -78,8 +79,11 @@ class TrainConfig:
     batch_size: int = 2048
     lr: float = 2e-3
     loss_weights: dict[str, float] = field(default_factory=default_loss_weights)
+    loss_balance: str = "fixed"  # how the task losses combine (model/training/balance.py)
 
     def __post_init__(self) -> None:
+        if self.loss_balance not in BALANCES:
+            raise ValueError(f"--loss-balance must be one of {BALANCES}, got {self.loss_balance!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"--arch must be one of {ARCHS}, got {self.arch!r}")
         unknown = [i for i in self.interactions if i not in INTERACTIONS]

@@ -19,6 +19,7 @@ Files in ``--out``: ``experiment.json`` (the sweep's scale; a rerun must match i
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -31,13 +32,18 @@ import numpy as np
 import pandas as pd
 
 from model.core.metrics import auc, xauc
+from model.training.balance import BALANCES
+from model.training.batches import encode_split, make_batches
 from model.training.config import ARCHS, TrainConfig
 from model.training.fit import TrainResult, fit
 from model.training.simulate import PRESETS, preset_config
 from model.training.sources import simulated_frame
+from model.training.transfer import gradient_report
 
 SWEEP_PRESETS = ("conflicting", "unrelated", "related", "identical")  # by increasing relatedness
 BASELINE = "shared_bottom"
+SINGLE_TASK = "single_task"  # the other baseline: one model per task
+GRADIENT_BATCHES = 4  # test-split batches of 2048 the gradient diagnostics average over
 TRUTH = "truth"
 METRICS = {  # column -> label in tables and plots
     "click_auc": "click AUC",
@@ -70,7 +76,8 @@ class Sweep:
     def __post_init__(self) -> None:
         for name, given, known in (
             ("--presets", self.presets, PRESETS),
-            ("--archs", self.archs, ARCHS),
+            ("--archs", [variant(a)[0] for a in self.archs], ARCHS),
+            ("--archs (balance)", [variant(a)[1] for a in self.archs], BALANCES),
         ):
             unknown = [g for g in given if g not in known]
             if unknown or not given:
@@ -98,6 +105,12 @@ class Sweep:
     def scale(self) -> dict[str, Any]:
         """What makes runs comparable: a resumed sweep must have the same."""
         return {k: v for k, v in asdict(self).items() if k not in ("presets", "archs", "seeds")}
+
+
+def variant(name: str) -> tuple[str, str]:
+    """``"ARCH"`` or ``"ARCH:BALANCE"`` -> (arch, loss balance); the balance defaults to fixed."""
+    arch, _, balance = name.partition(":")
+    return arch, balance or "fixed"
 
 
 def check_resumable(out: Path, sweep: Sweep) -> None:
@@ -169,7 +182,29 @@ def run_record(
     record.update({k: float(m[k]) for k in keep if k in m})
     record["wall_s"] = round(seconds, 1)
     record.update(gate_summary(result.gate_diagnostics))
+    record.update(gradient_summary(result))
     return record
+
+
+def gradient_summary(result: TrainResult) -> dict[str, float]:
+    """Per shared parameter group of the trained model: each task's gradient norm, the largest
+    over the smallest, every pair's cosine and the lowest (on a few test-split batches).
+    """
+    test = encode_split(result.schema, result.test, result.config.watch_scale)
+    batches = make_batches(test, 2048, np.random.default_rng(0))
+    report = gradient_report(result.model, itertools.islice(batches, GRADIENT_BATCHES))
+    out: dict[str, float] = {}
+    for group, g in report["groups"].items():
+        key = group.replace(" ", "_")
+        norms = [v for v in g["norm"].values() if v > 0]
+        for task, v in g["norm"].items():
+            out[f"grad_{key}_norm_{task}"] = v
+        for pair, v in g["cosine"].items():
+            out[f"grad_{key}_cos_{pair}"] = v
+        if len(norms) > 1 and g["cosine"]:
+            out[f"grad_{key}_ratio"] = max(norms) / min(norms)
+            out[f"grad_{key}_min_cos"] = min(g["cosine"].values())
+    return out
 
 
 def run_sweep(sweep: Sweep, out: Path, verbose: bool = True) -> RunStore:
@@ -184,8 +219,10 @@ def run_sweep(sweep: Sweep, out: Path, verbose: bool = True) -> RunStore:
             frame = simulated_frame(preset_config(preset, **sweep.world(preset, seed)))
             for arch in todo:
                 started = time.perf_counter()
+                base, balance = variant(arch)
                 config = TrainConfig(
-                    arch=arch,
+                    arch=base,
+                    loss_balance=balance,
                     small=sweep.small,
                     epochs=sweep.epochs,
                     seed=seed,
@@ -220,7 +257,11 @@ def write_reports(runs: Sequence[dict[str, Any]], sweep: Sweep, out: Path) -> No
         return
     frame.to_csv(out / "runs.csv", index=False)
     stats, gains = aggregate(frame)
-    (out / "summary.md").write_text(summary_markdown(frame, stats, gains, sweep))
+    text = summary_markdown(frame, stats, gains, sweep)
+    if (frame["arch"] == SINGLE_TASK).any():
+        text += gains_section(aggregate(frame, SINGLE_TASK)[1], SINGLE_TASK)
+    text += gradient_section(frame)
+    (out / "summary.md").write_text(text)
     plot_relatedness(stats, sweep, out / "relatedness.png")
 
 
@@ -245,12 +286,12 @@ def sweep_frame(runs: Iterable[dict[str, Any]], sweep: Sweep) -> pd.DataFrame:
     )
 
 
-def aggregate(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Mean, sd and count over seeds per (preset, arch); paired gains over the baseline."""
+def aggregate(frame: pd.DataFrame, baseline: str = BASELINE) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mean, sd and count over seeds per (preset, arch); paired gains over ``baseline``."""
     cols = [c for c in METRICS if c in frame]
     stats = frame.groupby(["preset", "arch"], sort=False)[cols].agg(["mean", "std", "count"])
-    base = frame.loc[frame["arch"] == BASELINE, ["preset", "seed", *cols]]
-    models = frame[~frame["arch"].isin([BASELINE, TRUTH])]
+    base = frame.loc[frame["arch"] == baseline, ["preset", "seed", *cols]]
+    models = frame[~frame["arch"].isin([baseline, TRUTH])]
     if base.empty or models.empty:
         return stats, pd.DataFrame()
     paired = models.merge(base, on=["preset", "seed"], suffixes=("", "_base"))
@@ -325,14 +366,49 @@ def summary_markdown(
         "",
         *_table(stats, signed=False),
     ]
-    if not gains.empty:
-        lines += [
-            "",
-            f"## Gain over {BASELINE} (paired by seed; * = |mean| > sd of the gain)",
-            "",
-            *_table(gains, signed=True),
-        ]
+    lines.append(gains_section(gains, BASELINE).rstrip("\n"))
     lines += ["", "## Gate diagnostics (test split, mean over seeds)", "", *gate_lines(frame)]
+    return "\n".join(lines) + "\n"
+
+
+def gains_section(gains: pd.DataFrame, baseline: str) -> str:
+    """The paired-gain table over ``baseline`` as a Markdown section ("" without gains)."""
+    if gains.empty:
+        return ""
+    lines = [
+        "",
+        f"## Gain over {baseline} (paired by seed; * = |mean| > sd of the gain)",
+        "",
+        *_table(gains, signed=True),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def gradient_section(frame: pd.DataFrame) -> str:
+    """Per (preset, arch): each shared group's task-gradient norm ratio and lowest cosine."""
+    ratio_cols = [c for c in frame.columns if c.startswith("grad_") and c.endswith("_ratio")]
+    if not ratio_cols:
+        return ""
+    groups = [c[len("grad_") : -len("_ratio")] for c in ratio_cols]
+    lines = [
+        "",
+        "## Task gradients on shared parameters (test split, mean over seeds)",
+        "",
+        "Largest / smallest task gradient norm, and the lowest cosine between two tasks'"
+        " gradients, per parameter group (model/training/transfer.py).",
+        "",
+        "| preset | arch | " + " | ".join(f"{g}: norm ratio / min cos" for g in groups) + " |",
+        "|" + "---|" * (len(groups) + 2),
+    ]
+    for (preset, arch), rows in frame.groupby(["preset", "arch"], sort=False):
+        cells = [
+            f"{rows[f'grad_{g}_ratio'].mean():.1f} / {rows[f'grad_{g}_min_cos'].mean():+.2f}"
+            if rows[f"grad_{g}_ratio"].notna().any()
+            else "—"
+            for g in groups
+        ]
+        if any(c != "—" for c in cells):
+            lines.append(f"| {preset} | {arch} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

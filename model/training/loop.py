@@ -24,10 +24,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model.core.tasks import TASKS
+from model.training.balance import Balance, make_balance
 from model.training.batches import Batch, EncodedSplit, predict
 from model.training.config import TrainConfig
 from model.training.mmoe import RankingModel
-from model.training.objective import evaluate_split, gate_diagnostics, task_losses, weighted_sum
+from model.training.objective import evaluate_split, gate_diagnostics, task_losses
 
 PATIENCE = 1  # the first epoch that does not improve the validation loss ends training
 
@@ -134,23 +135,25 @@ def train_epoch(
     module: torch.nn.Module,
     batches: Iterable[Batch],
     optimizer: torch.optim.Optimizer,
-    loss_weights: Mapping[str, float],
+    balance: Balance,
     n_batches: int | None = None,
     desc: str = "train",
 ) -> dict[str, float]:
     """One pass over ``batches`` (this rank's share); returns the mean training losses.
 
-    ``{"train_loss": weighted sum, "train_loss_<task>": each task's}`` (the report draws the
-    per-task curves). ``module`` is a ranking model or its DistributedDataParallel wrapper.
+    ``{"train_loss": the balanced loss, "train_loss_<task>": each task's}`` (the report draws
+    the per-task curves). ``module`` is a ranking model or its DistributedDataParallel wrapper;
+    ``balance`` turns the task losses into the loss of a step (model/training/balance.py).
     """
     module.train()
     # Every key from the start: under DDP each rank averages the same keys, even with no batch.
     totals = dict.fromkeys(("train_loss", *(f"train_loss_{t}" for t in TASKS)), 0.0)
     seen = 0
     bar = tqdm(batches, total=n_batches, desc=desc, disable=None, leave=False, unit="batch")
-    for inputs, labels in bar:
+    for step, (inputs, labels) in enumerate(bar):
+        balance.before_step(step, (inputs, labels))
         losses = task_losses(module(inputs), labels)
-        loss = weighted_sum(losses, loss_weights)
+        loss = balance.combine(losses, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -191,7 +194,9 @@ class EpochLoop:
         """Train; validate on ``valid`` where it is given (None on ranks other than 0)."""
         # fused: one kernel per step instead of a chain of foreach ops; over the embedding tables
         # this measured ~5x faster per step on CPU (same update rule).
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr, fused=True)
+        balance = make_balance(self.config.loss_balance, self.model, self.config.loss_weights)
+        params = [*self.model.parameters(), *balance.trainable()]
+        optimizer = torch.optim.Adam(params, lr=self.config.lr, fused=True)
         rng = np.random.default_rng(self.config.seed)  # the same permutations on every rank
         stopper = EarlyStopping(self.model)
         module = self.model if self.module is None else self.module
@@ -201,8 +206,7 @@ class EpochLoop:
         for epoch in range(1, self.config.epochs + 1):
             t0 = time.perf_counter()
             losses = train_epoch(
-                module, batches.epoch(rng), optimizer, self.config.loss_weights,
-                batches.steps, f"epoch {epoch}",
+                module, batches.epoch(rng), optimizer, balance, batches.steps, f"epoch {epoch}",
             )  # fmt: skip
             record: dict[str, float] = {"epoch": epoch}
             record.update({k: self.collective.mean(v, batches.rows) for k, v in losses.items()})

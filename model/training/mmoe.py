@@ -8,6 +8,11 @@
 ``mmoe``          Multi-gate Mixture-of-Experts (Ma et al., KDD 2018): a gate per task;
 ``ple``           PLE/CGC (Tang et al., RecSys 2020): shared experts plus experts of each task's
                   own; each task's gate mixes its own and the shared ones (one extraction level).
+``stem``          MMoE with task-specific embeddings (STEM-Net, Su et al., AAAI 2024): shared
+                  embeddings plus a set of each task's own; shared experts read the shared set,
+                  a task's experts its own; each task's gate (on its own set) mixes every expert,
+                  but a task's loss reaches only the shared experts and its own ("all forward,
+                  task-specific backward").
 
 Every one starts from ``FeatureEmbedding`` + ``Interactions`` and ends in per-task logits
 (plus the interactions' task terms) -> ``Heads``. The network is built from named parts
@@ -75,7 +80,7 @@ from model.training.layers import (
     positive_dims,
 )
 
-ARCHS: tuple[str, ...] = ("single_task", "shared_bottom", "omoe", "mmoe", "ple")
+ARCHS: tuple[str, ...] = ("single_task", "shared_bottom", "omoe", "mmoe", "ple", "stem")
 INTERACTIONS: tuple[str, ...] = ("dots", "bilinear", "first_order")
 # All three: on held-out data they beat any subset for MMoE (README "Model quality").
 DEFAULT_INTERACTIONS: tuple[str, ...] = INTERACTIONS
@@ -105,8 +110,8 @@ class MMoEConfig:
     bottom_hidden: tuple[int, ...] = (768, 512)
     interactions: tuple[str, ...] = DEFAULT_INTERACTIONS
     interaction_dim: int = 32
-    shared_experts: int = 2  # PLE only: experts every task's gate mixes
-    task_experts: int = 2  # PLE only: experts of each task's own
+    shared_experts: int = 2  # PLE and STEM: experts on the shared input
+    task_experts: int = 2  # PLE and STEM: experts of each task's own
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -169,9 +174,12 @@ def expert_layout(cfg: MMoEConfig) -> tuple[int, int, list[list[int]]]:
 
     MMoE: a gate per task over all ``n_experts``; OMoE: one gate shared by all tasks; PLE/CGC:
     ``shared_experts`` + ``task_experts`` per task, task t's gate over the shared ones and its
-    own (shared first).
+    own (shared first); STEM: the same experts, every gate over all of them.
     """
     n_tasks, n = len(cfg.tasks), cfg.n_experts
+    if cfg.arch == "stem":
+        total = cfg.shared_experts + n_tasks * cfg.task_experts
+        return total, n_tasks, [list(range(total))] * n_tasks
     if cfg.arch == "ple":
         s, k = cfg.shared_experts, cfg.task_experts
         index = [[*range(s), *range(s + t * k, s + (t + 1) * k)] for t in range(n_tasks)]
@@ -294,6 +302,73 @@ class PLE(_Mixture):
     """
 
 
+class STEM(RankingModel):
+    """MMoE with shared and task-specific embeddings (STEM-Net, Su et al., AAAI 2024).
+
+    Embedding sets: the shared ``embedding`` plus ``task_embeddings[t]`` per task, each a
+    ``FeatureEmbedding`` of the same width; the interaction layer stays shared (its bilinear and
+    first-order terms are per task already) and its dots join every set's item side. Experts:
+    ``shared_experts`` on the shared set, ``task_experts`` on each task's set (one ``Experts``
+    module per set). Task t's gate reads task t's set and mixes all S + T*K experts.
+
+    In training, a task's mixture sees the other tasks' experts through a stop-gradient: the
+    forward pass is the same as at serving, but task t's loss updates only the shared experts
+    and embeddings and its own ("all forward, task-specific backward"), so a task that conflicts
+    with t cannot pull t's own embeddings. Every expert reads one set of the same width, so the
+    cost per candidate is MMoE's with S + T*K experts, plus T more embedding lookups per field.
+    """
+
+    own_mask: Tensor
+
+    def __init__(self, config: MMoEConfig, schema: FeatureSchema) -> None:
+        super().__init__()
+        self.config = config
+        d_u, d_i = self._build_input(config, schema)
+        self.n_tasks = n_tasks = len(config.tasks)
+        s, k = config.shared_experts, config.task_experts
+        self.task_embeddings = nn.ModuleList(
+            FeatureEmbedding(schema, config.embedding_dim) for _ in config.tasks
+        )
+        self.experts = nn.ModuleList(
+            Experts(d_u, d_i, n, config.expert_hidden) for n in (s, *[k] * n_tasks)
+        )
+        total = s + n_tasks * k
+        self.gates = nn.ModuleList(
+            Gates(d_u, d_i, 1, total, config.gate_temperature, config.gate_dropout)
+            for _ in config.tasks
+        )
+        own = torch.zeros(n_tasks, total, dtype=torch.bool)
+        own[:, :s] = True
+        for t in range(n_tasks):
+            own[t, s + t * k : s + (t + 1) * k] = True
+        self.register_buffer("own_mask", own[:, :, None, None])  # T x E x 1 x 1
+        self.towers = Towers(config.expert_hidden[-1], config.tower_hidden, n_tasks)
+        self.heads = Heads(config.tasks, config.watch_scale)
+
+    def _sets(self, inputs: dict[str, Tensor]) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None]:
+        """([(u, v)] for the shared set and each task's, dots appended; the task logit terms)."""
+        dots, terms = (None, None) if self.interactions is None else self.interactions(inputs)
+        sets = [emb(inputs) for emb in (self.embedding, *self.task_embeddings)]
+        if dots is not None:
+            sets = [(u, torch.cat([v, dots], 1)) for u, v in sets]
+        return sets, terms
+
+    def task_logits(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        sets, terms = self._sets(inputs)
+        experts = torch.cat([ex(u, v) for ex, (u, v) in zip(self.experts, sets, strict=True)])
+        gates = torch.cat(
+            [gate(u, v) for gate, (u, v) in zip(self.gates, sets[1:], strict=True)], 1
+        )  # N x T x E
+        chosen = experts.unsqueeze(0)  # 1 x E x N x H: the same forward in training and serving
+        if self.training:  # T x E x N x H: other tasks' experts without their gradient
+            chosen = torch.where(self.own_mask, chosen, chosen.detach())
+        mixed = (gates.permute(1, 2, 0).unsqueeze(-1) * chosen).sum(1)  # T x N x H
+        return add_task_terms(self.towers(mixed), terms), gates
+
+    def set_output_bias(self, values: Tensor) -> None:
+        self.towers.set_output_bias(values)
+
+
 class SharedBottom(RankingModel):
     """One shared ReLU MLP (first layer split like the experts') -> Towers -> Heads; no gates."""
 
@@ -356,6 +431,7 @@ _BUILDERS: dict[str, type[RankingModel]] = {
     "omoe": OMoE,
     "mmoe": MMoE,
     "ple": PLE,
+    "stem": STEM,
 }
 
 
@@ -417,7 +493,8 @@ def flops_per_candidate(
 
     (first layers, deeper expert layers, gates, gate mixture, towers, interactions). MMoE has
     G = T gates over K = E experts, OMoE G = 1, PLE E = S + T*K_t experts and G = T gates over
-    K = S + K_t. With interaction width k, the interactions I are F_u*F_i*k for the dots and
+    K = S + K_t; STEM E = S + T*K_t experts (each reading one embedding set of width d) and G = T
+    gates over all E. With interaction width k, the interactions I are F_u*F_i*k for the dots and
     T*F_i*k for the bilinear terms, plus T*F_u*F_i*k for the bilinear user side. Embedding
     lookups, biases and activations are left out. ``user_side_once`` drops the D_u rows of the
     first layers and gates and the bilinear user side: the per-candidate cost when a request's

@@ -295,10 +295,11 @@ def test_every_arch_trains_calibrates_and_exports(
     m = result.metrics
     assert 0.5 < m["click_auc"] < 1.0 and math.isfinite(m["loss"])  # it learnt something
     assert result.calibration.keys() == set(TASKS)
-    gated = arch in ("omoe", "mmoe", "ple")
+    gated = arch in ("omoe", "mmoe", "ple", "stem")
     assert (result.gate_diagnostics is not None) == gated
     if result.gate_diagnostics is not None:  # one row of weights per task over its own experts
-        n_gated = 2 if arch == "ple" else 4  # small(): 1 shared + 1 own, or 4 experts
+        # small(): PLE 1 shared + 1 own, STEM 1 shared + 1 per task (3 tasks), else 4 experts
+        n_gated = {"ple": 2, "stem": 4}.get(arch, 4)
         for task in TASKS:
             weights = result.gate_diagnostics["tasks"][task]["mean_weights"]
             assert len(weights) == n_gated and sum(weights) == pytest.approx(1.0, abs=1e-4)
