@@ -269,11 +269,11 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(filter(None, (part.strip() for part in text.split(","))))
 
 
-def _seeds(text: str) -> tuple[int, ...]:
+def _seeds(text: str, flag: str = "--seeds") -> tuple[int, ...]:
     try:
         return tuple(int(s) for s in _names(text))
     except ValueError:
-        raise ValueError(f"--seeds {text!r}: expected integers such as 0,1,2") from None
+        raise ValueError(f"{flag} {text!r}: expected integers such as 0,1,2") from None
 
 
 @app.command()
@@ -330,6 +330,41 @@ def experiment(
         raise typer.BadParameter(str(e)) from None
     run_sweep(sweep, out)
     typer.echo(f"wrote {out / 'summary.md'} and {out / 'relatedness.png'}")
+
+
+@app.command()
+def curve(
+    out: Annotated[Path, typer.Option(help="Output directory (a rerun resumes it).")] = Path(
+        "curve"
+    ),
+    preset: Annotated[str, typer.Option(help="The simulated world (see `simulate`).")] = "default",
+    seed: Annotated[int, typer.Option(help="World and training seed.")] = 0,
+    sizes: Annotated[
+        str, typer.Option(help="Impressions per point, comma-separated.")
+    ] = "100000,300000,1000000,3000000",
+    archs: Annotated[
+        str, typer.Option(help="Architectures (ARCH or ARCH:BALANCE), comma-separated.")
+    ] = "stem,shared_bottom,single_task",
+    small: Annotated[bool, typer.Option("--small", help="A tiny network (tests).")] = False,
+) -> None:
+    """Learning curve: held-out quality vs impressions for each architecture, truth beside it."""
+    from model.training.curve import CURVE_FILE, Curve, run_curve
+
+    try:
+        spec = Curve(
+            preset=preset,
+            seed=seed,
+            sizes=_seeds(sizes, "--sizes"),
+            archs=_names(archs),
+            small=small,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    try:
+        run_curve(spec, out)
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(f"wrote {out / CURVE_FILE}")
 
 
 @app.command()
