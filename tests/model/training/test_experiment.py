@@ -20,8 +20,10 @@ from model.training.experiment import (
     TRUTH,
     Sweep,
     aggregate,
+    gains_section,
     gate_lines,
     summary_markdown,
+    variant,
 )
 
 TINY = [
@@ -139,3 +141,19 @@ def test_gains_are_paired_by_seed_and_collapse_is_flagged() -> None:
     sweep = Sweep(presets=("unrelated",), archs=("mmoe", BASELINE), seeds=(0, 1))
     text = summary_markdown(frame, stats, gains, sweep)
     assert "| unrelated | mmoe | +0.0450 ± 0.0071 * |" in text
+
+
+def test_gains_over_single_task_and_balance_variants() -> None:
+    frame = hand_runs()
+    single = frame[frame["arch"] == BASELINE].assign(arch="single_task")
+    single[list(METRICS)] = single[list(METRICS)] + 0.02
+    frame = pd.concat([frame, single], ignore_index=True)
+    _, gains = aggregate(frame, "single_task")
+    assert gains.loc[("unrelated", "mmoe"), ("click_auc", "mean")] == pytest.approx(0.025)
+    assert ("unrelated", BASELINE) in gains.index and ("unrelated", TRUTH) not in gains.index
+    assert "Gain over single_task" in gains_section(gains, "single_task")
+    assert gains_section(gains.iloc[:0], "single_task") == ""
+    assert variant("stem:gradnorm") == ("stem", "gradnorm") and variant("mmoe") == ("mmoe", "fixed")
+    Sweep(archs=("stem:gradnorm", "mmoe"))  # a variant is a valid arch of a sweep
+    with pytest.raises(ValueError, match="--archs"):
+        Sweep(archs=("mmoe:magic",))
