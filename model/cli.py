@@ -116,6 +116,9 @@ def train(
         str,
         typer.Option(help="How task losses combine: fixed (the weights), uncertainty or gradnorm."),
     ] = "fixed",
+    gate_temperature: Annotated[
+        float, typer.Option(help="Softmax temperature of the gates (< 1: sharper, faster).")
+    ] = 1.0,
     activate: Annotated[
         bool | None,
         typer.Option(
@@ -165,6 +168,7 @@ def train(
             lr=lr,
             loss_weights=parse_loss_weights(loss_weights),
             loss_balance=loss_balance,
+            gate_temperature=gate_temperature,
         )
         job = TrainJob(
             registry=registry,

@@ -80,12 +80,15 @@ class TrainConfig:
     lr: float = 2e-3
     loss_weights: dict[str, float] = field(default_factory=default_loss_weights)
     loss_balance: str = "fixed"  # how the task losses combine (model/training/balance.py)
+    gate_temperature: float = 1.0  # softmax temperature of every gate (< 1: gates move faster)
 
     def __post_init__(self) -> None:
         if self.loss_balance not in BALANCES:
             raise ValueError(f"--loss-balance must be one of {BALANCES}, got {self.loss_balance!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"--arch must be one of {ARCHS}, got {self.arch!r}")
+        if not (self.gate_temperature > 0 and math.isfinite(self.gate_temperature)):
+            raise ValueError(f"--gate-temperature must be > 0, got {self.gate_temperature}")
         unknown = [i for i in self.interactions if i not in INTERACTIONS]
         if unknown or len(set(self.interactions)) != len(self.interactions):
             raise ValueError(
