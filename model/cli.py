@@ -113,12 +113,18 @@ def train(
         str, typer.Option(help="Per-task loss weights, e.g. 'click=1,watch_time=1,like=1'.")
     ] = "click=1,watch_time=1,like=1",
     loss_balance: Annotated[
-        str,
-        typer.Option(help="How task losses combine: fixed (the weights), uncertainty or gradnorm."),
-    ] = "fixed",
+        str | None,
+        typer.Option(
+            help="How task losses combine: fixed (the weights), uncertainty or gradnorm"
+            " (default: the architecture's; stem: gradnorm, others: fixed)."
+        ),
+    ] = None,
     gate_temperature: Annotated[
-        float, typer.Option(help="Softmax temperature of the gates (< 1: sharper, faster).")
-    ] = 1.0,
+        float | None,
+        typer.Option(
+            help="Softmax temperature of the gates, < 1 sharper (default: stem 0.1, others 1)."
+        ),
+    ] = None,
     activate: Annotated[
         bool | None,
         typer.Option(

@@ -21,6 +21,15 @@ from model.training.simulate import PRESETS
 MIN_SIMULATED = 10  # fewer impressions cannot be split into train/valid/test
 
 
+# What an architecture trains with unless told otherwise. STEM's recipe: task gradient norms
+# balanced on the shared parameters (they differ 10-70x otherwise) and gates at temperature 0.1,
+# which lets them leave the uniform mixture within the first epochs (README "Model quality",
+# section 3). The other architectures keep the paper-faithful fixed weights and temperature 1.
+ARCH_DEFAULTS: dict[str, dict[str, object]] = {
+    "stem": {"loss_balance": "gradnorm", "gate_temperature": 0.1},
+}
+
+
 def default_loss_weights() -> dict[str, float]:
     """Weight 1 for every task."""
     return dict.fromkeys(TASKS, 1.0)
@@ -79,15 +88,25 @@ class TrainConfig:
     batch_size: int = 2048
     lr: float = 2e-3
     loss_weights: dict[str, float] = field(default_factory=default_loss_weights)
-    loss_balance: str = "fixed"  # how the task losses combine (model/training/balance.py)
-    gate_temperature: float = 1.0  # softmax temperature of every gate (< 1: gates move faster)
+    # How the task losses combine (model/training/balance.py) and the gates' softmax temperature
+    # (< 1: sharper gates that move faster); None = the architecture's own (ARCH_DEFAULTS).
+    loss_balance: str | None = None
+    gate_temperature: float | None = None
 
     def __post_init__(self) -> None:
+        for name, value in ARCH_DEFAULTS.get(self.arch, {}).items():
+            if getattr(self, name) is None:  # frozen: fill the architecture's own default
+                object.__setattr__(self, name, value)
+        if self.loss_balance is None:
+            object.__setattr__(self, "loss_balance", "fixed")
+        if self.gate_temperature is None:
+            object.__setattr__(self, "gate_temperature", 1.0)
         if self.loss_balance not in BALANCES:
             raise ValueError(f"--loss-balance must be one of {BALANCES}, got {self.loss_balance!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"--arch must be one of {ARCHS}, got {self.arch!r}")
-        if not (self.gate_temperature > 0 and math.isfinite(self.gate_temperature)):
+        temperature = float(self.gate_temperature or 0.0)
+        if not (temperature > 0 and math.isfinite(temperature)):
             raise ValueError(f"--gate-temperature must be > 0, got {self.gate_temperature}")
         unknown = [i for i in self.interactions if i not in INTERACTIONS]
         if unknown or len(set(self.interactions)) != len(self.interactions):

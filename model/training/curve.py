@@ -52,7 +52,7 @@ class Curve:
         if not self.sizes or min(self.sizes) < 1_000:
             raise ValueError("--sizes: give impression counts of at least 1000")
         for arch, balance in map(variant, self.archs):
-            if arch not in ARCHS or balance not in BALANCES:
+            if arch not in ARCHS or (balance or "fixed") not in BALANCES:
                 raise ValueError(f"--archs: unknown {arch!r}; choose from {list(ARCHS)}")
 
     def world(self) -> dict[str, Any]:

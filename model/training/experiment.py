@@ -77,7 +77,7 @@ class Sweep:
         for name, given, known in (
             ("--presets", self.presets, PRESETS),
             ("--archs", [variant(a)[0] for a in self.archs], ARCHS),
-            ("--archs (balance)", [variant(a)[1] for a in self.archs], BALANCES),
+            ("--archs (balance)", [variant(a)[1] or "fixed" for a in self.archs], BALANCES),
         ):
             unknown = [g for g in given if g not in known]
             if unknown or not given:
@@ -107,10 +107,10 @@ class Sweep:
         return {k: v for k, v in asdict(self).items() if k not in ("presets", "archs", "seeds")}
 
 
-def variant(name: str) -> tuple[str, str]:
-    """``"ARCH"`` or ``"ARCH:BALANCE"`` -> (arch, loss balance); the balance defaults to fixed."""
+def variant(name: str) -> tuple[str, str | None]:
+    """``"ARCH"`` or ``"ARCH:BALANCE"`` -> (arch, loss balance or None: the arch's default)."""
     arch, _, balance = name.partition(":")
-    return arch, balance or "fixed"
+    return arch, balance or None
 
 
 def check_resumable(out: Path, sweep: Sweep) -> None:

@@ -117,7 +117,7 @@ def model_config(config: TrainConfig, basis: Basis) -> MMoEConfig:
         arch=config.arch,
         interactions=config.interactions,
         interaction_dim=config.interaction_dim,
-        gate_temperature=config.gate_temperature,
+        gate_temperature=float(config.gate_temperature or 1.0),
         watch_scale=basis.watch_scale,
     )
 

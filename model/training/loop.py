@@ -194,7 +194,9 @@ class EpochLoop:
         """Train; validate on ``valid`` where it is given (None on ranks other than 0)."""
         # fused: one kernel per step instead of a chain of foreach ops; over the embedding tables
         # this measured ~5x faster per step on CPU (same update rule).
-        balance = make_balance(self.config.loss_balance, self.model, self.config.loss_weights)
+        balance = make_balance(
+            self.config.loss_balance or "fixed", self.model, self.config.loss_weights
+        )
         params = [*self.model.parameters(), *balance.trainable()]
         optimizer = torch.optim.Adam(params, lr=self.config.lr, fused=True)
         rng = np.random.default_rng(self.config.seed)  # the same permutations on every rank

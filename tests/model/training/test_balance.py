@@ -152,3 +152,13 @@ def test_an_unknown_balance_names_the_flag() -> None:
         TrainConfig(loss_balance="magic")
     with pytest.raises(ValueError, match="--loss-balance"):
         make_balance("magic", build_model(MMoEConfig.small(), default_schema()), WEIGHTS)
+
+
+def test_each_architecture_brings_its_own_recipe_unless_told() -> None:
+    stem, mmoe = TrainConfig(arch="stem"), TrainConfig(arch="mmoe")
+    assert (stem.loss_balance, stem.gate_temperature) == ("gradnorm", 0.1)
+    assert (mmoe.loss_balance, mmoe.gate_temperature) == ("fixed", 1.0)  # paper-faithful MMoE
+    told = TrainConfig(arch="stem", loss_balance="fixed", gate_temperature=1.0)
+    assert (told.loss_balance, told.gate_temperature) == ("fixed", 1.0)
+    with pytest.raises(ValueError, match="--gate-temperature"):
+        TrainConfig(gate_temperature=0.0)
