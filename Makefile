@@ -16,7 +16,7 @@ LOCK_CMD = $(BIN)/pip-compile --quiet --extra serve --extra train --extra dev --
 	--allow-unsafe --no-emit-index-url --no-emit-find-links --no-emit-trusted-host \
 	--output-file $(LOCK) pyproject.toml
 
-.PHONY: install run serve demo-model test lint pytest fuzz bench bench-quick rollout clean lock lock-upgrade
+.PHONY: install run serve demo-model test lint pytest fuzz bench bench-quick bench-archs rollout clean lock lock-upgrade
 
 # Create/update the virtualenv from the project's own files (re-run when pyproject.toml or the
 # lock changes): exactly the versions in requirements.lock.
@@ -75,6 +75,10 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python -m benchmarks.run --quick
+
+# Serving cost per --arch: FLOPs per candidate and the exported graph's CPU ms at 100/500 candidates.
+bench-archs: install
+	$(BIN)/python -m benchmarks.arch_cost --out benchmarks/results/arch-cost.md
 
 # 3 replicas behind a real nginx on loopback: activate, SIGKILL one, roll back, under traffic.
 rollout: install
