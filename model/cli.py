@@ -256,11 +256,23 @@ def _run_tune(options: dict[str, Any]) -> None:
 
 
 @app.command()
-def report(version: str, registry: RegistryOpt = Path("registry")) -> None:
+def report(
+    version: str,
+    registry: RegistryOpt = Path("registry"),
+    curve: Annotated[
+        Path | None,
+        typer.Option(help="A `vidrank curve` output directory to attach to VERSION's report."),
+    ] = None,
+) -> None:
     """Write VERSION's Markdown report with PNG plots to <registry>/reports/VERSION/."""
-    from model.training.report import REPORT_FILE, write_report
+    from model.training.report import REPORT_FILE, attach_curve, write_report
 
     _check_version(registry, version)
+    if curve is not None:
+        try:
+            attach_curve(_registry(registry), version, curve)
+        except ValueError as e:
+            _fail(str(e))
     typer.echo(str(write_report(_registry(registry), version) / REPORT_FILE))
 
 

@@ -49,6 +49,7 @@ class Context:
     manifest: dict[str, Any]
     baseline: tuple[str, str, dict[str, Any]] | None  # (role, version, manifest)
     tuning: dict[str, dict[str, Any]] = field(default_factory=dict)
+    curve: Path | None = None  # <registry>/curves/<version> when a curve is attached
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -82,7 +83,10 @@ def _baseline(registry: Registry, version: str) -> tuple[str, str, dict[str, Any
 def load_context(registry: Registry, version: str) -> Context:
     """The version's manifest, its baseline and its tuning records."""
     manifest = registry.bundle(version, verify=False).manifest
-    return Context(version, manifest, _baseline(registry, version), load_records(registry, version))
+    attached = registry.root / CURVES_DIR / version
+    curve = attached if (attached / "curve.md").is_file() else None
+    baseline = _baseline(registry, version)
+    return Context(version, manifest, baseline, load_records(registry, version), curve)
 
 
 # -- formatting ----------------------------------------------------------------------------------
@@ -293,17 +297,23 @@ def gates(ctx: Context, out: Path) -> str:
         return title + "This architecture has no gates (or the manifest records none)."
     per_task = diag["tasks"]
     plots.gate_heatmap({t: d["mean_weights"] for t, d in per_task.items()}, out / "gates.png")
+    top = float(diag.get("max_entropy") or 0.0)
     rows = [
         [t, _num(d.get("mean_entropy"), 3), _num(diag.get("max_entropy"), 3),
+         _num(float(d.get("mean_entropy", 0.0)) / top if top else None, 2),
          _num(d.get("max_mean_share"), 3)]
         for t, d in per_task.items()
     ]  # fmt: skip
     note = (
         "Entropy near 0 means a gate sends (almost) everything to one expert; near the maximum "
         "(log of the number of experts) it mixes them evenly. Tasks whose rows look alike use "
-        "the experts alike: the gates then buy nothing over a shared bottom."
+        "the experts alike: the gates then buy nothing over a shared bottom. A gate that "
+        "specialises where tasks differ shows a normalised entropy well below 1."
     )
-    header_row = ("task", "mean gate entropy", "max entropy", "largest mean share")
+    header_row = (
+        "task", "mean gate entropy", "max entropy", "normalised (entropy / max)",
+        "largest mean share",
+    )  # fmt: skip
     return title + "![gate usage](gates.png)\n\n" + md_table(header_row, rows) + "\n\n" + note
 
 
@@ -356,6 +366,35 @@ def _tuned_section(name: str, record: Mapping[str, Any], out: Path) -> str:
     return "\n".join(lines)
 
 
+CURVES_DIR: Final = "curves"  # <registry>/curves/<version>/: a learning curve attached to it
+
+
+def attach_curve(registry: Registry, version: str, curve_dir: Path) -> Path:
+    """Keep ``vidrank curve``'s table and plot with ``version`` (for every later report)."""
+    from model.training.curve import CURVE_FILE, CURVE_PLOT
+
+    missing = [n for n in (CURVE_FILE, CURVE_PLOT) if not (curve_dir / n).is_file()]
+    if missing:
+        raise ValueError(f"--curve: {missing} not found in the directory given")
+    target = registry.root / CURVES_DIR / check_version_name(version)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (CURVE_FILE, CURVE_PLOT):
+        shutil.copyfile(curve_dir / name, target / name)
+    return target
+
+
+def learning_curve(ctx: Context, out: Path) -> str:
+    """The learning curve attached with ``vidrank report V --curve DIR``, if any."""
+    from model.training.curve import CURVE_FILE, CURVE_PLOT
+
+    title = "## Learning curve\n\n"
+    if ctx.curve is None:
+        return title + "None attached (`vidrank curve`, then `vidrank report V --curve DIR`)."
+    shutil.copyfile(ctx.curve / CURVE_PLOT, out / CURVE_PLOT)
+    table = (ctx.curve / CURVE_FILE).read_text(encoding="utf-8").split("\n", 1)[1].strip()
+    return title + f"![learning curve]({CURVE_PLOT})\n\n" + table
+
+
 SECTIONS: Final[tuple[Section, ...]] = (
     header,
     verdict,
@@ -363,6 +402,7 @@ SECTIONS: Final[tuple[Section, ...]] = (
     quality,
     calibration,
     gates,
+    learning_curve,
     fusion,
 )
 

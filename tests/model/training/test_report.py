@@ -21,6 +21,7 @@ SECTIONS = (
     "## Quality on the test split",
     "## Calibration (test split)",
     "## Gate usage",
+    "## Learning curve",
     "## Fusion",
 )
 
@@ -142,3 +143,31 @@ def test_unknown_version_is_a_one_line_error(tmp_path: Path) -> None:
 )
 def test_fusion_text(spec: dict[str, object], text: str) -> None:
     assert fusion_text(spec) == text
+
+
+def test_an_attached_learning_curve_stays_in_every_report(
+    registry_copy: Path, version: str, tmp_path: Path
+) -> None:
+    from model.training.curve import Curve, write_curve
+
+    runs = [
+        {"arch": a, "size": n, "click_auc": v, "like_auc": v, "watch_xauc": v, "ndcg10_fused": v}
+        for n, base in ((3000, 0.6), (9000, 0.65))
+        for a, v in (("shared_bottom", base), ("truth", 0.8))
+    ]
+    curve_dir = tmp_path / "curve"
+    curve_dir.mkdir()
+    write_curve(runs, Curve(sizes=(3000, 9000), archs=("shared_bottom",)), curve_dir)
+    args = ["report", version, "--registry", str(registry_copy)]
+    done = CliRunner().invoke(app, [*args, "--curve", str(curve_dir)])
+    assert done.exit_code == 0, done.output
+    write_report(Registry(registry_copy), version)  # a later report keeps the curve
+    directory = report_dir(Registry(registry_copy), version)
+    report = (directory / REPORT_FILE).read_text()
+    assert "## Learning curve" in report and "| 9,000 | shared_bottom | 0.6500 |" in report
+    assert "curve.png" in pngs_of(report)
+    assert_valid_pngs(directory, ["curve.png"])
+    assert "normalised (entropy / max)" in report  # gate specialisation, readable at a glance
+    refused = CliRunner().invoke(app, [*args, "--curve", str(tmp_path / "empty")])
+    assert refused.exit_code == 1 and "--curve" in refused.output
+    assert "Traceback" not in refused.output
