@@ -35,7 +35,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar, cast
 
 import numpy as np
 
@@ -383,11 +383,12 @@ class _StringCache(Generic[V]):
             return list(map(self._data.__getitem__, strings))
         except KeyError:
             pass
-        table = dict(zip(strings, map(self._data.get, strings), strict=True))  # value or None
-        new = [s for s, v in table.items() if v is None]
+        found = dict(zip(strings, map(self._data.get, strings), strict=True))  # None: new
+        new = [s for s, v in found.items() if v is None]
         if max(map(len, new)) > MAX_STRING_CHARS:  # known strings are short: a new one is long
             _check_lengths(f, strings, first_row)  # raises, naming the first such row
-        table.update(zip(new, self._compute(f, new), strict=True))
+        found.update(zip(new, self._compute(f, new), strict=True))
+        table = cast("dict[str, V]", found)  # every string has its value now
         self._learn({s: table[s] for s in new if len(s) <= CACHE_KEY_CHARS})
         return list(map(table.__getitem__, strings))
 
