@@ -33,9 +33,9 @@ import json
 import math
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Generic, Literal, TypeVar, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -224,9 +224,9 @@ class FeatureSchema:
     def _encode_entity(self, lay: EntityLayout, columns: Mapping[str, Any], n: int) -> dict:
         entity = lay.entity
         out: dict[str, np.ndarray] = {}
-        if lay.cat:  # all categorical columns bucketed in one pass
-            feats = [self.by_name(name) for name in lay.cat]
-            out[f"{entity}_cat"] = _encode_categoricals(feats, lay.offsets, columns, n)
+        cats, nums = self._encoders[entity]
+        if lay.cat:
+            out[f"{entity}_cat"] = cats.encode(columns, n)
         if lay.multi:
             idx = np.zeros((n, len(lay.multi), lay.max_len), dtype=np.int64)
             w = np.zeros((n, len(lay.multi), lay.max_len), dtype=np.float32)
@@ -234,8 +234,17 @@ class FeatureSchema:
                 idx[:, j], w[:, j] = self._encode_feature(lay, name, columns.get(name), n)
             out[f"{entity}_multi"] = idx
             out[f"{entity}_multi_w"] = w
-        if lay.num:  # all numeric columns standardised in one pass
-            out[f"{entity}_num"] = _encode_numerics([self.by_name(m) for m in lay.num], columns, n)
+        if lay.num:
+            out[f"{entity}_num"] = nums.encode(columns, n)
+        return out
+
+    @functools.cached_property
+    def _encoders(self) -> dict[str, tuple[_Categoricals, _Numerics]]:
+        """Per entity: its categorical and its numeric columns' encoders (built once)."""
+        out = {}
+        for e, lay in self._layouts.items():
+            cats = _Categoricals.of([self.by_name(name) for name in lay.cat], lay.offsets)
+            out[e] = (cats, _Numerics.of([self.by_name(name) for name in lay.num]))
         return out
 
     def encode_feature(self, name: str, values: Any, n: int) -> tuple[np.ndarray, ...]:
@@ -258,9 +267,9 @@ class FeatureSchema:
     ) -> tuple[np.ndarray, ...]:
         f = self.by_name(name)
         if f.kind == "categorical":
-            return (_encode_categoricals([f], lay.offsets, {name: values}, n)[:, 0],)
+            return (_Categoricals.of([f], lay.offsets).encode({name: values}, n)[:, 0],)
         if f.kind == "numeric":
-            return (_encode_numerics([f], {name: values}, n)[:, 0],)
+            return (_Numerics.of([f]).encode({name: values}, n)[:, 0],)
         fi, fw = _encode_multi(f, values, n)
         idx = np.zeros((n, lay.max_len), dtype=np.int64)
         w = np.zeros((n, lay.max_len), dtype=np.float32)
@@ -351,23 +360,22 @@ def _check_lengths(f: Feature, values: Sequence[str], first_row: int = 0) -> Non
             )
 
 
-V = TypeVar("V")
+class _StringCache:
+    """Keys computed once per distinct string, kept for strings of <= CACHE_KEY_CHARS.
 
-
-class _StringCache(Generic[V]):
-    """Values computed once per distinct string, kept for strings of <= CACHE_KEY_CHARS.
-
-    A column is looked up whole by one C-level ``map`` over a dict, so a column of strings seen
+    A string's value is its 64-bit keys packed little-endian (8 bytes per key), so a column's
+    values join into one buffer that numpy reads as uint64 without a conversion per value. A
+    column is looked up whole by one C-level ``map`` over a dict, so a column of strings seen
     before runs no Python per value; ``compute`` runs (once per column) only for the strings new
     to the cache. The dict holds at most ``max_entries`` entries, the oldest leaving first, and
     the module derives ``max_entries`` from a byte budget and the largest entry, so whatever
     clients send, the cache holds at most that many bytes.
     """
 
-    def __init__(self, compute: Callable[[Feature, list[str]], list[V]], max_entries: int):
+    def __init__(self, compute: Callable[[Feature, list[str]], list[bytes]], max_entries: int):
         self._compute = compute
         self.max_entries = max_entries
-        self._data: dict[str, V] = {}
+        self._data: dict[str, bytes] = {}
         self._lock = threading.Lock()  # requests encode on several threads
 
     def __len__(self) -> int:
@@ -377,22 +385,31 @@ class _StringCache(Generic[V]):
         with self._lock:
             self._data.clear()
 
-    def values(self, f: Feature, strings: Sequence[str], first_row: int = 0) -> list[V]:
+    def known(self, column: Sequence[Any]) -> list[bytes] | None:
+        """The values of a column whose every value is a cached string, else None.
+
+        No type check is needed: only a string (or a str subclass, which keys alike) equals a
+        cached string, and a cached string is one short enough to have been cached.
+        """
+        try:
+            return list(map(self._data.__getitem__, column))
+        except (KeyError, TypeError):  # a string new to the cache, or not a string at all
+            return None
+
+    def values(self, f: Feature, strings: Sequence[str], first_row: int = 0) -> list[bytes]:
         """The value of every string, in order; FeatureError naming a row whose string is long."""
-        try:  # the common case: every string known (a known string is a short one)
-            return list(map(self._data.__getitem__, strings))
-        except KeyError:
-            pass
+        if (known := self.known(strings)) is not None:
+            return known
         found = dict(zip(strings, map(self._data.get, strings), strict=True))  # None: new
         new = [s for s, v in found.items() if v is None]
         if max(map(len, new)) > MAX_STRING_CHARS:  # known strings are short: a new one is long
             _check_lengths(f, strings, first_row)  # raises, naming the first such row
         found.update(zip(new, self._compute(f, new), strict=True))
-        table = cast("dict[str, V]", found)  # every string has its value now
+        table = cast("dict[str, bytes]", found)  # every string has its value now
         self._learn({s: table[s] for s in new if len(s) <= CACHE_KEY_CHARS})
         return list(map(table.__getitem__, strings))
 
-    def _learn(self, fresh: dict[str, V]) -> None:
+    def _learn(self, fresh: dict[str, bytes]) -> None:
         """Add ``fresh``, dropping the oldest entries so that at most max_entries remain."""
         with self._lock:
             keep = list(fresh.items())[-self.max_entries :]
@@ -406,29 +423,40 @@ class _StringCache(Generic[V]):
 # the dict's own cost per entry (an entry of 24 bytes and index slots, at most 3x oversized right
 # after the dict grows: well under 200 bytes).
 _WIDEST_KEY = sys.getsizeof("\U0010ffff" * CACHE_KEY_CHARS)
-_INT_BYTES = sys.getsizeof(_MASK64)
 _DICT_ENTRY_BYTES = 200
 _MAX_TOKENS = CACHE_KEY_CHARS // 2 + 1  # "1,2,3,...": the most tokens a cached string holds
-_KEY_ENTRY_BYTES = _WIDEST_KEY + _INT_BYTES + _DICT_ENTRY_BYTES
-_TOKEN_ENTRY_BYTES = (
-    _WIDEST_KEY + sys.getsizeof((0,) * _MAX_TOKENS) + _MAX_TOKENS * _INT_BYTES + _DICT_ENTRY_BYTES
-)
+_KEY_ENTRY_BYTES = _WIDEST_KEY + sys.getsizeof(bytes(8)) + _DICT_ENTRY_BYTES
+_TOKEN_ENTRY_BYTES = _WIDEST_KEY + sys.getsizeof(bytes(8 * _MAX_TOKENS)) + _DICT_ENTRY_BYTES
+
+
+def _packed(keys: Iterable[int]) -> bytes:
+    """64-bit keys as the cache keeps them: 8 bytes each, little-endian."""
+    return b"".join(k.to_bytes(8, "little") for k in keys)
+
+
+def _unpacked(data: bytes) -> np.ndarray:
+    """Packed keys as a (writable, native) uint64 array."""
+    return np.frombuffer(data, dtype="<u8").astype(np.uint64)
+
 
 # Cached: ids and tag strings repeat across requests, and blake2b per value would dominate.
-_KEYS: _StringCache[int] = _StringCache(
-    lambda f, strings: list(map(_str_key, strings)), KEY_CACHE_BYTES // _KEY_ENTRY_BYTES
+_KEYS = _StringCache(
+    lambda f, strings: [k.to_bytes(8, "little") for k in map(_str_key, strings)],
+    KEY_CACHE_BYTES // _KEY_ENTRY_BYTES,
 )
 
 
-def _as_strings(values: Any) -> list[str] | None:
-    """The column as a list if every value is a ``str`` (a text column), else None."""
+def _text(cache: _StringCache, f: Feature, values: Any) -> list[bytes] | None:
+    """The cache's values for a text column (every value a ``str``), else None."""
     if isinstance(values, np.ndarray):
         if values.ndim != 1 or values.dtype.kind not in "UO":
             return None
         values = values.tolist()
     if not isinstance(values, list) or not values or type(values[0]) is not str:
         return None
-    return values if set(map(type, values)) == {str} else None
+    if (known := cache.known(values)) is not None:  # the common case: no check per value
+        return known
+    return cache.values(f, values) if set(map(type, values)) == {str} else None
 
 
 # id_keys reads ids through the categorical path of a feature like this one.
@@ -440,11 +468,13 @@ def _bucket(keys: np.ndarray, buckets: int | np.ndarray) -> np.ndarray:
     return (_mix64(keys) % np.asarray(buckets, dtype=np.uint64)).astype(np.int64)
 
 
-def _string_keys(f: Feature, strings: list[str], n: int) -> np.ndarray:
-    """Keys [n] (uint64) of a text column."""
-    if len(strings) != n:
-        raise FeatureError(f.name, f"expected {n} values, got shape ({len(strings)},)")
-    return np.array(_KEYS.values(f, strings), dtype=np.uint64)
+def _text_keys(f: Feature, values: Any, n: int) -> np.ndarray | None:
+    """Keys [n] (uint64) of a text column, else None."""
+    if (packed := _text(_KEYS, f, values)) is None:
+        return None
+    if len(packed) != n:
+        raise FeatureError(f.name, f"expected {n} values, got shape ({len(packed)},)")
+    return _unpacked(b"".join(packed))
 
 
 def id_keys(values: Any) -> np.ndarray:
@@ -458,8 +488,8 @@ def id_keys(values: Any) -> np.ndarray:
     f = _ID_FEATURE
     if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
         return values.astype(np.int64).view(np.uint64)
-    if (strings := _as_strings(values)) is not None:
-        return _string_keys(f, strings, len(strings))
+    if (keys := _text_keys(f, values, len(values))) is not None:
+        return keys
     arr = _as_array(f, values, len(values))
     if arr.dtype.kind in "iu":
         return arr.astype(np.int64).view(np.uint64)
@@ -484,7 +514,7 @@ def _key_of(f: Feature, v: Any, row: int) -> int:
             raise FeatureError(f.name, f"expected a string or integer, got {v!r}", row=row)
         return int(v) & _MASK64
     if isinstance(v, str):
-        return _KEYS.values(f, [v], row)[0]
+        return int.from_bytes(_KEYS.values(f, [v], row)[0], "little")
     raise FeatureError(f.name, f"expected a string or integer, got {type(v).__name__}", row=row)
 
 
@@ -492,8 +522,8 @@ def _column_keys(f: Feature, values: Any, n: int) -> np.ndarray:
     """Keys [n] (uint64) of one categorical column; vectorised for homogeneous columns."""
     if values is None:  # absent column: one default, broadcast
         return np.full(n, _key_of(f, None, 0), dtype=np.uint64)
-    if (strings := _as_strings(values)) is not None:
-        return _string_keys(f, strings, n)
+    if (keys := _text_keys(f, values, n)) is not None:
+        return keys
     arr = _as_array(f, values, n)
     kind = arr.dtype.kind
     if kind == "b":
@@ -510,15 +540,25 @@ def _column_keys(f: Feature, values: Any, n: int) -> np.ndarray:
     return np.fromiter((_key_of(f, v, i) for i, v in enumerate(objects)), np.uint64, count=n)
 
 
-def _encode_categoricals(
-    feats: Sequence[Feature], offsets: Mapping[str, int], columns: Mapping[str, Any], n: int
-) -> np.ndarray:
-    """Embedding rows [n, len(feats)] (int64): each column's buckets at its feature's offset."""
-    keys = np.empty((n, len(feats)), dtype=np.uint64)
-    for j, f in enumerate(feats):
-        keys[:, j] = _column_keys(f, columns.get(f.name), n)
-    buckets = np.array([f.buckets for f in feats], dtype=np.uint64)
-    return _bucket(keys, buckets) + np.array([offsets[f.name] for f in feats], dtype=np.int64)
+@dataclass(frozen=True, eq=False)
+class _Categoricals:
+    """Categorical features of one entity, bucketed together: one hash pass for all columns."""
+
+    feats: tuple[Feature, ...]
+    buckets: np.ndarray  # uint64 [k]
+    offsets: np.ndarray  # int64 [k]: the first row of each feature in the entity's table
+
+    @classmethod
+    def of(cls, feats: Sequence[Feature], offsets: Mapping[str, int]) -> _Categoricals:
+        buckets = np.array([f.buckets for f in feats], dtype=np.uint64)
+        return cls(tuple(feats), buckets, np.array([offsets[f.name] for f in feats], np.int64))
+
+    def encode(self, columns: Mapping[str, Any], n: int) -> np.ndarray:
+        """Embedding rows [n, k] (int64) of the columns (an absent one takes its default)."""
+        keys = np.empty((n, len(self.feats)), dtype=np.uint64)
+        for j, f in enumerate(self.feats):
+            keys[:, j] = _column_keys(f, columns.get(f.name), n)
+        return _bucket(keys, self.buckets) + self.offsets
 
 
 def _as_array(f: Feature, values: Any, n: int) -> np.ndarray:
@@ -539,26 +579,24 @@ def _as_array(f: Feature, values: Any, n: int) -> np.ndarray:
 
 
 # -- multi-categorical -----------------------------------------------------------------------
-def _str_tokens(f: Feature, strings: list[str]) -> list[tuple[int, ...]]:
-    """Keys of comma-separated strings such as KuaiRand's tag "12,65" (blank parts skipped)."""
+def _str_tokens(f: Feature, strings: list[str]) -> list[bytes]:
+    """Packed keys of comma-separated strings such as KuaiRand's tag "12,65" (blanks skipped)."""
     parts = [[p for p in s.split(",") if p.strip()] for s in strings]
     keys = iter(_KEYS.values(f, list(itertools.chain.from_iterable(parts))))
-    return [tuple(itertools.islice(keys, len(p))) for p in parts]
+    return [b"".join(itertools.islice(keys, len(p))) for p in parts]
 
 
-_TOKENS: _StringCache[tuple[int, ...]] = _StringCache(
-    _str_tokens, TOKEN_CACHE_BYTES // _TOKEN_ENTRY_BYTES
-)
+_TOKENS = _StringCache(_str_tokens, TOKEN_CACHE_BYTES // _TOKEN_ENTRY_BYTES)
 
 
-def _tokens(f: Feature, v: Any, row: int) -> tuple[int, ...]:
+def _tokens(f: Feature, v: Any, row: int) -> bytes:
     """Keys of one value of a mixed column: a tag string, a list of values or None."""
     if v is None:
         v = f.default if f.default is not None else ""
     if isinstance(v, str):
         return _TOKENS.values(f, [v], row)[0]
     if isinstance(v, list | tuple | np.ndarray):
-        return tuple(_key_of(f, p, row) for p in list(v)[: f.max_len])
+        return _packed(_key_of(f, p, row) for p in list(v)[: f.max_len])
     raise FeatureError(f.name, "expected a list or a comma-separated string", row=row)
 
 
@@ -567,8 +605,8 @@ def _encode_multi(f: Feature, values: Any, n: int) -> tuple[np.ndarray, np.ndarr
     if values is None:  # absent column: one default row, broadcast
         ids, w = _encode_multi(f, [None], 1)
         return np.repeat(ids, n, axis=0), np.repeat(w, n, axis=0)
-    if (strings := _as_strings(values)) is not None:
-        rows = _TOKENS.values(f, strings)
+    if (text := _text(_TOKENS, f, values)) is not None:
+        rows = text
     else:
         seq = values.tolist() if isinstance(values, np.ndarray) and values.ndim == 1 else values
         seq = seq if isinstance(seq, list) else list(seq)
@@ -587,10 +625,10 @@ def _object_1d(values: Any) -> np.ndarray:
     return np.fromiter(seq, dtype=object, count=len(seq))
 
 
-def _pad(rows: Sequence[tuple[int, ...]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+def _pad(rows: Sequence[bytes], max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``max_len`` keys of each row, zero-padded into [len(rows), max_len]; counts."""
-    cnt = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.uint64, count=int(cnt.sum()))
+    cnt = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)) // 8
+    flat = _unpacked(b"".join(rows))
     if (cnt > max_len).any():  # keep each row's first max_len keys
         col = np.arange(len(flat)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
         flat, cnt = flat[col < max_len], np.minimum(cnt, max_len)
@@ -612,7 +650,7 @@ def _to_float(f: Feature, values: Any, n: int) -> np.ndarray:
         except OverflowError:  # an int beyond float range: the per-value path names its row
             arr = _object_1d(seq)
     if arr.dtype.kind in "iuf":
-        x = arr.astype(np.float64)
+        x = arr.astype(np.float64, copy=False)
     elif arr.dtype.kind == "O":
         x = np.empty(len(arr), dtype=np.float64)
         for i, v in enumerate(arr):
@@ -656,18 +694,32 @@ def _numeric_column(f: Feature, values: Any, n: int) -> np.ndarray:
     return _to_float(f, values, n)
 
 
-def _encode_numerics(feats: Sequence[Feature], columns: Mapping[str, Any], n: int) -> np.ndarray:
-    """Transformed, standardised and clipped values [n, len(feats)] (float32)."""
-    x = np.empty((n, len(feats)), dtype=np.float64)
-    for j, f in enumerate(feats):
-        x[:, j] = _numeric_column(f, columns.get(f.name), n)
-    missing = np.isinf(x)
-    x[missing] = 0.0
-    logs = [j for j, f in enumerate(feats) if f.transform == "log1p"]
-    x[:, logs] = _log1p(x[:, logs])
-    z = (x - np.array([f.mean for f in feats])) / np.array([f.std for f in feats])
-    z[missing] = 0.0  # the training mean, standardised
-    return np.clip(z, -NUMERIC_CLIP, NUMERIC_CLIP).astype(np.float32)
+@dataclass(frozen=True, eq=False)
+class _Numerics:
+    """Numeric features of one entity, standardised together: one pass for all columns."""
+
+    feats: tuple[Feature, ...]
+    mean: np.ndarray  # float64 [k]
+    std: np.ndarray  # float64 [k]
+    logs: list[int]  # the columns transformed by log1p
+
+    @classmethod
+    def of(cls, feats: Sequence[Feature]) -> _Numerics:
+        logs = [j for j, f in enumerate(feats) if f.transform == "log1p"]
+        mean, std = np.array([f.mean for f in feats]), np.array([f.std for f in feats])
+        return cls(tuple(feats), mean, std, logs)
+
+    def encode(self, columns: Mapping[str, Any], n: int) -> np.ndarray:
+        """Transformed, standardised and clipped values [n, k] (float32)."""
+        x = np.empty((n, len(self.feats)), dtype=np.float64)
+        for j, f in enumerate(self.feats):
+            x[:, j] = _numeric_column(f, columns.get(f.name), n)
+        missing = np.isinf(x)
+        x[missing] = 0.0
+        x[:, self.logs] = _log1p(x[:, self.logs])
+        z = (x - self.mean) / self.std
+        z[missing] = 0.0  # the training mean, standardised
+        return np.clip(z, -NUMERIC_CLIP, NUMERIC_CLIP).astype(np.float32)
 
 
 # -- the default schema ----------------------------------------------------------------------

@@ -167,13 +167,17 @@ def test_a_published_bundle_scores_a_fixed_request_as_before(tiny_bundle: tuple[
 
 
 # -- the caches --------------------------------------------------------------------------------
+def packed(s: str) -> bytes:
+    return ref_key(s).to_bytes(8, "little")
+
+
 def test_a_full_cache_drops_its_oldest_strings_and_still_answers_right() -> None:
-    cache = features._StringCache(lambda f, strings: [ref_key(s) for s in strings], 3)
+    cache = features._StringCache(lambda f, strings: [packed(s) for s in strings], 3)
     f = SCHEMA.by_name("author_id")
     words = [f"w{i}" for i in range(7)]
-    assert cache.values(f, words) == [ref_key(w) for w in words]
+    assert cache.values(f, words) == [packed(w) for w in words]
     assert len(cache) == 3  # the last three stay
-    assert cache.values(f, ["w0", "w6", "w0"]) == [ref_key("w0"), ref_key("w6"), ref_key("w0")]
+    assert cache.values(f, ["w0", "w6", "w0"]) == [packed("w0"), packed("w6"), packed("w0")]
     assert len(cache) == 3
     with pytest.raises(features.FeatureError) as err:
         cache.values(f, ["w1", "x" * (MAX_STRING_CHARS + 1), "y" * 300], first_row=5)
@@ -181,7 +185,7 @@ def test_a_full_cache_drops_its_oldest_strings_and_still_answers_right() -> None
 
 
 def test_threads_sharing_a_small_cache_get_their_own_keys() -> None:
-    cache = features._StringCache(lambda f, strings: [ref_key(s) for s in strings], 50)
+    cache = features._StringCache(lambda f, strings: [packed(s) for s in strings], 50)
     f = SCHEMA.by_name("author_id")
     wrong: list[int] = []
 
@@ -189,7 +193,7 @@ def test_threads_sharing_a_small_cache_get_their_own_keys() -> None:
         rng = np.random.default_rng(seed)
         for _ in range(200):
             words = [f"t{int(i)}" for i in rng.integers(0, 400, size=40)]
-            if cache.values(f, words) != [ref_key(w) for w in words]:
+            if cache.values(f, words) != [packed(w) for w in words]:
                 wrong.append(seed)
 
     threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
