@@ -24,7 +24,6 @@ from model.core.store.redis_store import RedisSnapshots, connect
 from model.core.store.snapshot import EntityTable
 from tests.store_helpers import full_body, ids_body, items_of, shifted_tables
 
-pytestmark = pytest.mark.slow
 Start = Callable[..., Server]
 Tables = dict[str, EntityTable]
 VIDEOS = [3, 17, 250, 1999, 4000, 7999, 12, 640, 5120, 77, 901, 2222, 3333, 4444, 6001]

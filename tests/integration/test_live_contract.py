@@ -11,11 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import pytest
 
 from benchmarks.harness import Server, rank_body, rss_bytes
-
-pytestmark = pytest.mark.slow
 
 Start = Callable[..., Server]
 

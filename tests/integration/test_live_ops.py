@@ -24,8 +24,6 @@ import pytest
 
 from benchmarks.harness import AUTH, HOST, Server, free_port, listening, rank_body
 
-pytestmark = pytest.mark.slow
-
 Start = Callable[..., Server]
 NOBODY = 65534
 

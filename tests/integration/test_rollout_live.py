@@ -11,15 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from benchmarks.harness import AUTH, Server, rank_body, vidrank_cmd
 from benchmarks.harness import metric_value as metric
 from model.core.registry import Registry
 from model.core.tasks import TASKS
 from tests.conftest import SHIFTED_VERSION
-
-pytestmark = pytest.mark.slow
 
 Start = Callable[..., Server]
 ROLLOUT_ENV = {
