@@ -65,15 +65,16 @@ pytest: install
 # so a test that holds only on this machine's SIMD path fails here, not on a user's machine.
 pytest-baseline: install
 	NPY_DISABLE_CPU_FEATURES="$$($(BIN)/python -m tests.cpu_features)" \
-		$(BIN)/pytest -q -m cpu_sensitive --ort-restricted
+		$(BIN)/pytest -q -n 2 -m cpu_sensitive --ort-restricted
 
 test: lint pytest pytest-baseline
 
 # Daily work: lint and every test that starts no process (no server, redis-server, nginx,
 # subprocess or DDP training, pip, schemathesis): the `live` marker, added by tests/conftest.py.
+# Two pytest-xdist workers (one per core): the in-process training tests dominate.
 test-fast: install
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory lint && $(BIN)/pytest -q -m "not live"; status=$$?; \
+	$(MAKE) --no-print-directory lint && $(BIN)/pytest -q -n 2 -m "not live"; status=$$?; \
 	echo "make test-fast: $$(( $$(date +%s) - start )) s"; exit $$status
 
 # Before a release: schemathesis against a live server for FUZZ_SECONDS with a fresh seed
