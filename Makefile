@@ -16,7 +16,8 @@ LOCK_CMD = $(BIN)/pip-compile --quiet --extra serve --extra train --extra dev --
 	--allow-unsafe --no-emit-index-url --no-emit-find-links --no-emit-trusted-host \
 	--output-file $(LOCK) pyproject.toml
 
-.PHONY: install run serve demo-model test lint pytest fuzz bench bench-quick bench-archs rollout clean lock lock-upgrade
+.PHONY: install run serve demo-model test test-fast lint pytest pytest-baseline fuzz bench bench-quick \
+	bench-archs rollout clean lock lock-upgrade
 
 # Create/update the virtualenv from the project's own files (re-run when pyproject.toml or the
 # lock changes): exactly the versions in requirements.lock.
@@ -59,7 +60,22 @@ lint: install
 pytest: install
 	$(BIN)/pytest -q
 
-test: lint pytest
+# The CPU-sensitive tests again on numpy's baseline kernels (every dispatchable SIMD feature this
+# CPU has is disabled; numpy refuses to disable its baseline) and onnxruntime's restricted path,
+# so a test that holds only on this machine's SIMD path fails here, not on a user's machine.
+pytest-baseline: install
+	NPY_DISABLE_CPU_FEATURES="$$($(BIN)/python -m tests.cpu_features)" \
+		$(BIN)/pytest -q -n 2 -m cpu_sensitive --ort-restricted
+
+test: lint pytest pytest-baseline
+
+# Daily work: lint and every test that starts no process (no server, redis-server, nginx,
+# subprocess or DDP training, pip, schemathesis): the `live` marker, added by tests/conftest.py.
+# Two pytest-xdist workers (one per core): the in-process training tests dominate.
+test-fast: install
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory lint && $(BIN)/pytest -q -n 2 -m "not live"; status=$$?; \
+	echo "make test-fast: $$(( $$(date +%s) - start )) s"; exit $$status
 
 # Before a release: schemathesis against a live server for FUZZ_SECONDS with a fresh seed
 # (`make test` runs the same test bounded and seeded; see tests/integration/test_fuzz_api.py).

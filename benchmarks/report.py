@@ -262,7 +262,7 @@ def latency_table(r: dict[str, Any]) -> list[str]:
     header = [
         "N", "floor 1t p50", "floor 2t p50", "vidrank p50", "vidrank p99", "vidrank/floor",
         "vidrank columnar p50", "textbook p50", "textbook p99", "textbook/floor",
-        "int8 floor p50", "vidrank int8 p50", "vidrank int8 p99",
+        "int8 floor p50", "vidrank int8 p50", "vidrank int8 p99", "encode µs",
     ]  # fmt: skip
     rows = []
     for n in map(str, r["settings"]["ns"]):
@@ -278,7 +278,7 @@ def latency_table(r: dict[str, Any]) -> list[str]:
                 _fmt(col), _fmt(t.get("p50")), _fmt(t.get("p99")),
                 _fmt(ratio(t.get("p50"), f1)) + "×",
                 _fmt(_get(r, "floor", "int8_threads1", n, "p50")), _fmt(q.get("p50")),
-                _fmt(q.get("p99")),
+                _fmt(q.get("p99")), _fmt(_get(r, "encode", n, "median_us"), 0),
             ]
         )  # fmt: skip
     return _table(header, rows)

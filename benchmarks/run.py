@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import graphs, report, shadow
+from benchmarks.encode import measure_encode
 from benchmarks.floor import measure_floor
 from benchmarks.harness import (
     ADMIN_TOKEN,
@@ -449,6 +450,8 @@ def run(s: BenchSettings) -> dict[str, Any]:
     }
     if "floor" not in s.skip:
         results["floor"] = run_floor(s, bm, wl)
+        log("encode: FeatureSchema.encode per request, in-process (warm key caches)")
+        results["encode"] = measure_encode(wl.schema, wl.bodies)
     if "graphs" not in s.skip:
         results["graphs"] = run_graphs(s, bm, wl)
     for name in ("vidrank", "vidrank_int8", "textbook"):

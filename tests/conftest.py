@@ -1,28 +1,140 @@
-"""Shared session fixtures: a tiny seeded model, trained once and published into a registry.
+"""Shared session fixtures (a tiny seeded model, trained once and published into a registry) and
+the rules that sort tests into tiers.
 
 torch is imported inside the fixtures, never at module level, so that test modules which check
 that the service runs without torch are not affected by merely collecting this file.
+
+Tiers (pyproject.toml's markers; README "Development"):
+
+- ``live``: the test needs a live server, a redis-server or nginx, subprocess or DDP training,
+  pip or schemathesis. Added here from what the test uses - its path (``LIVE_PATHS``), its
+  fixtures (``LIVE_FIXTURES``) or its skip-unless-installed marker - never by hand, so a new live
+  test cannot slip into ``make test-fast`` (which deselects the marker).
+- ``cpu_sensitive``: the test checks float output of numpy, torch or onnxruntime kernels (against
+  stored reference values or another computation). ``make test`` runs these a second time on
+  numpy's baseline kernels and onnxruntime's restricted path (``--ort-restricted``).
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
+from benchmarks.harness import NGINX_MISSING, REDIS_MISSING
+
 if TYPE_CHECKING:
+    import onnxruntime as ort
     import pandas as pd
 
+    from benchmarks.harness import RedisServer
     from model.training.config import TrainConfig
     from model.training.fit import TrainResult
+
+TESTS = Path(__file__).resolve().parent
+# Whole modules that run real processes: uvicorn servers and schemathesis (integration), the
+# benchmark harness, DDP/torchrun training, nginx replicas, a pip-installed serve venv.
+LIVE_PATHS = (
+    "integration/",
+    "benchmarks/",
+    "model/training/test_distributed.py",
+    "deploy/test_rollout.py",
+    "deploy/test_serve_env.py",
+)
+# Fixtures that start a server process (uvicorn, redis-server, nginx).
+LIVE_FIXTURES = frozenset({"start_server", "redis_server", "run_nginx"})
+# A test skipped when one of these is not installed runs it.
+LIVE_SKIP_REASONS = frozenset({NGINX_MISSING, REDIS_MISSING})
+# Modules whose assertions read float output of numpy/onnxruntime kernels that differ between SIMD
+# paths (transcendentals, fused graph kernels): stored reference values, torch-vs-onnxruntime
+# parity, scores recomputed at 1e-12. Training determinism is per machine (docs/internals.md), so
+# test_train.py, which only compares runs on one machine, is not run twice.
+CPU_SENSITIVE_PATHS = (
+    "model/training/test_simulate.py",
+    "model/training/test_export.py",
+    "model/training/test_data.py",
+    "model/core/test_fusion.py",
+    "model/core/test_metrics.py",
+    "model/core/test_features.py",
+    "model/core/test_distribution.py",
+    "service/test_api_rank.py",
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--ort-restricted",
+        action="store_true",
+        help="run onnxruntime sessions on its restricted path: no graph optimisation, no "
+        "weight prepacking, one intra-op thread (see docs/internals.md, Determinism)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--ort-restricted"):
+        import model.core.runtime as runtime
+
+        default = runtime.session_options
+
+        def restricted(intra_op_threads: int = 0) -> ort.SessionOptions:
+            import onnxruntime as ort
+
+            opts = default(1)
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+            return opts
+
+        runtime.session_options = restricted  # make_session looks it up at each call
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Which kernels this run used: numpy's SIMD dispatch targets and onnxruntime's path."""
+    from tests.cpu_features import dispatched_features
+
+    enabled = " ".join(dispatched_features()) or "none (baseline kernels only)"
+    path = "restricted" if config.getoption("--ort-restricted") else "default"
+    return [f"numpy SIMD dispatch targets in use: {enabled}; onnxruntime: {path} path"]
+
+
+def _under(item: pytest.Item, paths: tuple[str, ...]) -> bool:
+    rel = Path(str(item.path)).resolve().relative_to(TESTS).as_posix()
+    return any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in paths)
+
+
+def _is_live(item: pytest.Item) -> bool:
+    uses = getattr(item, "fixturenames", ())
+    skips = {str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")}
+    return _under(item, LIVE_PATHS) or bool(
+        LIVE_FIXTURES.intersection(uses) or skips & LIVE_SKIP_REASONS
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _is_live(item):
+            item.add_marker(pytest.mark.live)
+        if _under(item, CPU_SENSITIVE_PATHS):
+            item.add_marker(pytest.mark.cpu_sensitive)
+
 
 TINY_IMPRESSIONS = 20_000
 TINY_SEED = 0
 TINY_VERSION = "v-tiny"
 SHIFTED_VERSION = "v-shifted"
 LIKE_LOGIT_SHIFT = 2.0  # ~ x6.5 on a 2 % like probability
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, stopped at teardown."""
+    from benchmarks.harness import RedisServer
+
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

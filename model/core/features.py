@@ -21,7 +21,12 @@ Strings are bounded: a value longer than :data:`MAX_STRING_CHARS` is a :class:`F
 String keys and tag lists are cached (ids and tags repeat across requests), but only strings of
 at most :data:`CACHE_KEY_CHARS` characters, in caches whose size is derived from a byte budget
 (:data:`KEY_CACHE_BYTES`, :data:`TOKEN_CACHE_BYTES`): whatever clients send, the caches hold at
-most that much memory.
+most that much memory. A column is encoded whole: int and float columns in one numpy call each,
+a text column by one C-level lookup of all its strings in the cache, which keeps each string's
+keys packed as bytes that join into one uint64 buffer, so a column of known strings runs no
+Python per value; blake2b runs once per string new to the cache (a numpy blake2b over a
+fixed-width view of the column would be slower than hashlib at request sizes: its ~500 ufunc
+calls per 128-byte block cost more than hashing 500 short strings one by one).
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ import itertools
 import json
 import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -223,11 +229,9 @@ class FeatureSchema:
     def _encode_entity(self, lay: EntityLayout, columns: Mapping[str, Any], n: int) -> dict:
         entity = lay.entity
         out: dict[str, np.ndarray] = {}
+        cats, nums = self._encoders[entity]
         if lay.cat:
-            cat = np.empty((n, len(lay.cat)), dtype=np.int64)
-            for j, name in enumerate(lay.cat):
-                (cat[:, j],) = self._encode_feature(lay, name, columns.get(name), n)
-            out[f"{entity}_cat"] = cat
+            out[f"{entity}_cat"] = cats.encode(columns, n)
         if lay.multi:
             idx = np.zeros((n, len(lay.multi), lay.max_len), dtype=np.int64)
             w = np.zeros((n, len(lay.multi), lay.max_len), dtype=np.float32)
@@ -236,10 +240,16 @@ class FeatureSchema:
             out[f"{entity}_multi"] = idx
             out[f"{entity}_multi_w"] = w
         if lay.num:
-            num = np.empty((n, len(lay.num)), dtype=np.float32)
-            for j, name in enumerate(lay.num):
-                (num[:, j],) = self._encode_feature(lay, name, columns.get(name), n)
-            out[f"{entity}_num"] = num
+            out[f"{entity}_num"] = nums.encode(columns, n)
+        return out
+
+    @functools.cached_property
+    def _encoders(self) -> dict[str, tuple[_Categoricals, _Numerics]]:
+        """Per entity: its categorical and its numeric columns' encoders (built once)."""
+        out = {}
+        for e, lay in self._layouts.items():
+            cats = _Categoricals.of([self.by_name(name) for name in lay.cat], lay.offsets)
+            out[e] = (cats, _Numerics.of([self.by_name(name) for name in lay.num]))
         return out
 
     def encode_feature(self, name: str, values: Any, n: int) -> tuple[np.ndarray, ...]:
@@ -262,9 +272,9 @@ class FeatureSchema:
     ) -> tuple[np.ndarray, ...]:
         f = self.by_name(name)
         if f.kind == "categorical":
-            return (lay.offsets[name] + _hash_column(f, values, n),)
+            return (_Categoricals.of([f], lay.offsets).encode({name: values}, n)[:, 0],)
         if f.kind == "numeric":
-            return (_encode_numeric(f, values, n),)
+            return (_Numerics.of([f]).encode({name: values}, n)[:, 0],)
         fi, fw = _encode_multi(f, values, n)
         idx = np.zeros((n, lay.max_len), dtype=np.int64)
         w = np.zeros((n, lay.max_len), dtype=np.float32)
@@ -317,10 +327,12 @@ _M2 = np.uint64(0x94D049BB133111EB)
 def _mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser: a cheap, well-distributed, platform-independent 64-bit mix."""
     z = x.astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore"):  # in place: a few ufunc calls, no temporaries
         z += np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
+        z ^= z >> np.uint64(30)
+        z *= _M1
+        z ^= z >> np.uint64(27)
+        z *= _M2
         z ^= z >> np.uint64(31)
     return z
 
@@ -342,50 +354,132 @@ def _str_key(s: str) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
+def _check_lengths(f: Feature, values: Sequence[str], first_row: int = 0) -> None:
+    """FeatureError naming the first row whose string is longer than MAX_STRING_CHARS."""
+    for i, v in enumerate(values):
+        if len(v) > MAX_STRING_CHARS:
+            raise FeatureError(
+                f.name,
+                f"string of {len(v)} characters; at most {MAX_STRING_CHARS} are accepted",
+                row=first_row + i,
+            )
+
+
+class _StringCache:
+    """Keys computed once per distinct string, kept for strings of <= CACHE_KEY_CHARS.
+
+    A string's value is its 64-bit keys packed little-endian (8 bytes per key), so a column's
+    values join into one buffer that numpy reads as uint64 without a conversion per value. A
+    column is looked up whole by one C-level ``map`` over a dict, so a column of strings seen
+    before runs no Python per value; ``compute`` runs (once per column) only for the strings new
+    to the cache. The dict holds at most ``max_entries`` entries, the oldest leaving first, and
+    the module derives ``max_entries`` from a byte budget and the largest entry, so whatever
+    clients send, the cache holds at most that many bytes.
+    """
+
+    def __init__(self, compute: Callable[[Feature, list[str]], list[bytes]], max_entries: int):
+        self._compute = compute
+        self.max_entries = max_entries
+        self._data: dict[str, bytes] = {}
+        self._lock = threading.Lock()  # requests encode on several threads
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+    def known(self, column: Sequence[Any]) -> list[bytes] | None:
+        """The values of a column whose every value is a cached string, else None.
+
+        No type check is needed: only a string (or a str subclass, which keys alike) equals a
+        cached string, and a cached string is one short enough to have been cached.
+        """
+        try:
+            return list(map(self._data.__getitem__, column))
+        except (KeyError, TypeError):  # a string new to the cache, or not a string at all
+            return None
+
+    def values(self, f: Feature, strings: Sequence[str], first_row: int = 0) -> list[bytes]:
+        """The value of every string, in order; FeatureError naming a row whose string is long."""
+        if (known := self.known(strings)) is not None:
+            return known
+        found = dict(zip(strings, map(self._data.get, strings), strict=True))  # None: new
+        new = [s for s, v in found.items() if v is None]
+        if max(map(len, new)) > MAX_STRING_CHARS:  # known strings are short: a new one is long
+            _check_lengths(f, strings, first_row)  # raises, naming the first such row
+        found.update(zip(new, self._compute(f, new), strict=True))
+        table = cast("dict[str, bytes]", found)  # every string has its value now
+        self._learn({s: table[s] for s in new if len(s) <= CACHE_KEY_CHARS})
+        return list(map(table.__getitem__, strings))
+
+    def _learn(self, fresh: dict[str, bytes]) -> None:
+        """Add ``fresh``, dropping the oldest entries so that at most max_entries remain."""
+        with self._lock:
+            keep = list(fresh.items())[-self.max_entries :]
+            drop = len(self._data) + len(keep) - self.max_entries
+            for s in list(itertools.islice(self._data, max(drop, 0))):
+                del self._data[s]
+            self._data.update(keep)
+
+
 # The largest entry a cache can hold: a key of CACHE_KEY_CHARS 4-byte characters, its value, and
-# lru_cache's own per-entry cost (a link node of ~72 bytes and a dict slot of <= ~100 bytes).
+# the dict's own cost per entry (an entry of 24 bytes and index slots, at most 3x oversized right
+# after the dict grows: well under 200 bytes).
 _WIDEST_KEY = sys.getsizeof("\U0010ffff" * CACHE_KEY_CHARS)
-_INT_BYTES = sys.getsizeof(_MASK64)
-_LRU_ENTRY_BYTES = 200
+_DICT_ENTRY_BYTES = 200
 _MAX_TOKENS = CACHE_KEY_CHARS // 2 + 1  # "1,2,3,...": the most tokens a cached string holds
-_KEY_ENTRY_BYTES = _WIDEST_KEY + _INT_BYTES + _LRU_ENTRY_BYTES
-_TOKEN_ENTRY_BYTES = (
-    _WIDEST_KEY + sys.getsizeof((0,) * _MAX_TOKENS) + _MAX_TOKENS * _INT_BYTES + _LRU_ENTRY_BYTES
-)
+_KEY_ENTRY_BYTES = _WIDEST_KEY + sys.getsizeof(bytes(8)) + _DICT_ENTRY_BYTES
+_TOKEN_ENTRY_BYTES = _WIDEST_KEY + sys.getsizeof(bytes(8 * _MAX_TOKENS)) + _DICT_ENTRY_BYTES
+
+
+def _packed(keys: Iterable[int]) -> bytes:
+    """64-bit keys as the cache keeps them: 8 bytes each, little-endian."""
+    return b"".join(k.to_bytes(8, "little") for k in keys)
+
+
+def _unpacked(data: bytes) -> np.ndarray:
+    """Packed keys as a (writable, native) uint64 array."""
+    return np.frombuffer(data, dtype="<u8").astype(np.uint64)
+
 
 # Cached: ids and tag strings repeat across requests, and blake2b per value would dominate.
-_cached_key = functools.lru_cache(maxsize=KEY_CACHE_BYTES // _KEY_ENTRY_BYTES)(_str_key)
+_KEYS = _StringCache(
+    lambda f, strings: [k.to_bytes(8, "little") for k in map(_str_key, strings)],
+    KEY_CACHE_BYTES // _KEY_ENTRY_BYTES,
+)
 
 
-def _key(s: str) -> int:
-    """The key of one string of at most MAX_STRING_CHARS characters, cached if it is short."""
-    return _cached_key(s) if len(s) <= CACHE_KEY_CHARS else _str_key(s)
-
-
-def _longest(f: Feature, values: Sequence[str] | np.ndarray, first_row: int = 0) -> int:
-    """Length of the longest string; FeatureError naming the row if it exceeds the limit."""
-    longest = max(map(len, values), default=0)
-    if longest > MAX_STRING_CHARS:
-        i = next(i for i, v in enumerate(values) if len(v) > MAX_STRING_CHARS)
-        raise FeatureError(
-            f.name,
-            f"string of {len(values[i])} characters; at most {MAX_STRING_CHARS} are accepted",
-            row=first_row + i,
-        )
-    return longest
-
-
-def _string_keyer(f: Feature, values: Sequence[str] | np.ndarray) -> Callable[[str], int]:
-    """The key function for a column of strings: the cached one when every string is short."""
-    return _cached_key if _longest(f, values) <= CACHE_KEY_CHARS else _key
+def _text(cache: _StringCache, f: Feature, values: Any) -> list[bytes] | None:
+    """The cache's values for a text column (every value a ``str``), else None."""
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1 or values.dtype.kind not in "UO":
+            return None
+        values = values.tolist()
+    if not isinstance(values, list) or not values or type(values[0]) is not str:
+        return None
+    if (known := cache.known(values)) is not None:  # the common case: no check per value
+        return known
+    return cache.values(f, values) if set(map(type, values)) == {str} else None
 
 
 # id_keys reads ids through the categorical path of a feature like this one.
 _ID_FEATURE = Feature("id", "item", "categorical", buckets=1)
 
 
-def _bucket(keys: np.ndarray, buckets: int) -> np.ndarray:
-    return (_mix64(keys) % np.uint64(buckets)).astype(np.int64)
+def _bucket(keys: np.ndarray, buckets: int | np.ndarray) -> np.ndarray:
+    """Bucket ids (int64) of keys: ``buckets`` is one count, or one per column of ``keys``."""
+    return (_mix64(keys) % np.asarray(buckets, dtype=np.uint64)).astype(np.int64)
+
+
+def _text_keys(f: Feature, values: Any, n: int) -> np.ndarray | None:
+    """Keys [n] (uint64) of a text column, else None."""
+    if (packed := _text(_KEYS, f, values)) is None:
+        return None
+    if len(packed) != n:
+        raise FeatureError(f.name, f"expected {n} values, got shape ({len(packed)},)")
+    return _unpacked(b"".join(packed))
 
 
 def id_keys(values: Any) -> np.ndarray:
@@ -399,15 +493,13 @@ def id_keys(values: Any) -> np.ndarray:
     f = _ID_FEATURE
     if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
         return values.astype(np.int64).view(np.uint64)
+    if (keys := _text_keys(f, values, len(values))) is not None:
+        return keys
     arr = _as_array(f, values, len(values))
     if arr.dtype.kind in "iu":
         return arr.astype(np.int64).view(np.uint64)
-    if arr.dtype.kind in "US":
-        arr = arr.astype(object)
-    if arr.dtype.kind == "O" and all(type(v) is str for v in arr):
-        return np.fromiter(map(_string_keyer(f, arr), arr), dtype=np.uint64, count=len(arr))
     keys = np.empty(len(arr), dtype=np.uint64)
-    for i, v in enumerate(arr):
+    for i, v in enumerate(arr.astype(object)):
         if not isinstance(v, str | int | np.integer) or isinstance(v, bool | np.bool_):
             raise FeatureError("id", f"expected a string or integer id, got {v!r}", row=i)
         keys[i] = _key_of(f, v, i)
@@ -427,34 +519,51 @@ def _key_of(f: Feature, v: Any, row: int) -> int:
             raise FeatureError(f.name, f"expected a string or integer, got {v!r}", row=row)
         return int(v) & _MASK64
     if isinstance(v, str):
-        _longest(f, [v], row)
-        return _key(v)
+        return int.from_bytes(_KEYS.values(f, [v], row)[0], "little")
     raise FeatureError(f.name, f"expected a string or integer, got {type(v).__name__}", row=row)
 
 
-def _hash_column(f: Feature, values: Any, n: int) -> np.ndarray:
-    """Bucket ids [n] for one categorical column; vectorised for homogeneous columns."""
+def _column_keys(f: Feature, values: Any, n: int) -> np.ndarray:
+    """Keys [n] (uint64) of one categorical column; vectorised for homogeneous columns."""
     if values is None:  # absent column: one default, broadcast
-        return np.full(n, _bucket(np.array([_key_of(f, None, 0)], np.uint64), f.buckets)[0])
+        return np.full(n, _key_of(f, None, 0), dtype=np.uint64)
+    if (keys := _text_keys(f, values, n)) is not None:
+        return keys
     arr = _as_array(f, values, n)
     kind = arr.dtype.kind
     if kind == "b":
         raise FeatureError(f.name, "expected strings or integers, got booleans")
     if kind in "iu":
-        return _bucket(arr.astype(np.int64).view(np.uint64), f.buckets)
+        return arr.astype(np.int64).view(np.uint64)
     if kind == "f":
         bad = ~np.isfinite(arr) | (arr != np.round(arr))
         if bad.any():
             row = int(np.argmax(bad))
             raise FeatureError(f.name, f"expected a string or integer, got {arr[row]!r}", row=row)
-        return _bucket(arr.astype(np.int64).view(np.uint64), f.buckets)
-    if kind in "US":
-        arr = arr.astype(object)
-    if all(type(v) is str for v in arr):
-        keys = np.fromiter(map(_string_keyer(f, arr), arr), dtype=np.uint64, count=n)
-    else:
-        keys = np.fromiter((_key_of(f, v, i) for i, v in enumerate(arr)), np.uint64, count=n)
-    return _bucket(keys, f.buckets)
+        return arr.astype(np.int64).view(np.uint64)
+    objects = arr.astype(object)  # mixed types (or bytes): per value
+    return np.fromiter((_key_of(f, v, i) for i, v in enumerate(objects)), np.uint64, count=n)
+
+
+@dataclass(frozen=True, eq=False)
+class _Categoricals:
+    """Categorical features of one entity, bucketed together: one hash pass for all columns."""
+
+    feats: tuple[Feature, ...]
+    buckets: np.ndarray  # uint64 [k]
+    offsets: np.ndarray  # int64 [k]: the first row of each feature in the entity's table
+
+    @classmethod
+    def of(cls, feats: Sequence[Feature], offsets: Mapping[str, int]) -> _Categoricals:
+        buckets = np.array([f.buckets for f in feats], dtype=np.uint64)
+        return cls(tuple(feats), buckets, np.array([offsets[f.name] for f in feats], np.int64))
+
+    def encode(self, columns: Mapping[str, Any], n: int) -> np.ndarray:
+        """Embedding rows [n, k] (int64) of the columns (an absent one takes its default)."""
+        keys = np.empty((n, len(self.feats)), dtype=np.uint64)
+        for j, f in enumerate(self.feats):
+            keys[:, j] = _column_keys(f, columns.get(f.name), n)
+        return _bucket(keys, self.buckets) + self.offsets
 
 
 def _as_array(f: Feature, values: Any, n: int) -> np.ndarray:
@@ -475,28 +584,24 @@ def _as_array(f: Feature, values: Any, n: int) -> np.ndarray:
 
 
 # -- multi-categorical -----------------------------------------------------------------------
-def _str_tokens(s: str) -> tuple[int, ...]:
-    """Keys of a comma-separated string such as KuaiRand's tag "12,65"."""
-    return tuple(_key(p) for p in s.split(",") if p.strip())
+def _str_tokens(f: Feature, strings: list[str]) -> list[bytes]:
+    """Packed keys of comma-separated strings such as KuaiRand's tag "12,65" (blanks skipped)."""
+    parts = [[p for p in s.split(",") if p.strip()] for s in strings]
+    keys = iter(_KEYS.values(f, list(itertools.chain.from_iterable(parts))))
+    return [b"".join(itertools.islice(keys, len(p))) for p in parts]
 
 
-_cached_tokens = functools.lru_cache(maxsize=TOKEN_CACHE_BYTES // _TOKEN_ENTRY_BYTES)(_str_tokens)
+_TOKENS = _StringCache(_str_tokens, TOKEN_CACHE_BYTES // _TOKEN_ENTRY_BYTES)
 
 
-def _string_tokenizer(
-    f: Feature, values: Sequence[str], first_row: int = 0
-) -> Callable[[str], tuple[int, ...]]:
-    """The tokenizer for a column of tag strings: the cached one when every string is short."""
-    return _cached_tokens if _longest(f, values, first_row) <= CACHE_KEY_CHARS else _str_tokens
-
-
-def _tokens(f: Feature, v: Any, row: int) -> tuple[int, ...]:
+def _tokens(f: Feature, v: Any, row: int) -> bytes:
+    """Keys of one value of a mixed column: a tag string, a list of values or None."""
     if v is None:
         v = f.default if f.default is not None else ""
     if isinstance(v, str):
-        return _string_tokenizer(f, [v], row)(v)[: f.max_len]
+        return _TOKENS.values(f, [v], row)[0]
     if isinstance(v, list | tuple | np.ndarray):
-        return tuple(_key_of(f, p, row) for p in list(v)[: f.max_len])
+        return _packed(_key_of(f, p, row) for p in list(v)[: f.max_len])
     raise FeatureError(f.name, "expected a list or a comma-separated string", row=row)
 
 
@@ -505,17 +610,14 @@ def _encode_multi(f: Feature, values: Any, n: int) -> tuple[np.ndarray, np.ndarr
     if values is None:  # absent column: one default row, broadcast
         ids, w = _encode_multi(f, [None], 1)
         return np.repeat(ids, n, axis=0), np.repeat(w, n, axis=0)
-    if isinstance(values, np.ndarray) and values.ndim == 1:
-        seq = values.tolist()
+    if (text := _text(_TOKENS, f, values)) is not None:
+        rows = text
     else:
-        seq = values if isinstance(values, list) else list(values)
-    if len(seq) != n:
-        raise FeatureError(f.name, f"expected {n} values, got {len(seq)}")
-    if all(type(v) is str for v in seq):
-        tokenize = _string_tokenizer(f, seq)
-        rows = [tokenize(v)[: f.max_len] for v in seq]
-    else:
+        seq = values.tolist() if isinstance(values, np.ndarray) and values.ndim == 1 else values
+        seq = seq if isinstance(seq, list) else list(seq)
         rows = [_tokens(f, v, i) for i, v in enumerate(seq)]
+    if len(rows) != n:
+        raise FeatureError(f.name, f"expected {n} values, got {len(rows)}")
     tok, cnt = _pad(rows, f.max_len)
     present = np.arange(f.max_len)[None, :] < cnt[:, None]
     w = np.where(present, 1.0 / np.maximum(cnt, 1)[:, None], 0.0).astype(np.float32)
@@ -524,24 +626,19 @@ def _encode_multi(f: Feature, values: Any, n: int) -> tuple[np.ndarray, np.ndarr
 
 def _object_1d(values: Any) -> np.ndarray:
     """A 1-D object array whose elements may themselves be lists (np.asarray would nest them)."""
-    seq = list(values)
-    arr = np.empty(len(seq), dtype=object)
-    if any(isinstance(v, list | tuple | np.ndarray) for v in seq):
-        for i, v in enumerate(seq):
-            arr[i] = v
-    else:
-        arr[:] = seq
-    return arr
+    seq = values if isinstance(values, list) else list(values)
+    return np.fromiter(seq, dtype=object, count=len(seq))
 
 
-def _pad(rows: Sequence[tuple[int, ...]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scatter variable-length rows into a zero-padded [len(rows), max_len] array, vectorised."""
-    cnt = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.uint64, count=int(cnt.sum()))
+def _pad(rows: Sequence[bytes], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``max_len`` keys of each row, zero-padded into [len(rows), max_len]; counts."""
+    cnt = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)) // 8
+    flat = _unpacked(b"".join(rows))
+    if (cnt > max_len).any():  # keep each row's first max_len keys
+        col = np.arange(len(flat)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        flat, cnt = flat[col < max_len], np.minimum(cnt, max_len)
     tok = np.zeros((len(rows), max_len), dtype=np.uint64)
-    row_idx = np.repeat(np.arange(len(rows)), cnt)
-    col_idx = np.arange(len(flat)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    tok[row_idx, col_idx] = flat
+    tok[np.arange(max_len)[None, :] < cnt[:, None]] = flat  # row-major, as flat is
     return tok, cnt
 
 
@@ -558,7 +655,7 @@ def _to_float(f: Feature, values: Any, n: int) -> np.ndarray:
         except OverflowError:  # an int beyond float range: the per-value path names its row
             arr = _object_1d(seq)
     if arr.dtype.kind in "iuf":
-        x = arr.astype(np.float64)
+        x = arr.astype(np.float64, copy=False)
     elif arr.dtype.kind == "O":
         x = np.empty(len(arr), dtype=np.float64)
         for i, v in enumerate(arr):
@@ -587,22 +684,47 @@ def _to_float(f: Feature, values: Any, n: int) -> np.ndarray:
     return x
 
 
+def _log1p(x: np.ndarray) -> np.ndarray:
+    return np.log1p(np.maximum(x, 0.0))  # counts/durations: negatives are clipped to 0
+
+
 def _apply_transform(f: Feature, x: np.ndarray) -> np.ndarray:
-    if f.transform == "log1p":
-        return np.log1p(np.maximum(x, 0.0))  # counts/durations: negatives are clipped to 0
-    return x
+    return _log1p(x) if f.transform == "log1p" else x
 
 
-def _encode_numeric(f: Feature, values: Any, n: int) -> np.ndarray:
+def _numeric_column(f: Feature, values: Any, n: int) -> np.ndarray:
+    """float64 [n]; inf marks "the training mean" (no value and no default)."""
     if values is None:
-        if f.default is None:
-            return np.zeros(n, dtype=np.float32)  # the mean, standardised
-        values = np.full(n, float(f.default))
-    x = _to_float(f, values, n)
-    missing = np.isinf(x)  # None with no default (marked by _to_float on the object path)
-    z = (_apply_transform(f, np.where(missing, 0.0, x)) - f.mean) / f.std
-    z = np.where(missing, 0.0, z)
-    return np.clip(z, -NUMERIC_CLIP, NUMERIC_CLIP).astype(np.float32)
+        return np.full(n, np.inf if f.default is None else float(f.default))
+    return _to_float(f, values, n)
+
+
+@dataclass(frozen=True, eq=False)
+class _Numerics:
+    """Numeric features of one entity, standardised together: one pass for all columns."""
+
+    feats: tuple[Feature, ...]
+    mean: np.ndarray  # float64 [k]
+    std: np.ndarray  # float64 [k]
+    logs: list[int]  # the columns transformed by log1p
+
+    @classmethod
+    def of(cls, feats: Sequence[Feature]) -> _Numerics:
+        logs = [j for j, f in enumerate(feats) if f.transform == "log1p"]
+        mean, std = np.array([f.mean for f in feats]), np.array([f.std for f in feats])
+        return cls(tuple(feats), mean, std, logs)
+
+    def encode(self, columns: Mapping[str, Any], n: int) -> np.ndarray:
+        """Transformed, standardised and clipped values [n, k] (float32)."""
+        x = np.empty((n, len(self.feats)), dtype=np.float64)
+        for j, f in enumerate(self.feats):
+            x[:, j] = _numeric_column(f, columns.get(f.name), n)
+        missing = np.isinf(x)
+        x[missing] = 0.0
+        x[:, self.logs] = _log1p(x[:, self.logs])
+        z = (x - self.mean) / self.std
+        z[missing] = 0.0  # the training mean, standardised
+        return np.clip(z, -NUMERIC_CLIP, NUMERIC_CLIP).astype(np.float32)
 
 
 # -- the default schema ----------------------------------------------------------------------

@@ -43,7 +43,7 @@ TARGET_IDS = {
     "fs_million_rss",
 }
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")

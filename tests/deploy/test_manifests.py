@@ -38,6 +38,7 @@ from benchmarks.harness import (
     upstream_servers,
     write_nginx_conf,
 )
+from service.server import GRACEFUL_TIMEOUT_S
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -264,19 +265,39 @@ def test_images_match_dockerfile_targets(
                 assert repo == "vidrank" and tag in stages, c["image"]
 
 
+def quantity(value: str) -> float:
+    """A Kubernetes resource quantity ("500m", "2", "512Mi", "1Gi") as a number of units."""
+    suffixes = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    for suffix, scale in suffixes.items():
+        if value.endswith(suffix):
+            return float(value[: -len(suffix)]) * scale
+    return float(value)
+
+
 def test_deployment_rollout_and_lifecycle(deployment: dict[str, Any], container: dict) -> None:
     spec = deployment["spec"]
-    assert spec["replicas"] == 3
+    assert spec["replicas"] >= 2  # one pod lost (node, rollout, crash) is not an outage
     assert spec["strategy"]["type"] == "RollingUpdate"
     assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     pod = spec["template"]["spec"]
     grace = pod["terminationGracePeriodSeconds"]
-    assert grace == 30
     command = container["lifecycle"]["preStop"]["exec"]["command"]
-    assert command[0] == "sleep" and 0 < int(command[1]) < grace
+    assert command[0] == "sleep" and int(command[1]) > 0
+    # The kubelet's SIGKILL must not cut the drain short: preStop, then the server's own drain.
+    assert grace >= int(command[1]) + GRACEFUL_TIMEOUT_S
+
+
+def test_ranker_resources_fit_what_it_runs(
+    k8s: dict[tuple[str, str], dict[str, Any]], container: dict[str, Any]
+) -> None:
+    """Requests within limits; the CPU request covers the cores the pod's settings use, so the
+    HPA's utilisation is measured against real capacity."""
     res = container["resources"]
-    assert res["requests"] == {"cpu": "1", "memory": "512Mi"}
-    assert res["limits"] == {"cpu": "2", "memory": "1Gi"}
+    for kind in ("cpu", "memory"):
+        assert 0 < quantity(res["requests"][kind]) <= quantity(res["limits"][kind]), kind
+    env = _configmap_env(k8s, container)
+    cores = int(env.get("VIDRANK_WORKERS", "1")) * int(env.get("VIDRANK_ORT_INTRA_OP_THREADS", "1"))
+    assert quantity(res["requests"]["cpu"]) >= cores
 
 
 def test_pod_security(k8s: dict[tuple[str, str], dict[str, Any]], container: dict) -> None:
@@ -345,8 +366,8 @@ def test_hpa_targets_deployment(
         "Deployment",
         deployment["metadata"]["name"],
     )
-    assert hpa["spec"]["minReplicas"] == 3 == deployment["spec"]["replicas"]
-    assert hpa["spec"]["maxReplicas"] == 12
+    assert hpa["spec"]["minReplicas"] == deployment["spec"]["replicas"]
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
     (metric,) = hpa["spec"]["metrics"]
     assert metric["resource"]["name"] == "cpu"
     assert metric["resource"]["target"] == {"type": "Utilization", "averageUtilization": 70}
@@ -474,7 +495,7 @@ def test_compose_trainer(compose: dict[str, Any]) -> None:
 
 def test_compose_ranker(compose: dict[str, Any]) -> None:
     ranker = compose["services"]["ranker"]
-    assert ranker["deploy"]["replicas"] == 3
+    assert ranker["deploy"]["replicas"] >= 2  # nginx has another replica to retry on
     assert ranker["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
     # Replicas cannot share a host port; nginx is the only published entry point.
     assert "ports" not in ranker

@@ -18,13 +18,19 @@ from typing import Any
 import httpx
 import pytest
 
-from benchmarks.harness import REDIS_MISSING, RedisServer, Server, find_redis_server, vidrank_cmd
+from benchmarks.harness import (
+    REDIS_MISSING,
+    RedisServer,
+    Server,
+    find_redis_server,
+    vidrank_cmd,
+    wait_until,
+)
 from model.core.store.embedded import SnapshotStore
 from model.core.store.redis_store import RedisSnapshots, connect
 from model.core.store.snapshot import EntityTable
 from tests.store_helpers import full_body, ids_body, items_of, shifted_tables
 
-pytestmark = pytest.mark.slow
 Start = Callable[..., Server]
 Tables = dict[str, EntityTable]
 VIDEOS = [3, 17, 250, 1999, 4000, 7999, 12, 640, 5120, 77, 901, 2222, 3333, 4444, 6001]
@@ -69,18 +75,12 @@ class Traffic:
     def wait_for(self, check: Callable[[dict[str, Any]], bool], timeout: float) -> float:
         """Seconds until an answer started now or later satisfies ``check``."""
         start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if any(check(r) for r in self.since(start)):
-                return next(r["t"] for r in self.since(start) if check(r)) - start
-            time.sleep(0.01)
-        raise TimeoutError(f"no such answer within {timeout}s: {self.records[-3:]}")
+        wait_until(lambda: any(check(r) for r in self.since(start)), timeout, "such an answer")
+        return next(r["t"] for r in self.since(start) if check(r)) - start
 
     def wait_for_count(self, t: float, n: int, timeout: float = 30) -> None:
         """Wait until ``n`` answers started at ``t`` or later have come back."""
-        deadline = time.monotonic() + timeout
-        while len(self.since(t)) < n:
-            assert time.monotonic() < deadline, f"{n} answers after {t}: {self.errors[-3:]}"
-            time.sleep(0.05)
+        wait_until(lambda: len(self.since(t)) >= n, timeout, f"{n} answers after {t}")
 
     def stop(self) -> None:
         self._stop.set()
@@ -111,6 +111,12 @@ def expected(server: Server, tables: dict[str, Tables]) -> dict[str, list]:
     for a, b in zip(out["s1"], out["s2"], strict=True):
         assert a[2] != b[2]  # every candidate's predictions differ between the snapshots
     return out
+
+
+def pids_logging(server: Server, msg: str, snapshot: str) -> set[int]:
+    """The server processes that logged ``msg`` about ``snapshot``."""
+    records = server.log_records()
+    return {r["pid"] for r in records if r.get("msg") == msg and r.get("snapshot") == snapshot}
 
 
 def check_consistent(records: list[dict[str, Any]], want: dict[str, list]) -> set[str]:
@@ -153,7 +159,7 @@ def test_redis_switch_kill_and_pause_under_traffic(
         # 1. Switch the active snapshot under traffic: no answer mixes the two.
         store.activate("s2")
         load.wait_for(lambda r: r.get("snapshot") == "s2" and not r.get("degraded"), 10)
-        time.sleep(0.3)
+        load.wait_for_count(time.monotonic(), 10)  # more answers after the switch
         assert check_consistent(load.records, want) == {"s1", "s2"}
 
         # 2. Kill Redis: degraded answers, never a 5xx; back within a second of its return.
@@ -161,7 +167,7 @@ def test_redis_switch_kill_and_pause_under_traffic(
         redis.signal(9)
         redis.wait(10)
         load.wait_for(lambda r: bool(r.get("degraded")), 10)
-        time.sleep(0.5)
+        load.wait_for_count(time.monotonic(), 5)  # Redis stays down for a few more answers
         redis = redis.restart()
         recovered = load.wait_for(lambda r: r.get("snapshot") == "s2" and not r.get("degraded"), 10)
         assert recovered <= 1.0, f"recovered {recovered:.2f}s after Redis came back"
@@ -169,7 +175,7 @@ def test_redis_switch_kill_and_pause_under_traffic(
         # 3. Pause Redis past the budget: answers degrade within the budget, not the pause.
         pause_at = time.monotonic()
         redis.command("CLIENT", "PAUSE", "2000", "ALL")
-        time.sleep(2.2)
+        load.wait_for_count(pause_at + 2.2, 1)  # an answer started after the pause came back
         during = [r for r in load.since(pause_at) if r["t"] < pause_at + 1.8]
         assert during and all(r["took"] < 1.0 for r in during), max(r["took"] for r in during)
         assert any(r.get("degraded") for r in during)
@@ -204,9 +210,10 @@ def test_embedded_swap_across_workers_and_a_corrupt_snapshot(
 
     cli = vidrank_cmd("features", "activate", "s2", "--registry", str(live_registry))
     subprocess.run(cli, check=True, capture_output=True, timeout=60)
-    switched = time.monotonic()
     load.wait_for(lambda r: r.get("snapshot") == "s2", 10)
-    settled = switched + 1.0  # both workers have switched by then (each polls every 0.3 s)
+    wait_until(lambda: len(pids_logging(server, "feature snapshot prepared", "s2")) == 2, 30,
+               "both workers on s2", server)  # fmt: skip
+    settled = time.monotonic()
     load.wait_for_count(settled, 10)  # answers started after it (slow on a busy machine)
     assert {r["snapshot"] for r in load.since(settled)} == {"s2"}
 
@@ -217,10 +224,12 @@ def test_embedded_swap_across_workers_and_a_corrupt_snapshot(
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
     store.activate("s3")
-    time.sleep(1.5)
+    wait_until(lambda: len(pids_logging(server, "feature snapshot refused", "s3")) == 2, 30,
+               "both workers refused s3", server)  # fmt: skip
+    load.wait_for_count(time.monotonic(), 10)  # answers after the refusal
     load.stop()
     assert not load.errors and check_consistent(load.records, want) == {"s1", "s2"}
-    assert {r["snapshot"] for r in load.since(switched + 1.0)} == {"s2"}
+    assert {r["snapshot"] for r in load.since(settled)} == {"s2"}
     done = subprocess.run(
         vidrank_cmd("features", "activate", "s3", "--registry", str(live_registry)),
         capture_output=True,

@@ -28,11 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from benchmarks.harness import ADMIN_TOKEN, Server
-
-pytestmark = pytest.mark.slow
 
 EXAMPLES = int(os.environ.get("VIDRANK_FUZZ_EXAMPLES", "25"))
 SECONDS = os.environ.get("VIDRANK_FUZZ_SECONDS")  # unset: bounded by the examples alone

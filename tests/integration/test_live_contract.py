@@ -13,12 +13,9 @@ from typing import Any
 
 import httpx
 import orjson
-import pytest
 
 from benchmarks.harness import Server, rank_body, rss_bytes
 from service.request import MAX_DEPTH
-
-pytestmark = pytest.mark.slow
 
 Start = Callable[..., Server]
 

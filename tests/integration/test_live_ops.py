@@ -22,12 +22,12 @@ import httpx
 import psutil
 import pytest
 
-from benchmarks.harness import AUTH, HOST, Server, free_port, listening, rank_body
-
-pytestmark = pytest.mark.slow
+from benchmarks.harness import AUTH, HOST, Server, free_port, listening, rank_body, wait_until
+from tests.integration.conftest import LIVE_ENV
 
 Start = Callable[..., Server]
 NOBODY = 65534
+POLL_S = float(LIVE_ENV["VIDRANK_POLL_INTERVAL_S"])
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -56,6 +56,15 @@ class Traffic:
                 if r.status_code != 200:
                     self.failures.append(f"{r.status_code} {r.text[:200]}")
 
+    def wait_for_requests(self, n: int, min_seconds: float = 0.0) -> None:
+        """Return once ``n`` more requests are answered and at least ``min_seconds`` passed."""
+        start, seen = time.monotonic(), len(self.statuses)
+        wait_until(
+            lambda: len(self.statuses) >= seen + n and time.monotonic() - start >= min_seconds,
+            60 + min_seconds,
+            f"{n} more requests answered",
+        )
+
     def __enter__(self) -> Traffic:
         for t in self._threads:
             t.start()
@@ -75,6 +84,16 @@ def metric(url: str, name: str, labels: str = "") -> float:
         if line.startswith(prefix + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def registry_status(url: str) -> str:
+    """The server's registry status as /models reports it (ok, aliases_missing, ...)."""
+    return str(httpx.get(f"{url}/models", timeout=10).json()["registry"]["status"])
+
+
+def queued(url: str) -> float:
+    """/rank requests admitted and not yet scoring (reading their body, or waiting for a slot)."""
+    return metric(url, "vidrank_rank_queue")
 
 
 def read_until_closed(sock: socket.socket, timeout_s: float) -> tuple[bytes, float]:
@@ -107,17 +126,21 @@ def test_registry_outage_keeps_serving(
     aliases = live_registry / "aliases.json"
     saved = aliases.read_bytes()
     with Traffic(server.url) as traffic:
-        time.sleep(0.5)
+        traffic.wait_for_requests(5)
         aliases.unlink()
-        time.sleep(2.5)  # five polls
+        wait_until(
+            lambda: registry_status(server.url) == "aliases_missing", 30, "fault seen", server
+        )
         models = httpx.get(f"{server.url}/models", timeout=10).json()
         registry_ok = metric(server.url, "vidrank_registry_ok")
+        traffic.wait_for_requests(10, min_seconds=5 * POLL_S)  # the outage lasts five polls
         moved = live_registry.with_name("registry-unmounted")
         live_registry.rename(moved)  # the whole volume gone
-        time.sleep(2.0)
+        traffic.wait_for_requests(10, min_seconds=4 * POLL_S)
         moved.rename(live_registry)
         aliases.write_bytes(saved)
-        time.sleep(1.5)
+        wait_until(lambda: registry_status(server.url) == "ok", 30, "recovered", server)
+        traffic.wait_for_requests(5)
     assert not traffic.failures, traffic.failures[:3]
     assert len(traffic.statuses) > 20
     # While the file was missing: the same version served, the fault visible.
@@ -144,9 +167,12 @@ def test_alias_ahead_of_its_version_converges(
     data = json.loads((live_registry / "aliases.json").read_text())
     data.update(production="v3", previous=[*data["previous"], version])
     (live_registry / "aliases.json").write_text(json.dumps(data))
-    time.sleep(1.5)
-    status = httpx.get(f"{server.url}/models").json()["registry"]
-    assert status["converged"] is False and "v3" in status["retrying"]
+
+    def status() -> dict:
+        return dict(httpx.get(f"{server.url}/models").json()["registry"])
+
+    wait_until(lambda: "v3" in status()["retrying"], 30, "v3 retried", server)
+    assert status()["converged"] is False
     assert metric(server.url, "vidrank_model_desired", 'role="production",version="v3"') == 1
     assert metric(server.url, "vidrank_model_converged") == 0
     manifest = json.loads((live_registry / "staging-v3" / "manifest.json").read_text())
@@ -154,12 +180,12 @@ def test_alias_ahead_of_its_version_converges(
     (live_registry / "staging-v3" / "manifest.json").write_text(json.dumps(manifest))
     (live_registry / "staging-v3").rename(versions / "v3")
     assert Registry(live_registry).has("v3")
-    deadline = time.monotonic() + 30  # back-off: 2 s, then 4 s ...
-    while time.monotonic() < deadline:
-        if httpx.post(f"{server.url}/rank", json=rank_body(3)).json()["model_version"] == "v3":
-            break
-        time.sleep(0.2)
-    assert httpx.post(f"{server.url}/rank", json=rank_body(3)).json()["model_version"] == "v3"
+    wait_until(  # back-off: 2 s, then 4 s ...
+        lambda: httpx.post(f"{server.url}/rank", json=rank_body(3)).json()["model_version"] == "v3",
+        30,
+        "v3 served",
+        server,
+    )
     assert metric(server.url, "vidrank_model_converged") == 1
     assert any(
         r.get("msg") == "aliased version not loaded; will retry" for r in server.log_records()
@@ -198,7 +224,6 @@ def test_readonly_registry_admin_is_503_and_consistent(
     tmp_path: Path, readonly_registry: tuple[Path, list[str]], version: str
 ) -> None:
     from benchmarks.harness import child_env, serve_cmd
-    from tests.integration.conftest import LIVE_ENV
 
     registry, prefix = readonly_registry
     # As the server's user, the registry really is unwritable (PermissionError on the lock).
@@ -330,10 +355,7 @@ def test_killing_the_supervisor_stops_its_workers(start_server: Start, live_regi
     gone, alive = psutil.wait_procs(workers, timeout=15)
     assert not alive, [p.pid for p in alive]
     assert not listening(server.port)
-    deadline = time.monotonic() + 5
-    while metrics_dir.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not metrics_dir.exists(), sorted(p.name for p in metrics_dir.iterdir())
+    wait_until(lambda: not metrics_dir.exists(), 5, f"{metrics_dir} removed")
 
 
 # -- overload: shedding, deadlines and liveness --------------------------------------------------
@@ -372,7 +394,7 @@ def test_overload_sheds_fast_and_liveness_stays_up(
     probes: list[int] = []
     late: list[int] = []
     try:
-        time.sleep(1.0)
+        wait_until(lambda: len(sheds) > 0, 60, "the queue full (a request shed)", server)
         for _ in range(20):
             probes.append(httpx.get(f"{server.url}/healthz", timeout=2).status_code)
             r = httpx.post(
@@ -423,7 +445,7 @@ def test_a_deadline_that_passes_while_waiting_is_504(
         t.start()
     late: list[httpx.Response] = []
     try:
-        time.sleep(1.0)
+        wait_until(lambda: queued(server.url) >= 2, 60, "both slots busy, two waiting", server)
         for _ in range(5):
             late.append(
                 httpx.post(
@@ -458,15 +480,16 @@ def test_a_request_whose_client_left_is_not_scored(
     # a good fraction of a second even on a fast machine), then one more that hangs up while it
     # waits behind them.
     busy = [raw(server.port, request) for _ in range(6)]
-    time.sleep(0.3)
+    wait_until(lambda: queued(server.url) >= 3, 60, "requests waiting for a slot", server)
     with raw(server.port, request):
-        time.sleep(0.2)
+        time.sleep(0.2)  # the scenario: a client that hangs up 0.2 s after sending its request
     for sock in busy:
         with sock:
             sock.settimeout(120)
             assert sock.recv(64).startswith(b"HTTP/1.1 200")
-    time.sleep(0.5)
-    assert metric(server.url, "vidrank_rank_shed_total", 'reason="client_gone"') == 1
+    gone = 'reason="client_gone"'
+    wait_until(lambda: metric(server.url, "vidrank_rank_shed_total", gone) >= 1, 30, "shed", server)
+    assert metric(server.url, "vidrank_rank_shed_total", gone) == 1
     ranked = metric(server.url, "vidrank_rank_requests_total", 'model_version="v-tiny"')
     assert ranked == 6
 

@@ -11,15 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from benchmarks.harness import AUTH, Server, rank_body, vidrank_cmd
+from benchmarks.harness import AUTH, Server, rank_body, vidrank_cmd, wait_until
 from benchmarks.harness import metric_value as metric
 from model.core.registry import Registry
 from model.core.tasks import TASKS
 from tests.conftest import SHIFTED_VERSION
-
-pytestmark = pytest.mark.slow
 
 Start = Callable[..., Server]
 ROLLOUT_ENV = {
@@ -27,13 +24,6 @@ ROLLOUT_ENV = {
     "VIDRANK_ROLLOUT_WINDOW_S": "60",
     "VIDRANK_CANARY_MIN_REQUESTS": "20",
 }
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def hammer(
@@ -82,7 +72,7 @@ def test_shadow_under_load_adds_no_errors_and_its_queue_stays_bounded(
                 for _ in range(16)
             )
 
-        wait_for(every_worker_shadows, "both workers to load the shadow")
+        wait_until(every_worker_shadows, 30, "both workers to load the shadow")
         depths: list[int] = []
         stop = threading.Event()
 
@@ -111,7 +101,7 @@ def test_shadow_under_load_adds_no_errors_and_its_queue_stays_bounded(
             outcomes = metric(text, "vidrank_shadow_requests_total")
             return outcomes == sent and metric(text, "vidrank_shadow_queue_depth") == 0
 
-        wait_for(all_accounted, "the shadow queue to drain", timeout_s=60)
+        wait_until(all_accounted, 60, "the shadow queue to drain")
         compared = metric(text, "vidrank_shadow_requests_total", {"outcome": "compared"})
         dropped = metric(text, "vidrank_shadow_requests_total", {"outcome": "dropped"})
         assert compared > 0 and compared + dropped == sent, text
@@ -155,7 +145,7 @@ def test_explain_and_drift_metrics_over_http(
             like = {"task": "like", "version": served}
             return metric(http.get("/metrics").text, "vidrank_prediction_count", like) == n
 
-        wait_for(lambda: counted(version, 1100), "the prediction histograms")
+        wait_until(lambda: counted(version, 1100), 30, "the prediction histograms")
         text = http.get("/metrics").text
         for task in TASKS:
             psi = metric(text, "vidrank_prediction_psi", {"task": task, "version": version})
@@ -165,7 +155,7 @@ def test_explain_and_drift_metrics_over_http(
         assert r.status_code == 200, r.text
         for body in heldout_bodies[1:11]:
             assert http.post("/rank", json=body).status_code == 200
-        wait_for(lambda: counted(SHIFTED_VERSION, 1000), "the shifted version's histograms")
+        wait_until(lambda: counted(SHIFTED_VERSION, 1000), 30, "the shifted version's histograms")
         text = http.get("/metrics").text
         like = {"task": "like", "version": SHIFTED_VERSION}
         assert metric(text, "vidrank_prediction_psi", like) > 1.0
@@ -199,7 +189,7 @@ def test_shifted_canary_rolled_back_and_second_replica_converges(
         # A healthy canary (the same weights) under the same traffic: judged, and kept.
         body = {"version": "v2", "percent": 50, "policy": policy, "reason": "healthy"}
         assert admin.put("/admin/canary", json=body).status_code == 200
-        wait_for(lambda: canary_status(b) is not None, "replica b to serve the canary")
+        wait_until(lambda: canary_status(b) is not None, 30, "replica b to serve the canary")
 
         def judged(canary: str) -> bool:  # the monitor judged >= min_requests of its traffic
             health = models(a)["canary_health"]
@@ -221,7 +211,7 @@ def test_shifted_canary_rolled_back_and_second_replica_converges(
             assert time.monotonic() < deadline, f"no rollback: {models(a)['canary_health']}"
             assert not hammer(a.url, 2, 20, 100, heldout_bodies)
     # Replica b converges on the removal by polling the registry.
-    wait_for(lambda: canary_status(b) is None, "replica b to drop the canary")
+    wait_until(lambda: canary_status(b) is None, 30, "replica b to drop the canary")
     assert canary_status(a) is None
     assert registry.read_aliases().production == version  # production is never rolled back
     rollbacks = [

@@ -3,7 +3,6 @@ metrics and PSI, the canary policy's automatic rollback, the history in /models.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from benchmarks.harness import AUTH, rank_body
+from benchmarks.harness import AUTH, rank_body, wait_until
 from model.core.registry import Registry
 from model.core.tasks import TASKS
 from tests.conftest import SHIFTED_VERSION
@@ -47,13 +46,6 @@ def rank_heldout(client: TestClient, bodies: list[dict], count: int) -> set[str]
         assert r.status_code == 200, r.text
         versions.add(r.json()["model_version"])
     return versions
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 # -- explanations --------------------------------------------------------------------------------
@@ -123,7 +115,7 @@ def test_shadow_compares_every_sampled_request(rollout_client: TestClient, versi
     def compared() -> int:
         return int(rollout_client.get("/models").json()["shadow"]["compared"])
 
-    wait_for(lambda: compared() == 20, "20 shadow comparisons")
+    wait_until(lambda: compared() == 20, 20, "20 shadow comparisons")
     shadow = rollout_client.get("/models").json()["shadow"]
     # The same weights: the same ranking, the same predictions.
     assert shadow["version"] == "v2" and shadow["percent"] == 100.0
@@ -145,8 +137,8 @@ def test_shadow_of_a_shifted_version_shows_the_difference(
     assert rollout_client.put("/admin/shadow", json=body, headers=AUTH).status_code == 200
     for i in range(10):
         rank(rollout_client, 50, user_id=i, seed=i)
-    wait_for(
-        lambda: rollout_client.get("/models").json()["shadow"]["compared"] == 10, "comparisons"
+    wait_until(
+        lambda: rollout_client.get("/models").json()["shadow"]["compared"] == 10, 20, "comparisons"
     )
     diff = rollout_client.get("/models").json()["shadow"]["mean_abs_diff"]
     assert diff["click"] == 0.0 and diff["watch_time"] == 0.0
@@ -161,7 +153,7 @@ def test_shadow_sampling_share(rollout_client: TestClient) -> None:
     for i in range(200):
         rank(rollout_client, 5, user_id=i, seed=i)
     shadow = rollout_client.app.state.shadow
-    wait_for(lambda: shadow._queue.qsize() == 0, "an empty queue")
+    wait_until(lambda: shadow._queue.qsize() == 0, 20, "an empty queue")
     s = rollout_client.get("/models").json()["shadow"]
     sampled = s["compared"] + s["dropped"] + s["stale"] + s["failed"]
     assert 30 <= sampled <= 90  # 30 % of 200 is 60; binomial sd ~6.5

@@ -10,8 +10,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
@@ -32,13 +31,6 @@ from tests.store_helpers import full_body, ids_body, items_of, shifted_tables
 pytestmark = pytest.mark.skipif(find_redis_server() is None, reason=REDIS_MISSING)
 Tables = dict[str, EntityTable]
 VIDEOS = [3, 17, 250, 1999, 4000, 7999, 12, 640, 5120, 77]
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    yield server
-    server.stop()
 
 
 @pytest.fixture

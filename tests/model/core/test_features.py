@@ -324,9 +324,8 @@ def _retained_bytes(work: object) -> int:
 
 
 def test_string_caches_keep_no_long_strings_and_stay_within_their_byte_budget() -> None:
-    for cached in (features._str_key, getattr(features, "_cached_key", None)):
-        if cached is not None and hasattr(cached, "cache_clear"):
-            cached.cache_clear()
+    for cache in (features._KEYS, features._TOKENS):
+        cache.clear()
     rng = np.random.default_rng(0)
 
     def long_ids() -> None:  # 5,000 distinct valid ids of 200-256 characters, as requests send
@@ -346,8 +345,7 @@ def test_string_caches_keep_no_long_strings_and_stay_within_their_byte_budget() 
 
         budget = features.KEY_CACHE_BYTES + features.TOKEN_CACHE_BYTES
         assert _retained_bytes(fill) <= budget
-        for cache in (features._cached_key, features._cached_tokens):
-            info = cache.cache_info()
-            assert info.currsize == info.maxsize  # full: the worst case was measured
+        for cache in (features._KEYS, features._TOKENS):
+            assert len(cache) == cache.max_entries  # full: the worst case was measured
     finally:
         tracemalloc.stop()

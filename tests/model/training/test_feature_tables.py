@@ -78,27 +78,26 @@ def test_cli_publish_list_show_activate(sim_tables: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.skipif(find_redis_server() is None, reason=REDIS_MISSING)
-def test_cli_publishes_to_redis(sim_tables: Path, tmp_path: Path) -> None:
-    server = RedisServer(tmp_path / "redis")
-    try:
-        done = CliRunner().invoke(
-            app,
-            ["features", "publish", "--data", str(sim_tables), "--redis", server.url,
-             "--snapshot", "r1", "--registry", str(tmp_path / "none")],
-        )  # fmt: skip
-        assert done.exit_code == 0, done.output
-        store = RedisSnapshots(connect(server.url, 5.0))
-        assert store.active() == "r1" and store.snapshots() == ["r1"]
-        assert store.manifest("r1")["entities"]["item"]["rows"] == 8000
-        key = int(id_keys([17])[0])
-        row = json.loads(store.client.hget("vidrank:features:r1:item", str(key)))
-        columns = list(store.manifest("r1")["entities"]["item"]["columns"])
-        assert (
-            dict(zip(columns, row, strict=True))["tag"]
-            == feature_columns(sim_tables)[0]["item"]["tag"][17]
-        )
-    finally:
-        server.stop()
+def test_cli_publishes_to_redis(
+    sim_tables: Path, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    server = redis_server
+    done = CliRunner().invoke(
+        app,
+        ["features", "publish", "--data", str(sim_tables), "--redis", server.url,
+         "--snapshot", "r1", "--registry", str(tmp_path / "none")],
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    store = RedisSnapshots(connect(server.url, 5.0))
+    assert store.active() == "r1" and store.snapshots() == ["r1"]
+    assert store.manifest("r1")["entities"]["item"]["rows"] == 8000
+    key = int(id_keys([17])[0])
+    row = json.loads(store.client.hget("vidrank:features:r1:item", str(key)))
+    columns = list(store.manifest("r1")["entities"]["item"]["columns"])
+    assert (
+        dict(zip(columns, row, strict=True))["tag"]
+        == feature_columns(sim_tables)[0]["item"]["tag"][17]
+    )
 
 
 def test_cli_names_what_the_active_snapshot_lacks(
