@@ -139,7 +139,7 @@ def test_a_balanced_run_trains_and_reports_with_the_fixed_weights(
 ) -> None:
     config = TrainConfig(arch="stem", small=True, epochs=1, seed=1, interaction_dim=8,
                          loss_balance=balance)  # fmt: skip
-    result = fit(tiny_frame, config, verbose=False)
+    result = fit(tiny_frame.iloc[:8000], config, verbose=False)  # a few steps show it trains
     assert 0.5 < result.metrics["click_auc"] < 1.0
     # The reported loss is the fixed-weight sum whatever trained the model.
     assert result.metrics["loss"] == pytest.approx(
