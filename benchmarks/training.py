@@ -13,8 +13,8 @@ Variants (the model and its data are the same; only the step's mechanics differ)
 
 ``eager-dense``    fp32, dense gradients and fused Adam over everything, no compile: the step as
                    it was before issue 19, less the interaction layer's row form
-``compile``        ... with the dense parts compiled by torch.compile: the default for runs of
-                   ``COMPILE_MIN_STEPS`` steps or more (``--compile auto``)
+``compile``        ... with the dense parts compiled by torch.compile (``--compile on``; ``auto``
+                   compiles runs of ``COMPILE_MIN_STEPS`` steps or more)
 ``sparse+compile`` ... and row-wise gradients with SparseAdam for the id tables (``--sparse``)
 ``+bf16``          ``compile`` with the forward pass under bf16 autocast (``--precision bf16``)
 ``+batch4096``     ``compile`` with batches of 4096 (the learning rate scaled by sqrt 2)

@@ -124,7 +124,7 @@ def train(
         typer.Option(
             "--compile", help="torch.compile the dense layers: on, off, auto (long runs)."
         ),
-    ] = "auto",
+    ] = "off",
     loss_weights: Annotated[
         str, typer.Option(help="Per-task loss weights, e.g. 'click=1,watch_time=1,like=1'.")
     ] = "click=1,watch_time=1,like=1",

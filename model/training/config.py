@@ -82,7 +82,7 @@ class TrainConfig:
     loss_weights: dict[str, float] = field(default_factory=default_loss_weights)
     sparse: bool = False  # id tables: row-wise (sparse) gradients and SparseAdam, or dense Adam
     precision: str = "fp32"  # of the forward pass in training: fp32, bf16 (autocast) or auto
-    compile: str = "auto"  # torch.compile the dense parts: on, off, auto (long runs only)
+    compile: str = "off"  # torch.compile the dense parts: on, off, auto (long runs only)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -137,6 +137,9 @@ class TrainJob:
             raise ValueError("--preset names a simulated world: it needs --simulate N")
         if self.nproc < 1:
             raise ValueError(f"--nproc must be >= 1, got {self.nproc}")
+        if self.nproc > 1 and self.train.sparse:
+            # DDP's weighted all-reduce hook works on dense gradient buckets.
+            raise ValueError("--sparse trains in one process; use --dense with --nproc")
         if self.version is not None:
             check_version_name(self.version)  # InvalidVersionName is a ValueError
 

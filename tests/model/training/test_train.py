@@ -339,6 +339,11 @@ def test_train_config_checks_every_option(tmp_path: Path) -> None:
     for flag, kwargs in {
         "--simulate": {"simulate": 5},
         "--nproc": {"simulate": 100, "nproc": 0},
+        "--sparse trains in one process": {
+            "simulate": 100,
+            "nproc": 2,
+            "train": TrainConfig(sparse=True),
+        },
         "--preset must be one of": {"simulate": 100, "preset": "nope"},
         "--preset names a simulated world": {"data": tmp_path, "preset": "conflicting"},
     }.items():
