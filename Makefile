@@ -88,9 +88,11 @@ fuzz: install
 bench: install
 	@command -v wrk >/dev/null || echo "wrk not found: apt-get install -y wrk (falling back to a Python client)"
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.training
 
 bench-quick: install
 	$(BIN)/python -m benchmarks.run --quick
+	$(BIN)/python -m benchmarks.training --quick
 
 # Serving cost per --arch: FLOPs per candidate and the exported graph's CPU ms at 100/500 candidates.
 bench-archs: install

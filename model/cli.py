@@ -132,6 +132,22 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 2048,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
     small: Annotated[bool, typer.Option("--small", help="A tiny model config (tests).")] = False,
+    sparse: Annotated[
+        bool,
+        typer.Option(
+            "--sparse/--dense",
+            help="Row-wise (sparse) gradients and SparseAdam for the id tables, or dense Adam.",
+        ),
+    ] = False,
+    precision: Annotated[
+        str, typer.Option(help="Training forward pass: fp32, bf16 (autocast), or auto.")
+    ] = "fp32",
+    compile_: Annotated[
+        str,
+        typer.Option(
+            "--compile", help="torch.compile the dense layers: on, off, auto (long runs)."
+        ),
+    ] = "off",
     loss_weights: Annotated[
         str, typer.Option(help="Per-task loss weights, e.g. 'click=1,watch_time=1,like=1'.")
     ] = "click=1,watch_time=1,like=1",
@@ -198,6 +214,9 @@ def train(
             loss_weights=parse_loss_weights(loss_weights),
             loss_balance=loss_balance,
             gate_temperature=gate_temperature,
+            sparse=sparse,
+            precision=precision,
+            compile=compile_,
         )
         job = TrainJob(
             registry=registry,

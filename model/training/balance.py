@@ -39,8 +39,8 @@ class Balance(Protocol):
 
     def combine(self, losses: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> Tensor: ...
 
-    def before_step(self, step: int, batch: Batch) -> None:
-        """Called with every batch before its forward pass (``step`` counts from 0)."""
+    def before_step(self, batch: Batch) -> None:
+        """Called with every batch before its forward pass."""
         ...
 
     def trainable(self) -> list[nn.Parameter]:
@@ -61,7 +61,7 @@ class FixedWeights:
     def combine(self, losses: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> Tensor:
         return weighted_sum(losses, self._weights)
 
-    def before_step(self, step: int, batch: Batch) -> None:
+    def before_step(self, batch: Batch) -> None:
         return None
 
     def trainable(self) -> list[nn.Parameter]:
@@ -96,7 +96,7 @@ class UncertaintyWeights(nn.Module):
             terms.append(self.base[task] * (torch.exp(-s) * above + s))
         return torch.stack(terms).sum()
 
-    def before_step(self, step: int, batch: Batch) -> None:
+    def before_step(self, batch: Batch) -> None:
         return None
 
     def trainable(self) -> list[nn.Parameter]:
@@ -127,11 +127,13 @@ class GradNormWeights:
         self.base = dict(weights)
         self.current = dict(weights)
         self.shared = shared_parameters(model)
+        self.steps = 0  # steps seen: the norms are measured every GRADNORM_EVERY
 
     def combine(self, losses: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> Tensor:
         return weighted_sum(losses, self.current)
 
-    def before_step(self, step: int, batch: Batch) -> None:
+    def before_step(self, batch: Batch) -> None:
+        step, self.steps = self.steps, self.steps + 1
         if step % GRADNORM_EVERY or not self.shared:
             return
         norms = self._task_norms(batch)
@@ -153,9 +155,8 @@ class GradNormWeights:
             grads = torch.autograd.grad(
                 losses[task], self.shared, retain_graph=i < len(tasks) - 1, allow_unused=True
             )
-            norms[task] = float(
-                torch.sqrt(sum((g.pow(2).sum() for g in grads if g is not None), torch.zeros(())))
-            )
+            squares = (_dense(g).pow(2).sum() for g in grads if g is not None)
+            norms[task] = float(torch.sqrt(sum(squares, torch.zeros(()))))
         return norms
 
     def trainable(self) -> list[nn.Parameter]:
@@ -163,6 +164,11 @@ class GradNormWeights:
 
     def weights(self) -> dict[str, float]:
         return dict(self.current)
+
+
+def _dense(grad: Tensor) -> Tensor:
+    """The stored values of a gradient (row-wise for ``--sparse`` id tables)."""
+    return grad.coalesce().values() if grad.is_sparse else grad
 
 
 def make_balance(name: str, model: RankingModel, weights: Mapping[str, float]) -> Balance:

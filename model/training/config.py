@@ -19,6 +19,8 @@ from model.training.mmoe import ARCHS, DEFAULT_INTERACTIONS, INTERACTIONS
 from model.training.simulate import PRESETS
 
 MIN_SIMULATED = 10  # fewer impressions cannot be split into train/valid/test
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")  # auto: bf16 where the CPU has it
+SWITCHES: tuple[str, ...] = ("auto", "on", "off")  # auto: on where it pays (see the loop)
 
 
 # What an architecture trains with unless told otherwise. STEM's recipe: task gradient norms
@@ -92,6 +94,9 @@ class TrainConfig:
     # (< 1: sharper gates that move faster); None = the architecture's own (ARCH_DEFAULTS).
     loss_balance: str | None = None
     gate_temperature: float | None = None
+    sparse: bool = False  # id tables: row-wise (sparse) gradients and SparseAdam, or dense Adam
+    precision: str = "fp32"  # of the forward pass in training: fp32, bf16 (autocast) or auto
+    compile: str = "off"  # torch.compile the dense parts: on, off, auto (long runs only)
 
     def __post_init__(self) -> None:
         for name, value in ARCH_DEFAULTS.get(self.arch, {}).items():
@@ -122,6 +127,10 @@ class TrainConfig:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.compile not in SWITCHES:
+            raise ValueError(f"--compile must be one of {SWITCHES}, got {self.compile!r}")
         _check_loss_weights(self.loss_weights)
         # Frozen: fill the tasks left out (weight 1) through object.__setattr__, in TASKS order.
         full = {t: float(self.loss_weights.get(t, 1.0)) for t in TASKS}
@@ -154,6 +163,9 @@ class TrainJob:
             raise ValueError("--preset names a simulated world: it needs --simulate N")
         if self.nproc < 1:
             raise ValueError(f"--nproc must be >= 1, got {self.nproc}")
+        if self.nproc > 1 and self.train.sparse:
+            # DDP's weighted all-reduce hook works on dense gradient buckets.
+            raise ValueError("--sparse trains in one process; use --dense with --nproc")
         if self.version is not None:
             check_version_name(self.version)  # InvalidVersionName is a ValueError
 

@@ -302,6 +302,8 @@ def _plan_on_main(
 
 def run_distributed(job: TrainJob, version: str) -> str:
     """``run_train`` for ``--nproc > 1`` or under torchrun; returns the published version."""
+    if job.train.sparse:  # TrainJob catches --nproc N; torchrun's ranks get here
+        raise ValueError("--sparse trains in one process; use --dense under torchrun")
     if under_torchrun():
         return run_under_torchrun(job, version)
     return launch(job, version)

@@ -33,7 +33,7 @@ from model.training.calibrate import Calibration, calibrate_heads
 from model.training.config import TrainConfig
 from model.training.data import split_by_time
 from model.training.evaluate import has_truth, ranking_eval, truth_ceiling
-from model.training.loop import EpochLoop, Epochs
+from model.training.loop import EpochLoop, Epochs, use_sparse_tables
 from model.training.mmoe import MMoEConfig, RankingModel, build_model, init_output_bias
 from model.training.objective import evaluate_split
 
@@ -152,6 +152,8 @@ def build(config: TrainConfig, basis: Basis) -> RankingModel:
     model = build_model(model_config(config, basis), basis.schema)
     # Each head starts at its training base rate rather than spending its first steps on it.
     init_output_bias(model, {t: basis.label_means[c] for t, c in LABEL_COLUMNS.items()})
+    if config.sparse:
+        use_sparse_tables(model)
     return model
 
 

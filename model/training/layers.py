@@ -210,30 +210,38 @@ class Interactions(nn.Module):
         With a user side of batch 1 (a request) the user vectors are one matrix shared by all N
         candidates: the dots are one ``[N*F_i, k] x [k, F_u]`` GEMM and the bilinear terms one
         ``[N, F_i*k] x [F_i*k, T]`` GEMM against ``q``, computed once per request. A traced
-        request-shaped export keeps exactly this path. Training rows (B_u = N) use the batched
-        form, row by row.
+        request-shaped export keeps exactly this path. Training rows (B_u = N) use
+        ``_row_terms``.
         """
         if not (self.dots or self.bilinear or self.first_order):
             return None, None
         a, b = self.sides(inputs)  # B_u x F_u x k, N x F_i x k
-        one_user = a.shape[0] == 1
-        dots = None
-        if self.dots:  # dots[n, g, f] = <b_ng, a_f>, flattened item field major
-            if one_user:
+        dots, logits = None, None
+        if a.shape[0] != 1:
+            dots, logits = self._row_terms(a, b)
+        else:
+            if self.dots:  # dots[n, g, f] = <b_ng, a_f>, flattened item field major
                 dots = (b.reshape(-1, self.dim) @ a[0].T).reshape(b.shape[0], -1)
-            else:
-                dots = torch.matmul(b, a.transpose(1, 2)).flatten(1)  # N x F_i*F_u
-        logits = None
-        if self.bilinear:
-            # q_tg = sum_f r_tfg * a_f depends on the user side only.
-            q = torch.einsum("bfd,tfgd->btgd", a, self.pair_weights).flatten(2)  # B_u x T x F_i*k
-            if one_user:
+            if self.bilinear:
+                # q_tg = sum_f r_tfg * a_f depends on the user side only.
+                q = torch.einsum("bfd,tfgd->btgd", a, self.pair_weights).flatten(2)  # 1 x T x F_i*k
                 logits = b.flatten(1) @ q[0].T  # N x T
-            else:
-                logits = torch.matmul(b.flatten(1).unsqueeze(1), q.transpose(1, 2)).squeeze(1)
         if self.first_order:
             wide = self.wide_logits(inputs)
             logits = wide if logits is None else logits + wide
+        return dots, logits
+
+    def _row_terms(self, a: Tensor, b: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Dots and bilinear terms of training rows (a: N x F_u x k, b: N x F_i x k).
+
+        Both come from one outer product ``a_nf * b_ng`` (N x F_u x F_i x k): the dots are its
+        sums over k, the bilinear terms one [N, F_u*F_i*k] x [F_u*F_i*k, T] GEMM against the
+        pair weights. The per-row batched matmuls this replaces (N products of a few fields)
+        measured ~3x slower forward and backward on CPU; the values are the same sums.
+        """
+        outer = a.unsqueeze(2) * b.unsqueeze(1)  # N x F_u x F_i x k
+        dots = outer.sum(-1).transpose(1, 2).flatten(1) if self.dots else None  # N x F_i*F_u
+        logits = outer.flatten(1) @ self.pair_weights.flatten(1).T if self.bilinear else None
         return dots, logits
 
 

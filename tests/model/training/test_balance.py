@@ -79,7 +79,7 @@ def test_gradnorm_equalises_the_task_gradient_norms_on_shared_parameters(batch) 
     assert isinstance(balance, GradNormWeights)
     before = balance._task_norms((inputs, labels))
     assert max(before.values()) / min(before.values()) > 2  # the imbalance it is there for
-    balance.before_step(0, (inputs, labels))
+    balance.before_step((inputs, labels))
     weighted = {t: balance.weights()[t] * n for t, n in before.items()}
     assert max(weighted.values()) / min(weighted.values()) == pytest.approx(1.0, abs=1e-4)
     assert sum(balance.weights().values()) == pytest.approx(len(TASKS))

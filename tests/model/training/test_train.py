@@ -19,12 +19,21 @@ from model.core.distribution import PREDICTION_EDGES, bin_counts
 from model.core.registry import Registry
 from model.core.runtime import make_session
 from model.core.tasks import TASKS
+from model.training.balance import FixedWeights
 from model.training.batches import Shuffled, encode_split, predict
 from model.training.calibrate import calibrate_heads
 from model.training.config import TrainConfig, TrainJob, parse_interactions, parse_loss_weights
 from model.training.export import FrameRequests, export_onnx, parity, random_encoded, run_session
 from model.training.fit import TrainResult, build, fit, model_config, prepare
-from model.training.loop import EarlyStopping, EpochLoop
+from model.training.loop import (
+    EarlyStopping,
+    EpochLoop,
+    Optimizers,
+    Step,
+    compiled,
+    dense_parts,
+    sparse_tables,
+)
 from model.training.mmoe import ARCHS, MMoE, MMoEConfig
 from model.training.objective import evaluate_split, gate_diagnostics
 from model.training.publish import publish
@@ -323,6 +332,8 @@ def test_train_config_checks_every_option(tmp_path: Path) -> None:
         "--loss-weights": {"loss_weights": {"dwell": 1.0}},
         "--interactions": {"interactions": ("dots", "cross")},
         "--interaction-dim": {"interaction_dim": 0},
+        "--precision": {"precision": "fp16"},
+        "--compile": {"compile": "yes"},
     }
     for flag, kwargs in bad.items():
         with pytest.raises(ValueError, match=flag):
@@ -330,6 +341,11 @@ def test_train_config_checks_every_option(tmp_path: Path) -> None:
     for flag, kwargs in {
         "--simulate": {"simulate": 5},
         "--nproc": {"simulate": 100, "nproc": 0},
+        "--sparse trains in one process": {
+            "simulate": 100,
+            "nproc": 2,
+            "train": TrainConfig(sparse=True),
+        },
         "--preset must be one of": {"simulate": 100, "preset": "nope"},
         "--preset names a simulated world": {"data": tmp_path, "preset": "conflicting"},
     }.items():
@@ -360,3 +376,59 @@ def test_cli_rejects_a_bad_option_before_reading_data(tmp_path: Path) -> None:
         assert done.exit_code == 2, done.output  # click's usage error, not a traceback
         assert flag in done.output
     assert not registry.exists()
+
+
+def _one_step(model: torch.nn.Module, data: object, config: TrainConfig) -> None:
+    batch = data.train.rows(np.arange(256))  # type: ignore[attr-defined]
+    Step(FixedWeights(config.loss_weights)).run(model, batch, Optimizers(model, config.lr))
+
+
+def test_sparse_tables_update_only_the_rows_a_batch_touches(tiny_frame: pd.DataFrame) -> None:
+    config = TrainConfig(small=True, seed=1, sparse=True)
+    data = prepare(tiny_frame.iloc[:4000])
+    model = build(config, data.basis)
+    tables = sparse_tables(model)
+    assert len(tables) >= 2  # the embeddings' and the interaction layer's id tables, at least
+    table = model.embedding.tables["user"]
+    before = table.weight.detach().clone()
+    _one_step(model, data, config)
+    touched = torch.zeros(len(before), dtype=torch.bool)
+    touched[data.train.inputs["user_cat"][:256].unique()] = True
+    changed = (table.weight.detach() != before).any(1)
+    assert changed[touched].all() and not changed[~touched].any()
+    dense = build(replace(config, sparse=False), data.basis)
+    assert sparse_tables(dense) == []  # --dense: every parameter in fused Adam
+
+
+def test_row_form_of_the_interactions_is_the_request_form(trained_model: TrainResult) -> None:
+    inter = trained_model.model.interactions
+    assert inter is not None
+    split = encode_split(trained_model.schema, trained_model.test.iloc[:50], 1.0)
+    one = {
+        k: v[:1] if k.split("_")[0] in ("user", "context") else v for k, v in split.inputs.items()
+    }
+    rows = {k: v[:1].expand(50, *v.shape[1:]) if k in one and len(one[k]) == 1 else v
+            for k, v in one.items()}  # fmt: skip
+    with torch.no_grad():
+        (dots_1, terms_1), (dots_n, terms_n) = inter(one), inter(rows)
+    assert dots_1 is not None and dots_n is not None and terms_1 is not None
+    torch.testing.assert_close(dots_n, dots_1)
+    torch.testing.assert_close(terms_n, terms_1)
+
+
+def test_compiled_parts_train_like_eager_ones_and_are_plain_after(
+    tiny_frame: pd.DataFrame,
+) -> None:
+    config = TrainConfig(small=True, seed=1, compile="on")
+    data = prepare(tiny_frame.iloc[:4000])
+    eager, fast = build(config, data.basis).eval(), build(config, data.basis).eval()
+    parts = list(dense_parts(fast))
+    assert {type(p).__name__ for p in parts} >= {"Experts", "Gates", "Towers"}
+    batch = data.train.rows(np.arange(512))
+    with compiled(fast, True):
+        assert all(p._compiled_call_impl is not None for p in parts)
+        out_fast = fast(batch[0])
+    assert all(p._compiled_call_impl is None for p in parts)
+    out_eager = eager(batch[0])
+    for task in TASKS:
+        torch.testing.assert_close(out_fast[task], out_eager[task], rtol=1e-4, atol=1e-5)
