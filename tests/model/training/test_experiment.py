@@ -69,7 +69,7 @@ def test_tiny_sweep_writes_runs_table_and_plot(swept: Path) -> None:
     assert len(csv) == 3 and set(METRICS) <= set(csv.columns)
 
     tables = markdown_tables((swept / "summary.md").read_text())
-    results, gains, gates = tables
+    results, gains, gates, grads = tables
     header = results[0]
     assert header[:2] == ["preset", "arch"] and header[2:6] == list(METRICS.values())
     assert [row[1] for row in results[1:]] == ["mmoe", BASELINE, TRUTH]
@@ -83,6 +83,11 @@ def test_tiny_sweep_writes_runs_table_and_plot(swept: Path) -> None:
     assert gains[1][:2] == ["conflicting", "mmoe"]
     assert gain == pytest.approx(mmoe_ndcg - base_ndcg, abs=2e-4)  # rounding of both cells
     assert gates[1][:2] == ["conflicting", "mmoe"]
+    # Task gradients per shared group, for both architectures: "norm ratio / min cos" cells.
+    assert [row[:2] for row in grads[1:]] == [["conflicting", "mmoe"], ["conflicting", BASELINE]]
+    assert grads[0][2].startswith("embeddings") and all(
+        re.match(r"^\d+\.\d / [+-]\d\.\d\d$|^—$", c) for row in grads[1:] for c in row[2:]
+    )
 
     png = swept / "relatedness.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
