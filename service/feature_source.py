@@ -26,8 +26,8 @@ from pathlib import Path
 from model.core.errors import VidrankError
 from model.core.store.embedded import SnapshotStore
 from model.core.store.encoded import EncodedSnapshot, encode_snapshot
-from model.core.store.redis_store import RedisReader, RedisSnapshots, StoreUnavailable, connect
-from model.core.store.snapshot import ENTITY_IDS, Snapshot, SnapshotError
+from model.core.store.redis_store import RedisReader, RedisSnapshots, connect
+from model.core.store.snapshot import ENTITY_IDS, Snapshot, SnapshotError, StoreUnavailable
 from service import metrics
 from service.errors import FeatureStoreConflict
 from service.features import EmbeddedView, FeatureView, RedisView
@@ -195,8 +195,11 @@ class EmbeddedSource(FeatureSource):
         return new
 
     def activate(self, name: str, scorers: Sequence[Scorer]) -> FeatureView:
+        self.store.check_writable()  # 503 before seconds of loading a snapshot it cannot name
         try:
             view = self.load(name, scorers)
+        except StoreUnavailable:
+            raise  # the store's fault, not the snapshot's: it is not marked as failed
         except (SnapshotError, FeatureStoreConflict) as e:
             self._failure(name, "admin", e)
             raise
@@ -247,6 +250,8 @@ class RedisSource(FeatureSource):
         try:
             new = self._view(name, RedisSnapshots(self.client).manifest(name))
             _refuse_lacks(new, scorers, f"snapshot {name}")
+        except StoreUnavailable:
+            raise  # Redis down or paused (503): the snapshot is not marked as failed
         except (SnapshotError, FeatureStoreConflict) as e:
             self._failure(name, "admin", e)
             raise

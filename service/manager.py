@@ -192,18 +192,7 @@ class ModelManager:
         except (VersionNotFound, InvalidVersionName):  # 404, not a failed swap
             raise
         except Exception as e:  # anything at all: the old model must keep serving
-            reason = _reason(e)
-            metrics.SWAP_FAILURES.labels(trigger).inc()
-            log.warning(
-                "model load failed",
-                exc_info=not isinstance(e, BundleError | RegistryError),
-                extra={"fields": {"version": version, "trigger": trigger, "reason": reason}},
-            )
-            details = e.details if isinstance(e, FeatureStoreConflict) else None
-            # A client sees a domain error's own message (no paths in it); anything else, e.g.
-            # an onnxruntime message naming the model's absolute path, stays in the log.
-            public = e.message if isinstance(e, VidrankError) else f"{type(e).__name__} (see log)"
-            raise SwapFailed(f"cannot serve version {version}: {public}", details=details) from e
+            raise _refused(version, trigger, e) from e
         self._retries.pop(version, None)
         load_s = time.perf_counter() - start
         metrics.LOAD_SECONDS.observe(load_s)
@@ -213,17 +202,33 @@ class ModelManager:
         )  # fmt: skip
         return scorer
 
-    def _get(self, version: str, trigger: str, threads: int | None = None) -> Scorer:
+    def _get(
+        self, version: str, trigger: str, threads: int | None = None, *, on_disk: bool = False
+    ) -> Scorer:
         """The scorer of ``version``: one already loaded with as many threads, else a new one.
 
         The thread count must match: a canary must not inherit the shadow's one-thread session
         (its latency is judged against production's), nor a shadow a canary's many threads.
+        ``on_disk`` (every admin change): a loaded copy is reused only if the published bundle
+        still verifies, so a bundle corrupted after it was loaded is refused (409) by every
+        worker alike - also by one that has it loaded - never served to the fleet anew.
         """
         threads = threads or self.intra_op_threads
         for current in self.state.scorers():
             if current.version == version and current.threads == threads:
+                if on_disk:
+                    self._verify(version, trigger)
                 return current
         return self._load(version, trigger, threads)
+
+    def _verify(self, version: str, trigger: str) -> None:
+        """Checksum the published bundle of ``version``; ``SwapFailed`` when it fails."""
+        try:
+            self.registry.bundle(version)
+        except (VersionNotFound, InvalidVersionName):
+            raise
+        except Exception as e:
+            raise _refused(version, trigger, e) from e
 
     def _install(self, new: ServingState, trigger: str) -> None:
         """Swap the served state (holds ``_swap_lock``), its features prepared for its scorers."""
@@ -464,7 +469,7 @@ class ModelManager:
         """
         with self._swap_lock:
             self.registry.check_writable()
-            scorer = self._get(version, "admin")
+            scorer = self._get(version, "admin", on_disk=True)
             write = partial(self.registry.activate, version, actor=ACTOR, reason=reason)
             return self._apply(write, {version: scorer})
 
@@ -477,7 +482,7 @@ class ModelManager:
             if not aliases.previous:
                 return write()  # raises NothingToRollBack
             target = aliases.previous[-1]
-            scorer = self._get(target, "admin")
+            scorer = self._get(target, "admin", on_disk=True)
             write = partial(self.registry.rollback, expected=target, actor=ACTOR, reason=reason)
             return self._apply(write, {target: scorer})
 
@@ -492,7 +497,7 @@ class ModelManager:
         Canary(version, percent, policy)  # InvalidCanary (422) before any loading
         with self._swap_lock:
             self.registry.check_writable()
-            scorer = self._get(version, "admin")
+            scorer = self._get(version, "admin", on_disk=True)
             write = partial(
                 self.registry.set_canary, version, percent, policy, actor=ACTOR, reason=reason
             )
@@ -507,7 +512,7 @@ class ModelManager:
         """Load + warm ``version`` (one intra-op thread), then shadow ``percent`` of requests."""
         Shadow(version, percent)  # InvalidShadow (422) before any loading
         with self._swap_lock:
-            scorer = self._get(version, "admin", SHADOW_THREADS)
+            scorer = self._get(version, "admin", SHADOW_THREADS, on_disk=True)
             write = partial(self.registry.set_shadow, version, percent, actor=ACTOR, reason=reason)
             return self._apply(write, {version: scorer})
 
@@ -574,6 +579,21 @@ class ModelManager:
                 for v, r in self._retries.items()
             },
         }
+
+
+def _refused(version: str, trigger: str, e: Exception) -> SwapFailed:
+    """A version that failed to load or verify: logged, counted, and the 409 to raise."""
+    metrics.SWAP_FAILURES.labels(trigger).inc()
+    log.warning(
+        "model load failed",
+        exc_info=not isinstance(e, BundleError | RegistryError),
+        extra={"fields": {"version": version, "trigger": trigger, "reason": _reason(e)}},
+    )
+    details = e.details if isinstance(e, FeatureStoreConflict) else None
+    # A client sees a domain error's own message (no paths in it); anything else, e.g.
+    # an onnxruntime message naming the model's absolute path, stays in the log.
+    public = e.message if isinstance(e, VidrankError) else f"{type(e).__name__} (see log)"
+    return SwapFailed(f"cannot serve version {version}: {public}", details=details)
 
 
 def _reason(e: Exception) -> str:

@@ -38,6 +38,8 @@ from model.core.store.snapshot import (
     Progress,
     Snapshot,
     SnapshotError,
+    SnapshotNotFound,
+    StoreUnavailable,
     load_snapshot,
     write_snapshot,
 )
@@ -48,12 +50,6 @@ LOCK_FILE = ".lock"
 TEMP_PREFIX = ".tmp-"
 ENCODED_DIR = ".encoded"
 MAX_PREVIOUS = 20
-
-
-class SnapshotNotFound(SnapshotError):
-    """No snapshot of that name is published (or the name is not a valid one)."""
-
-    code = "snapshot_not_found"
 
 
 class SnapshotExists(SnapshotError):
@@ -87,12 +83,12 @@ class FeatureAliases:
     @classmethod
     def from_dict(cls, d: Any) -> FeatureAliases:
         if not isinstance(d, dict):
-            raise SnapshotError("features/aliases.json must hold a JSON object")
+            raise SnapshotError(f"{WHERE} must hold a JSON object")
         active, previous = d.get("active"), d.get("previous") or []
         if active is not None:
             check_snapshot_name(active)
         if not isinstance(previous, list):
-            raise SnapshotError("features/aliases.json: 'previous' must be a list")
+            raise SnapshotError(f"{WHERE}: 'previous' must be a list")
         return cls(active, tuple(check_snapshot_name(p) for p in previous), d.get("updated_at"))
 
 
@@ -139,7 +135,7 @@ class SnapshotStore:
         """Load (and by default checksum-verify) a published snapshot."""
         path = self.path(name)
         if not path.is_dir():
-            raise SnapshotNotFound(f"snapshot {name!r} is not published in {self.root}")
+            raise SnapshotNotFound(f"snapshot {name!r} is not published")
         snapshot = load_snapshot(path, verify=verify)
         if snapshot.name != name:
             raise SnapshotError(f"{name}: its manifest names snapshot {snapshot.name!r}")
@@ -151,7 +147,7 @@ class SnapshotStore:
         try:
             return dict(json.loads(path.read_bytes()))
         except FileNotFoundError:
-            raise SnapshotNotFound(f"snapshot {name!r} is not published in {self.root}") from None
+            raise SnapshotNotFound(f"snapshot {name!r} is not published") from None
         except ValueError as e:
             raise SnapshotError(f"{name}: manifest is not valid JSON: {e}") from None
 
@@ -195,10 +191,12 @@ class SnapshotStore:
             raw = self.aliases_path.read_bytes()
         except FileNotFoundError:
             return FeatureAliases(None)
+        except OSError as e:
+            raise _unavailable("unreadable", f"cannot read {WHERE}", e) from e
         try:
             return FeatureAliases.from_dict(json.loads(raw))
         except ValueError as e:
-            raise SnapshotError(f"{self.aliases_path} is not valid JSON: {e}") from e
+            raise SnapshotError(f"{WHERE} is not valid JSON: {e}") from e
 
     def aliases_stamp(self) -> tuple[int, int] | None:
         """A cheap change token for the alias file (size, content hash), as for models."""
@@ -213,7 +211,7 @@ class SnapshotStore:
 
         def change(cur: FeatureAliases) -> FeatureAliases:
             if not self.has(name):
-                raise SnapshotNotFound(f"snapshot {name!r} is not published in {self.root}")
+                raise SnapshotNotFound(f"snapshot {name!r} is not published")
             previous = cur.previous
             if cur.active is not None and cur.active != name:
                 previous = (*previous, cur.active)[-MAX_PREVIOUS:]
@@ -221,10 +219,18 @@ class SnapshotStore:
 
         return self._update(change)
 
+    def check_writable(self) -> None:
+        """Raise ``StoreUnavailable`` unless the alias can be written (the lock can be taken)."""
+        with self._locked():
+            pass
+
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _unavailable("unwritable", "cannot take the feature store's lock", e) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -234,5 +240,18 @@ class SnapshotStore:
     def _update(self, change: Callable[[FeatureAliases], FeatureAliases]) -> FeatureAliases:
         with self._locked():
             new = replace(change(self.read_aliases()), updated_at=utc_now_iso())
-            replace_durable(self.aliases_path, json_bytes(new.to_dict()))
+            try:
+                replace_durable(self.aliases_path, json_bytes(new.to_dict()))
+            except OSError as e:
+                raise _unavailable("unwritable", f"cannot write {WHERE}", e) from e
             return new
+
+
+WHERE = f"{FEATURES_DIR}/{ALIASES_FILE}"  # how messages name the alias file: never a full path
+
+
+def _unavailable(reason: str, what: str, e: OSError) -> StoreUnavailable:
+    """The error of a failed store access, naming the cause but not the path."""
+    return StoreUnavailable(
+        reason, f"feature store is not available: {what} ({e.strerror or type(e).__name__})"
+    )
