@@ -367,6 +367,9 @@ class ModelManager:
             self._stamp = stamp
             self._fault("aliases_missing", e)
             return False
+        except RegistryUnavailable as e:  # EIO, permissions: look again next poll
+            self._fault("unreadable", e)
+            return False
         except RegistryError as e:  # not JSON, or not valid aliases
             self._stamp = stamp
             self._fault("aliases_invalid", e)

@@ -77,13 +77,13 @@ def test_snapshot_activation_on_an_unwritable_tree_is_503_and_names_no_path(
             with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as http:
                 r = http.post("/admin/features/s2/activate")
                 assert_error(r, 503, "feature_store_unavailable", registry)
-                assert "not available" in r.json()["error"]["message"]
+                assert "not writable" in r.json()["error"]["message"]
                 assert http.get("/models").json()["feature_store"]["snapshot"] == "s1"
             assert "Traceback" not in server.logs()
         finally:
             server.stop()
         done = run_cli("features", "activate", "s2", "--registry", str(registry), prefix=prefix)
-        assert "not available" in assert_one_line_error(done, registry)
+        assert "not writable" in assert_one_line_error(done, registry)
         for args in (("show", "nosuch"), ("activate", "nosuch")):
             done = run_cli("features", *args, "--registry", str(registry), prefix=prefix)
             assert "not published" in assert_one_line_error(done, registry)

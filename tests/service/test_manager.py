@@ -339,7 +339,7 @@ def test_failure_after_the_rename_serves_what_the_file_says(
 ) -> None:
     """aliases.json was replaced but the directory fsync failed: the process must not keep
     serving the old version while the file (and so every other replica) says the new one."""
-    import model.core.registry as registry_module
+    import model.core.artifacts as registry_module
 
     publish_as(registry_dir, version, "v2")
     m = manager(registry_dir)
