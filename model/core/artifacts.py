@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -46,7 +45,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from model.core.bundle import VERSION_RE
 from model.core.errors import VidrankError, shown
-from model.core.fileio import fsync_dir, json_bytes, replace_durable, utc_now_iso
+from model.core.fileio import content_stamp, fsync_dir, json_bytes, replace_durable, utc_now_iso
 from model.core.history import HISTORY_FILE, History
 
 ALIASES_FILE = "aliases.json"
@@ -115,7 +114,7 @@ class ArtifactStore(Generic[A]):
         self.faults = faults
         self._parse = parse
         self._empty = empty
-        self.history = History(root / HISTORY_FILE) if history else None
+        self.audit = History(root / HISTORY_FILE) if history else None
 
     @property
     def aliases_path(self) -> Path:
@@ -167,7 +166,7 @@ class ArtifactStore(Generic[A]):
                 continue  # vanished while listing (removed by an operator)
         return [name for _, name in sorted(found)]
 
-    def publish(self, name: str, stage: Callable[[Path], None]) -> None:
+    def publish_staged(self, name: str, stage: Callable[[Path], None]) -> None:
         """Publish ``name`` atomically: ``stage`` fills (and verifies) a new temp directory,
         which is then fsynced and renamed into place - the one step that makes it visible.
 
@@ -238,7 +237,7 @@ class ArtifactStore(Generic[A]):
         except OSError as e:
             raise self._unavailable(f"cannot read {self.faults.where}", e, "readable") from e
 
-    def read_aliases(self) -> A | None:
+    def current(self) -> A | None:
         """The current aliases; None when the file does not exist. Needs no lock: the file is
         only ever replaced whole."""
         raw = self.read_bytes()
@@ -262,7 +261,7 @@ class ArtifactStore(Generic[A]):
         appended under the same lock so lines are in the order the changes happened.
         """
         with self._locked():
-            cur = self.read_aliases()
+            cur = self.current()
             cur = self._empty if cur is None else cur
             changed = change(cur)
             if changed is None:
@@ -271,8 +270,8 @@ class ArtifactStore(Generic[A]):
             new = replace(changed, updated_at=now)  # type: ignore[type-var]
             try:
                 replace_durable(self.aliases_path, json_bytes(new.to_dict()))
-                if self.history is not None and line is not None:
-                    self.history.append(line(now, cur, new))
+                if self.audit is not None and line is not None:
+                    self.audit.append(line(now, cur, new))
             except OSError as e:
                 raise self._unavailable(f"cannot write {self.faults.where}", e) from e
             return new
@@ -303,25 +302,3 @@ class ArtifactStore(Generic[A]):
         """The error of a failed access, naming the cause but never the path."""
         reason = e.strerror or type(e).__name__
         return self.faults.unavailable(f"{self.faults.noun} is not {able}: {what} ({reason})")
-
-
-def content_stamp(data: bytes | None) -> tuple[int, int] | None:
-    """The one "did it change?" token of a small file: ``(size, 64-bit content hash)``.
-
-    ``None`` for a missing file. A content hash rather than (mtime, size): two updates within one
-    timestamp tick can have equal sizes, and NFS clients cache attributes for seconds, whereas
-    open() + read revalidates (close-to-open consistency). The files are small (aliases, token
-    lists, profiles), so reading one is about as cheap as a stat.
-    """
-    if data is None:
-        return None
-    digest = hashlib.blake2b(data, digest_size=8).digest()
-    return (len(data), int.from_bytes(digest, "big"))
-
-
-def file_stamp(path: Path) -> tuple[int, int] | None:
-    """``content_stamp`` of the file at ``path`` (None when it does not exist)."""
-    try:
-        return content_stamp(path.read_bytes())
-    except FileNotFoundError:
-        return None

@@ -94,18 +94,14 @@ FAULTS = Faults("version", "registry", ALIASES_FILE, InvalidVersionName, Version
                 VersionExists, RegistryError, RegistryUnavailable)  # fmt: skip
 
 
-class Registry:
+class Registry(ArtifactStore[Aliases]):
     """A model registry rooted at a directory (local, or a volume shared by replicas)."""
 
     def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
-        self.store = ArtifactStore(
-            self.root,
-            FAULTS,
-            Aliases.from_dict,
-            Aliases(None),
-            artifacts=self.root / VERSIONS_DIR,
-            history=True,
+        root = Path(root)
+        versions = root / VERSIONS_DIR
+        super().__init__(
+            root, FAULTS, Aliases.from_dict, Aliases(None), artifacts=versions, history=True
         )
 
     def __repr__(self) -> str:
@@ -114,38 +110,23 @@ class Registry:
     @property
     def versions_root(self) -> Path:
         """``<root>/versions``: one sub-directory per published version."""
-        return self.store.artifacts
-
-    @property
-    def aliases_path(self) -> Path:
-        """``<root>/aliases.json``."""
-        return self.store.aliases_path
+        return self.artifacts
 
     @property
     def history(self) -> History:
         """``<root>/history.jsonl``: every aliases change, oldest first."""
-        assert self.store.history is not None
-        return self.store.history
+        assert self.audit is not None
+        return self.audit
 
-    # -- versions ------------------------------------------------------------------------------
-    def versions(self) -> list[str]:
-        """Published versions, oldest first (publish time, then name)."""
-        return self.store.names()
-
-    def has(self, version: str) -> bool:
-        """Whether ``version`` is published (False for names that are not valid at all)."""
-        return self.store.has(version)
-
-    def version_dir(self, version: str) -> Path:
-        """Directory of ``version`` (which may not exist); rejects invalid names."""
-        return self.store.path(version)
+    versions = ArtifactStore.names  # published versions, oldest first
+    version_dir = ArtifactStore.path  # the directory of a version; rejects invalid names
 
     def bundle(self, version: str, *, verify: bool = True) -> Bundle:
         """Load (and by default checksum-verify) a published version's bundle.
 
         Raises ``VersionNotFound`` if absent and ``BundleError`` if the bundle is invalid.
         """
-        bundle = load_bundle(self.store.require(version), verify=verify)
+        bundle = load_bundle(self.require(version), verify=verify)
         if bundle.version != version:
             raise BundleError(
                 f"manifest of {version} names version {bundle.version!r}; a registry directory "
@@ -168,7 +149,7 @@ class Registry:
         """
         source = src if isinstance(src, Bundle) else load_bundle(Path(src), verify=True)
         name = check_version_name(source.version if version is None else version)
-        self.store.publish(name, lambda tmp: self._stage(source, tmp, name))
+        self.publish_staged(name, lambda tmp: self._stage(source, tmp, name))
         return name
 
     def _stage(self, source: Bundle, tmp: Path, name: str) -> None:
@@ -184,10 +165,6 @@ class Registry:
         if staged.version != name:
             raise BundleError(f"staged manifest names {staged.version!r}, expected {name!r}")
 
-    def cleanup_temp(self, older_than_s: float = 3600.0) -> list[str]:
-        """Remove temp directories left by crashed publishes (older than ``older_than_s``)."""
-        return self.store.cleanup_temp(older_than_s)
-
     # -- aliases -------------------------------------------------------------------------------
     def read_aliases(self, *, missing_ok: bool = True) -> Aliases:
         """Current aliases; ``Aliases(None)`` when none have been written yet.
@@ -195,7 +172,7 @@ class Registry:
         With ``missing_ok=False`` a missing file (or registry directory) raises
         ``AliasesMissing`` instead: a serving replica must tell "no file" from "no production".
         """
-        aliases = self.store.read_aliases()
+        aliases = self.current()
         if aliases is not None:
             return aliases
         if missing_ok:
@@ -203,9 +180,7 @@ class Registry:
         what = ALIASES_FILE if self.root.is_dir() else "the registry directory"
         raise AliasesMissing(f"{what} is missing")
 
-    def aliases_stamp(self) -> tuple[int, int] | None:
-        """A cheap change token for ``aliases.json`` (``artifacts.content_stamp``)."""
-        return self.store.stamp()
+    aliases_stamp = ArtifactStore.stamp  # a cheap change token for aliases.json
 
     def activate(
         self, version: str, *, actor: str = "library", reason: str | None = None
@@ -229,7 +204,7 @@ class Registry:
 
         def change(cur: Aliases) -> Aliases:
             new = transitions.rollback(cur, expected)
-            self._require(str(new.production))  # the target must still be published
+            self.require(str(new.production))  # the target must still be published
             return new
 
         return self.apply(change, Change("rollback", actor, reason))
@@ -265,7 +240,7 @@ class Registry:
         """Remove the canary if it still is ``version`` (an automatic rollback); None, writing
         nothing, when the canary is already another version or none."""
         change = partial(transitions.remove_canary, version=version)
-        return self.store.update(change, Change("auto_rollback", actor, reason).line)
+        return self.update(change, Change("auto_rollback", actor, reason).line)
 
     def set_shadow(
         self, version: str, percent: float, *, actor: str = "library", reason: str | None = None
@@ -298,19 +273,9 @@ class Registry:
 
         def checked(cur: Aliases) -> Aliases:
             for version in needs:
-                self._require(version)
+                self.require(version)
             return change(cur)
 
-        new = self.store.update(checked, why.line)
+        new = self.update(checked, why.line)
         assert new is not None
         return new
-
-    def check_writable(self) -> None:
-        """Raise ``RegistryUnavailable`` unless aliases can be written (the lock can be taken).
-
-        Lets a caller refuse before it spends seconds loading a model it could not activate.
-        """
-        self.store.check_writable()
-
-    def _require(self, version: str) -> None:
-        self.store.require(version)

@@ -99,44 +99,26 @@ def activate_snapshot(cur: FeatureAliases, name: str) -> FeatureAliases:
     return replace(cur, active=name, previous=push_previous(cur.previous, cur.active, name))
 
 
-class SnapshotStore:
+class SnapshotStore(ArtifactStore[FeatureAliases]):
     """Feature snapshots under ``<registry>/features`` (local, or a volume shared by replicas)."""
 
     def __init__(self, registry_root: Path | str) -> None:
-        self.root = Path(registry_root) / FEATURES_DIR
-        self.store = ArtifactStore(
-            self.root, FAULTS, FeatureAliases.from_dict, FeatureAliases(None)
-        )
+        root = Path(registry_root) / FEATURES_DIR
+        super().__init__(root, FAULTS, FeatureAliases.from_dict, FeatureAliases(None))
 
     def __repr__(self) -> str:
         return f"SnapshotStore({str(self.root)!r})"
-
-    @property
-    def aliases_path(self) -> Path:
-        """``features/aliases.json``."""
-        return self.store.aliases_path
 
     @property
     def encoded_root(self) -> Path:
         """Where tables encoded for a model schema are cached (see store/encoded.py)."""
         return self.root / ENCODED_DIR
 
-    # -- snapshots ----------------------------------------------------------------------------
-    def snapshots(self) -> list[str]:
-        """Published snapshots, oldest first (temp and cache directories start with a dot)."""
-        return self.store.names()
-
-    def path(self, name: str) -> Path:
-        """Directory of snapshot ``name`` (which may not exist); rejects invalid names."""
-        return self.store.path(name)
-
-    def has(self, name: str) -> bool:
-        """Whether ``name`` is published (False for names that are not valid at all)."""
-        return self.store.has(name)
+    snapshots = ArtifactStore.names  # published snapshots, oldest first (caches start with a dot)
 
     def load(self, name: str, *, verify: bool = True) -> Snapshot:
         """Load (and by default checksum-verify) a published snapshot."""
-        snapshot = load_snapshot(self.store.require(name), verify=verify)
+        snapshot = load_snapshot(self.require(name), verify=verify)
         if snapshot.name != name:
             raise SnapshotError(f"{name}: its manifest names snapshot {snapshot.name!r}")
         return snapshot
@@ -164,7 +146,7 @@ class SnapshotStore:
             write_snapshot(tmp, name, tables, source, progress)
             load_snapshot(tmp, verify=True)  # re-read from disk: catches a bad write
 
-        self.store.publish(name, stage)
+        self.publish_staged(name, stage)
         return self.load(name, verify=False)
 
     # -- aliases ------------------------------------------------------------------------------
@@ -174,23 +156,17 @@ class SnapshotStore:
 
     def read_aliases(self) -> FeatureAliases:
         """The current alias; ``FeatureAliases(None)`` before any snapshot was activated."""
-        return self.store.read_aliases() or FeatureAliases(None)
+        return self.current() or FeatureAliases(None)
 
-    def aliases_stamp(self) -> tuple[int, int] | None:
-        """A cheap change token for the alias file (``artifacts.content_stamp``)."""
-        return self.store.stamp()
+    aliases_stamp = ArtifactStore.stamp  # a cheap change token for the alias file
 
     def activate(self, name: str) -> FeatureAliases:
         """Make ``name`` the active snapshot; the old one goes onto ``previous``."""
 
         def change(cur: FeatureAliases) -> FeatureAliases:
-            self.store.require(name)
+            self.require(name)
             return activate_snapshot(cur, name)
 
-        new = self.store.update(change)
+        new = self.update(change)
         assert new is not None
         return new
-
-    def check_writable(self) -> None:
-        """Raise ``StoreUnavailable`` unless the alias can be written (the lock can be taken)."""
-        self.store.check_writable()
