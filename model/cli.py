@@ -8,11 +8,34 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="vidrank: MMoE video ranking.")
+from model.core.errors import VidrankError
+
+
+def _fail(message: str) -> NoReturn:
+    """One line on stderr (``error: ...``) and exit code 1."""
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    raise typer.Exit(code=1)
+
+
+class _Commands(TyperGroup):
+    """Every command runs under this group: a domain error becomes ``_fail``'s one line, the one
+    place that turns a ``VidrankError`` into a message and an exit code."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer's own (vendored) click Context
+        try:
+            return super().invoke(ctx)
+        except VidrankError as e:
+            _fail(str(e))
+
+
+app = typer.Typer(
+    cls=_Commands, add_completion=False, no_args_is_help=True, help="vidrank: MMoE video ranking."
+)
 models_app = typer.Typer(no_args_is_help=True, help="Inspect and operate the model registry.")
 app.add_typer(models_app, name="models")
 features_app = typer.Typer(
@@ -251,13 +274,7 @@ def report(version: str, registry: RegistryOpt = Path("registry")) -> None:
 
 def _check_version(registry: Path, version: str) -> None:
     """Fail with a one-line error unless VERSION is a readable bundle of the registry."""
-    from model.core.bundle import BundleError
-    from model.core.registry import RegistryError
-
-    try:
-        _registry(registry).bundle(version)
-    except (RegistryError, BundleError) as e:
-        _fail(str(e))
+    _registry(registry).bundle(version)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -347,11 +364,6 @@ def _registry(path: Path):  # type: ignore[no-untyped-def]
     return Registry(path)
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=1)
-
-
 @models_app.command("list")
 def models_list(registry: RegistryOpt = Path("registry")) -> None:
     """List published versions with their aliases and headline metrics."""
@@ -379,13 +391,7 @@ def models_list(registry: RegistryOpt = Path("registry")) -> None:
 @models_app.command("show")
 def models_show(version: str, registry: RegistryOpt = Path("registry")) -> None:
     """Print a version's manifest."""
-    from model.core.bundle import BundleError
-    from model.core.registry import RegistryError
-
-    try:
-        typer.echo(json.dumps(_registry(registry).bundle(version).manifest, indent=2))
-    except (RegistryError, BundleError) as e:
-        _fail(str(e))
+    typer.echo(json.dumps(_registry(registry).bundle(version).manifest, indent=2))
 
 
 def _print_aliases(aliases) -> None:  # type: ignore[no-untyped-def]
@@ -397,15 +403,9 @@ def models_activate(
     version: str, registry: RegistryOpt = Path("registry"), reason: ReasonOpt = None
 ) -> None:
     """Make VERSION production (verifies the bundle first); every replica converges on it."""
-    from model.core.bundle import BundleError
-    from model.core.registry import RegistryError
-
     reg = _registry(registry)
-    try:
-        reg.bundle(version)  # verify checksum and schema before any replica tries it
-        _print_aliases(reg.activate(version, actor=ACTOR, reason=reason))
-    except (RegistryError, BundleError) as e:
-        _fail(str(e))
+    reg.bundle(version)  # verify checksum and schema before any replica tries it
+    _print_aliases(reg.activate(version, actor=ACTOR, reason=reason))
     _warn_snapshot_lacks(registry)
 
 
@@ -413,19 +413,16 @@ def models_activate(
 def models_rollback(registry: RegistryOpt = Path("registry"), reason: ReasonOpt = None) -> None:
     """Return production to the previously active version (verifies its bundle first)."""
     from model.core.bundle import BundleError
-    from model.core.registry import RegistryError
 
     reg = _registry(registry)
-    try:
-        previous = reg.read_aliases().previous
-        target = previous[-1] if previous else None
-        if target is not None:
-            reg.bundle(target)  # checksum and schema, as activate does: replicas would refuse it
-        _print_aliases(reg.rollback(expected=target, actor=ACTOR, reason=reason))
-    except BundleError as e:
-        _fail(f"cannot roll back to {target}: {e}")
-    except RegistryError as e:
-        _fail(str(e))
+    previous = reg.read_aliases().previous
+    target = previous[-1] if previous else None
+    if target is not None:
+        try:  # checksum and schema, as activate does: replicas would refuse it
+            reg.bundle(target)
+        except BundleError as e:
+            _fail(f"cannot roll back to {target}: {e}")
+    _print_aliases(reg.rollback(expected=target, actor=ACTOR, reason=reason))
 
 
 @models_app.command("deactivate")
@@ -440,14 +437,9 @@ def models_deactivate(
 
     The only way to leave replicas without a model: a missing or broken aliases file never does.
     """
-    from model.core.registry import RegistryError
-
     if not yes:
         _fail("every replica will stop serving /rank; pass --yes to confirm")
-    try:
-        _print_aliases(_registry(registry).deactivate(actor=ACTOR, reason=reason))
-    except RegistryError as e:
-        _fail(str(e))
+    _print_aliases(_registry(registry).deactivate(actor=ACTOR, reason=reason))
 
 
 @models_app.command("canary")
@@ -478,23 +470,18 @@ def models_canary(
     The --max-*/--min-requests/--window-s options set this canary's policy for automatic
     rollback (the service's settings fill in the rest).
     """
-    from model.core.bundle import BundleError
     from model.core.policy import CanaryPolicy
-    from model.core.registry import RegistryError
 
     reg = _registry(registry)
-    try:
-        if clear:
-            _print_aliases(reg.clear_canary(actor=ACTOR, reason=reason))
-        elif version is None:
-            _fail("give a VERSION or --clear")
-        else:
-            bounds = CanaryPolicy(max_error_ratio, max_p99_ratio, max_psi, min_requests, window_s)
-            policy = bounds if bounds.to_dict() else None
-            reg.bundle(version)
-            _print_aliases(reg.set_canary(version, percent, policy, actor=ACTOR, reason=reason))
-    except (RegistryError, BundleError, ValueError) as e:
-        _fail(str(e))
+    if clear:
+        _print_aliases(reg.clear_canary(actor=ACTOR, reason=reason))
+    elif version is None:
+        _fail("give a VERSION or --clear")
+    else:
+        bounds = CanaryPolicy(max_error_ratio, max_p99_ratio, max_psi, min_requests, window_s)
+        policy = bounds if bounds.to_dict() else None
+        reg.bundle(version)
+        _print_aliases(reg.set_canary(version, percent, policy, actor=ACTOR, reason=reason))
 
 
 @models_app.command("shadow")
@@ -510,20 +497,14 @@ def models_shadow(
     reason: ReasonOpt = None,
 ) -> None:
     """Have VERSION also score PERCENT of requests, off the response path, for comparison."""
-    from model.core.bundle import BundleError
-    from model.core.registry import RegistryError
-
     reg = _registry(registry)
-    try:
-        if clear:
-            _print_aliases(reg.clear_shadow(actor=ACTOR, reason=reason))
-        elif version is None:
-            _fail("give a VERSION or --clear")
-        else:
-            reg.bundle(version)
-            _print_aliases(reg.set_shadow(version, percent, actor=ACTOR, reason=reason))
-    except (RegistryError, BundleError, ValueError) as e:
-        _fail(str(e))
+    if clear:
+        _print_aliases(reg.clear_shadow(actor=ACTOR, reason=reason))
+    elif version is None:
+        _fail("give a VERSION or --clear")
+    else:
+        reg.bundle(version)
+        _print_aliases(reg.set_shadow(version, percent, actor=ACTOR, reason=reason))
 
 
 @models_app.command("history")
@@ -623,7 +604,6 @@ def features_publish(
 ) -> None:
     """Publish the user and video tables of DATA (KuaiRand schema, CSV or Parquet) as a
     snapshot; every replica converges on it once it is active."""
-    from model.core.store.snapshot import SnapshotError
     from model.training.feature_tables import default_snapshot_name, publish_features
 
     store = _feature_store(registry, redis_url)
@@ -635,7 +615,7 @@ def features_publish(
         summary = publish_features(data, store, name, as_of)
         if activate:
             store.activate(name)
-    except (SnapshotError, ValueError) as e:
+    except ValueError as e:  # the tables themselves (a column, a value): not a domain error
         _fail(str(e))
     _warn_lacks(registry, summary["columns"])
     typer.echo(json.dumps({**summary, "active": activate}, indent=2))
@@ -661,12 +641,7 @@ def features_show(
     snapshot: str, registry: RegistryOpt = Path("registry"), redis_url: RedisOpt = None
 ) -> None:
     """Print a snapshot's manifest (columns, row counts, checksums, source)."""
-    from model.core.store.snapshot import SnapshotError
-
-    try:
-        typer.echo(json.dumps(_feature_store(registry, redis_url).manifest(snapshot), indent=2))
-    except SnapshotError as e:
-        _fail(str(e))
+    typer.echo(json.dumps(_feature_store(registry, redis_url).manifest(snapshot), indent=2))
 
 
 @features_app.command("activate")
@@ -674,16 +649,11 @@ def features_activate(
     snapshot: str, registry: RegistryOpt = Path("registry"), redis_url: RedisOpt = None
 ) -> None:
     """Make SNAPSHOT active (verified first); every replica converges on it."""
-    from model.core.store.snapshot import SnapshotError
-
     store = _feature_store(registry, redis_url)
-    try:
-        previous = _active_snapshot(store)
-        # The embedded store checks every checksum before any replica tries the snapshot.
-        manifest = store.manifest(snapshot) if redis_url else store.load(snapshot).manifest
-        store.activate(snapshot)
-    except SnapshotError as e:
-        _fail(str(e))
+    previous = _active_snapshot(store)
+    # The embedded store checks every checksum before any replica tries the snapshot.
+    manifest = store.manifest(snapshot) if redis_url else store.load(snapshot).manifest
+    store.activate(snapshot)
     _warn_lacks(registry, {e: list(s["columns"]) for e, s in manifest["entities"].items()})
     typer.echo(json.dumps({"active": snapshot, "previous": previous}, indent=2))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -102,9 +103,11 @@ class EncoderInput:
     unknown: set[str]  # feature names, of any entity, the schema does not have
 
 
-# No ASCII control character (CR, LF, NUL ...) and no space at either end: what any HTTP layer
-# accepts in a header value (characters beyond Latin-1 are sent as "?").
-REQUEST_ID_PATTERN = r"^[^\x00-\x1f\x7f ]([^\x00-\x1f\x7f]*[^\x00-\x1f\x7f ])?$"
+# No control character - C0 (CR, LF, NUL ...), DEL, C1 (NEL U+0085 ...) - no line or paragraph
+# separator (U+2028/9) and no space at either end: what any HTTP layer accepts in a header value
+# (characters beyond Latin-1 are sent as "?") and what a log reader will not take for a line end.
+_ID_CHAR = r"[^\x00-\x1f\x7f-\x9f\u2028\u2029"
+REQUEST_ID_PATTERN = rf"^{_ID_CHAR} ]({_ID_CHAR}]*{_ID_CHAR} ])?$"
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 
@@ -119,8 +122,15 @@ def valid_request_id(rid: str) -> bool:
 
 
 # -- the body -----------------------------------------------------------------------------------
+MAX_DEPTH = 1024  # orjson's nesting limit: a deeper body is a 400, wherever its NaN may be
+# The slow path parses with the json module, whose C scanner counts nesting against the
+# recursion limit; it must reach past MAX_DEPTH from a request thread's stack.
+_PARSE_RECURSION = MAX_DEPTH + 1000
+
+
 def loads(body: bytes) -> Any:
-    """Parse JSON; a body with NaN/Infinity literals gets a 422 naming the field, not a 400."""
+    """Parse JSON; a NaN/Infinity literal or a number beyond a double's range gets a 422 naming
+    the field, not a 400."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -134,30 +144,61 @@ class _NonFinite:
     pass
 
 
+_MARKER = _NonFinite()
+
+
+def _int(text: str) -> int | float | _NonFinite:
+    """An integer literal as orjson reads it: beyond 64 bits a double, beyond a double non-finite
+    (``int()`` of the 400 digits would be a finite Python int)."""
+    if len(text) <= 20:  # at most 19 digits and a sign: int() is exact and cheap
+        value: int | float = int(text)
+        if -(1 << 63) <= value < 1 << 64:
+            return value
+    value = float(text)
+    return value if math.isfinite(value) else _MARKER
+
+
 def _non_finite_path(body: bytes) -> str | None:
-    """Slow path for a body orjson rejected: the path of a NaN/Infinity literal, if that is why."""
-    marker = _NonFinite()
+    """Slow path for a body orjson rejected: the path of a NaN/Infinity literal or an out-of-range
+    number, if that is why; None for any other fault. Nesting past MAX_DEPTH is a 400 wherever
+    the NaN is, as orjson answers a deep body without one."""
+    if sys.getrecursionlimit() < _PARSE_RECURSION:
+        sys.setrecursionlimit(_PARSE_RECURSION)
     try:
-        doc = json.loads(body, parse_constant=lambda _: marker)
-    except (ValueError, RecursionError):
+        doc = json.loads(body, parse_constant=lambda _: _MARKER, parse_int=_int)
+    except ValueError:
         return None
-    return _find(doc, marker, "")
+    except RecursionError:
+        raise _too_deep() from None
+    return _find(doc)
 
 
-def _find(node: Any, marker: object, path: str) -> str | None:
-    if node is marker or (type(node) is float and not math.isfinite(node)):  # NaN, or 1e400
-        return path or "$"
-    if isinstance(node, dict):
-        for k, v in node.items():
-            found = _find(v, marker, f"{path}.{k}" if path else str(k))
-            if found:
-                return found
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            found = _find(v, marker, f"{path}[{i}]")
-            if found:
-                return found
-    return None
+def _too_deep() -> MalformedBody:
+    return MalformedBody(f"body is not valid JSON: nested deeper than {MAX_DEPTH} levels")
+
+
+def _find(doc: Any) -> str | None:
+    """The path of the first non-finite value in document order (iterative: any depth), or None
+    when there is none; MalformedBody when the document nests deeper than MAX_DEPTH."""
+    found: str | None = None
+    stack: list[tuple[Any, str, int]] = [(doc, "", 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if found is None and (node is _MARKER or (type(node) is float and not math.isfinite(node))):
+            found = shown(path or "$", 256)
+        elif isinstance(node, dict | list):
+            if depth == MAX_DEPTH:
+                raise _too_deep()
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            children = [(v, _child(path, k), depth + 1) for k, v in items]
+            stack.extend(reversed(children))
+    return found
+
+
+def _child(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
 
 
 def parse_request(body: bytes, max_candidates: int) -> RankRequest:
@@ -170,8 +211,8 @@ def parse_request(body: bytes, max_candidates: int) -> RankRequest:
     request_id = doc.get("request_id")
     if request_id is not None and (type(request_id) is not str or not valid_request_id(request_id)):
         raise InvalidRequest(
-            f"must be a string of 1-{MAX_REQUEST_ID_LEN} characters, without control "
-            "characters or a space at either end",
+            f"must be a string of 1-{MAX_REQUEST_ID_LEN} characters, without control characters "
+            "(C0, DEL, C1), line or paragraph separators, or a space at either end",
             "request_id",
         )
     user_id, user = _user(doc.get("user"))

@@ -92,7 +92,10 @@ class Settings(BaseSettings):
         "redis://host:port/db, or off.",
     )
     feature_timeout_ms: float = Field(
-        20.0, gt=0, le=10_000, description="Budget of one feature lookup (Redis socket timeout)."
+        20.0,
+        gt=0,
+        le=10_000,
+        description="Budget of one feature lookup (one deadline across the Redis round trip).",
     )
     feature_store_required: bool = Field(
         False, description="A store failure answers 503 (and /readyz follows the store)."

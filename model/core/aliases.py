@@ -204,13 +204,18 @@ class Aliases:
             raise RegistryError("aliases 'previous' must be a list of version names")
         if updated_at is not None and not isinstance(updated_at, str):
             raise RegistryError("aliases 'updated_at' must be a string")
-        return cls(
-            production=d.get("production"),
-            previous=tuple(previous),
-            canary=Canary.from_dict(canary) if canary is not None else None,
-            updated_at=updated_at,
-            shadow=Shadow.from_dict(shadow) if shadow is not None else None,
-        )
+        try:
+            return cls(
+                production=d.get("production"),
+                previous=tuple(previous),
+                canary=Canary.from_dict(canary) if canary is not None else None,
+                updated_at=updated_at,
+                shadow=Shadow.from_dict(shadow) if shadow is not None else None,
+            )
+        except (InvalidVersionName, InvalidCanary, InvalidShadow) as e:
+            # A bad name or percent in the *file* is a broken file (409, as for one that is not
+            # JSON), not the caller's unknown version (404) or bad request (422).
+            raise RegistryError(f"aliases are malformed: {e.message}") from None
 
 
 # -- transitions ---------------------------------------------------------------------------------

@@ -25,8 +25,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from model.core.errors import VidrankError
 from model.core.features import FeatureSchema, default_schema
-from model.core.tasks import LABEL_COLUMNS
+from model.core.tasks import LABEL_COLUMNS, PROBABILITY_TASKS
 from model.training.batches import EncodedSplit, Shuffled, encode_split, predict
 from model.training.calibrate import Calibration, calibrate_heads
 from model.training.config import TrainConfig
@@ -90,11 +91,34 @@ class TrainResult:
     calibration: Calibration = field(default_factory=dict)  # per head: scale, shift
 
 
-def split_frame(frame: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], Basis]:
-    """Split by time; fit the schema and take the label means on the training split."""
-    frames = dict(zip(SPLITS, split_by_time(frame), strict=True))
+class TooLittleData(VidrankError, ValueError):
+    """The impressions cannot train and evaluate a model; the message says what is needed."""
+
+    code = "too_little_data"
+
+
+def check_splits(frames: Mapping[str, pd.DataFrame]) -> None:
+    """Before any training: every split holds rows, and both outcomes of every probability task
+    (a base rate of 0 or 1, a calibration fit or an AUC on one class is meaningless)."""
+    n = sum(len(df) for df in frames.values())
+    need = "train on more impressions (e.g. --simulate 20000)"
     if min(len(df) for df in frames.values()) < 1:
-        raise ValueError(f"{len(frame)} impressions are too few to split into train/valid/test")
+        raise TooLittleData(f"{n} impressions are too few to split into train/valid/test; {need}")
+    for split, df in frames.items():
+        for task in sorted(PROBABILITY_TASKS):
+            if lacking := {0, 1} - set(df[LABEL_COLUMNS[task]].unique().tolist()):
+                raise TooLittleData(
+                    f"{n} impressions are too few: the {split} split ({len(df)} rows) has no "
+                    f"{task}={lacking.pop()} impression, and each split needs both outcomes of "
+                    f"{task}; {need}"
+                )
+
+
+def split_frame(frame: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], Basis]:
+    """Split by time (checked: ``check_splits``); fit the schema and take the label means on the
+    training split."""
+    frames = dict(zip(SPLITS, split_by_time(frame), strict=True))
+    check_splits(frames)
     train = frames["train"]
     schema = default_schema().fit({n: train[n].to_numpy() for n in default_schema().names()})
     means = {col: float(train[col].mean()) for col in LABEL_COLUMNS.values()}

@@ -68,3 +68,34 @@ def test_shadow_canary_policy_and_history(registry: Path) -> None:
     run("models", "shadow", "v3", "--registry", r)
     listing = [line.split() for line in run("models", "list", "--registry", r).splitlines()]
     assert ["v1", "production"] in listing and ["v3", "shadow"] in listing
+
+
+@pytest.mark.parametrize(("impressions", "split"), [("10", "train"), ("300", "valid")])
+def test_train_on_too_little_data_is_one_line_before_any_training(
+    tmp_path: Path, impressions: str, split: str
+) -> None:
+    """Too few impressions, or a split without both outcomes of a probability task: one line
+    that says what is needed, exit 1, before an epoch runs or anything is published."""
+    registry = tmp_path / "registry"
+    args = ["train", "--simulate", impressions, "--small", "--registry", str(registry)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and f"the {split} split" in error[0], result.output
+    assert "needs both outcomes" in error[0] and "--simulate" in error[0]
+    assert "Traceback" not in result.output and "epoch" not in result.output
+    assert not Registry(registry).versions()
+
+
+def test_any_domain_error_is_one_line_and_exit_1(registry: Path, tmp_path: Path) -> None:
+    """Registry, bundle and snapshot errors all end in the one handler: ``error: ...``, exit 1."""
+    r = str(registry)
+    (registry / "versions" / "v2" / "manifest.json").write_text("{ not json")
+    for args in (
+        ["models", "show", "nosuch", "--registry", r],
+        ["models", "activate", "v2", "--registry", r],
+        ["models", "rollback", "--registry", r],
+        ["features", "show", "nosuch", "--registry", r],
+    ):
+        out = fail(*args)
+        assert out.startswith("error: ") and out.count("\n") == 1, (args, out)

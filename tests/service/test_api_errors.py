@@ -204,6 +204,8 @@ def test_bad_body_is_422_naming_the_field(
         (b'{"user": {"user_id": 1}, "candidates": [{"video_id": 1, "features": {"duration_s": 1e400}}]}', "candidates[0].features.duration_s"),  # noqa: E501
         (b'{"user": {"user_id": 1}, "candidates": [], "fusion": {"method": "weighted_sum", "weights": {"click": NaN}}}', "fusion.weights.click"),  # noqa: E501
         (b'{"user": {"user_id": 1}, "candidates": [], "top_k": Infinity}', "top_k"),
+        (b'{"user": {"user_id": 1}, "candidates": [], "top_k": 1' + b"0" * 400 + b"}", "top_k"),
+        (b'{"user": {"user_id": 1}, "candidates": [], "context": {"x": [[[-Infinity]]]}}', "context.x[0][0][0]"),  # noqa: E501
     ],
 )  # fmt: skip
 def test_non_finite_literals_name_the_field(client: TestClient, raw: bytes, field: str) -> None:

@@ -175,6 +175,23 @@ def test_admin_on_an_unwritable_registry_is_503_and_changes_nothing(
     assert Registry(registry_dir).read_aliases().production == version
 
 
+@pytest.mark.parametrize(
+    "content", ["{ not json", '{"production": 5}', '{"production": "v1", "previous": [5]}']
+)  # noqa: E501
+def test_admin_on_a_malformed_aliases_file_is_409_without_a_path(
+    make_client: Callable[..., TestClient], registry_dir: Path, version: str, content: str
+) -> None:
+    """A name that is not a version name in the file is a broken file, not an unknown version."""
+    publish_as(registry_dir, version, "v2")
+    client = make_client()
+    (registry_dir / "aliases.json").write_text(content)
+    r = client.post("/admin/models/v2/activate", headers=AUTH)
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "registry_conflict"
+    assert str(registry_dir) not in r.text
+    assert client.get("/models").json()["serving"]["production"] == version
+
+
 # -- request deadlines ---------------------------------------------------------------------------
 
 

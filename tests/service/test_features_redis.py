@@ -6,6 +6,9 @@ loopback port with its files in the test's temp directory.
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,9 +16,15 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from benchmarks.harness import AUTH, REDIS_MISSING, RedisServer, find_redis_server
+from benchmarks.harness import AUTH, HOST, REDIS_MISSING, RedisServer, find_redis_server
 from model.core.features import id_keys
-from model.core.store.redis_store import Keys, RedisSnapshots, connect
+from model.core.store.redis_store import (
+    Keys,
+    RedisReader,
+    RedisSnapshots,
+    StoreUnavailable,
+    connect,
+)
 from model.core.store.snapshot import EntityTable
 from tests.service.service_helpers import sample
 from tests.store_helpers import full_body, ids_body, items_of, shifted_tables
@@ -172,6 +181,64 @@ def test_a_paused_redis_costs_at_most_the_budget(
     assert r.status_code == 200 and r.json()["degraded"] == ["feature_store"]
     assert took < 1.5, f"{took:.2f}s: the request waited for the paused Redis"  # pause is 3 s
     assert sample("vidrank_feature_store_errors_total", {"reason": "timeout"}) >= 1
+
+
+class TricklingProxy:
+    """A TCP proxy in front of Redis that passes requests at once and delivers every reply in
+    ``piece``-byte slices, ``delay_s`` apart: a slow link, where no single wait is long."""
+
+    def __init__(self, port: int, piece: int, delay_s: float) -> None:
+        self.target, self.piece, self.delay_s = port, piece, delay_s
+        self.listener = socket.create_server((HOST, 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection((HOST, self.target))
+                self.sockets += [client, upstream]
+                threading.Thread(target=self._pump, args=(client, upstream, 0), daemon=True).start()
+                threading.Thread(target=self._pump, args=(upstream, client, 1), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, slow: int) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                for i in range(0, len(data), self.piece if slow else len(data)):
+                    time.sleep(self.delay_s * slow)
+                    dst.sendall(data[i : i + self.piece] if slow else data)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_a_slow_redis_costs_one_budget_per_round_trip_not_one_per_socket_wait(
+    published: RedisServer,
+) -> None:
+    """Every reply slice comes within the budget, the whole reply does not: past the budget the
+    lookup is a timeout (degraded), not a success after many budgets' worth of small waits."""
+    proxy = TricklingProxy(published.port, piece=48, delay_s=0.1)
+    try:
+        user_key, item_keys = int(id_keys([42])[0]), id_keys(VIDEOS)
+        slow = RedisReader(connect(proxy.url, 5.0))  # a budget that covers the whole trickle
+        user, items = slow.fetch("s1", user_key, item_keys)
+        assert (
+            sum(len(r) for r in [user or b"", *filter(None, items)]) > 8 * 48
+        )  # 9+ slices: 0.9+ s
+        tight = RedisReader(connect(proxy.url, 0.35))  # > one slice's wait, < the trickle
+        tight.ping()  # connected: the round trip below is the pipeline alone
+        with pytest.raises(StoreUnavailable) as raised:
+            tight.fetch("s1", user_key, item_keys)
+        assert raised.value.reason == "timeout"
+    finally:
+        proxy.close()
 
 
 def test_snapshots_switch_atomically_and_old_ones_expire(

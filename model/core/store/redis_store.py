@@ -16,16 +16,20 @@ mixes two snapshots. A snapshot is written under a TTL (a crashed publish expire
 made persistent once complete, and only then named by ``P:active``; the snapshot it replaces
 expires after a grace period, long enough for every replica to have polled the new name.
 
-The serving client has no retries and a socket timeout equal to the request's budget: a slow or
-dead Redis costs a request at most the budget per socket operation, never a retry loop.
+The serving client has no retries, and one request's round trip - (re)connecting, the connection's
+handshake, sending, every reply - shares one deadline, the budget from its start (``connect``'s
+``timeout_s``): a slow or dead Redis costs a request about the budget, never a retry loop nor
+the budget once per socket operation.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,18 +56,112 @@ KEEP_PREVIOUS_S = 3600  # a replaced snapshot stays readable this long
 WRITE_CHUNK = 10_000  # hash fields per HSET
 
 
+# When the current round trip started (see ``round_trip``); None: each socket call has the
+# client's timeout, as for publishing and polling.
+_ROUND_TRIP_START: ContextVar[float | None] = ContextVar("redis_round_trip", default=None)
+_MIN_WAIT_S = 1e-4  # a spent budget still makes the call, with a wait too short to succeed
+
+
+@contextmanager
+def round_trip() -> Iterator[None]:
+    """Within this block, every socket wait of the client ends by one deadline: the block's
+    start plus the client's timeout, however many operations the round trip needs."""
+    token = _ROUND_TRIP_START.set(time.monotonic())
+    try:
+        yield
+    finally:
+        _ROUND_TRIP_START.reset(token)
+
+
+def _time_left(budget_s: float | None) -> float | None:
+    """What is left of the current round trip's budget (None outside one)."""
+    start = _ROUND_TRIP_START.get()
+    if start is None or budget_s is None:
+        return None
+    return max(start + budget_s - time.monotonic(), _MIN_WAIT_S)
+
+
+class _DeadlineSocket:
+    """A connected socket whose blocking calls, within a round trip, wait at most for what is
+    left of its budget; outside one (and for a shorter wait redis-py asks for, such as its
+    zero-wait probe for stale data) the timeout redis-py set."""
+
+    def __init__(self, sock: Any, budget_s: float | None) -> None:
+        self._sock, self._budget_s = sock, budget_s
+        self._wanted: float | None = sock.gettimeout()  # what redis-py last asked for
+
+    def settimeout(self, value: float | None) -> None:
+        self._wanted = value
+        self._sock.settimeout(value)
+
+    def _cut(self) -> None:
+        left, wait = _time_left(self._budget_s), self._wanted
+        if left is not None and (wait is None or left < wait):
+            wait = left
+        self._sock.settimeout(wait)
+
+    def recv(self, *args: Any) -> Any:
+        self._cut()
+        return self._sock.recv(*args)
+
+    def recv_into(self, *args: Any) -> Any:
+        self._cut()
+        return self._sock.recv_into(*args)
+
+    def sendall(self, *args: Any) -> Any:
+        self._cut()
+        return self._sock.sendall(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+@functools.cache
+def _deadline_classes() -> dict[str, type]:
+    """The URL scheme's connection class, its waits cut to the round trip's deadline."""
+    import redis
+
+    class Deadline:
+        """Connect with the time left, then read and write through a ``_DeadlineSocket``."""
+
+        socket_timeout: float | None
+        socket_connect_timeout: float | None
+
+        def connect_check_health(self, *args: Any, **kwargs: Any) -> Any:
+            saved, left = self.socket_connect_timeout, _time_left(self.socket_timeout)
+            self.socket_connect_timeout = saved if left is None else left
+            try:
+                return super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+            finally:
+                self.socket_connect_timeout = saved
+
+        def _connect(self) -> _DeadlineSocket:
+            return _DeadlineSocket(super()._connect(), self.socket_timeout)  # type: ignore[misc]
+
+    bases = {
+        "redis": redis.Connection,
+        "rediss": redis.SSLConnection,
+        "unix": redis.UnixDomainSocketConnection,
+    }
+    return {k: type(f"Deadline{b.__name__}", (Deadline, b), {}) for k, b in bases.items()}
+
+
 def connect(url: str, timeout_s: float | None = None) -> redis.Redis:
-    """A client with its own connection pool, no retries and ``timeout_s`` on every socket call."""
+    """A client with its own connection pool, no retries and ``timeout_s`` on every socket call
+    (within ``round_trip``: on the whole round trip)."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
+    scheme = url.partition("://")[0].lower()
+    extra = {"connection_class": _deadline_classes()[scheme]} if timeout_s is not None else {}
     return redis.Redis.from_url(
         url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
+        **extra,
     )
 
 
@@ -177,7 +275,8 @@ class RedisReader:
         if fields:
             pipe.hmget(self.keys.table(snapshot, "item"), fields)
         try:
-            out = pipe.execute()
+            with round_trip():
+                out = pipe.execute()
         except redis.RedisError as e:
             raise _unavailable(e) from None
         if not out[0]:

@@ -415,6 +415,8 @@ def test_aliases_dict_roundtrip() -> None:
         {"production": "v1", "canary": {"version": "v2"}},
         {"production": "v1", "canary": {"version": "v2", "percent": 0}},
         {"production": "v1", "updated_at": 5},
+        {"production": "v1", "shadow": {"version": "v2", "percent": 101}},
+        {"production": "v1", "canary": {"version": 7, "percent": 5}},
     ],
 )
 def test_invalid_aliases_rejected(reg: Registry, data: Any) -> None:
@@ -422,8 +424,10 @@ def test_invalid_aliases_rejected(reg: Registry, data: Any) -> None:
         Aliases.from_dict(data)
     reg.root.mkdir(parents=True)
     reg.aliases_path.write_text(json.dumps(data))
-    with pytest.raises(RegistryError):
+    with pytest.raises(RegistryError) as raised:
         reg.read_aliases()
+    # A broken file, as one that is not JSON: never "version not found" or "invalid request".
+    assert type(raised.value) is RegistryError and raised.value.code == "registry_conflict"
 
 
 def test_corrupt_aliases_file(reg: Registry) -> None:

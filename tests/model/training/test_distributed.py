@@ -183,7 +183,7 @@ def test_prepared_data_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown format"):
         prepared.PreparedData.load(tmp_path)
     with pytest.raises(ValueError, match="cannot fill"):
-        prepared.prepare_frame(simulated_impressions(20, 0), tmp_path / "p", 64)
+        prepared.prepare_frame(simulated_impressions(2_000, 0), tmp_path / "p", 4_000)
 
 
 @pytest.mark.parametrize(("n", "batch", "world"), [(1_000, 64, 2), (997, 100, 3), (10, 4, 4)])
