@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from benchmarks.harness import Server, rank_body, rss_bytes
-from service.request import MAX_DEPTH
+from service.scoring.request import MAX_DEPTH
 
 pytestmark = pytest.mark.slow
 

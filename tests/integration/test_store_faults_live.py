@@ -23,7 +23,7 @@ from benchmarks.harness import vidrank_cmd as cli
 from model.core.bundle import MODEL_FILE
 from model.core.store.embedded import SnapshotStore
 from model.core.store.snapshot import EntityTable
-from service.manager import canary_bucket
+from service.rollout.reconciler import canary_bucket
 from tests.integration.conftest import LIVE_ENV, unwritable_copy
 
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from model.core.registry import Registry, RegistryUnavailable
-from service.background import BACKOFF_MAX_S as RETRY_MAX_S
 from service.errors import NotReady, SwapFailed
-from service.manager import (
+from service.rollout.background import BACKOFF_MAX_S as RETRY_MAX_S
+from service.rollout.reconciler import (
     SHADOW_THREADS,
     ModelManager,
     ServingState,

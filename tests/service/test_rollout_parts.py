@@ -14,10 +14,10 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from model.core.distribution import PREDICTION_EDGES, bin_counts
 from model.core.policy import CanaryPolicy
 from service import metrics
-from service.canary import Traffic, TrafficSummary, judge
-from service.drift import EDGES, bin_tasks
-from service.shadow import ShadowJob, ShadowScorer, compare
-from service.window import SlidingCounts
+from service.rollout.canary import Traffic, TrafficSummary, judge
+from service.rollout.drift import EDGES, bin_tasks
+from service.rollout.shadow import ShadowJob, ShadowScorer, compare
+from service.rollout.window import SlidingCounts
 from tests.service.service_helpers import sample
 
 

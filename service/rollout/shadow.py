@@ -33,11 +33,11 @@ from model.core.fusion import ProfileStore, fuse, rank_order, resolve
 from model.core.metrics import kendall_tau, top_k_overlap
 from model.core.tasks import TASKS
 from service import metrics
-from service.background import Loop
-from service.drift import DriftMonitor
-from service.manager import ModelManager
-from service.request import EncoderInput
-from service.scorer import Scorer
+from service.rollout.background import Loop
+from service.rollout.drift import DriftMonitor
+from service.rollout.reconciler import ModelManager
+from service.scoring.request import EncoderInput
+from service.scoring.scorer import Scorer
 
 log = logging.getLogger("vidrank.shadow")
 

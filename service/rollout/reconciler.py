@@ -63,12 +63,12 @@ from model.core.registry import (
     VersionNotFound,
 )
 from service import metrics
-from service.background import Loop, Retries
 from service.errors import FeatureStoreConflict, NotReady, SwapFailed
-from service.feature_source import FeatureSource
-from service.features import FeatureView
 from service.logging import log_fields
-from service.scorer import Scorer
+from service.rollout.background import Loop, Retries
+from service.rollout.feature_source import FeatureSource
+from service.scoring.features import FeatureView
+from service.scoring.scorer import Scorer
 
 log = logging.getLogger("vidrank.manager")
 ACTOR = "admin-api"  # the history's actor for changes made through this manager's admin calls

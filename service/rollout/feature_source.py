@@ -29,11 +29,11 @@ from model.core.store.encoded import EncodedSnapshot, encode_snapshot
 from model.core.store.redis_store import RedisReader, RedisSnapshots, connect
 from model.core.store.snapshot import ENTITY_IDS, Snapshot, SnapshotError, StoreUnavailable
 from service import metrics
-from service.background import Retries
 from service.errors import FeatureStoreConflict
-from service.features import EmbeddedView, FeatureView, RedisView
 from service.logging import log_fields
-from service.scorer import Scorer
+from service.rollout.background import Retries
+from service.scoring.features import EmbeddedView, FeatureView, RedisView
+from service.scoring.scorer import Scorer
 from service.settings import Settings
 
 log = logging.getLogger("vidrank.features")

@@ -36,11 +36,11 @@ import numpy as np
 
 from model.core.policy import CanaryPolicy
 from service import metrics
-from service.background import Loop
-from service.drift import DriftMonitor
 from service.logging import log_fields
-from service.manager import ModelManager
-from service.window import SlidingCounts
+from service.rollout.background import Loop
+from service.rollout.drift import DriftMonitor
+from service.rollout.reconciler import ModelManager
+from service.rollout.window import SlidingCounts
 
 log = logging.getLogger("vidrank.canary")
 
