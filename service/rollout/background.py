@@ -50,10 +50,12 @@ class Loop:
         """Whether the thread has been started and not stopped."""
         return self._thread is not None
 
-    def start(self) -> None:
-        """Start the thread (a no-op when it runs already)."""
+    def start(self, interval_s: float | None = None) -> None:
+        """Start the thread, every ``interval_s`` seconds if given (a no-op when it runs)."""
         if self._thread is not None:
             return
+        if interval_s is not None:
+            self.interval_s = interval_s
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
@@ -73,10 +75,14 @@ class Loop:
             if self.interval_s is not None and self._stop.wait(self.interval_s):
                 return
             try:
-                if self.step() is False:
-                    return
+                done = self.step()
             except Exception:  # never let one bad round end the loop
                 log.exception("background step failed", extra={"fields": {"loop": self.name}})
+                continue
+            # A periodic step's result is its own business (a poll that swapped nothing returns
+            # False); only a blocking step says "stop" by returning False.
+            if self.interval_s is None and done is False:
+                return
 
 
 @dataclass

@@ -218,7 +218,7 @@ class RolloutMonitor:
         self.auto_rollback = auto_rollback
         self._canary: str | None = None  # the canary judged so far (its windows were reset)
         self.health: dict[str, Any] | None = None  # the last judgement, for /models
-        self._loop: Loop | None = None
+        self._loop = Loop("vidrank-rollout-monitor", self.check_once)
 
     def check_once(self) -> Verdict | None:
         """One round: histograms and PSI, then the canary's verdict (acted on if enabled)."""
@@ -263,12 +263,8 @@ class RolloutMonitor:
 
     def start(self, interval_s: float) -> None:
         """Run :meth:`check_once` every ``interval_s`` seconds in a daemon thread."""
-        if self._loop is None:
-            self._loop = Loop("vidrank-rollout-monitor", self.check_once, interval_s)
-            self._loop.start()
+        self._loop.start(interval_s)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the monitor thread (a round in progress finishes first)."""
-        if self._loop is not None:
-            self._loop.stop(timeout_s)
-            self._loop = None
+        self._loop.stop(timeout_s)

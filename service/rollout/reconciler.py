@@ -164,7 +164,7 @@ class ModelManager:
         self._retries = Retries(clock)  # aliased versions that failed to load
         self._desired: dict[str, str] = {}  # {role: version} the aliases name
         self.health = RegistryHealth()
-        self._poller: Loop | None = None
+        self._poller = Loop("vidrank-registry-poll", self.poll_once)
         self._last_feature_error: str | None = None
 
     # -- request path -------------------------------------------------------------------------
@@ -426,15 +426,11 @@ class ModelManager:
 
     def start_polling(self, interval_s: float) -> None:
         """Run :meth:`poll_once` every ``interval_s`` seconds in a daemon thread."""
-        if self._poller is None:
-            self._poller = Loop("vidrank-registry-poll", self.poll_once, interval_s)
-            self._poller.start()
+        self._poller.start(interval_s)
 
     def stop_polling(self, timeout_s: float = 10.0) -> None:
         """Stop the poller thread (a load in progress finishes first, up to ``timeout_s``)."""
-        if self._poller is not None:
-            self._poller.stop(timeout_s)
-            self._poller = None
+        self._poller.stop(timeout_s)
 
     # -- admin --------------------------------------------------------------------------------
     def _change(
