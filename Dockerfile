@@ -91,7 +91,7 @@ RUN --mount=type=bind,from=build,source=/dist,target=/dist \
 # torch must not be installed (exit status 1 if it is) ...
 RUN python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('torch') is not None)"
 # ... and the service + CLI must import without it.
-RUN python -c "import model.cli, service.app" \
+RUN python -c "import model.cli, service.http.app" \
  && vidrank serve --help > /dev/null
 
 # Settings come from the environment (see docs/internals.md). Bind all interfaces inside the

@@ -21,7 +21,7 @@ import orjson
 from benchmarks.workload import Body, build_workload
 from model.core.features import FeatureSchema, default_schema
 from model.training.sources import simulated_impressions
-from service.request import SchemaView, encoder_input, parse_request
+from service.scoring.request import SchemaView, encoder_input, parse_request
 
 Args = tuple[dict[str, Any], dict[str, Any], dict[str, Any], int]
 

@@ -21,7 +21,7 @@ from benchmarks.harness import to_columnar
 from model.core.features import FeatureSchema
 from model.training.data import load_impressions
 from model.training.simulate import SimConfig, simulate, write_simulation
-from service.request import SchemaView, encoder_input, parse_request
+from service.scoring.request import SchemaView, encoder_input, parse_request
 
 Body = dict[str, Any]
 

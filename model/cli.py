@@ -433,7 +433,7 @@ def serve(
     workers: Annotated[int | None, typer.Option(help="Worker processes (one per core).")] = None,
 ) -> None:
     """Serve POST /rank (and health, models, admin, metrics) with uvicorn."""
-    from service.server import run_server
+    from service.http.server import run_server
     from service.settings import Settings
 
     overrides: dict[str, object] = {"registry": registry}

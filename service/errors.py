@@ -31,9 +31,7 @@ from model.core.registry import (
     RegistryUnavailable,
     VersionNotFound,
 )
-from model.core.store.embedded import SnapshotNotFound
-from model.core.store.redis_store import StoreUnavailable
-from model.core.store.snapshot import SnapshotError
+from model.core.store.snapshot import SnapshotError, SnapshotNotFound, StoreUnavailable
 
 
 class InvalidRequest(VidrankError):

@@ -105,3 +105,17 @@ def write_durable(dest: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def content_stamp(data: bytes | None) -> tuple[int, int] | None:
+    """The one "did it change?" token of a small file: ``(size, 64-bit content hash)``.
+
+    ``None`` for a missing file. A content hash rather than (mtime, size): two updates within one
+    timestamp tick can have equal sizes, and NFS clients cache attributes for seconds, whereas
+    open() + read revalidates (close-to-open consistency). The files are small (aliases, token
+    lists, profiles), so reading one is about as cheap as a stat.
+    """
+    if data is None:
+        return None
+    digest = hashlib.blake2b(data, digest_size=8).digest()
+    return (len(data), int.from_bytes(digest, "big"))

@@ -37,7 +37,6 @@ Only numpy and the standard library are imported here.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 import tomllib
@@ -50,6 +49,7 @@ from typing import Any, Final
 import numpy as np
 
 from model.core.errors import VidrankError, shown
+from model.core.fileio import content_stamp
 from model.core.tasks import TASKS
 
 METHODS: Final = ("weighted_sum", "weighted_product", "rank_sum")
@@ -472,13 +472,15 @@ def parse_profiles(data: Mapping[str, Any]) -> tuple[dict[str, FusionSpec], str 
     return specs, default
 
 
-def _file_signature(path: Path) -> tuple[int, int] | None:
-    """(mtime_ns, size) of ``path``, or None when it cannot be stat'ed."""
+def _read_stamped(path: Path) -> tuple[bytes | OSError, object]:
+    """The file's bytes (or why it cannot be read) and its stamp, the one "changed?" check
+    (``fileio.content_stamp``: a content hash, which neither coarse mtimes nor NFS attribute
+    caching can fool)."""
     try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size)
+        data = path.read_bytes()
+    except OSError as e:
+        return e, ("error", e.errno)
+    return data, content_stamp(data)
 
 
 class ProfileStore:
@@ -492,14 +494,14 @@ class ProfileStore:
         weights = { click = 1.0, watch_time = { weight = 0.6, transform = "log1p" }, like = 0.4 }
         [tuning.balanced]              # optional, ignored: how vidrank tune-fusion found it
 
-    On :meth:`get` the store checks the file's ``(mtime_ns, size)`` at most once per
-    ``check_interval_s`` (measured with ``clock``) and re-reads it when it changed. A file that
+    On :meth:`get` the store reads the file at most once per ``check_interval_s`` (measured
+    with ``clock``) and parses it again when its content stamp changed. A file that
     fails to load (unreadable, bad TOML, invalid profile) keeps the last good profiles; the
     error is kept in :attr:`last_error` until a later load succeeds. A file missing at start
     means no profiles (fallback only) and sets :attr:`last_error`; if it appears later it is
     loaded. ``path=None`` means no profile file at all. Writers should replace the file
     atomically (write a temp file, rename). Without that, a reader may catch the file mid-write:
-    a file whose signature changes during the read is retried at the next check, and an empty
+    a torn read has other content than the finished file, so the next check loads that; an empty
     file is rejected (keeping the last good profiles), but a half-written file that happens to
     parse cannot be told apart from an intended edit.
 
@@ -531,11 +533,11 @@ class ProfileStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._profiles = _NO_PROFILES
-        self._signature: tuple[int, int] | None = None
+        self._signature: object = None
         self._last_check = clock()
         if path is not None:
             with self._lock:
-                self._load(_file_signature(path))
+                self._load(*_read_stamped(path))
 
     def get(self, name: str | None = None, fallback: FusionSpec | None = None) -> FusionSpec:
         """The profile called ``name``; for None the file's default profile, else the fallback.
@@ -586,29 +588,26 @@ class ProfileStore:
         """Reload when the file's signature changed since the last attempt. Holds the lock."""
         if self.path is None:
             return False
-        signature = _file_signature(self.path)
+        data, signature = _read_stamped(self.path)
         if signature == self._signature:
             return False
-        return self._load(signature)
+        return self._load(data, signature)
 
-    def _load(self, signature: tuple[int, int] | None) -> bool:
-        """Read and parse the file; on failure keep the old profiles. Holds the lock.
+    def _load(self, data: bytes | OSError, signature: object) -> bool:
+        """Parse the file's bytes; on failure keep the old profiles. Holds the lock.
 
-        A file that changes while it is read is not committed (the next check retries it). An
-        empty file counts as a failure: it is what a reader sees in the middle of a
-        truncate-and-write, and it would otherwise silently drop every profile.
+        A broken file is not retried until its content changes again. An empty file counts as
+        a failure: it is what a reader sees in the middle of a truncate-and-write, and it would
+        otherwise silently drop every profile.
         """
-        assert self.path is not None
+        self._signature = signature
         try:
-            data = self.path.read_bytes()
-            if _file_signature(self.path) != signature:
-                return False  # torn read; self._signature stays stale, so the next check retries
-            self._signature = signature  # a broken file is not retried until it changes again
+            if isinstance(data, OSError):
+                raise data
             if not data.strip():
                 raise FusionError("profiles", "the profile file is empty")
             specs, default = parse_profiles(tomllib.loads(data.decode("utf-8")))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, FusionError) as exc:
-            self._signature = signature
             self.reload_failures += 1
             self.last_error = f"{self.path}: {exc}"
             if self.on_failure is not None:

@@ -2,7 +2,7 @@
 
 A policy travels in ``aliases.json`` with the canary it belongs to, so every replica judges the
 canary by the same bounds; fields it leaves out take the service's settings. The service
-evaluates it (``service/canary.py``); this module only says what a valid policy is.
+evaluates it (``service/rollout/canary.py``); this module only says what a valid policy is.
 
 - ``max_error_ratio``: the canary's server errors / its requests over the window;
 - ``max_p99_ratio``: the canary's p99 ranking latency / production's over the same window;

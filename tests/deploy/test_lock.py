@@ -57,7 +57,7 @@ def test_every_declared_dependency_is_pinned_within_its_specifier() -> None:
 
 
 def test_requested_extras_of_dependencies_are_pinned() -> None:
-    """uvicorn[standard] brings httptools (the protocol service/protocol.py extends), uvloop..."""
+    """uvicorn[standard] brings httptools (service/http/protocol.py extends it), uvloop..."""
     pins = locked()
     for req in declared():
         for extra in req.extras:

@@ -38,7 +38,7 @@ from benchmarks.harness import (
     upstream_servers,
     write_nginx_conf,
 )
-from service.server import GRACEFUL_TIMEOUT_S
+from service.http.server import GRACEFUL_TIMEOUT_S
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

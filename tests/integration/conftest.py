@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -9,6 +13,7 @@ import pytest
 
 from benchmarks.harness import ADMIN_TOKEN, Processes, Server, child_env, start_vidrank
 
+NOBODY = 65534
 # What every live test server runs with, unless a test overrides it.
 LIVE_ENV = {
     "VIDRANK_ADMIN_TOKEN": ADMIN_TOKEN,
@@ -50,3 +55,30 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
             return procs.add(start_vidrank(registry, log, workers=workers, env=full_env))
 
         yield start
+
+
+@contextlib.contextmanager
+def unwritable_copy(registry: Path) -> Iterator[tuple[Path, list[str]]]:
+    """A copy of ``registry`` that a process run with the yielded command prefix cannot write.
+
+    As root (which ignores permissions) the prefix runs the process as ``nobody``.
+    """
+    base = Path(tempfile.mkdtemp(prefix="vidrank-ro-"))
+    os.chmod(base, 0o755)
+    copy = base / "registry"
+    shutil.copytree(registry, copy)
+    for path in [copy, *copy.rglob("*")]:
+        os.chmod(path, 0o555 if path.is_dir() else 0o444)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is needed to run the server unprivileged")
+        prefix = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    try:
+        yield copy, prefix
+    finally:
+        for path in [copy, *copy.rglob("*")]:
+            with contextlib.suppress(OSError):
+                os.chmod(path, 0o755)
+        shutil.rmtree(base, ignore_errors=True)

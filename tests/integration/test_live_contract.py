@@ -15,7 +15,7 @@ import httpx
 import orjson
 
 from benchmarks.harness import Server, rank_body, rss_bytes
-from service.request import MAX_DEPTH
+from service.scoring.request import MAX_DEPTH
 
 Start = Callable[..., Server]
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import selectors
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,10 +21,9 @@ import psutil
 import pytest
 
 from benchmarks.harness import AUTH, HOST, Server, free_port, listening, rank_body, wait_until
-from tests.integration.conftest import LIVE_ENV
+from tests.integration.conftest import LIVE_ENV, unwritable_copy
 
 Start = Callable[..., Server]
-NOBODY = 65534
 POLL_S = float(LIVE_ENV["VIDRANK_POLL_INTERVAL_S"])
 
 
@@ -197,27 +194,9 @@ def test_alias_ahead_of_its_version_converges(
 
 @pytest.fixture
 def readonly_registry(live_registry: Path) -> Iterator[tuple[Path, list[str]]]:
-    """A copy of the registry that the server process cannot write, and the command prefix that
-    runs the server so. As root (which ignores permissions) the server runs as ``nobody``."""
-    base = Path(tempfile.mkdtemp(prefix="vidrank-ro-"))
-    os.chmod(base, 0o755)
-    registry = base / "registry"
-    shutil.copytree(live_registry, registry)
-    for path in [registry, *registry.rglob("*")]:
-        os.chmod(path, 0o555 if path.is_dir() else 0o444)
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("setpriv (util-linux) is needed to run the server unprivileged")
-        prefix = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-    try:
-        yield registry, prefix
-    finally:
-        for path in [registry, *registry.rglob("*")]:
-            with contextlib.suppress(OSError):
-                os.chmod(path, 0o755)
-        shutil.rmtree(base, ignore_errors=True)
+    """A copy of the registry that the server process cannot write (``unwritable_copy``)."""
+    with unwritable_copy(live_registry) as copy:
+        yield copy
 
 
 def test_readonly_registry_admin_is_503_and_consistent(

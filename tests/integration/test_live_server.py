@@ -214,8 +214,9 @@ def test_service_modules_do_not_import_torch() -> None:
     code = (
         "import sys\n"
         "import model.core.features, model.core.bundle, model.core.registry, model.cli\n"
-        "import service.app, service.server, service.manager, service.scorer, model.core.fusion\n"
-        "from service.app import create_app\n"
+        "import service.http.app, service.http.server, service.rollout.reconciler\n"
+        "import service.scoring.scorer, model.core.fusion\n"
+        "from service.http.app import create_app\n"
         "from service.settings import Settings\n"
         "create_app(Settings(registry='/nonexistent'))\n"
         "heavy = [m for m in ('torch', 'onnx', 'pandas') if m in sys.modules]\n"

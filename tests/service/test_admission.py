@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable
 import anyio
 import pytest
 
-from service.admission import Admission, request_deadline
 from service.errors import ClientGone, DeadlineExceeded, InvalidRequest, Overloaded
+from service.http.admission import Admission, request_deadline
 from tests.service.service_helpers import sample
 
 

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from benchmarks.harness import AUTH, rank_body
 from model.core.registry import Registry
-from service.docs import CDN, inline_script_hashes
+from service.http.docs import CDN, inline_script_hashes
 from tests.service.service_helpers import publish_as, sample
 
 

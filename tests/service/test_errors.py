@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-import service.app  # noqa: F401  (imports every module that defines a domain error)
+import service.http.app  # noqa: F401  (imports every module that defines a domain error)
 from model.core.bundle import BundleError
 from model.core.errors import VidrankError
 from model.core.features import FeatureError

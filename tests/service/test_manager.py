@@ -12,8 +12,8 @@ import pytest
 
 from model.core.registry import Registry, RegistryUnavailable
 from service.errors import NotReady, SwapFailed
-from service.manager import (
-    RETRY_MAX_S,
+from service.rollout.background import BACKOFF_MAX_S as RETRY_MAX_S
+from service.rollout.reconciler import (
     SHADOW_THREADS,
     ModelManager,
     ServingState,
@@ -339,7 +339,7 @@ def test_failure_after_the_rename_serves_what_the_file_says(
 ) -> None:
     """aliases.json was replaced but the directory fsync failed: the process must not keep
     serving the old version while the file (and so every other replica) says the new one."""
-    import model.core.registry as registry_module
+    import model.core.artifacts as registry_module
 
     publish_as(registry_dir, version, "v2")
     m = manager(registry_dir)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from benchmarks.harness import rank_body, to_columnar
 from model.core.features import default_schema
 from service.errors import InvalidRequest, MalformedBody
-from service.request import SchemaView, encoder_input, parse_request
+from service.scoring.request import SchemaView, encoder_input, parse_request
 from service.settings import Settings
 
 SCHEMA = default_schema()

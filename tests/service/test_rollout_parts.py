@@ -14,10 +14,10 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from model.core.distribution import PREDICTION_EDGES, bin_counts
 from model.core.policy import CanaryPolicy
 from service import metrics
-from service.canary import Traffic, TrafficSummary, judge
-from service.drift import EDGES, bin_tasks
-from service.shadow import ShadowJob, ShadowScorer, compare
-from service.window import SlidingCounts
+from service.rollout.canary import Traffic, TrafficSummary, judge
+from service.rollout.drift import EDGES, bin_tasks
+from service.rollout.shadow import ShadowJob, ShadowScorer, compare
+from service.rollout.window import SlidingCounts
 from tests.service.service_helpers import sample
 
 
@@ -161,3 +161,34 @@ def test_bin_tasks_is_bin_counts_per_task() -> None:
     assert counts.shape == (3, len(EDGES) + 1)
     for i in range(3):
         np.testing.assert_array_equal(counts[i], bin_counts(stacked[i].astype(np.float32), EDGES))
+
+
+def test_a_periodic_loop_keeps_running_whatever_its_step_returns() -> None:
+    """A poll that swapped nothing returns False; the periodic loop must poll on regardless
+    (a blocking loop, by contrast, ends when its step returns False)."""
+    import threading
+
+    from service.rollout.background import Loop
+
+    calls: list[int] = []
+    enough = threading.Event()
+
+    def poll() -> bool:
+        calls.append(1)
+        if len(calls) == 3:
+            enough.set()
+        return False
+
+    loop = Loop("test-poll", poll)
+    loop.start(0.01)
+    try:
+        assert enough.wait(60), calls
+    finally:
+        loop.stop()
+    assert not loop.running and len(calls) >= 3
+
+    ends = Loop("test-worker", lambda: bool(calls.append(1)))  # returns False at once
+    ends.start()
+    ends._thread.join(60)  # type: ignore[union-attr]
+    assert not ends._thread.is_alive()  # type: ignore[union-attr]
+    ends.stop()

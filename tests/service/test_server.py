@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import socket
 
-from service.server import GC_THRESHOLD, _tune_gc, bind_socket
+from service.http.server import GC_THRESHOLD, _tune_gc, bind_socket
 
 
 def test_listening_socket_options_reach_accepted_connections() -> None:

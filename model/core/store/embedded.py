@@ -11,49 +11,39 @@ Layout, next to the model versions (stdlib + numpy)::
 
 The alias has a file of its own rather than a key in the models' ``aliases.json``: a snapshot
 switch then never looks like a model change to the model poller and vice versa, and each file
-stays a plain read-modify-write under its own lock. Both follow the registry's rules: publish =
-stage in a temp directory, fsync, verify, rename; aliases = replaced whole (temp file + fsync +
-rename) under an exclusive flock, so a poller reads the old file or the new one, never a torn one.
+stays a plain read-modify-write under its own lock. Both are kept by the same code, the one
+artifact store (``model.core.artifacts``): publish = stage in a temp directory, fsync, verify,
+rename; aliases = replaced whole (temp file + fsync + rename) under an exclusive flock, so a
+poller reads the old file or the new one, never a torn one; an ``OSError`` is
+``StoreUnavailable`` (503); no message names a server path.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
-import os
-import shutil
-import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from model.core.aliases import push_previous
+from model.core.artifacts import ALIASES_FILE, ArtifactStore, Faults
 from model.core.bundle import VERSION_RE
-from model.core.fileio import fsync_dir, json_bytes, replace_durable, utc_now_iso
 from model.core.store.snapshot import (
     EntityTable,
     Progress,
     Snapshot,
     SnapshotError,
+    SnapshotNotFound,
+    StoreUnavailable,
     load_snapshot,
     write_snapshot,
 )
 
 FEATURES_DIR = "features"
-ALIASES_FILE = "aliases.json"
-LOCK_FILE = ".lock"
-TEMP_PREFIX = ".tmp-"
 ENCODED_DIR = ".encoded"
-MAX_PREVIOUS = 20
-
-
-class SnapshotNotFound(SnapshotError):
-    """No snapshot of that name is published (or the name is not a valid one)."""
-
-    code = "snapshot_not_found"
+WHERE = f"{FEATURES_DIR}/{ALIASES_FILE}"  # how messages name the alias file: never a full path
 
 
 class SnapshotExists(SnapshotError):
@@ -62,10 +52,15 @@ class SnapshotExists(SnapshotError):
     code = "snapshot_exists"
 
 
+# An unknown or invalid name is a 404 (nothing to find); an unwritable store is a 503.
+FAULTS = Faults("snapshot", "feature store", WHERE, SnapshotNotFound, SnapshotNotFound,
+                SnapshotExists, SnapshotError, partial(StoreUnavailable, "unwritable"))  # fmt: skip
+
+
 def check_snapshot_name(name: Any) -> str:
     """``name`` if it is a valid snapshot name (the version-name rules), else SnapshotNotFound."""
     if not isinstance(name, str) or not VERSION_RE.fullmatch(name):
-        raise SnapshotNotFound(f"invalid snapshot name {name!r}: must match {VERSION_RE.pattern}")
+        raise FAULTS.invalid_name(name)
     return name
 
 
@@ -78,6 +73,7 @@ class FeatureAliases:
     updated_at: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON form: ``{"active", "previous", "updated_at"}``."""
         return {
             "active": self.active,
             "previous": list(self.previous),
@@ -86,61 +82,43 @@ class FeatureAliases:
 
     @classmethod
     def from_dict(cls, d: Any) -> FeatureAliases:
+        """Parse the JSON form; raises ``SnapshotError`` when malformed."""
         if not isinstance(d, dict):
-            raise SnapshotError("features/aliases.json must hold a JSON object")
+            raise SnapshotError(f"{WHERE} must hold a JSON object")
         active, previous = d.get("active"), d.get("previous") or []
         if active is not None:
             check_snapshot_name(active)
         if not isinstance(previous, list):
-            raise SnapshotError("features/aliases.json: 'previous' must be a list")
+            raise SnapshotError(f"{WHERE}: 'previous' must be a list")
         return cls(active, tuple(check_snapshot_name(p) for p in previous), d.get("updated_at"))
 
 
-class SnapshotStore:
+def activate_snapshot(cur: FeatureAliases, name: str) -> FeatureAliases:
+    """The transition: ``name`` becomes active; the old one goes onto ``previous``."""
+    check_snapshot_name(name)
+    return replace(cur, active=name, previous=push_previous(cur.previous, cur.active, name))
+
+
+class SnapshotStore(ArtifactStore[FeatureAliases]):
     """Feature snapshots under ``<registry>/features`` (local, or a volume shared by replicas)."""
 
     def __init__(self, registry_root: Path | str) -> None:
-        self.root = Path(registry_root) / FEATURES_DIR
+        root = Path(registry_root) / FEATURES_DIR
+        super().__init__(root, FAULTS, FeatureAliases.from_dict, FeatureAliases(None))
 
     def __repr__(self) -> str:
         return f"SnapshotStore({str(self.root)!r})"
-
-    @property
-    def aliases_path(self) -> Path:
-        return self.root / ALIASES_FILE
 
     @property
     def encoded_root(self) -> Path:
         """Where tables encoded for a model schema are cached (see store/encoded.py)."""
         return self.root / ENCODED_DIR
 
-    # -- snapshots ----------------------------------------------------------------------------
-    def snapshots(self) -> list[str]:
-        """Published snapshots, oldest first (temp and cache directories start with a dot)."""
-        try:
-            entries = list(os.scandir(self.root))
-        except FileNotFoundError:
-            return []
-        found = []
-        for entry in entries:
-            if VERSION_RE.fullmatch(entry.name) and entry.is_dir():
-                found.append((entry.stat().st_mtime_ns, entry.name))
-        return [name for _, name in sorted(found)]
-
-    def path(self, name: str) -> Path:
-        return self.root / check_snapshot_name(name)
-
-    def has(self, name: str) -> bool:
-        return (
-            isinstance(name, str) and bool(VERSION_RE.fullmatch(name)) and self.path(name).is_dir()
-        )
+    snapshots = ArtifactStore.names  # published snapshots, oldest first (caches start with a dot)
 
     def load(self, name: str, *, verify: bool = True) -> Snapshot:
         """Load (and by default checksum-verify) a published snapshot."""
-        path = self.path(name)
-        if not path.is_dir():
-            raise SnapshotNotFound(f"snapshot {name!r} is not published in {self.root}")
-        snapshot = load_snapshot(path, verify=verify)
+        snapshot = load_snapshot(self.require(name), verify=verify)
         if snapshot.name != name:
             raise SnapshotError(f"{name}: its manifest names snapshot {snapshot.name!r}")
         return snapshot
@@ -151,7 +129,7 @@ class SnapshotStore:
         try:
             return dict(json.loads(path.read_bytes()))
         except FileNotFoundError:
-            raise SnapshotNotFound(f"snapshot {name!r} is not published in {self.root}") from None
+            raise FAULTS.missing(name) from None
         except ValueError as e:
             raise SnapshotError(f"{name}: manifest is not valid JSON: {e}") from None
 
@@ -163,25 +141,12 @@ class SnapshotStore:
         progress: Progress | None = None,
     ) -> Snapshot:
         """Write ``tables`` as snapshot ``name`` atomically: stage, fsync, verify, rename."""
-        check_snapshot_name(name)
-        final = self.root / name
-        if final.exists():
-            raise SnapshotExists(f"snapshot {name!r} is already published")
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
-        try:
+
+        def stage(tmp: Path) -> None:
             write_snapshot(tmp, name, tables, source, progress)
             load_snapshot(tmp, verify=True)  # re-read from disk: catches a bad write
-            now_ns = time.time_ns()  # publish time, which snapshots() sorts by
-            os.utime(tmp, ns=(now_ns, now_ns))
-            try:
-                os.rename(tmp, final)
-            except OSError as e:
-                raise SnapshotExists(f"snapshot {name!r} is already published") from e
-            fsync_dir(self.root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        self.publish_staged(name, stage)
         return self.load(name, verify=False)
 
     # -- aliases ------------------------------------------------------------------------------
@@ -191,48 +156,17 @@ class SnapshotStore:
 
     def read_aliases(self) -> FeatureAliases:
         """The current alias; ``FeatureAliases(None)`` before any snapshot was activated."""
-        try:
-            raw = self.aliases_path.read_bytes()
-        except FileNotFoundError:
-            return FeatureAliases(None)
-        try:
-            return FeatureAliases.from_dict(json.loads(raw))
-        except ValueError as e:
-            raise SnapshotError(f"{self.aliases_path} is not valid JSON: {e}") from e
+        return self.current() or FeatureAliases(None)
 
-    def aliases_stamp(self) -> tuple[int, int] | None:
-        """A cheap change token for the alias file (size, content hash), as for models."""
-        try:
-            data = self.aliases_path.read_bytes()
-        except FileNotFoundError:
-            return None
-        return len(data), int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+    aliases_stamp = ArtifactStore.stamp  # a cheap change token for the alias file
 
     def activate(self, name: str) -> FeatureAliases:
         """Make ``name`` the active snapshot; the old one goes onto ``previous``."""
 
         def change(cur: FeatureAliases) -> FeatureAliases:
-            if not self.has(name):
-                raise SnapshotNotFound(f"snapshot {name!r} is not published in {self.root}")
-            previous = cur.previous
-            if cur.active is not None and cur.active != name:
-                previous = (*previous, cur.active)[-MAX_PREVIOUS:]
-            return replace(cur, active=name, previous=previous)
+            self.require(name)
+            return activate_snapshot(cur, name)
 
-        return self._update(change)
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def _update(self, change: Callable[[FeatureAliases], FeatureAliases]) -> FeatureAliases:
-        with self._locked():
-            new = replace(change(self.read_aliases()), updated_at=utc_now_iso())
-            replace_durable(self.aliases_path, json_bytes(new.to_dict()))
-            return new
+        new = self.update(change)
+        assert new is not None
+        return new

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
-from model.core.errors import VidrankError
 from model.core.fileio import utc_now_iso
 from model.core.store.snapshot import (
     ENTITY_IDS,
@@ -44,6 +43,8 @@ from model.core.store.snapshot import (
     EntityTable,
     Progress,
     SnapshotError,
+    SnapshotNotFound,
+    StoreUnavailable,
 )
 
 if TYPE_CHECKING:  # redis is imported when a store is used: serving without Redis never loads it
@@ -53,17 +54,6 @@ PREFIX = "vidrank:features"
 STAGING_TTL_S = 24 * 3600  # a publish that never completes disappears after this
 KEEP_PREVIOUS_S = 3600  # a replaced snapshot stays readable this long
 WRITE_CHUNK = 10_000  # hash fields per HSET
-
-
-class StoreUnavailable(VidrankError):
-    """The store could not answer: ``reason`` (a metric label) is down, timeout, garbage or
-    expired."""
-
-    code = "feature_store_unavailable"
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 # When the current round trip started (see ``round_trip``); None: each socket call has the
@@ -209,9 +199,20 @@ def _unavailable(e: Exception) -> StoreUnavailable:
     return StoreUnavailable("down", f"feature store unreachable: {type(e).__name__}: {e}")
 
 
+@contextmanager
+def _answering() -> Iterator[None]:
+    """Turn a Redis client error (down, paused past the timeout) into ``StoreUnavailable``."""
+    import redis
+
+    try:
+        yield
+    except redis.RedisError as e:
+        raise _unavailable(e) from None
+
+
 def _check_manifest(raw: Any, name: str) -> dict[str, Any]:
     if raw is None:
-        raise SnapshotError(f"snapshot {name!r} is not in the Redis store (or has expired)")
+        raise SnapshotNotFound(f"snapshot {name!r} is not in the Redis store (or has expired)")
     try:
         manifest = json.loads(raw)
     except ValueError as e:
@@ -309,13 +310,22 @@ class RedisSnapshots:
         self.keys = Keys(prefix)
 
     def active(self) -> str | None:
-        return _text(self.client.get(self.keys.active))
+        """The active snapshot's name (None before the first activation)."""
+        with _answering():
+            return _text(self.client.get(self.keys.active))
 
     def manifest(self, name: str) -> dict[str, Any]:
-        return _check_manifest(self.client.get(self.keys.manifest(name)), name)
+        """A snapshot's manifest; ``SnapshotNotFound`` when absent or expired."""
+        with _answering():
+            raw = self.client.get(self.keys.manifest(name))
+        return _check_manifest(raw, name)
 
     def snapshots(self) -> list[str]:
         """Published snapshots that still exist, oldest first."""
+        with _answering():
+            return self._snapshots()
+
+    def _snapshots(self) -> list[str]:
         names = [str(_text(n)) for n in self.client.zrange(self.keys.snapshots, 0, -1)]
         if not names:
             return []
@@ -384,8 +394,13 @@ class RedisSnapshots:
 
         Returns the snapshot it replaced.
         """
-        self.manifest(name)  # SnapshotError when absent or expired
+        self.manifest(name)  # SnapshotNotFound when absent or expired
         previous = self.active()
+        with _answering():
+            self._switch(name, previous, keep_previous_s)
+        return previous
+
+    def _switch(self, name: str, previous: str | None, keep_previous_s: int) -> None:
         pipe = self.client.pipeline(transaction=True)
         for key in (self.keys.manifest(name), *(self.keys.table(name, e) for e in ENTITY_IDS)):
             pipe.persist(key)  # a snapshot activated again (a roll-back) must not expire
@@ -395,4 +410,3 @@ class RedisSnapshots:
                 pipe.expire(self.keys.table(previous, e), keep_previous_s)
             pipe.expire(self.keys.manifest(previous), keep_previous_s)
         pipe.execute()
-        return previous

@@ -70,6 +70,23 @@ class SnapshotError(VidrankError):
     code = "invalid_snapshot"
 
 
+class SnapshotNotFound(SnapshotError):
+    """No snapshot of that name is published (or the name is not a valid one)."""
+
+    code = "snapshot_not_found"
+
+
+class StoreUnavailable(SnapshotError):
+    """The store could not answer or be written: ``reason`` (a metric label) is down, timeout,
+    garbage, expired or unwritable. A fault of the store, not of a snapshot: nothing changed."""
+
+    code = "feature_store_unavailable"
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Column:
     """One stored column: ``values`` per row, or for text the distinct strings plus ``codes``."""

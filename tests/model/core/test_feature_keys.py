@@ -30,7 +30,7 @@ from model.core import features
 from model.core.bundle import load_bundle
 from model.core.features import MAX_STRING_CHARS, default_schema, id_keys
 from model.core.registry import Registry
-from service.request import SchemaView, encoder_input, parse_request
+from service.scoring.request import SchemaView, encoder_input, parse_request
 
 FIXTURE = json.loads((Path(__file__).parent / "encoder_keys.json").read_text())
 SCHEMA = default_schema()

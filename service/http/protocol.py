@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import metrics
-from service.admission import Admission
+from service.http.admission import Admission
 
 BODY_GRACE_S = 1.0  # the app's own 408 comes first; this only closes what it never read
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from model.core.features import MAX_STRING_CHARS
 from model.core.fusion import MAX_WEIGHT, METHODS, MIN_BETA, MIN_SCALE, TRANSFORMS
 from model.core.tasks import TASKS
-from service.request import MAX_ID_CHARS, MAX_REQUEST_ID_LEN, REQUEST_ID_PATTERN
+from service.scoring.request import MAX_ID_CHARS, MAX_REQUEST_ID_LEN, REQUEST_ID_PATTERN
 
 # The integers the JSON parser (orjson) reads as integers; beyond them a number is a float,
 # which no id or top_k accepts.

@@ -91,8 +91,8 @@ def serve(settings: Settings, sock: socket.socket) -> None:
     """Run one uvicorn server for ``create_app(settings)`` on ``sock`` until SIGTERM/SIGINT."""
     import uvicorn
 
-    from service.app import create_app
-    from service.protocol import ConnectionLimits, guarded_protocol
+    from service.http.app import create_app
+    from service.http.protocol import ConnectionLimits, guarded_protocol
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:

@@ -24,8 +24,8 @@ from model.core.distribution import PREDICTION_EDGES, Reference
 from model.core.metrics import psi
 from model.core.tasks import TASKS
 from service import metrics
-from service.scorer import Scorer
-from service.window import SlidingCounts
+from service.rollout.window import SlidingCounts
+from service.scoring.scorer import Scorer
 
 EDGES = np.asarray(PREDICTION_EDGES, dtype=np.float64)
 # Below this many predictions in the window the PSI of ~35 bins is mostly sampling noise.

@@ -20,10 +20,10 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.docs import DOC_PATHS
 from service.errors import error_body
+from service.http.docs import DOC_PATHS
 from service.logging import ACCESS_LOGGER
-from service.request import valid_request_id
+from service.scoring.request import valid_request_id
 
 access_log = logging.getLogger(ACCESS_LOGGER)
 error_log = logging.getLogger("vidrank.error")

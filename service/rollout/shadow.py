@@ -33,10 +33,11 @@ from model.core.fusion import ProfileStore, fuse, rank_order, resolve
 from model.core.metrics import kendall_tau, top_k_overlap
 from model.core.tasks import TASKS
 from service import metrics
-from service.drift import DriftMonitor
-from service.manager import ModelManager
-from service.request import EncoderInput
-from service.scorer import Scorer
+from service.rollout.background import Loop
+from service.rollout.drift import DriftMonitor
+from service.rollout.reconciler import ModelManager
+from service.scoring.request import EncoderInput
+from service.scoring.scorer import Scorer
 
 log = logging.getLogger("vidrank.shadow")
 
@@ -144,7 +145,7 @@ class ShadowScorer:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=capacity)
         self._stats: ShadowStats | None = None
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._worker = Loop("vidrank-shadow", self._step, wake=self._wake)
         self._last_error: str | None = None
 
     # -- the response side (event loop) --------------------------------------------------------
@@ -160,14 +161,15 @@ class ShadowScorer:
 
     # -- the worker ------------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="vidrank-shadow", daemon=True)
-            self._thread.start()
+        """Start the worker thread."""
+        self._worker.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the worker after the job in hand (queued jobs are discarded)."""
-        if self._thread is None:
-            return
+        self._worker.stop(timeout_s)
+
+    def _wake(self, timeout_s: float) -> None:
+        """Unblock the worker with the stop marker."""
         while True:  # make room for the stop marker: queued work is not worth waiting for
             try:
                 self._queue.get_nowait()
@@ -177,13 +179,15 @@ class ShadowScorer:
             self._queue.put(_STOP, timeout=timeout_s)
         except queue.Full:  # requests still arriving keep it full: the thread is a daemon
             pass
-        self._thread.join(timeout_s)
-        self._thread = None
 
-    def _run(self) -> None:
-        while (job := self._queue.get()) is not _STOP:
-            metrics.SHADOW_QUEUE.set(self._queue.qsize())
-            self.process(job)
+    def _step(self) -> bool:
+        """Score the next job (waiting for one); False at the stop marker."""
+        job = self._queue.get()
+        if job is _STOP:
+            return False
+        metrics.SHADOW_QUEUE.set(self._queue.qsize())
+        self.process(job)
+        return True
 
     def process(self, job: ShadowJob) -> Comparison | None:
         """Score and compare one job; never raises (failures are counted and logged)."""

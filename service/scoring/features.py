@@ -30,8 +30,8 @@ from model.core.store.encoded import EncodedSnapshot, lacks
 from model.core.store.redis_store import RedisReader, StoreUnavailable, decode_rows
 from model.core.store.snapshot import ENTITY_IDS, Snapshot
 from service import metrics
-from service.request import EncoderInput
-from service.scorer import Scorer
+from service.scoring.request import EncoderInput
+from service.scoring.scorer import Scorer
 
 DEGRADED = ("feature_store",)  # what a degraded response names
 

@@ -28,14 +28,14 @@ from model.core.features import FeatureError
 from model.core.fusion import FusionSpec, ProfileStore, fuse, fuse_terms, rank_order, resolve
 from model.core.tasks import TASKS
 from service import metrics
-from service.canary import Traffic
-from service.drift import DriftMonitor
 from service.errors import InvalidRequest, http_status
-from service.features import DEGRADED, Encoded, FeatureView
-from service.manager import ModelManager, ServingState
-from service.request import EncoderInput, RankRequest, encoder_input, parse_request
-from service.scorer import Scorer
-from service.shadow import ShadowJob
+from service.rollout.canary import Traffic
+from service.rollout.drift import DriftMonitor
+from service.rollout.reconciler import ModelManager, ServingState
+from service.rollout.shadow import ShadowJob
+from service.scoring.features import DEGRADED, Encoded, FeatureView
+from service.scoring.request import EncoderInput, RankRequest, encoder_input, parse_request
+from service.scoring.scorer import Scorer
 
 log = logging.getLogger("vidrank.rank")
 

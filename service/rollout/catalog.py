@@ -11,9 +11,9 @@ from typing import Any
 
 from model.core.bundle import BundleError
 from model.core.registry import Aliases, Registry, RegistryError, VersionNotFound
-from service.canary import RolloutMonitor
-from service.manager import ModelManager
-from service.shadow import ShadowScorer
+from service.rollout.canary import RolloutMonitor
+from service.rollout.reconciler import ModelManager
+from service.rollout.shadow import ShadowScorer
 
 HISTORY_ENTRIES = 20  # the latest lines of history.jsonl that /models shows
 

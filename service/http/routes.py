@@ -14,16 +14,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.background import BackgroundTask
 
-from service import body, metrics
-from service.admission import MAX_TIMEOUT_MS, TIMEOUT_HEADER, Admission, request_deadline
-from service.catalog import Catalog
+from service import metrics
 from service.errors import NotReady
-from service.manager import ModelManager
-from service.ranking import Ranker, RankResult
-from service.responses import JSON, json_response
-from service.schemas import ErrorResponse, ModelsOut, RankResponse, Status
+from service.http import body
+from service.http.admission import MAX_TIMEOUT_MS, TIMEOUT_HEADER, Admission, request_deadline
+from service.http.responses import JSON, json_response
+from service.http.schemas import ErrorResponse, ModelsOut, RankResponse, Status
+from service.ranking.ranking import Ranker, RankResult
+from service.rollout.catalog import Catalog
+from service.rollout.reconciler import ModelManager
+from service.rollout.shadow import ShadowScorer
 from service.settings import Settings
-from service.shadow import ShadowScorer
 
 # Requests ranked at once per process: one can parse (holding the GIL) while another runs the
 # graph (releasing it); more would only oversubscribe the cores onnxruntime already uses.

@@ -1,7 +1,8 @@
 """Admin bearer tokens: from ``VIDRANK_ADMIN_TOKEN`` and/or a file, several at once.
 
 A Kubernetes Secret mounted as a file is updated in place (an atomic symlink swap), so the file
-is checked on every admin call (one ``stat``) and re-read when it changed: a new token works and
+is read on every admin call (a few bytes) and parsed again when its content changed (the one
+"changed?" check, ``model.core.fileio.content_stamp``): a new token works and
 a removed one stops working without a restart. Rotation without downtime: add the new token on
 a second line, move the clients over, remove the old line. Lines are stripped; blank lines and
 lines starting with ``#`` are ignored. A missing or unreadable file accepts no token from it
@@ -12,11 +13,11 @@ copy.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import threading
 from pathlib import Path
 
+from model.core.fileio import content_stamp
 from service.logging import log_fields
 
 log = logging.getLogger("vidrank.admin")
@@ -42,10 +43,11 @@ class AdminTokens:
         if self.path is None:
             return self._fixed
         with self._lock:
-            stamp = _stamp(self.path)
+            data = self._read_bytes()
+            stamp = content_stamp(data) if isinstance(data, bytes) else ("error", data.errno)
             if stamp != self._stamp:
                 self._stamp = stamp
-                self._from_file = self._read()
+                self._from_file = self._parse(data)
             return self._fixed + self._from_file
 
     def check(self, credential: bytes) -> bool:
@@ -55,10 +57,19 @@ class AdminTokens:
             ok |= secrets.compare_digest(credential, token)
         return ok
 
-    def _read(self) -> tuple[bytes, ...]:
+    def _read_bytes(self) -> bytes | OSError:
+        """The file's bytes, or why it cannot be read (which grants nothing, see ``_parse``)."""
         assert self.path is not None
         try:
-            text = self.path.read_text(encoding="utf-8")
+            return self.path.read_bytes()
+        except OSError as e:
+            return e
+
+    def _parse(self, data: bytes | OSError) -> tuple[bytes, ...]:
+        try:
+            if isinstance(data, OSError):
+                raise data
+            text = data.decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             reason = e.strerror if isinstance(e, OSError) else str(e)
             log_fields(
@@ -73,12 +84,3 @@ class AdminTokens:
         )
         log_fields(log, logging.INFO, "admin token file loaded", tokens=len(tokens))
         return tokens
-
-
-def _stamp(path: Path) -> object:
-    """What changes when the file (or the symlink it resolves through) is replaced."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        return ("error", e.errno)
-    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)

@@ -46,6 +46,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
+from model.core.aliases import rollback_target
 from model.core.bundle import BundleError
 from model.core.errors import VidrankError
 from model.core.fileio import utc_now_iso
@@ -63,18 +64,17 @@ from model.core.registry import (
 )
 from service import metrics
 from service.errors import FeatureStoreConflict, NotReady, SwapFailed
-from service.feature_source import FeatureSource
-from service.features import FeatureView
 from service.logging import log_fields
-from service.scorer import Scorer
+from service.rollout.background import Loop, Retries
+from service.rollout.feature_source import FeatureSource
+from service.scoring.features import FeatureView
+from service.scoring.scorer import Scorer
 
 log = logging.getLogger("vidrank.manager")
 ACTOR = "admin-api"  # the history's actor for changes made through this manager's admin calls
 
-# An aliased version that failed to load is retried after RETRY_BASE_S, doubling up to
-# RETRY_MAX_S, for as long as it stays aliased (an explicit admin call always retries at once).
-RETRY_BASE_S = 2.0
-RETRY_MAX_S = 60.0
+# An aliased version that failed to load is retried by the one back-off policy (Retries) for
+# as long as it stays aliased (an explicit admin call always retries at once).
 SHADOW_THREADS = 1  # intra-op threads of a shadow-only session (see the module docstring)
 _UNSEEN = object()  # an aliases stamp that equals no real one
 NO_FEATURES = FeatureView()
@@ -90,12 +90,6 @@ class RegistryHealth:
 
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, "error": self.error, "since": self.since}
-
-
-@dataclass
-class _Retry:
-    attempts: int
-    due_at: float
 
 
 def canary_bucket(user_id: object) -> float:
@@ -167,11 +161,10 @@ class ModelManager:
         self._clock = clock
         self._swap_lock = threading.Lock()
         self._stamp: object = _UNSEEN  # the first poll always converges
-        self._retries: dict[str, _Retry] = {}  # aliased versions that failed to load
+        self._retries = Retries(clock)  # aliased versions that failed to load
         self._desired: dict[str, str] = {}  # {role: version} the aliases name
         self.health = RegistryHealth()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._poller = Loop("vidrank-registry-poll", self.poll_once)
         self._last_feature_error: str | None = None
 
     # -- request path -------------------------------------------------------------------------
@@ -192,19 +185,8 @@ class ModelManager:
         except (VersionNotFound, InvalidVersionName):  # 404, not a failed swap
             raise
         except Exception as e:  # anything at all: the old model must keep serving
-            reason = _reason(e)
-            metrics.SWAP_FAILURES.labels(trigger).inc()
-            log.warning(
-                "model load failed",
-                exc_info=not isinstance(e, BundleError | RegistryError),
-                extra={"fields": {"version": version, "trigger": trigger, "reason": reason}},
-            )
-            details = e.details if isinstance(e, FeatureStoreConflict) else None
-            # A client sees a domain error's own message (no paths in it); anything else, e.g.
-            # an onnxruntime message naming the model's absolute path, stays in the log.
-            public = e.message if isinstance(e, VidrankError) else f"{type(e).__name__} (see log)"
-            raise SwapFailed(f"cannot serve version {version}: {public}", details=details) from e
-        self._retries.pop(version, None)
+            raise _refused(version, trigger, e) from e
+        self._retries.succeeded(version)
         load_s = time.perf_counter() - start
         metrics.LOAD_SECONDS.observe(load_s)
         log_fields(
@@ -213,17 +195,33 @@ class ModelManager:
         )  # fmt: skip
         return scorer
 
-    def _get(self, version: str, trigger: str, threads: int | None = None) -> Scorer:
+    def _get(
+        self, version: str, trigger: str, threads: int | None = None, *, on_disk: bool = False
+    ) -> Scorer:
         """The scorer of ``version``: one already loaded with as many threads, else a new one.
 
         The thread count must match: a canary must not inherit the shadow's one-thread session
         (its latency is judged against production's), nor a shadow a canary's many threads.
+        ``on_disk`` (every admin change): a loaded copy is reused only if the published bundle
+        still verifies, so a bundle corrupted after it was loaded is refused (409) by every
+        worker alike - also by one that has it loaded - never served to the fleet anew.
         """
         threads = threads or self.intra_op_threads
         for current in self.state.scorers():
             if current.version == version and current.threads == threads:
+                if on_disk:
+                    self._verify(version, trigger)
                 return current
         return self._load(version, trigger, threads)
+
+    def _verify(self, version: str, trigger: str) -> None:
+        """Checksum the published bundle of ``version``; ``SwapFailed`` when it fails."""
+        try:
+            self.registry.bundle(version)
+        except (VersionNotFound, InvalidVersionName):
+            raise
+        except Exception as e:
+            raise _refused(version, trigger, e) from e
 
     def _install(self, new: ServingState, trigger: str) -> None:
         """Swap the served state (holds ``_swap_lock``), its features prepared for its scorers."""
@@ -264,8 +262,7 @@ class ModelManager:
             loaded = ready.get(version)
             if loaded is not None and loaded.threads == (threads or self.intra_op_threads):
                 return loaded
-            retry = self._retries.get(version)
-            if retry is not None and self._clock() < retry.due_at:
+            if self._retries.waiting(version):
                 return fallback
             try:
                 return self._get(version, trigger, threads)
@@ -297,36 +294,75 @@ class ModelManager:
 
     def _retry_later(self, version: str, error: Exception) -> None:
         """Schedule the next attempt at an aliased version that did not load (doubling waits)."""
-        prev = self._retries.get(version)
-        attempts = 1 if prev is None else prev.attempts + 1
-        wait_s = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempts - 1))
-        self._retries[version] = _Retry(attempts, self._clock() + wait_s)
+        retry = self._retries.failed(version)
         metrics.LOAD_RETRIES.inc()
         log_fields(
             log, logging.WARNING, "aliased version not loaded; will retry", version=version,
-            attempt=attempts, retry_in_s=wait_s, reason=str(error),
+            attempt=retry.attempts, retry_in_s=self._retries.wait_s(retry.attempts),
+            reason=str(error),
         )  # fmt: skip
 
-    # -- convergence --------------------------------------------------------------------------
+    # -- reconciling --------------------------------------------------------------------------
     def poll_once(self, trigger: str = "poll") -> bool:
-        """Converge on the registry's aliases, then on the active feature snapshot.
+        """Reconcile: the desired aliases - the registry's model versions, then the active
+        feature snapshot - become one ServingState, installed in one swap.
 
         True when something was swapped. Never raises: a registry fault is logged, counted and
         kept in :attr:`health`, other errors are logged, and the current versions and snapshot
         keep serving.
         """
-        swapped = self._poll_models(trigger)
-        return self._poll_features(trigger) or swapped
+        with self._swap_lock:
+            before = self.state
+            target = self._models_target(trigger)
+            desired = before if target is None else target[0]
+            self._install(self._features_target(desired, trigger), trigger)
+            if target is not None:
+                self._served(target[1])
+            return self.state is not before
 
-    def _poll_features(self, trigger: str) -> bool:
+    def _models_target(
+        self, trigger: str, ready: dict[str, Scorer] | None = None
+    ) -> tuple[ServingState, Aliases] | None:
+        """The state the registry's aliases ask for (and the aliases), loading what is missing;
+        None when they did not change, or cannot be read (a fault: the served versions stay).
+
+        ``ready``: scorers already loaded for an admin change, used if the aliases name them.
+        """
         try:
-            with self._swap_lock:
-                cur = self.state
-                view = self.features.poll(cur.features, list(cur.loaded().values()))
-                if view is None:
-                    return False
-                self._install(replace(cur, features=view), trigger)
-                return self.state is not cur
+            stamp = self.registry.aliases_stamp()
+            # While a fault lasts, look again every poll: the registry may be back unchanged.
+            if stamp == self._stamp and not self._retries.any_due() and self.health.status == "ok":
+                return None
+            aliases = self._read_aliases(stamp)
+        except Exception as e:  # unreadable registry (EIO, permissions): try again next poll
+            self._fault("unreadable", e)
+            return None
+        if aliases is None:
+            return None
+        return self._state_for(aliases, trigger, ready), aliases
+
+    def _read_aliases(self, stamp: object) -> Aliases | None:
+        """The registry's aliases, or None (recorded as a fault) when missing or invalid."""
+        try:
+            aliases = self.registry.read_aliases(missing_ok=False)
+        except AliasesMissing as e:
+            self._fault("aliases_missing", e)
+        except RegistryUnavailable as e:  # EIO, permissions: look again next poll
+            self._fault("unreadable", e)
+            return None
+        except RegistryError as e:  # not JSON, or not valid aliases
+            self._fault("aliases_invalid", e)
+        else:
+            self._stamp = stamp
+            return aliases
+        self._stamp = stamp  # the same broken file is not read again until it changes
+        return None
+
+    def _features_target(self, state: ServingState, trigger: str) -> ServingState:
+        """``state`` with the active feature snapshot, prepared for its scorers (or as it was:
+        a snapshot that fails to load keeps the old one serving, see FeatureSource.poll)."""
+        try:
+            view = self.features.poll(state.features, list(state.loaded().values()))
         except Exception as e:  # a broken alias file fails every poll: one traceback, then lines
             repeated = repr(e) == self._last_feature_error
             self._last_feature_error = repr(e)
@@ -334,44 +370,21 @@ class ModelManager:
                 "feature store poll failed", exc_info=not repeated,
                 extra={"fields": {"trigger": trigger, "error": repr(e)}},
             )  # fmt: skip
-            return False
+            return state
+        return state if view is None else replace(state, features=view)
 
-    def _poll_models(self, trigger: str) -> bool:
-        try:
-            stamp = self.registry.aliases_stamp()
-            now = self._clock()
-            retry_due = any(now >= r.due_at for r in tuple(self._retries.values()))
-            # While a fault lasts, look again every poll: the registry may be back unchanged.
-            if stamp == self._stamp and not retry_due and self.health.status == "ok":
-                return False
-            with self._swap_lock:
-                return self._converge(trigger)
-        except Exception as e:  # unreadable registry (EIO, permissions): try again next poll
-            self._fault("unreadable", e)
-            return False
+    def _converge(self, trigger: str, ready: dict[str, Scorer] | None = None) -> None:
+        """Serve what the registry's aliases say now (holds ``_swap_lock``)."""
+        self._stamp = _UNSEEN
+        target = self._models_target(trigger, ready)
+        if target is not None:
+            self._install(target[0], trigger)
+            self._served(target[1])
 
-    def _converge(self, trigger: str, ready: dict[str, Scorer] | None = None) -> bool:
-        """Read the aliases and serve them (holds ``_swap_lock``); True when something swapped.
-
-        ``ready``: scorers already loaded for an admin change, used if the aliases name them.
-        """
-        stamp = self.registry.aliases_stamp()
-        try:
-            aliases = self.registry.read_aliases(missing_ok=False)
-        except AliasesMissing as e:
-            self._stamp = stamp
-            self._fault("aliases_missing", e)
-            return False
-        except RegistryError as e:  # not JSON, or not valid aliases
-            self._stamp = stamp
-            self._fault("aliases_invalid", e)
-            return False
-        before = self.state
-        self._install(self._state_for(aliases, trigger, ready), trigger)
-        self._stamp = stamp
+    def _served(self, aliases: Aliases) -> None:
+        """After serving ``aliases``: the registry is healthy; publish desired vs served."""
         self._healthy()
         self._track(aliases)
-        return self.state is not before
 
     def _fault(self, status: str, error: Exception) -> None:
         """Record a registry fault; the served versions stay. Logged and counted once per fault."""
@@ -401,9 +414,7 @@ class ModelManager:
             # A canary or shadow of the production version itself is not served as one.
             if alias is not None and aliases.production not in (None, alias.version):
                 desired[role] = alias.version
-        wanted = {v for v in desired.values() if v is not None}
-        for version in [v for v in self._retries if v not in wanted]:
-            del self._retries[version]
+        self._retries.retain(v for v in desired.values() if v is not None)
         self._desired = metrics.set_desired(
             self._desired, {r: v for r, v in desired.items() if v is not None}, self.state.roles()
         )
@@ -415,25 +426,27 @@ class ModelManager:
 
     def start_polling(self, interval_s: float) -> None:
         """Run :meth:`poll_once` every ``interval_s`` seconds in a daemon thread."""
-        if self._thread is not None:
-            return
-        self._stop.clear()
-
-        def loop() -> None:
-            while not self._stop.wait(interval_s):
-                self.poll_once()
-
-        self._thread = threading.Thread(target=loop, name="vidrank-registry-poll", daemon=True)
-        self._thread.start()
+        self._poller.start(interval_s)
 
     def stop_polling(self, timeout_s: float = 10.0) -> None:
         """Stop the poller thread (a load in progress finishes first, up to ``timeout_s``)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        self._poller.stop(timeout_s)
 
     # -- admin --------------------------------------------------------------------------------
+    def _change(
+        self, write: Callable[..., Aliases], load: tuple[str, int | None] | None, **args: Any
+    ) -> Aliases:
+        """One admin change, the same for every rollout verb: refuse at once when the registry
+        cannot be written (503), load + verify + warm the version the change will serve (if
+        any), write the aliases through the registry's transition, then serve them here."""
+        with self._swap_lock:
+            ready: dict[str, Scorer] = {}
+            if load is not None:
+                self.registry.check_writable()
+                version, threads = load
+                ready[version] = self._get(version, "admin", threads, on_disk=True)
+            return self._apply(partial(write, actor=ACTOR, **args), ready)
+
     def _apply(self, write: Callable[[], Aliases], ready: dict[str, Scorer]) -> Aliases:
         """Write the aliases (the fleet's source of truth), then serve them here at once.
 
@@ -443,17 +456,12 @@ class ModelManager:
         try:
             aliases = write()
         except RegistryUnavailable:
-            self._stamp = _UNSEEN
-            try:
-                self._converge("admin", ready)
-            except Exception as e:  # the registry is unreadable too: the next poll retries
-                self._fault("unreadable", e)
+            self._converge("admin", ready)
             raise
         # Re-read on the next poll: another replica may have written right after us.
         self._stamp = _UNSEEN
         self._install(self._state_for(aliases, "admin", ready), "admin")
-        self._healthy()
-        self._track(aliases)
+        self._served(aliases)
         return aliases
 
     def activate(self, version: str, reason: str | None = None) -> Aliases:
@@ -462,24 +470,17 @@ class ModelManager:
         Raises ``VersionNotFound`` (404), ``SwapFailed`` (409) or ``RegistryUnavailable`` (503,
         checked before loading); on failure nothing changes.
         """
-        with self._swap_lock:
-            self.registry.check_writable()
-            scorer = self._get(version, "admin")
-            write = partial(self.registry.activate, version, actor=ACTOR, reason=reason)
-            return self._apply(write, {version: scorer})
+        return self._change(self.registry.activate, (version, None), version=version, reason=reason)
 
     def rollback(self, reason: str | None = None) -> Aliases:
-        """Make the previous production version production again (loaded and warmed first)."""
-        write = partial(self.registry.rollback, actor=ACTOR, reason=reason)
-        with self._swap_lock:
-            self.registry.check_writable()
-            aliases = self.registry.read_aliases()
-            if not aliases.previous:
-                return write()  # raises NothingToRollBack
-            target = aliases.previous[-1]
-            scorer = self._get(target, "admin")
-            write = partial(self.registry.rollback, expected=target, actor=ACTOR, reason=reason)
-            return self._apply(write, {target: scorer})
+        """Make the previous production version production again (loaded and warmed first).
+
+        Raises ``NothingToRollBack`` when there is none; should another writer move the stack
+        meanwhile, the registry refuses the change (``expected``) and nothing changes.
+        """
+        self.registry.check_writable()  # 503 before "nothing to roll back", as before loading
+        target = rollback_target(self.registry.read_aliases())
+        return self._change(self.registry.rollback, (target, None), expected=target, reason=reason)
 
     def set_canary(
         self,
@@ -490,31 +491,26 @@ class ModelManager:
     ) -> Aliases:
         """Load + warm ``version``, then route ``percent`` of users to it."""
         Canary(version, percent, policy)  # InvalidCanary (422) before any loading
-        with self._swap_lock:
-            self.registry.check_writable()
-            scorer = self._get(version, "admin")
-            write = partial(
-                self.registry.set_canary, version, percent, policy, actor=ACTOR, reason=reason
-            )
-            return self._apply(write, {version: scorer})
+        return self._change(
+            self.registry.set_canary, (version, None), version=version, percent=percent,
+            policy=policy, reason=reason,
+        )  # fmt: skip
 
     def clear_canary(self, reason: str | None = None) -> Aliases:
         """Stop the canary; its session is released once its in-flight requests finish."""
-        with self._swap_lock:
-            return self._apply(partial(self.registry.clear_canary, actor=ACTOR, reason=reason), {})
+        return self._change(self.registry.clear_canary, None, reason=reason)
 
     def set_shadow(self, version: str, percent: float, reason: str | None = None) -> Aliases:
         """Load + warm ``version`` (one intra-op thread), then shadow ``percent`` of requests."""
         Shadow(version, percent)  # InvalidShadow (422) before any loading
-        with self._swap_lock:
-            scorer = self._get(version, "admin", SHADOW_THREADS)
-            write = partial(self.registry.set_shadow, version, percent, actor=ACTOR, reason=reason)
-            return self._apply(write, {version: scorer})
+        return self._change(
+            self.registry.set_shadow, (version, SHADOW_THREADS), version=version, percent=percent,
+            reason=reason,
+        )  # fmt: skip
 
     def clear_shadow(self, reason: str | None = None) -> Aliases:
         """Stop shadow scoring."""
-        with self._swap_lock:
-            return self._apply(partial(self.registry.clear_shadow, actor=ACTOR, reason=reason), {})
+        return self._change(self.registry.clear_shadow, None, reason=reason)
 
     def remove_canary(self, version: str, reason: str) -> bool:
         """Automatic rollback: remove canary ``version`` from the registry and stop serving it.
@@ -564,16 +560,27 @@ class ModelManager:
 
     def status(self) -> dict[str, Any]:
         """Registry health and convergence of this process, for /models."""
-        now = self._clock()
         return {
             **self.health.to_dict(),
             "desired": dict(self._desired),
             "converged": self.converged,
-            "retrying": {
-                v: {"attempts": r.attempts, "retry_in_s": round(max(0.0, r.due_at - now), 1)}
-                for v, r in self._retries.items()
-            },
+            "retrying": self._retries.status(),
         }
+
+
+def _refused(version: str, trigger: str, e: Exception) -> SwapFailed:
+    """A version that failed to load or verify: logged, counted, and the 409 to raise."""
+    metrics.SWAP_FAILURES.labels(trigger).inc()
+    log.warning(
+        "model load failed",
+        exc_info=not isinstance(e, BundleError | RegistryError),
+        extra={"fields": {"version": version, "trigger": trigger, "reason": _reason(e)}},
+    )
+    details = e.details if isinstance(e, FeatureStoreConflict) else None
+    # A client sees a domain error's own message (no paths in it); anything else, e.g.
+    # an onnxruntime message naming the model's absolute path, stays in the log.
+    public = e.message if isinstance(e, VidrankError) else f"{type(e).__name__} (see log)"
+    return SwapFailed(f"cannot serve version {version}: {public}", details=details)
 
 
 def _reason(e: Exception) -> str:

@@ -26,18 +26,18 @@ from pathlib import Path
 from model.core.errors import VidrankError
 from model.core.store.embedded import SnapshotStore
 from model.core.store.encoded import EncodedSnapshot, encode_snapshot
-from model.core.store.redis_store import RedisReader, RedisSnapshots, StoreUnavailable, connect
-from model.core.store.snapshot import ENTITY_IDS, Snapshot, SnapshotError
+from model.core.store.redis_store import RedisReader, RedisSnapshots, connect
+from model.core.store.snapshot import ENTITY_IDS, Snapshot, SnapshotError, StoreUnavailable
 from service import metrics
 from service.errors import FeatureStoreConflict
-from service.features import EmbeddedView, FeatureView, RedisView
 from service.logging import log_fields
-from service.scorer import Scorer
+from service.rollout.background import Retries
+from service.scoring.features import EmbeddedView, FeatureView, RedisView
+from service.scoring.scorer import Scorer
 from service.settings import Settings
 
 log = logging.getLogger("vidrank.features")
 
-FAILED_RETRY_S = 60.0  # a snapshot that failed to load is retried this often while still active
 _UNSEEN = object()
 
 
@@ -76,8 +76,7 @@ class FeatureSource:
 
     def __init__(self, required: bool = False, clock: Callable[[], float] = time.monotonic):
         self.required = required
-        self._clock = clock
-        self._failed: dict[str, float] = {}
+        self._retries = Retries(clock)  # snapshots that failed, retried while still active
 
     def initial(self) -> FeatureView:
         return FeatureView(self.backend)
@@ -99,12 +98,8 @@ class FeatureSource:
         """None when the store can serve (always, without a store), else why not."""
         return None
 
-    def _failed_recently(self, name: str) -> bool:
-        failed_at = self._failed.get(name)
-        return failed_at is not None and self._clock() - failed_at < FAILED_RETRY_S
-
     def _failure(self, name: str, trigger: str, e: Exception) -> None:
-        self._failed[name] = self._clock()
+        self._retries.failed(name)
         metrics.FEATURE_SWAP_FAILURES.labels(trigger).inc()
         reason = e.message if isinstance(e, VidrankError) else f"{type(e).__name__}: {e}"
         log_fields(
@@ -179,24 +174,27 @@ class EmbeddedSource(FeatureSource):
     def poll(self, view: FeatureView, scorers: Sequence[Scorer]) -> FeatureView | None:
         stamp = self.store.aliases_stamp()
         name = view.snapshot
-        retry_due = any(not self._failed_recently(n) for n in tuple(self._failed))
+        retry_due = self._retries.any_due()
         if stamp == self._stamp and not retry_due:
             return None
         self._stamp = stamp
         active = self.store.read_aliases().active
-        if active is None or active == name or self._failed_recently(active):
+        if active is None or active == name or self._retries.waiting(active):
             return None
         try:
             new = self.load(active, scorers)
         except Exception as e:  # anything: the old snapshot must keep serving
             self._failure(active, "poll", e)
             return replace(view, reason="unavailable") if view.snapshot is None else None
-        self._failed.pop(active, None)
+        self._retries.succeeded(active)
         return new
 
     def activate(self, name: str, scorers: Sequence[Scorer]) -> FeatureView:
+        self.store.check_writable()  # 503 before seconds of loading a snapshot it cannot name
         try:
             view = self.load(name, scorers)
+        except StoreUnavailable:
+            raise  # the store's fault, not the snapshot's: it is not marked as failed
         except (SnapshotError, FeatureStoreConflict) as e:
             self._failure(name, "admin", e)
             raise
@@ -233,7 +231,7 @@ class RedisSource(FeatureSource):
         if active is None:
             return replace(view, reason="no_snapshot") if view.snapshot is None else None
         name, manifest = active
-        if name == view.snapshot or self._failed_recently(name):
+        if name == view.snapshot or self._retries.waiting(name):
             return None
         new = self._view(name, manifest)
         try:
@@ -247,6 +245,8 @@ class RedisSource(FeatureSource):
         try:
             new = self._view(name, RedisSnapshots(self.client).manifest(name))
             _refuse_lacks(new, scorers, f"snapshot {name}")
+        except StoreUnavailable:
+            raise  # Redis down or paused (503): the snapshot is not marked as failed
         except (SnapshotError, FeatureStoreConflict) as e:
             self._failure(name, "admin", e)
             raise

@@ -18,29 +18,29 @@ from fastapi.openapi.utils import get_openapi
 
 from model.core.fusion import ProfileStore
 from model.core.registry import Registry
-from service.admin import admin_router
-from service.admission import Admission
-from service.canary import RolloutMonitor, Traffic
-from service.catalog import Catalog
-from service.deadlines import ReadDeadlineMiddleware
-from service.docs import docs_router
-from service.drift import DriftMonitor
-from service.feature_source import build_source
-from service.manager import ModelManager
-from service.middleware import AccessMiddleware
-from service.ranking import Ranker, profiles_failed
-from service.responses import JSON, install_error_handlers
-from service.routes import (
+from service.http.admin import admin_router
+from service.http.admission import Admission
+from service.http.deadlines import ReadDeadlineMiddleware
+from service.http.docs import docs_router
+from service.http.middleware import AccessMiddleware
+from service.http.responses import JSON, install_error_handlers
+from service.http.routes import (
     health_router,
     metrics_router,
     models_router,
     rank_router,
     rank_slots,
 )
-from service.schemas import RankRequest
-from service.scorer import WARMUP_MAX, WARMUP_SIZES
+from service.http.schemas import RankRequest
+from service.ranking.ranking import Ranker, profiles_failed
+from service.rollout.canary import RolloutMonitor, Traffic
+from service.rollout.catalog import Catalog
+from service.rollout.drift import DriftMonitor
+from service.rollout.feature_source import build_source
+from service.rollout.reconciler import ModelManager
+from service.rollout.shadow import ShadowScorer
+from service.scoring.scorer import WARMUP_MAX, WARMUP_SIZES
 from service.settings import Settings
-from service.shadow import ShadowScorer
 
 log = logging.getLogger("vidrank.app")
 

@@ -20,7 +20,7 @@ from model.core.bundle import Bundle, BundleError, validate_against_session_io
 from model.core.fusion import FusionError, FusionSpec
 from model.core.runtime import make_session
 from model.core.tasks import TASKS
-from service.request import SchemaView
+from service.scoring.request import SchemaView
 
 WARMUP_SIZES: tuple[int, ...] = (1, 100, 500)  # plus the largest request, capped at WARMUP_MAX
 WARMUP_MAX = 2000

@@ -15,7 +15,7 @@ from starlette.requests import Request
 
 from model.core.errors import shown
 from service.errors import MalformedEncoding, PayloadTooLarge, UnsupportedMediaType
-from service.responses import JSON
+from service.http.responses import JSON
 
 GZIP = "gzip"
 IDENTITY = "identity"

@@ -36,10 +36,11 @@ import numpy as np
 
 from model.core.policy import CanaryPolicy
 from service import metrics
-from service.drift import DriftMonitor
 from service.logging import log_fields
-from service.manager import ModelManager
-from service.window import SlidingCounts
+from service.rollout.background import Loop
+from service.rollout.drift import DriftMonitor
+from service.rollout.reconciler import ModelManager
+from service.rollout.window import SlidingCounts
 
 log = logging.getLogger("vidrank.canary")
 
@@ -217,8 +218,7 @@ class RolloutMonitor:
         self.auto_rollback = auto_rollback
         self._canary: str | None = None  # the canary judged so far (its windows were reset)
         self.health: dict[str, Any] | None = None  # the last judgement, for /models
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Loop("vidrank-rollout-monitor", self.check_once)
 
     def check_once(self) -> Verdict | None:
         """One round: histograms and PSI, then the canary's verdict (acted on if enabled)."""
@@ -263,22 +263,8 @@ class RolloutMonitor:
 
     def start(self, interval_s: float) -> None:
         """Run :meth:`check_once` every ``interval_s`` seconds in a daemon thread."""
-        if self._thread is not None:
-            return
-        self._stop.clear()
-
-        def loop() -> None:
-            while not self._stop.wait(interval_s):
-                try:
-                    self.check_once()
-                except Exception:  # never let one bad round end the monitor
-                    log.exception("rollout check failed")
-
-        self._thread = threading.Thread(target=loop, name="vidrank-rollout-monitor", daemon=True)
-        self._thread.start()
+        self._loop.start(interval_s)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        """Stop the monitor thread (a round in progress finishes first)."""
+        self._loop.stop(timeout_s)

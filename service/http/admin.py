@@ -20,18 +20,18 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from model.core.policy import CanaryPolicy
 from model.core.registry import Aliases
 from service.errors import Forbidden, Unauthorized
-from service.logging import log_fields
-from service.manager import ModelManager
-from service.routes import error_responses
-from service.schemas import (
+from service.http.routes import error_responses
+from service.http.schemas import (
     AdminResult,
     CanaryRequest,
     FeatureStoreResult,
     Reason,
     ShadowRequest,
 )
+from service.http.tokens import AdminTokens
+from service.logging import log_fields
+from service.rollout.reconciler import ModelManager
 from service.settings import Settings
-from service.tokens import AdminTokens
 
 log = logging.getLogger("vidrank.admin")
 
