@@ -24,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from model.training import plots
 from model.training.balance import BALANCES
 from model.training.config import ARCHS, TrainConfig
 from model.training.experiment import METRICS, TRUTH, run_record, truth_metrics, variant
@@ -151,25 +152,13 @@ def curve_markdown(frame: pd.DataFrame, curve: Curve) -> str:
 
 def plot_curve(frame: pd.DataFrame, curve: Curve, path: Path) -> None:
     """Each metric against impressions (log scale), one line per arch, the truth dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-    for ax, (metric, label) in zip(axes.flat, METRICS.items(), strict=True):
-        if metric not in frame:
-            continue
-        for arch, rows in frame.groupby("arch", sort=False):
-            style = {"linestyle": "--", "color": "black"} if arch == TRUTH else {"marker": "o"}
-            ax.plot(rows["size"], rows[metric], label=str(arch), **style)
-        ax.set_xscale("log")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-    for ax in axes[-1]:
-        ax.set_xlabel("impressions")
-    axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"What more data buys: the {curve.preset} world, seed {curve.seed}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    series = {
+        label: {
+            str(arch): (rows["size"].tolist(), rows[metric].tolist())
+            for arch, rows in frame.groupby("arch", sort=False)
+        }
+        for metric, label in METRICS.items()
+        if metric in frame
+    }
+    title = f"What more data buys: the {curve.preset} world, seed {curve.seed}"
+    plots.learning_curves(series, TRUTH, title, path)

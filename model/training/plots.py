@@ -130,3 +130,27 @@ def fusion_bars(values: Mapping[str, Mapping[str, float]], ylabel: str, path: Pa
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
+
+
+def learning_curves(
+    series: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+    truth: str,
+    title: str,
+    path: Path,
+) -> None:
+    """One panel per metric (``series``: metric label -> arch -> (impressions, values)) against
+    impressions on a log axis; the ``truth`` line dashed.
+    """
+    fig = Figure(figsize=(10, 7))
+    axes = fig.subplots(2, 2, sharex=True).flat
+    for ax, (label, lines) in zip(axes, series.items(), strict=False):
+        for arch, (x, y) in lines.items():
+            style = {"linestyle": "--", "color": "black"} if arch == truth else {"marker": "o"}
+            ax.plot(x, y, label=arch, **style)
+        ax.set_xscale("log")
+        ax.set_title(label)
+        ax.set_xlabel("impressions")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(title)
+    _save(fig, path)
