@@ -58,7 +58,7 @@ lint: install
 	$(BIN)/lint-imports
 
 pytest: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 # The CPU-sensitive tests again on numpy's baseline kernels (every dispatchable SIMD feature this
 # CPU has is disabled; numpy refuses to disable its baseline) and onnxruntime's restricted path,
