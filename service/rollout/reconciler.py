@@ -276,22 +276,10 @@ class Reconciler:
         production = obtain(aliases.production, cur.production, None)
         if production is None:
             return ServingState(features=cur.features)
-        canary, canary_percent = None, 0.0
-        if aliases.canary is not None:
-            canary, canary_percent = _role(
-                obtain(aliases.canary.version, cur.canary, None),
-                aliases.canary, production, cur.canary_percent,
-            )  # fmt: skip
-        shadow, shadow_percent = None, 0.0
-        if aliases.shadow is not None:
-            shadow, shadow_percent = _role(
-                obtain(aliases.shadow.version, cur.shadow, SHADOW_THREADS),
-                aliases.shadow, production, cur.shadow_percent,
-            )  # fmt: skip
-        policy = aliases.canary.policy if aliases.canary is not None and canary else None
-        return ServingState(
-            production, canary, canary_percent, shadow, shadow_percent, policy, cur.features
-        )
+        canary = _role(aliases.canary, cur.canary, cur.canary_percent, production, obtain)
+        shadow = _role(aliases.shadow, cur.shadow, cur.shadow_percent, production, obtain)
+        policy = aliases.canary.policy if aliases.canary is not None and canary[0] else None
+        return ServingState(production, *canary, *shadow, policy, cur.features)
 
     def _retry_later(self, version: str, error: Exception) -> None:
         """Schedule the next attempt at an aliased version that did not load (doubling waits)."""
@@ -594,13 +582,22 @@ def _reason(e: Exception) -> str:
 
 
 def _role(
-    scorer: Scorer | None, alias: Canary | Shadow, production: Scorer, previous_percent: float
+    alias: Canary | Shadow | None,
+    current: Scorer | None,
+    current_percent: float,
+    production: Scorer,
+    obtain: Callable[[str, Scorer | None, int | None], Scorer | None],
 ) -> tuple[Scorer | None, float]:
-    """A canary's or shadow's scorer and percent, or (None, 0) when it is production itself.
+    """A canary's or shadow's scorer and percent, or (None, 0) when there is none or it is
+    production itself. A shadow scores on ``SHADOW_THREADS``, off the response path.
 
-    One that failed to load keeps the previous scorer in the role at its previous percent.
+    One that failed to load keeps the current scorer in the role at its current percent.
     """
+    if alias is None:
+        return None, 0.0
+    threads = SHADOW_THREADS if isinstance(alias, Shadow) else None
+    scorer = obtain(alias.version, current, threads)
     if scorer is None or scorer.version == production.version:
         return None, 0.0
     same = scorer.version == alias.version
-    return scorer, alias.percent if same else previous_percent
+    return scorer, alias.percent if same else current_percent

@@ -42,7 +42,7 @@ def test_empty_registry_is_not_ready(tmp_path: Path) -> None:
         m.state.pick("u")
 
 
-def test_two_managers_converge_on_one_activation(registry_dir: Path, version: str) -> None:
+def test_two_reconcilers_converge_on_one_activation(registry_dir: Path, version: str) -> None:
     publish_as(registry_dir, version, "v2")
     a, b = reconciler(registry_dir), reconciler(registry_dir)
     a.poll_once()
