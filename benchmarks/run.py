@@ -63,7 +63,7 @@ from benchmarks.model_setup import SWAP_VERSION, BenchModel, prepare_model
 from benchmarks.overload import run_overload
 from benchmarks.workload import Workload, build_workload
 from model.core.registry import Registry
-from model.training.simulate import SimConfig, simulate, write_simulation
+from model.simulator.world import SimConfig, simulate, write_simulation
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("floor", "graphs", "vidrank", "textbook", "shadow", "features", "lifecycle", "overload")

@@ -19,8 +19,8 @@ import pandas as pd
 
 from benchmarks.harness import to_columnar
 from model.core.features import FeatureSchema
+from model.simulator.world import SimConfig, simulate, write_simulation
 from model.training.data import load_impressions
-from model.training.simulate import SimConfig, simulate, write_simulation
 from service.scoring.request import SchemaView, encoder_input, parse_request
 
 Body = dict[str, Any]

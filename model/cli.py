@@ -81,7 +81,7 @@ def simulate(
     ] = None,
 ) -> None:
     """Simulate video-interaction logs (KuaiRand schema) with ground truth."""
-    from model.training.simulate import run_simulate
+    from model.simulator.world import run_simulate
 
     try:
         run_simulate(
@@ -280,9 +280,9 @@ def tune_fusion(
 
 def _run_tune(options: dict[str, Any]) -> None:
     """Build the TuneJob (a bad option is a usage error, before any data is read) and run it."""
-    from model.training.fusion_search import Floor
-    from model.training.report import REPORT_FILE, write_report
-    from model.training.tune import TuneJob, run_tune_fusion
+    from model.training.analysis.fusion_search import Floor
+    from model.training.analysis.report import REPORT_FILE, write_report
+    from model.training.analysis.tune import TuneJob, run_tune_fusion
 
     floor = options.pop("floor")
     try:
@@ -307,7 +307,7 @@ def report(
     ] = None,
 ) -> None:
     """Write VERSION's Markdown report with PNG plots to <registry>/reports/VERSION/."""
-    from model.training.report import REPORT_FILE, attach_curve, write_report
+    from model.training.analysis.report import REPORT_FILE, attach_curve, write_report
 
     _check_version(registry, version)
     if curve is not None:
@@ -367,8 +367,8 @@ def experiment(
     ] = True,
 ) -> None:
     """Sweep simulator presets x architectures x seeds; write runs, a Markdown table and a plot."""
+    from model.training.analysis.experiment import Sweep, check_resumable, run_sweep
     from model.training.config import ARCHS
-    from model.training.experiment import Sweep, check_resumable, run_sweep
 
     try:
         sweep = Sweep(
@@ -406,7 +406,7 @@ def curve(
     small: Annotated[bool, typer.Option("--small", help="A tiny network (tests).")] = False,
 ) -> None:
     """Learning curve: held-out quality vs impressions for each architecture, truth beside it."""
-    from model.training.curve import CURVE_FILE, Curve, run_curve
+    from model.training.analysis.curve import CURVE_FILE, Curve, run_curve
 
     try:
         spec = Curve(

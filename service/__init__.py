@@ -1,1 +1,1 @@
-"""vidrank online serving: FastAPI app, scorer, fusion, model manager."""
+"""vidrank online serving: FastAPI app, scorer, fusion, reconciler."""

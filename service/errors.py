@@ -6,7 +6,8 @@ which HTTP status each class gets (the most specific class in the table wins, by
 error response has one shape, ``{"error": {"code", "message", "details"?}}``, where ``details``
 carries the offending field path (``candidates[3].features.duration_s``) when there is one plus
 the error's own details. Exceptions that are not domain errors become a 500 that says "internal
-error" and the request id, never the exception text (``service/middleware.py``). No FastAPI here.
+error" and the request id, never the exception text (``service/http/middleware.py``). No FastAPI
+here.
 """
 
 from __future__ import annotations

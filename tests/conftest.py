@@ -240,7 +240,7 @@ def sim_tables(tmp_path_factory: pytest.TempPathFactory) -> Path:
     The same users and videos the tiny model was trained on: the simulated world depends on the
     seed, not on the number of impressions, so 2000 impressions suffice for the tables.
     """
-    from model.training.simulate import SimConfig, simulate, write_simulation
+    from model.simulator.world import SimConfig, simulate, write_simulation
 
     out = tmp_path_factory.mktemp("sim")
     write_simulation(simulate(SimConfig(n_impressions=2000, seed=TINY_SEED)), out)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from model.core.bundle import VERSION_RE
 from model.core.errors import VidrankError, shown
@@ -109,6 +109,8 @@ class Canary:
     out take the service's settings); it travels with the canary so the fleet shares it.
     """
 
+    ROLE: ClassVar[str] = "canary"  # its key in aliases.json and its history events
+
     version: str
     percent: float
     policy: CanaryPolicy | None = None
@@ -139,6 +141,8 @@ class Canary:
 @dataclass(frozen=True)
 class Shadow:
     """A version that also scores ``percent`` of requests, off the response path, for comparison."""
+
+    ROLE: ClassVar[str] = "shadow"
 
     version: str
     percent: float
@@ -260,10 +264,15 @@ def rollback(cur: Aliases, expected: str | None = None) -> Aliases:
     return _without(replace(cur, production=target, previous=cur.previous[:-1]), target)
 
 
-def set_canary(cur: Aliases, canary: Canary) -> Aliases:
-    """``canary`` replaces any current one; there must be another version in production."""
-    _check_beside_production(cur, canary.version, "canary")
-    return replace(cur, canary=canary)
+def set_beside(cur: Aliases, role: Canary | Shadow) -> Aliases:
+    """A canary or shadow replaces the current one in its role; there must be another version
+    in production."""
+    _check_beside_production(cur, role.version, role.ROLE)
+    in_role: dict[str, Any] = {role.ROLE: role}  # canary=... or shadow=...
+    return replace(cur, **in_role)
+
+
+set_canary = set_shadow = set_beside  # one transition, named for each role
 
 
 def clear_canary(cur: Aliases) -> Aliases:
@@ -279,12 +288,6 @@ def remove_canary(cur: Aliases, version: str) -> Aliases | None:
     if cur.canary is None or cur.canary.version != version:
         return None
     return replace(cur, canary=None)
-
-
-def set_shadow(cur: Aliases, shadow: Shadow) -> Aliases:
-    """``shadow`` replaces any current one; there must be another version in production."""
-    _check_beside_production(cur, shadow.version, "shadow")
-    return replace(cur, shadow=shadow)
 
 
 def clear_shadow(cur: Aliases) -> Aliases:

@@ -101,7 +101,7 @@ class BundleError(VidrankError):
 
     @property
     def reason(self) -> str:
-        """The message, under the name the CLI and the manager log it by."""
+        """The message, under the name the CLI and the reconciler log it by."""
         return self.message
 
 

@@ -223,12 +223,7 @@ class Registry(ArtifactStore[Aliases]):
         Raises ``VersionNotFound``, ``InvalidCanary`` for a percent outside (0, 100], and
         ``RegistryError`` when there is no production version or ``version`` already is it.
         """
-        canary = Canary(version, percent, policy)  # validate before taking the lock
-        return self.apply(
-            partial(transitions.set_canary, canary=canary),
-            Change("canary_set", actor, reason),
-            needs=(version,),
-        )
+        return self._set_beside(Canary(version, percent, policy), actor, reason)
 
     def clear_canary(self, *, actor: str = "library", reason: str | None = None) -> Aliases:
         """Stop the canary (a no-op apart from ``updated_at`` when there is none)."""
@@ -246,11 +241,15 @@ class Registry(ArtifactStore[Aliases]):
         self, version: str, percent: float, *, actor: str = "library", reason: str | None = None
     ) -> Aliases:
         """Have ``version`` also score ``percent`` of requests, off the response path."""
-        shadow = Shadow(version, percent)
+        return self._set_beside(Shadow(version, percent), actor, reason)
+
+    def _set_beside(self, role: Canary | Shadow, actor: str, reason: str | None) -> Aliases:
+        """Put a canary or shadow beside production (``<role>_set`` in the history); its version
+        must be published when the lock is held. ``role`` was validated before taking the lock."""
         return self.apply(
-            partial(transitions.set_shadow, shadow=shadow),
-            Change("shadow_set", actor, reason),
-            needs=(version,),
+            partial(transitions.set_beside, role=role),
+            Change(f"{role.ROLE}_set", actor, reason),
+            needs=(role.version,),
         )
 
     def clear_shadow(self, *, actor: str = "library", reason: str | None = None) -> Aliases:

@@ -26,7 +26,7 @@ PROBABILITY_TASKS: Final[frozenset[str]] = frozenset(
 
 # Label column of each task in an impression frame (model/training/data.py).
 LABEL_COLUMNS: Final[dict[str, str]] = {"click": "click", "watch_time": "watch_s", "like": "like"}
-# Ground truth per impression that simulated data carries (model/training/simulate.py): the true
+# Ground truth per impression that simulated data carries (model/simulator/world.py): the true
 # click probability, expected watch seconds and like probability the labels were drawn from.
 TRUTH_COLUMNS: Final[dict[str, str]] = {
     "click": "true_p_click",

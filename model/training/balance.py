@@ -10,7 +10,8 @@
                  every ``GRADNORM_EVERY`` steps each task's gradient norm on the parameters all
                  tasks share is measured on the step's batch, and the weights become
                  w_t ∝ 1 / ||grad L_t|| (mean 1, smoothed), so that no task steers the shared
-                 parameters alone. model/training/transfer.py measures the imbalance it removes.
+                 parameters alone. model/training/analysis/transfer.py measures the imbalance it
+                 removes.
 
 Validation, early stopping and the reported losses always use the fixed ``--loss-weights``, so
 epochs and runs stay comparable whatever balance trained them.

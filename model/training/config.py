@@ -14,9 +14,9 @@ from pathlib import Path
 
 from model.core.registry import check_version_name
 from model.core.tasks import TASKS
+from model.simulator.world import PRESETS
 from model.training.balance import BALANCES
 from model.training.mmoe import ARCHS, DEFAULT_INTERACTIONS, INTERACTIONS
-from model.training.simulate import PRESETS
 
 MIN_SIMULATED = 10  # fewer impressions cannot be split into train/valid/test
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")  # auto: bf16 where the CPU has it
@@ -144,7 +144,7 @@ class TrainJob:
     registry: Path
     data: Path | None = None  # logs in KuaiRand's schema, or prepared DDP data
     simulate: int | None = None  # ... or this many simulated impressions
-    preset: str = "default"  # ... of this simulator preset (model/training/simulate.py)
+    preset: str = "default"  # ... of this simulator preset (model/simulator/world.py)
     train: TrainConfig = field(default_factory=TrainConfig)
     version: str | None = None  # default: a UTC timestamp
     activate: bool | None = None  # None: only when the registry has no production model

@@ -4,7 +4,7 @@
 impression, sorted by time_ms, with the default feature schema's column names, the labels
 `click`, `watch_s`, `like`, `time_ms`, and the simulator's truth columns when present (see
 docs/internals.md). It works for the real KuaiRand files and for
-`model.training.simulate` output alike.
+`model.simulator.world` output alike.
 
 Choices worth knowing:
 - watch_s = play_time_ms / 1000 for clicked impressions, clipped to [0, max_watch_ratio x duration]

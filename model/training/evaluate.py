@@ -9,7 +9,7 @@ the simulator's ``true_utility`` (one definition for the whole repo):
 with ``simulate.DEFAULT_UTILITY_WEIGHTS`` (click 1, watch 0.1 per second, like 20), under
 which the three terms contribute about equally on average. Fusion is
 ``model.core.fusion.fuse_lists``, the exact code the service ranks with (pure numpy), applied per
-user list (``rank_sum`` ranks within a list). model/training/compare.py sets MMoE and the
+user list (``rank_sum`` ranks within a list). model/training/analysis/compare.py sets MMoE and the
 shared-bottom baseline side by side with it.
 """
 
@@ -24,7 +24,7 @@ import pandas as pd
 from model.core.fusion import FusionSpec, fuse_lists
 from model.core.metrics import auc, ndcg_at_k, reliability_bins, xauc
 from model.core.tasks import LABEL_COLUMNS, TRUTH_COLUMNS
-from model.training.simulate import true_utility
+from model.simulator.world import true_utility
 
 # The trainer's recommended fusion (manifest ``default_fusion``): YouTube-style weighted product,
 # watch seconds through log1p so that a long video does not drown the probabilities.

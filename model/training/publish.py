@@ -26,7 +26,6 @@ from model.training.config import TrainJob
 from model.training.evaluate import DEFAULT_FUSION, calibration_summary
 from model.training.export import DEFAULT_OPSET, FrameRequests, export_onnx, parity, quantize_int8
 from model.training.fit import TrainResult
-from model.training.report import REPORT_FILE, write_report
 
 # A published graph must match torch far tighter than this; looser means a broken export.
 PARITY_MAX_ABS_PROB = 1e-4
@@ -195,17 +194,11 @@ def summary_table(metrics: Mapping[str, float]) -> str:
 
 
 def announce(result: TrainResult, published: str, job: TrainJob, world: int = 1) -> None:
-    """Print the metrics table and where the version went, then write the version's report.
+    """Print the metrics table and where the version went: the end of fitting and publishing.
 
-    The end of ``vidrank train``. The version is published by then, so a report that fails is
-    reported (with the command to retry) rather than failing the run.
+    The version's report is analysis, written one layer up by ``run_train``
+    (model/training/train.py), so the fit path never imports the analysis room.
     """
     print(summary_table(result.metrics))
     ranks = f" ({world} ranks)" if world > 1 else ""
     print(f"published {published} to {job.registry}{ranks}")
-    try:
-        where = write_report(Registry(job.registry), published)
-    except Exception as e:  # the model is out; the report can be redone
-        print(f"warning: no report ({type(e).__name__}: {e}); retry: vidrank report {published}")
-        return
-    print(f"report: {where / REPORT_FILE}")

@@ -1,5 +1,5 @@
 """Where a run's impressions come from: ``--data DIR`` (KuaiRand's schema) or ``--simulate N``
-(of the world ``--preset`` names, model/training/simulate.py's PRESETS)."""
+(of the world ``--preset`` names, model/simulator/world.py's PRESETS)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from model.simulator.world import SimConfig, preset_config, simulate, write_simulation
 from model.training.config import TrainJob
 from model.training.data import load_impressions
-from model.training.simulate import SimConfig, preset_config, simulate, write_simulation
 
 
 def simulated_impressions(

@@ -4,15 +4,19 @@
 It returns early with ``--if-empty`` when the registry already serves a model, fails before
 training when the version exists, then runs ``fit`` (model/training/fit.py) in this process -
 or hands over to model/training/distributed.py for ``--nproc N`` or under torchrun - and
-publishes the result (model/training/publish.py).
+publishes the result (model/training/publish.py). The process that published then writes the
+version's report (model/training/analysis/report.py): this module is the one place where the
+`vidrank train` run reaches into the analysis room, so the fit path below it never does.
 """
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 
 from model.core.registry import Registry
 from model.training import distributed
+from model.training.analysis.report import REPORT_FILE, write_report
 from model.training.config import TrainJob
 from model.training.fit import fit
 from model.training.publish import announce, publish
@@ -34,10 +38,26 @@ def run_train(job: TrainJob) -> str:
     if registry.has(version):  # fail before training, not after
         raise ValueError(f"version {version!r} is already published in {job.registry}")
     if job.nproc > 1 or distributed.under_torchrun():
-        return distributed.run_distributed(job, version)
-    frame = load_frame(job)
-    print(f"{len(frame):,} impressions; training {job.train.arch} (seed {job.train.seed})")
-    result = fit(frame, job.train)
-    published = publish(result, job, version)
-    announce(result, published, job)
+        published = distributed.run_distributed(job, version)
+    else:
+        frame = load_frame(job)
+        print(f"{len(frame):,} impressions; training {job.train.arch} (seed {job.train.seed})")
+        result = fit(frame, job.train)
+        published = publish(result, job, version)
+        announce(result, published, job)
+    if not distributed.under_torchrun() or os.environ["RANK"] == "0":  # torchrun: rank 0 published
+        report_or_warn(registry, published)
     return published
+
+
+def report_or_warn(registry: Registry, version: str) -> None:
+    """Write the published version's report, or say how to retry.
+
+    The version is out by then, so a report that fails is reported rather than failing the run.
+    """
+    try:
+        where = write_report(registry, version)
+    except Exception as e:  # the model is out; the report can be redone
+        print(f"warning: no report ({type(e).__name__}: {e}); retry: vidrank report {version}")
+        return
+    print(f"report: {where / REPORT_FILE}")

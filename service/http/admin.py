@@ -2,8 +2,8 @@
 
 No token configured (neither ``VIDRANK_ADMIN_TOKEN`` nor ``VIDRANK_ADMIN_TOKEN_FILE``) → 403
 for every call; no ``Authorization`` header → 401; a wrong token → 403. Several tokens may be
-valid at once (``service/tokens.py``); comparisons are constant-time. Handlers are plain ``def``
-so loading a model (seconds) runs in the thread pool, not in the event loop. A registry that
+valid at once (``service/http/tokens.py``); comparisons are constant-time. Handlers are plain
+``def`` so loading a model (seconds) runs in the thread pool, not in the event loop. A registry that
 cannot be written answers 503 before any model is loaded. Every change may give a ``reason``,
 which the registry's history records with the actor ``admin-api``.
 """
@@ -30,7 +30,7 @@ from service.http.schemas import (
 )
 from service.http.tokens import AdminTokens
 from service.logging import log_fields
-from service.rollout.reconciler import ModelManager
+from service.rollout.reconciler import Reconciler
 from service.settings import Settings
 
 log = logging.getLogger("vidrank.admin")
@@ -72,7 +72,7 @@ def admin_guard(settings: Settings) -> Callable[..., None]:
     return require_admin
 
 
-def admin_router(settings: Settings, manager: ModelManager) -> APIRouter:
+def admin_router(settings: Settings, reconciler: Reconciler) -> APIRouter:
     """Routes under /admin, guarded by the admin token(s)."""
     router = APIRouter(
         prefix="/admin",
@@ -82,16 +82,16 @@ def admin_router(settings: Settings, manager: ModelManager) -> APIRouter:
     )
 
     def result(action: str, aliases: Aliases, **fields: Any) -> dict[str, Any]:
-        serving, features = manager.describe(), manager.describe_features()
+        serving, features = reconciler.describe(), reconciler.describe_features()
         log_fields(
             log, logging.INFO, "admin", action=action, serving=serving,
             feature_store=features, **fields,
         )  # fmt: skip
         return {"aliases": aliases.to_dict(), "serving": serving, "feature_store": features}
 
-    _model_routes(router, manager, result)
-    _rollout_routes(router, manager, result)
-    _feature_routes(router, manager)
+    _model_routes(router, reconciler, result)
+    _rollout_routes(router, reconciler, result)
+    _feature_routes(router, reconciler)
     return router
 
 
@@ -102,7 +102,7 @@ def _reason(body: Reason | None) -> str | None:
     return body.reason if body is not None else None
 
 
-def _model_routes(router: APIRouter, manager: ModelManager, result: Result) -> None:
+def _model_routes(router: APIRouter, reconciler: Reconciler, result: Result) -> None:
     """Production: activate a version, roll back."""
 
     @router.post(
@@ -113,7 +113,7 @@ def _model_routes(router: APIRouter, manager: ModelManager, result: Result) -> N
     )
     def activate(version: str, body: Reason | None = None) -> dict[str, Any]:
         """Load, verify and warm VERSION, then make it production (here and in the registry)."""
-        return result("activate", manager.activate(version, _reason(body)), version=version)
+        return result("activate", reconciler.activate(version, _reason(body)), version=version)
 
     @router.post(
         "/models/rollback",
@@ -123,10 +123,10 @@ def _model_routes(router: APIRouter, manager: ModelManager, result: Result) -> N
     )
     def rollback(body: Reason | None = None) -> dict[str, Any]:
         """Return production to the previous version (loaded and warmed first)."""
-        return result("rollback", manager.rollback(_reason(body)))
+        return result("rollback", reconciler.rollback(_reason(body)))
 
 
-def _rollout_routes(router: APIRouter, manager: ModelManager, result: Result) -> None:
+def _rollout_routes(router: APIRouter, reconciler: Reconciler, result: Result) -> None:
     """Canary (with its policy) and shadow."""
 
     @router.put(
@@ -139,7 +139,7 @@ def _rollout_routes(router: APIRouter, manager: ModelManager, result: Result) ->
         """Send ``percent`` of users (stable by user_id) to ``version``, judged by ``policy``."""
         bounds = body.policy.model_dump(exclude_none=True) if body.policy is not None else {}
         policy = CanaryPolicy.from_dict(bounds) if bounds else None
-        aliases = manager.set_canary(body.version, body.percent, policy, body.reason)
+        aliases = reconciler.set_canary(body.version, body.percent, policy, body.reason)
         return result("set_canary", aliases, version=body.version, percent=body.percent)
 
     @router.delete(
@@ -147,7 +147,7 @@ def _rollout_routes(router: APIRouter, manager: ModelManager, result: Result) ->
     )
     def clear_canary(body: Reason | None = None) -> dict[str, Any]:
         """Stop the canary."""
-        return result("clear_canary", manager.clear_canary(_reason(body)))
+        return result("clear_canary", reconciler.clear_canary(_reason(body)))
 
     @router.put(
         "/shadow",
@@ -157,7 +157,7 @@ def _rollout_routes(router: APIRouter, manager: ModelManager, result: Result) ->
     )
     def set_shadow(body: ShadowRequest) -> dict[str, Any]:
         """Also score ``percent`` of requests with ``version``, off the response path."""
-        aliases = manager.set_shadow(body.version, body.percent, body.reason)
+        aliases = reconciler.set_shadow(body.version, body.percent, body.reason)
         return result("set_shadow", aliases, version=body.version, percent=body.percent)
 
     @router.delete(
@@ -165,10 +165,10 @@ def _rollout_routes(router: APIRouter, manager: ModelManager, result: Result) ->
     )
     def clear_shadow(body: Reason | None = None) -> dict[str, Any]:
         """Stop shadow scoring."""
-        return result("clear_shadow", manager.clear_shadow(_reason(body)))
+        return result("clear_shadow", reconciler.clear_shadow(_reason(body)))
 
 
-def _feature_routes(router: APIRouter, manager: ModelManager) -> None:
+def _feature_routes(router: APIRouter, reconciler: Reconciler) -> None:
     """The feature-store routes under /admin."""
 
     @router.post(
@@ -180,6 +180,6 @@ def _feature_routes(router: APIRouter, manager: ModelManager) -> None:
     def activate_snapshot(snapshot: str) -> dict[str, Any]:
         """Load, verify and prepare feature SNAPSHOT for the served versions, then make it active
         (here and in the store; every replica converges on it)."""
-        features = manager.activate_snapshot(snapshot)
+        features = reconciler.activate_snapshot(snapshot)
         log_fields(log, logging.INFO, "admin", action="activate_snapshot", feature_store=features)
         return {"feature_store": features}

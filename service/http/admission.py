@@ -18,7 +18,7 @@ Every shed and drop is counted in ``vidrank_rank_shed_total{reason}``. Liveness,
 the other routes never pass through here, so they stay fast however long the queue.
 
 Under a storm most requests are sheds, so a shed must cost next to nothing: the worker's
-connection protocol (``service/protocol.py``) asks :meth:`Admission.full` as soon as a
+connection protocol (``service/http/protocol.py``) asks :meth:`Admission.full` as soon as a
 ``POST /rank``'s headers are parsed and answers with :meth:`Admission.shed_app` - a few lines of
 ASGI instead of the app's middleware, routing and exception handling. The route's own check
 covers everything else (and the TestClient).

@@ -1,8 +1,9 @@
-"""The FastAPI application: ``create_app(settings)`` wires settings, manager, routers, middleware.
+"""The FastAPI application: ``create_app(settings)`` wires the reconciler, routers, middleware.
 
-The routes live in ``service/routes.py`` (rank, health, models, metrics) and ``service/admin.py``;
-the error handlers in ``service/responses.py``. Every error, including FastAPI's own validation
-errors and 404/405, leaves as ``{"error": {"code", "message", "details"?}}``.
+The routes live in ``service/http/routes.py`` (rank, health, models, metrics) and
+``service/http/admin.py``; the error handlers in ``service/http/responses.py``. Every error,
+including FastAPI's own validation errors and 404/405, leaves as ``{"error": {"code", "message",
+"details"?}}``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from service.rollout.canary import RolloutMonitor, Traffic
 from service.rollout.catalog import Catalog
 from service.rollout.drift import DriftMonitor
 from service.rollout.feature_source import build_source
-from service.rollout.reconciler import ModelManager
+from service.rollout.reconciler import Reconciler
 from service.rollout.shadow import ShadowScorer
 from service.scoring.scorer import WARMUP_MAX, WARMUP_SIZES
 from service.settings import Settings
@@ -48,7 +49,7 @@ log = logging.getLogger("vidrank.app")
 def create_app(settings: Settings) -> FastAPI:
     """Build the service for ``settings`` (nothing here reads the environment)."""
     registry = Registry(settings.registry)
-    manager = ModelManager(
+    reconciler = Reconciler(
         registry,
         settings.intra_op_threads(),
         _warmup_sizes(settings),
@@ -59,10 +60,10 @@ def create_app(settings: Settings) -> FastAPI:
         profiles = ProfileStore(settings.fusion_profiles, on_failure=profiles_failed)
     drift = DriftMonitor(settings.rollout_window_s)
     traffic = Traffic(settings.rollout_window_s)
-    ranker = Ranker(manager, profiles, settings.max_candidates, drift, traffic)
-    shadow = ShadowScorer(manager, drift, profiles, settings.shadow_queue_size)
+    ranker = Ranker(reconciler, profiles, settings.max_candidates, drift, traffic)
+    shadow = ShadowScorer(reconciler, drift, profiles, settings.shadow_queue_size)
     monitor = RolloutMonitor(
-        manager, drift, traffic, settings.canary_policy(), settings.canary_auto_rollback
+        reconciler, drift, traffic, settings.canary_policy(), settings.canary_auto_rollback
     )
     admission = Admission(rank_slots(settings), settings.max_queue)
 
@@ -70,23 +71,23 @@ def create_app(settings: Settings) -> FastAPI:
         title="vidrank",
         summary="Online multi-task (MMoE) ranking for video recommendation.",
         version="0.1.0",
-        lifespan=_lifespan(settings, manager, shadow, monitor),
-        docs_url=None,  # served by service/docs.py, with a Content-Security-Policy
+        lifespan=_lifespan(settings, reconciler, shadow, monitor),
+        docs_url=None,  # served by service/http/docs.py, with a Content-Security-Policy
         redoc_url=None,
         openapi_url="/openapi.json" if settings.docs else None,
     )
     app.state.settings = settings
-    app.state.manager = manager
+    app.state.reconciler = reconciler
     app.state.ranker = ranker
     app.state.shadow = shadow
     app.state.monitor = monitor
     app.state.admission = admission  # the server's protocol sheds with it too
     routers = [
         rank_router(ranker, settings, admission, shadow),
-        health_router(manager, settings),
-        models_router(Catalog(registry, manager, shadow, monitor)),
+        health_router(reconciler, settings),
+        models_router(Catalog(registry, reconciler, shadow, monitor)),
         metrics_router(settings),
-        admin_router(settings, manager),
+        admin_router(settings, reconciler),
     ]
     if settings.docs:
         routers.append(docs_router(app.title, "/openapi.json"))
@@ -100,7 +101,7 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def _lifespan(
-    settings: Settings, manager: ModelManager, shadow: ShadowScorer, monitor: RolloutMonitor
+    settings: Settings, reconciler: Reconciler, shadow: ShadowScorer, monitor: RolloutMonitor
 ) -> Any:
     """Start-up: load what the registry serves (or keep polling for it), start the shadow
     worker and the rollout monitor; shut-down: stop them all.
@@ -108,19 +109,19 @@ def _lifespan(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await anyio.to_thread.run_sync(manager.poll_once, "startup")
-        if not manager.ready:
+        await anyio.to_thread.run_sync(reconciler.poll_once, "startup")
+        if not reconciler.ready:
             log.warning(
                 "no model ready at start-up; polling the registry",
                 extra={"fields": {"registry": str(settings.registry)}},
             )
-        manager.start_polling(settings.poll_interval_s)
+        reconciler.start_polling(settings.poll_interval_s)
         shadow.start()
         monitor.start(settings.rollout_check_interval_s)
         yield
         await anyio.to_thread.run_sync(monitor.stop)
         await anyio.to_thread.run_sync(shadow.stop)
-        await anyio.to_thread.run_sync(manager.stop_polling)
+        await anyio.to_thread.run_sync(reconciler.stop_polling)
 
     return lifespan
 

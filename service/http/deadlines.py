@@ -6,7 +6,7 @@ connection, its task and its buffer indefinitely. Here each ``receive()`` before
 complete is bounded by ``body_timeout_s`` from the request's start. When it passes, the client
 gets ``408`` with the usual error body and ``Connection: close``, and the app sees a disconnect
 (so it stops: no handler runs on half a body); whatever the app answers after that is dropped.
-``service/protocol.py`` closes the connection a second later should nobody be reading at all.
+``service/http/protocol.py`` closes the connection a second later should nobody be reading at all.
 """
 
 from __future__ import annotations

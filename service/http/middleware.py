@@ -4,7 +4,7 @@ last-resort 500.
 Every response says ``X-Content-Type-Options: nosniff``; every response but the docs pages also
 ``Cache-Control: no-store`` (rankings and admin results are per request, never to be cached by
 a proxy) and ``Content-Security-Policy: default-src 'none'`` (JSON needs nothing loaded; the docs
-pages set their own policy, ``service/docs.py``).
+pages set their own policy, ``service/http/docs.py``).
 
 Pure ASGI rather than ``BaseHTTPMiddleware`` because it sits on every /rank call and costs a few
 microseconds this way.

@@ -13,7 +13,7 @@ headers are complete, which a stalled client never reaches. So this subclass add
   otherwise collect any number of header lines;
 * a body backstop: a request body must be complete ``body_timeout_s`` (+1 s) after its headers,
   else the connection is closed. The app answers ``408`` at ``body_timeout_s`` itself
-  (``service/deadlines.py``) when it is reading the body; this catches bodies nobody reads
+  (``service/http/deadlines.py``) when it is reading the body; this catches bodies nobody reads
   (e.g. after an early 404/413), which uvicorn would otherwise keep draining.
 
 When the worker's /rank queue is full, a ``POST /rank`` is answered 503 right after its headers
@@ -146,7 +146,7 @@ class GuardedProtocol(HttpToolsProtocol):
         # the app next calls receive(); after the last chunk nobody does, so a client that
         # hangs up would go unnoticed. The request is whole: keep reading (a pipelined
         # request pauses it again), so the EOF of a departed client is seen and the app
-        # can skip its work (``service/admission.py``).
+        # can skip its work (``service/http/admission.py``).
         self.flow.resume_reading()
 
     # -- deadlines --------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The public routes, one router per concern: /rank, health, /models, /metrics.
 
-Routes stay thin: /rank hands the raw body to :class:`service.ranking.Ranker` in a worker thread;
-health and models ask the model manager and the catalog. Admin routes live in
-``service/admin.py``. Errors are raised as domain errors and answered by ``service/responses.py``.
+Routes stay thin: /rank hands the raw body to :class:`service.ranking.ranking.Ranker` in a worker
+thread; health and models ask the reconciler and the catalog. Admin routes live in
+``service/http/admin.py``. Errors are raised as domain errors and answered by
+``service/http/responses.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from service.http.responses import JSON, json_response
 from service.http.schemas import ErrorResponse, ModelsOut, RankResponse, Status
 from service.ranking.ranking import Ranker, RankResult
 from service.rollout.catalog import Catalog
-from service.rollout.reconciler import ModelManager
+from service.rollout.reconciler import Reconciler
 from service.rollout.shadow import ShadowScorer
 from service.settings import Settings
 
@@ -49,7 +50,8 @@ RANK_RESPONSES = error_responses(
     (503, "No model is ready (not_ready), or this worker is overloaded (overloaded; Retry-After)"),
     (504, "The deadline passed before ranking started (deadline_exceeded)"),
 )
-# The body is parsed by hand (service/request.py); the docs point at the pydantic model instead.
+# The body is parsed by hand (service/scoring/request.py); the docs point at the pydantic model
+# instead.
 _RANK_BODY = {
     "requestBody": {
         "required": True,
@@ -131,7 +133,7 @@ def rank_router(
     return router
 
 
-def health_router(manager: ModelManager, settings: Settings) -> APIRouter:
+def health_router(reconciler: Reconciler, settings: Settings) -> APIRouter:
     """Liveness and readiness, under the k8s-style and the KServe v2 paths.
 
     With ``VIDRANK_FEATURE_STORE_REQUIRED`` readiness also needs the feature store (a snapshot
@@ -155,11 +157,11 @@ def health_router(manager: ModelManager, settings: Settings) -> APIRouter:
     )
     @router.get("/v2/health/ready", response_model=Status, include_in_schema=False)
     async def ready() -> Response:
-        production = manager.state.production
+        production = reconciler.state.production
         if production is None:
             raise NotReady("no model is loaded and warmed yet")
         if store_required:
-            why = await anyio.to_thread.run_sync(manager.features_ready)
+            why = await anyio.to_thread.run_sync(reconciler.features_ready)
             if why is not None:
                 raise NotReady(f"the feature store is required: {why}")
         return json_response(

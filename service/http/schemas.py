@@ -1,9 +1,9 @@
 """The public API as pydantic models: OpenAPI documentation and the admin request bodies.
 
 ``POST /rank`` does not validate through these models (it parses with orjson and validates
-columns without a Python object per candidate, see ``service/request.py``), but they describe
-what it accepts and returns, with its limits, and /docs renders them. What a schema cannot say
-is in the descriptions: video ids must be unique, and feature values are checked against the
+columns without a Python object per candidate, see ``service/scoring/request.py``), but they
+describe what it accepts and returns, with its limits, and /docs renders them. What a schema cannot
+say is in the descriptions: video ids must be unique, and feature values are checked against the
 serving model's feature schema (its manifest), so their types depend on the model.
 """
 

@@ -14,8 +14,8 @@ them to drain and exits 0. Workers never outlive it: the kernel sends them SIGTE
 (``PR_SET_PDEATHSIG``), a watchdog thread checks the parent pid as a fallback, and the last
 worker to go removes the metrics directory it leaves behind.
 
-Each worker's connections are bounded by ``service/protocol.py`` (connection cap, header and body
-deadlines). With ``metrics_port`` set, /metrics is served on that port only - by the supervisor
+Each worker's connections are bounded by ``service/http/protocol.py`` (connection cap, header and
+body deadlines). With ``metrics_port`` set, /metrics is served on that port only - by the supervisor
 (aggregating its workers) or, with one worker, by the server process.
 """
 

@@ -1,13 +1,13 @@
 """POST /rank without HTTP: bytes in, bytes out.
 
-:meth:`Ranker.rank` reads as the request's way through the service: parse (``service.request``)
-→ pick the version (canary by user) and the feature view prepared for it, from one serving
-state → resolve the fusion → encode (stored features by id under the request's own, through the
-bundle's feature encoder, vectorised: ``service.features``) → score (``session.run``) → count the
-predictions (drift) → fuse (with per-task terms when the request asks to ``explain``) → stable
-sort → top_k → serialise (orjson) → maybe sample the request for the shadow version. Domain
-errors propagate as they are, except the encoder's, which get the request field they point at;
-``service/errors.py`` turns them all into responses. Each request's outcome and time are
+:meth:`Ranker.rank` reads as the request's way through the service: parse
+(``service.scoring.request``) → pick the version (canary by user) and the feature view prepared for
+it, from one serving state → resolve the fusion → encode (stored features by id under the request's
+own, through the bundle's feature encoder, vectorised: ``service.scoring.features``) → score
+(``session.run``) → count the predictions (drift) → fuse (with per-task terms when the request asks
+to ``explain``) → stable sort → top_k → serialise (orjson) → maybe sample the request for the shadow
+version. Domain errors propagate as they are, except the encoder's, which get the request field they
+point at; ``service/errors.py`` turns them all into responses. Each request's outcome and time are
 recorded per version for the canary policy. Everything here is blocking and runs in a worker
 thread, never in the event loop.
 """
@@ -31,7 +31,7 @@ from service import metrics
 from service.errors import InvalidRequest, http_status
 from service.rollout.canary import Traffic
 from service.rollout.drift import DriftMonitor
-from service.rollout.reconciler import ModelManager, ServingState
+from service.rollout.reconciler import Reconciler, ServingState
 from service.rollout.shadow import ShadowJob
 from service.scoring.features import DEGRADED, Encoded, FeatureView
 from service.scoring.request import EncoderInput, RankRequest, encoder_input, parse_request
@@ -52,17 +52,17 @@ class RankResult:
 
 
 class Ranker:
-    """Ranks candidates with whatever version the manager serves for the request's user."""
+    """Ranks candidates with whatever version the reconciler serves for the request's user."""
 
     def __init__(
         self,
-        manager: ModelManager,
+        reconciler: Reconciler,
         profiles: ProfileStore | None,
         max_candidates: int,
         drift: DriftMonitor,
         traffic: Traffic,
     ) -> None:
-        self.manager = manager
+        self.reconciler = reconciler
         self.profiles = profiles
         self.max_candidates = max_candidates
         self.drift = drift
@@ -71,7 +71,7 @@ class Ranker:
     def rank(self, body: bytes, request_id: str) -> RankResult:
         """Rank one request; raises domain errors (InvalidRequest, FusionError, NotReady ...)."""
         req = parse_request(body, self.max_candidates)
-        state = self.manager.state  # read once: model and features from one swap
+        state = self.reconciler.state  # read once: model and features from one swap
         scorer = state.pick(req.user_id)
         start = time.perf_counter()
         try:

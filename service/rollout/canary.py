@@ -5,12 +5,12 @@ errors, ranking latency, in rolling windows). The :class:`RolloutMonitor` thread
 ``rollout_check_interval_s`` and
 
 1. updates every scored version's prediction histograms and PSI (``vidrank_prediction`` and
-   ``vidrank_prediction_psi``, ``service/drift.py``);
+   ``vidrank_prediction_psi``, ``service/rollout/drift.py``);
 2. judges the canary, if there is one, by its policy (the canary's own bounds from
    ``aliases.json`` over the service's settings): once the canary has ``min_requests`` in the
    window, a server-error ratio above ``max_error_ratio``, a p99 above ``max_p99_ratio`` times
    production's, or any task's PSI above ``max_psi`` removes it from the registry
-   (:meth:`ModelManager.remove_canary`): logged, counted in
+   (:meth:`Reconciler.remove_canary`): logged, counted in
    ``vidrank_canary_rollbacks_total{reason}`` and recorded in ``history.jsonl`` with actor
    ``auto-rollback``. Every other replica converges on the aliases file. Production is never
    rolled back automatically: only the canary is ever removed.
@@ -39,7 +39,7 @@ from service import metrics
 from service.logging import log_fields
 from service.rollout.background import Loop
 from service.rollout.drift import DriftMonitor
-from service.rollout.reconciler import ModelManager
+from service.rollout.reconciler import Reconciler
 from service.rollout.window import SlidingCounts
 
 log = logging.getLogger("vidrank.canary")
@@ -205,13 +205,13 @@ class RolloutMonitor:
 
     def __init__(
         self,
-        manager: ModelManager,
+        reconciler: Reconciler,
         drift: DriftMonitor,
         traffic: Traffic,
         default_policy: CanaryPolicy,
         auto_rollback: bool,
     ) -> None:
-        self.manager = manager
+        self.reconciler = reconciler
         self.drift = drift
         self.traffic = traffic
         self.default_policy = default_policy
@@ -222,7 +222,7 @@ class RolloutMonitor:
 
     def check_once(self) -> Verdict | None:
         """One round: histograms and PSI, then the canary's verdict (acted on if enabled)."""
-        state = self.manager.state
+        state = self.reconciler.state
         served = state.roles().values()
         self.drift.retain(served)
         self.traffic.retain(served)
@@ -249,7 +249,7 @@ class RolloutMonitor:
 
     def _roll_back(self, version: str, verdict: Verdict) -> None:
         try:
-            removed = self.manager.remove_canary(version, f"{verdict.reason}: {verdict.detail}")
+            removed = self.reconciler.remove_canary(version, f"{verdict.reason}: {verdict.detail}")
         except Exception:  # the registry is unreachable: the next round tries again
             fields = {"version": version, "reason": verdict.reason}
             log.exception("automatic canary rollback failed", extra={"fields": fields})

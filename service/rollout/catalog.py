@@ -12,7 +12,7 @@ from typing import Any
 from model.core.bundle import BundleError
 from model.core.registry import Aliases, Registry, RegistryError, VersionNotFound
 from service.rollout.canary import RolloutMonitor
-from service.rollout.reconciler import ModelManager
+from service.rollout.reconciler import Reconciler
 from service.rollout.shadow import ShadowScorer
 
 HISTORY_ENTRIES = 20  # the latest lines of history.jsonl that /models shows
@@ -24,12 +24,12 @@ class Catalog:
     def __init__(
         self,
         registry: Registry,
-        manager: ModelManager,
+        reconciler: Reconciler,
         shadow: ShadowScorer,
         monitor: RolloutMonitor,
     ) -> None:
         self.registry = registry
-        self.manager = manager
+        self.reconciler = reconciler
         self.shadow = shadow
         self.monitor = monitor
         self._summaries: dict[str, dict[str, Any]] = {}
@@ -82,12 +82,12 @@ class Catalog:
         return {
             "versions": versions,
             "aliases": aliases.to_dict() if aliases else None,
-            "serving": self.manager.describe(),
+            "serving": self.reconciler.describe(),
             "shadow": self.shadow.describe(),
             "canary_health": self.monitor.health,
             "history": self.registry.history.tail(HISTORY_ENTRIES),
-            "registry": self.manager.status(),
-            "feature_store": self.manager.describe_features(),
+            "registry": self.reconciler.status(),
+            "feature_store": self.reconciler.describe_features(),
         }
 
     def manifest(self, version: str) -> dict[str, Any]:

@@ -4,7 +4,7 @@ On the request path :meth:`DriftMonitor.observe` bins the request's predictions 
 once (one ``searchsorted`` and one ``bincount`` over the 3 x N values; the bins are those of
 ``model.core.distribution``) and adds the counts to the version's rolling window: a few
 microseconds, no Python loop over predictions and no Prometheus call. Off the request path the
-rollout monitor (``service/canary.py``) calls :meth:`DriftMonitor.refresh`, which moves the
+rollout monitor (``service/rollout/canary.py``) calls :meth:`DriftMonitor.refresh`, which moves the
 counts gathered since its last call into ``vidrank_prediction{task,version}`` (so the histograms
 lag by at most one check interval) and sets ``vidrank_prediction_psi{task,version}``: the
 population stability index of the window against the distribution the bundle's manifest stores

@@ -1,6 +1,6 @@
 """Where feature views come from: the configured store, polled and switched off the request path.
 
-The model manager owns one :class:`FeatureSource` and calls it under its swap lock, so model and
+The reconciler owns one :class:`FeatureSource` and calls it under its swap lock, so model and
 snapshot changes are serialised and every ``ServingState`` it installs holds a view prepared for
 exactly the versions it serves:
 
@@ -10,7 +10,7 @@ exactly the versions it serves:
 - ``cover(view, scorers)`` when a state is installed: the view with an encoding for every served
   schema (cheap: prepared before; never raises);
 - ``poll(view, scorers)`` every poll interval: a new view when the active snapshot changed -
-  load → verify → encode for every served schema → (the manager) swap; a failure keeps the old
+  load → verify → encode for every served schema → (the reconciler) swap; a failure keeps the old
   one serving and is logged and counted;
 - ``activate(name, scorers)``: the same, then the alias is written (admin API).
 """
@@ -207,7 +207,8 @@ class EmbeddedSource(FeatureSource):
 
 
 class RedisSource(FeatureSource):
-    """The active snapshot named in Redis; rows are read per request (service/features.py)."""
+    """The active snapshot named in Redis; rows are read per request
+    (service/scoring/features.py)."""
 
     backend = "redis"
 

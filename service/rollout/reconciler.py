@@ -1,17 +1,17 @@
-"""Model manager: which versions this process serves, and how they change while it serves.
+"""The reconciler: which versions (and feature snapshot) this process serves, and how they change.
 
 Every change follows one path: load the bundle (checksum, schema) → create the session and check
 it against the manifest → warm it up → swap one reference. A failure anywhere leaves the old
 model serving. Loading never happens on the request path.
 
-The request path only reads :attr:`ModelManager.state`, an immutable :class:`ServingState`, with
+The request path only reads :attr:`Reconciler.state`, an immutable :class:`ServingState`, with
 no lock: rebinding an attribute is atomic in Python, so a request sees either the old state or
 the new one. Swaps are serialised by ``_swap_lock``. The state also holds the feature view
-(service/features.py): the active feature snapshot, prepared for exactly the versions the state
-serves, so a request never pairs a model with features prepared for another or from two
+(service/scoring/features.py): the active feature snapshot, prepared for exactly the versions the
+state serves, so a request never pairs a model with features prepared for another or from two
 snapshots. Snapshot switches go through the same lock and the same one-reference swap.
 
-Releasing the old model: nothing in the manager keeps a reference to a version it stopped serving
+Releasing the old model: nothing in the reconciler keeps a reference to a version it stopped serving
 (no cache of previous versions, TF Serving #1215). A request that picked the old scorer holds a
 reference until it returns, so Python's reference counting frees the scorer, and with it the
 onnxruntime session, when the last such request finishes - no explicit ref-count is needed and
@@ -31,8 +31,8 @@ retried with exponential back-off until it loads or the alias moves on; ``vidran
 against ``vidrank_model_info`` (and ``vidrank_model_converged``) shows a replica that lags.
 
 A shadow version is loaded with one intra-op thread: it scores on the shadow worker's single
-thread, off the response path (``service/shadow.py``), and more threads would only compete with
-the versions that answer requests.
+thread, off the response path (``service/rollout/shadow.py``), and more threads would only compete
+with the versions that answer requests.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ from service.rollout.feature_source import FeatureSource
 from service.scoring.features import FeatureView
 from service.scoring.scorer import Scorer
 
-log = logging.getLogger("vidrank.manager")
-ACTOR = "admin-api"  # the history's actor for changes made through this manager's admin calls
+log = logging.getLogger("vidrank.reconciler")
+ACTOR = "admin-api"  # the history's actor for changes made through this reconciler's admin calls
 
 # An aliased version that failed to load is retried by the one back-off policy (Retries) for
 # as long as it stays aliased (an explicit admin call always retries at once).
@@ -142,8 +142,9 @@ class ServingState:
         return {s.version: s for s in self.scorers()}
 
 
-class ModelManager:
-    """Loads, warms, swaps and polls model versions for one process (no HTTP here)."""
+class Reconciler:
+    """Brings what one process serves to the desired aliases (models, then the active snapshot):
+    loads, warms, swaps and polls, and applies admin changes (no HTTP here)."""
 
     def __init__(
         self,
@@ -275,22 +276,10 @@ class ModelManager:
         production = obtain(aliases.production, cur.production, None)
         if production is None:
             return ServingState(features=cur.features)
-        canary, canary_percent = None, 0.0
-        if aliases.canary is not None:
-            canary, canary_percent = _role(
-                obtain(aliases.canary.version, cur.canary, None),
-                aliases.canary, production, cur.canary_percent,
-            )  # fmt: skip
-        shadow, shadow_percent = None, 0.0
-        if aliases.shadow is not None:
-            shadow, shadow_percent = _role(
-                obtain(aliases.shadow.version, cur.shadow, SHADOW_THREADS),
-                aliases.shadow, production, cur.shadow_percent,
-            )  # fmt: skip
-        policy = aliases.canary.policy if aliases.canary is not None and canary else None
-        return ServingState(
-            production, canary, canary_percent, shadow, shadow_percent, policy, cur.features
-        )
+        canary = _role(aliases.canary, cur.canary, cur.canary_percent, production, obtain)
+        shadow = _role(aliases.shadow, cur.shadow, cur.shadow_percent, production, obtain)
+        policy = aliases.canary.policy if aliases.canary is not None and canary[0] else None
+        return ServingState(production, *canary, *shadow, policy, cur.features)
 
     def _retry_later(self, version: str, error: Exception) -> None:
         """Schedule the next attempt at an aliased version that did not load (doubling waits)."""
@@ -593,13 +582,22 @@ def _reason(e: Exception) -> str:
 
 
 def _role(
-    scorer: Scorer | None, alias: Canary | Shadow, production: Scorer, previous_percent: float
+    alias: Canary | Shadow | None,
+    current: Scorer | None,
+    current_percent: float,
+    production: Scorer,
+    obtain: Callable[[str, Scorer | None, int | None], Scorer | None],
 ) -> tuple[Scorer | None, float]:
-    """A canary's or shadow's scorer and percent, or (None, 0) when it is production itself.
+    """A canary's or shadow's scorer and percent, or (None, 0) when there is none or it is
+    production itself. A shadow scores on ``SHADOW_THREADS``, off the response path.
 
-    One that failed to load keeps the previous scorer in the role at its previous percent.
+    One that failed to load keeps the current scorer in the role at its current percent.
     """
+    if alias is None:
+        return None, 0.0
+    threads = SHADOW_THREADS if isinstance(alias, Shadow) else None
+    scorer = obtain(alias.version, current, threads)
     if scorer is None or scorer.version == production.version:
         return None, 0.0
     same = scorer.version == alias.version
-    return scorer, alias.percent if same else previous_percent
+    return scorer, alias.percent if same else current_percent

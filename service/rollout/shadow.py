@@ -35,7 +35,7 @@ from model.core.tasks import TASKS
 from service import metrics
 from service.rollout.background import Loop
 from service.rollout.drift import DriftMonitor
-from service.rollout.reconciler import ModelManager
+from service.rollout.reconciler import Reconciler
 from service.scoring.request import EncoderInput
 from service.scoring.scorer import Scorer
 
@@ -133,12 +133,12 @@ class ShadowScorer:
 
     def __init__(
         self,
-        manager: ModelManager,
+        reconciler: Reconciler,
         drift: DriftMonitor,
         profiles: ProfileStore | None,
         capacity: int,
     ) -> None:
-        self.manager = manager
+        self.reconciler = reconciler
         self.drift = drift
         self.profiles = profiles
         self.capacity = capacity
@@ -191,7 +191,7 @@ class ShadowScorer:
 
     def process(self, job: ShadowJob) -> Comparison | None:
         """Score and compare one job; never raises (failures are counted and logged)."""
-        if self.manager.state.shadow is not job.shadow:  # the shadow changed since sampling
+        if self.reconciler.state.shadow is not job.shadow:  # the shadow changed since sampling
             metrics.SHADOW_REQUESTS.labels("stale").inc()
             self._count(job.shadow.version, "stale")
             return None
@@ -250,7 +250,7 @@ class ShadowScorer:
 
     def describe(self) -> dict[str, Any] | None:
         """The shadow section of /models: what is shadowed and how it compares (this process)."""
-        state = self.manager.state
+        state = self.reconciler.state
         if state.shadow is None:
             return None
         with self._lock:

@@ -1,9 +1,9 @@
 """Features by id on the request path: what one /rank request reads from the feature store.
 
-A :class:`FeatureView` is immutable and lives in the manager's ``ServingState`` next to the
+A :class:`FeatureView` is immutable and lives in the reconciler's ``ServingState`` next to the
 model versions it was prepared for, so a request reads one state and gets a model and the
-features prepared for that model from one snapshot - never a mix (service/feature_source.py
-builds the views; the manager swaps them). Per request:
+features prepared for that model from one snapshot - never a mix (service/rollout/feature_source.py
+builds the views; the reconciler swaps them). Per request:
 
 - no store (``off``, or no snapshot published yet): the request's features and schema defaults;
 - embedded: stored rows gathered by id from the snapshot encoded for this model's schema
@@ -118,7 +118,7 @@ class EmbeddedView(FeatureView):
 
     def encode(self, scorer: Scorer, given: EncoderInput) -> Encoded:
         enc = self.prepared.get(scorer.schema.digest)
-        if enc is None:  # cannot happen for a state the manager built; never a 500 either
+        if enc is None:  # cannot happen for a state the reconciler built; never a 500 either
             return self.degrade(scorer, given, "unprepared", "snapshot not prepared for model")
         start = time.perf_counter()
         user = {k: [v] for k, v in given.user.items()}

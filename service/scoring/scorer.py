@@ -1,6 +1,6 @@
 """One loaded model version: its bundle, its onnxruntime session and what requests need from it.
 
-A :class:`Scorer` is built by the model manager, never on the request path: creating the session,
+A :class:`Scorer` is built by the reconciler, never on the request path: creating the session,
 checking it against the manifest and warming it up all happen before the scorer is swapped in.
 After that it is read-only, so any number of request threads may call :meth:`Scorer.score` at
 once (``InferenceSession.run`` is thread-safe).

@@ -1,4 +1,4 @@
-"""service/admission.py without HTTP: the bounded queue, deadlines and absent clients."""
+"""service/http/admission.py without HTTP: the bounded queue, deadlines and absent clients."""
 
 from __future__ import annotations
 

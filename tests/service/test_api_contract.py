@@ -139,7 +139,7 @@ def test_extreme_valid_weights_give_finite_scores(client: TestClient) -> None:
 def test_a_model_giving_nan_is_a_500_never_a_null_score(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    scorer = client.app.state.manager.state.production  # type: ignore[attr-defined]
+    scorer = client.app.state.reconciler.state.production  # type: ignore[attr-defined]
     real = scorer.score
 
     def nan_watch(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -40,10 +40,10 @@ def test_not_ready_until_a_model_is_activated(
     assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
     # A version published but not activated is still not ready (no all([]) == True).
     Registry(empty).publish(registry_dir / "versions" / version)
-    client.app.state.manager.poll_once()  # type: ignore[attr-defined]
+    client.app.state.reconciler.poll_once()  # type: ignore[attr-defined]
     assert client.get("/readyz").status_code == 503
     Registry(empty).activate(version)
-    client.app.state.manager.poll_once()  # type: ignore[attr-defined]
+    client.app.state.reconciler.poll_once()  # type: ignore[attr-defined]
     assert client.get("/readyz").status_code == 200
     assert client.post("/rank", json=rank_body(3)).json()["model_version"] == version
 

@@ -131,15 +131,15 @@ def test_models_reports_a_missing_aliases_file(
     make_client: Callable[..., TestClient], registry_dir: Path, version: str
 ) -> None:
     client = make_client()
-    manager = client.app.state.manager  # type: ignore[attr-defined]
+    reconciler = client.app.state.reconciler  # type: ignore[attr-defined]
     (registry_dir / "aliases.json").unlink()
-    manager.poll_once()
+    reconciler.poll_once()
     body = client.get("/models").json()
     assert body["serving"]["production"] == version
     assert body["registry"]["status"] == "aliases_missing"
     assert client.post("/rank", json=rank_body(3)).json()["model_version"] == version
     (registry_dir / "aliases.json").write_text("{ not json")
-    manager.poll_once()
+    reconciler.poll_once()
     r = client.get("/models")
     assert r.status_code == 200, r.text  # a broken file is reported, not a failed call
     assert r.json()["aliases"] is None and r.json()["registry"]["status"] == "aliases_invalid"

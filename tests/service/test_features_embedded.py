@@ -182,8 +182,8 @@ def test_a_corrupt_snapshot_is_refused_and_the_old_one_keeps_serving(
     assert r.status_code == 409 and "sha256" in r.json()["error"]["message"]
     assert sample("vidrank_feature_snapshot_failures_total", {"trigger": "admin"}) == failures + 1
     store.activate("s2")  # written behind the service's back: the poller must refuse it too
-    manager = client.app.state.manager  # type: ignore[attr-defined]
-    assert manager.poll_once() is False
+    reconciler = client.app.state.reconciler  # type: ignore[attr-defined]
+    assert reconciler.poll_once() is False
     assert client.post("/rank", json=ids_body(1, VIDEOS)).json()["feature_snapshot"] == "s1"
     assert client.post("/admin/features/nope/activate", headers=AUTH).status_code == 404
 
@@ -202,7 +202,7 @@ def test_no_snapshot_yet_means_no_store_until_one_is_published(
     store.publish(feature_tables[0], "s1", feature_tables[1])
     store.activate("s1")
     for c in (client, required):
-        assert c.app.state.manager.poll_once() is True  # type: ignore[attr-defined]
+        assert c.app.state.reconciler.poll_once() is True  # type: ignore[attr-defined]
     assert required.get("/readyz").status_code == 200
     assert required.post("/rank", json=ids_body(1, VIDEOS)).json()["feature_snapshot"] == "s1"
 

@@ -1,4 +1,4 @@
-"""Request decoding (service/request.py) and Settings, without an app."""
+"""Request decoding (service/scoring/request.py) and Settings, without an app."""
 
 from __future__ import annotations
 

@@ -115,10 +115,10 @@ class _Scorer:
 
 
 def test_shadow_queue_drops_and_counts_when_full() -> None:
-    class Manager:
+    class Reconciler:
         state: Any = None
 
-    shadow = ShadowScorer(Manager(), None, None, capacity=3)  # type: ignore[arg-type]
+    shadow = ShadowScorer(Reconciler(), None, None, capacity=3)  # type: ignore[arg-type]
     job = ShadowJob(_Scorer(), _Scorer(), None, {}, {}, np.arange(1), None)  # type: ignore[arg-type]
     before = sample("vidrank_shadow_requests_total", {"outcome": "dropped"})
 

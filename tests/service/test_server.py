@@ -1,4 +1,5 @@
-"""server.py: listening sockets (TCP_NODELAY, SO_REUSEPORT) and GC tuning, without a server."""
+"""service/http/server.py: listening sockets (TCP_NODELAY, SO_REUSEPORT) and GC tuning, without a
+server."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from model.training.simulate import SimConfig, SimData, preset_config, simulate
+from model.simulator.world import SimConfig, SimData, preset_config, simulate
 from tests.reference import frames_reference, write_reference
 
 REFERENCE_FILE = Path(__file__).with_name("sim_reference.json")

@@ -9,6 +9,7 @@ import torch
 
 from model.core.features import default_schema
 from model.core.tasks import TASKS
+from model.training.analysis.transfer import gradient_report, report_lines
 from model.training.balance import (
     FixedWeights,
     GradNormWeights,
@@ -22,7 +23,6 @@ from model.training.config import TrainConfig
 from model.training.fit import fit, prepare
 from model.training.mmoe import MMoEConfig, build_model
 from model.training.objective import task_losses, weighted_sum
-from model.training.transfer import gradient_report, report_lines
 
 WEIGHTS = dict.fromkeys(TASKS, 1.0)
 

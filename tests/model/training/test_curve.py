@@ -9,7 +9,7 @@ import matplotlib.image
 from typer.testing import CliRunner
 
 from model.cli import app
-from model.training.curve import CURVE_FILE, CURVE_PLOT
+from model.training.analysis.curve import CURVE_FILE, CURVE_PLOT
 
 TINY = [
     "curve", "--preset", "default", "--seed", "3", "--sizes", "3000,6000",

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from model.simulator.world import SimConfig, SimData, simulate, write_simulation
 from model.training.data import (
     FEATURE_COLUMNS,
     load_impressions,
@@ -16,7 +17,6 @@ from model.training.data import (
     split_by_time,
     write_shards,
 )
-from model.training.simulate import SimConfig, SimData, simulate, write_simulation
 
 # KuaiRand-Pure's real column names; rows out of time order; some values missing as in the data.
 LOG_CSV = """\

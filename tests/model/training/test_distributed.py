@@ -31,12 +31,12 @@ from model.core.features import default_schema
 from model.core.registry import Registry
 from model.core.runtime import make_session
 from model.core.tasks import TASKS
+from model.simulator.world import SimConfig, simulate, write_simulation
 from model.training import distributed, prepared
 from model.training.config import TrainConfig, TrainJob
 from model.training.data import read_shard, split_by_time
 from model.training.export import random_encoded, run_session
 from model.training.fit import fit
-from model.training.simulate import SimConfig, simulate, write_simulation
 from model.training.sources import simulated_impressions
 from model.training.train import run_train
 

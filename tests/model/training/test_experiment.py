@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from model.cli import app
-from model.training.experiment import (
+from model.training.analysis.experiment import (
     BASELINE,
     METRICS,
     TRUTH,

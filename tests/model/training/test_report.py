@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from model.cli import app
 from model.core.registry import Registry
-from model.training.report import REPORT_FILE, fusion_text, report_dir, write_report
+from model.training.analysis.report import REPORT_FILE, fusion_text, report_dir, write_report
 
 SECTIONS = (
     "# Model report:",
@@ -148,7 +148,7 @@ def test_fusion_text(spec: dict[str, object], text: str) -> None:
 def test_an_attached_learning_curve_stays_in_every_report(
     registry_copy: Path, version: str, tmp_path: Path
 ) -> None:
-    from model.training.curve import Curve, write_curve
+    from model.training.analysis.curve import Curve, write_curve
 
     runs = [
         {"arch": a, "size": n, "click_auc": v, "like_auc": v, "watch_xauc": v, "ndcg10_fused": v}

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from model.core.metrics import ndcg_at_k
-from model.training.simulate import (
+from model.simulator.world import (
     DIFFERENT_FIELDS,
     PRESETS,
     TASK_FIELDS,

@@ -19,9 +19,8 @@ from model.cli import app
 from model.core.fusion import FusionSpec, ProfileStore
 from model.core.registry import Registry
 from model.core.tasks import TRUTH_COLUMNS
-from model.training.data import load_impressions
-from model.training.evaluate import DEFAULT_FUSION
-from model.training.fusion_search import (
+from model.simulator.world import SIM_FILES, SimConfig, simulate, write_simulation
+from model.training.analysis.fusion_search import (
     CLICK_ONLY,
     Floor,
     Lists,
@@ -31,8 +30,9 @@ from model.training.fusion_search import (
     split_users,
     suggest_spec,
 )
-from model.training.profiles import load_records, write_profile
-from model.training.simulate import SIM_FILES, SimConfig, simulate, write_simulation
+from model.training.analysis.profiles import load_records, write_profile
+from model.training.data import load_impressions
+from model.training.evaluate import DEFAULT_FUSION
 
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT = FusionSpec.from_dict(DEFAULT_FUSION)

@@ -1,4 +1,4 @@
-"""ModelManager without HTTP: convergence, failed loads, release of old sessions, canary routing."""
+"""Reconciler without HTTP: convergence, failed loads, release of old sessions, canary routing."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from service.errors import NotReady, SwapFailed
 from service.rollout.background import BACKOFF_MAX_S as RETRY_MAX_S
 from service.rollout.reconciler import (
     SHADOW_THREADS,
-    ModelManager,
+    Reconciler,
     ServingState,
     canary_bucket,
 )
@@ -30,21 +30,21 @@ class FakeClock:
         return self.now
 
 
-def manager(registry: Path, clock: FakeClock | None = None) -> ModelManager:
-    return ModelManager(Registry(registry), 1, (1, 10), **({"clock": clock} if clock else {}))
+def reconciler(registry: Path, clock: FakeClock | None = None) -> Reconciler:
+    return Reconciler(Registry(registry), 1, (1, 10), **({"clock": clock} if clock else {}))
 
 
 def test_empty_registry_is_not_ready(tmp_path: Path) -> None:
-    m = manager(tmp_path / "empty")
+    m = reconciler(tmp_path / "empty")
     assert m.poll_once() is False
     assert not m.ready
     with pytest.raises(NotReady):
         m.state.pick("u")
 
 
-def test_two_managers_converge_on_one_activation(registry_dir: Path, version: str) -> None:
+def test_two_reconcilers_converge_on_one_activation(registry_dir: Path, version: str) -> None:
     publish_as(registry_dir, version, "v2")
-    a, b = manager(registry_dir), manager(registry_dir)
+    a, b = reconciler(registry_dir), reconciler(registry_dir)
     a.poll_once()
     b.poll_once()
     a.activate("v2")
@@ -58,7 +58,7 @@ def test_two_managers_converge_on_one_activation(registry_dir: Path, version: st
 def test_failed_poll_load_keeps_serving_and_backs_off(registry_dir: Path, version: str) -> None:
     clock = FakeClock()
     corrupt_copy(registry_dir, version, "bad", "checksum_mismatch")
-    m = manager(registry_dir, clock)
+    m = reconciler(registry_dir, clock)
     m.poll_once()
     good = m.state.production
     failures = sample("vidrank_model_swap_failures_total", {"trigger": "poll"})
@@ -81,7 +81,7 @@ def test_admin_activate_failure_raises_and_changes_nothing(
     registry_dir: Path, version: str
 ) -> None:
     corrupt_copy(registry_dir, version, "bad", "corrupt_onnx")
-    m = manager(registry_dir)
+    m = reconciler(registry_dir)
     m.poll_once()
     before = m.state
     with pytest.raises(SwapFailed, match="onnxruntime cannot load"):
@@ -92,7 +92,7 @@ def test_admin_activate_failure_raises_and_changes_nothing(
 
 def test_old_session_released_after_in_flight_requests(registry_dir: Path, version: str) -> None:
     publish_as(registry_dir, version, "v2")
-    m = manager(registry_dir)
+    m = reconciler(registry_dir)
     m.poll_once()
     in_flight = m.state.pick("u")  # a request holding the old scorer
     ref = weakref.ref(in_flight)
@@ -107,7 +107,7 @@ def test_old_session_released_after_in_flight_requests(registry_dir: Path, versi
 def test_swaps_under_concurrent_scoring(registry_dir: Path, version: str) -> None:
     """Readers never see a half-swapped state or a released session."""
     publish_as(registry_dir, version, "v2")
-    m = manager(registry_dir)
+    m = reconciler(registry_dir)
     m.poll_once()
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -138,7 +138,7 @@ def test_swaps_under_concurrent_scoring(registry_dir: Path, version: str) -> Non
 
 def test_poller_thread_converges(registry_dir: Path, version: str) -> None:
     publish_as(registry_dir, version, "v2")
-    m = manager(registry_dir)
+    m = reconciler(registry_dir)
     m.poll_once()
     m.start_polling(0.05)
     try:
@@ -154,7 +154,7 @@ def test_poller_thread_converges(registry_dir: Path, version: str) -> None:
 def test_canary_from_registry_and_percent(registry_dir: Path, version: str) -> None:
     publish_as(registry_dir, version, "v2")
     Registry(registry_dir).set_canary("v2", 25)
-    m = manager(registry_dir)
+    m = reconciler(registry_dir)
     m.poll_once()
     assert m.describe() == {
         "production": version,
@@ -184,7 +184,7 @@ def test_serving_state_without_canary_serves_production() -> None:
 
 def test_shadow_has_a_one_thread_session_of_its_own(registry_dir: Path, version: str) -> None:
     publish_as(registry_dir, version, "v2")
-    m = ModelManager(Registry(registry_dir), 2, (1, 10))
+    m = Reconciler(Registry(registry_dir), 2, (1, 10))
     m.poll_once()
     m.set_shadow("v2", 50)
     shadow = m.state.shadow
@@ -195,7 +195,7 @@ def test_shadow_has_a_one_thread_session_of_its_own(registry_dir: Path, version:
     assert m.state.canary is not None and m.state.canary.threads == 2
     assert m.state.shadow is shadow
     # Another replica converges on the same roles from the aliases file.
-    other = ModelManager(Registry(registry_dir), 2, (1, 10))
+    other = Reconciler(Registry(registry_dir), 2, (1, 10))
     other.poll_once()
     assert other.state.roles() == {"production": version, "canary": "v2", "shadow": "v2"}
     assert other.state.shadow is not None and other.state.shadow.threads == SHADOW_THREADS
@@ -207,7 +207,7 @@ def test_shadow_has_a_one_thread_session_of_its_own(registry_dir: Path, version:
 
 
 def test_missing_aliases_file_keeps_serving(registry_dir: Path, version: str) -> None:
-    m = manager(registry_dir)
+    m = reconciler(registry_dir)
     m.poll_once()
     good = m.state.production
     faults = sample("vidrank_registry_faults_total", {"reason": "aliases_missing"})
@@ -227,7 +227,7 @@ def test_missing_aliases_file_keeps_serving(registry_dir: Path, version: str) ->
 
 
 def test_missing_registry_directory_keeps_serving(registry_dir: Path, version: str) -> None:
-    m = manager(registry_dir)
+    m = reconciler(registry_dir)
     m.poll_once()
     good = m.state.production
     moved = registry_dir.with_name("registry-away")
@@ -244,7 +244,7 @@ def test_missing_registry_directory_keeps_serving(registry_dir: Path, version: s
 def test_broken_aliases_file_keeps_serving(
     registry_dir: Path, version: str, content: bytes
 ) -> None:
-    m = manager(registry_dir)
+    m = reconciler(registry_dir)
     m.poll_once()
     good = m.state.production
     (registry_dir / "aliases.json").write_bytes(content)
@@ -253,7 +253,7 @@ def test_broken_aliases_file_keeps_serving(
 
 
 def test_only_an_explicit_deactivate_empties_a_replica(registry_dir: Path, version: str) -> None:
-    m = manager(registry_dir)
+    m = reconciler(registry_dir)
     m.poll_once()
     Registry(registry_dir).deactivate()
     m.poll_once()
@@ -272,7 +272,7 @@ def test_alias_written_before_the_version_appears_converges(
     """NFS lag: the replica sees the alias first; it retries with back-off until the version is
     visible, without a restart, and says meanwhile that it lags."""
     clock = FakeClock()
-    m = manager(registry_dir, clock)
+    m = reconciler(registry_dir, clock)
     m.poll_once()
     publish_as(registry_dir, version, "v2")
     lagging = registry_dir / "versions" / "v2"
@@ -302,7 +302,7 @@ def test_alias_written_before_the_version_appears_converges(
 
 def test_retry_stops_when_the_alias_moves_on(registry_dir: Path, version: str) -> None:
     clock = FakeClock()
-    m = manager(registry_dir, clock)
+    m = reconciler(registry_dir, clock)
     m.poll_once()
     publish_as(registry_dir, version, "v2")
     Registry(registry_dir).activate("v2")
@@ -321,7 +321,7 @@ def test_admin_change_on_an_unwritable_registry_changes_nothing(
     registry_dir: Path, version: str
 ) -> None:
     publish_as(registry_dir, version, "v2")
-    m = manager(registry_dir)
+    m = reconciler(registry_dir)
     m.poll_once()
     before = m.state
     aliases = (registry_dir / "aliases.json").read_bytes()
@@ -342,7 +342,7 @@ def test_failure_after_the_rename_serves_what_the_file_says(
     import model.core.artifacts as registry_module
 
     publish_as(registry_dir, version, "v2")
-    m = manager(registry_dir)
+    m = reconciler(registry_dir)
     m.poll_once()
 
     def replaced_then_failed(dest: Path, data: bytes) -> None:
@@ -359,7 +359,7 @@ def test_failure_after_the_rename_serves_what_the_file_says(
 def test_unreadable_aliases_recover_when_the_file_comes_back_unchanged(
     registry_dir: Path, version: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    m = manager(registry_dir)
+    m = reconciler(registry_dir)
     m.poll_once()
     good = m.state.production
     real = Registry.aliases_stamp

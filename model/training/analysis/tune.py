@@ -3,11 +3,11 @@
 ``run_tune_fusion(job)`` takes the test split (the last 10% by time, as in training) of the
 impressions named by ``--data`` or ``--simulate``, scores it with the version's ONNX graph through
 onnxruntime as the service would (``FrameRequests``), splits its users (seeded) into a search
-part and a report part, searches the fusion on the search part (model/training/fusion_search.py)
-and compares the tuned profile with the bundle's default fusion and click-only ranking on both
-parts. It writes the profile with its tuning record into the profile file
-(model/training/profiles.py) and the record as JSON with the version, where ``vidrank report``
-shows it.
+part and a report part, searches the fusion on the search part
+(model/training/analysis/fusion_search.py) and compares the tuned profile with the bundle's
+default fusion and click-only ranking on both parts. It writes the profile with its tuning record
+into the profile file (model/training/analysis/profiles.py) and the record as JSON with the
+version, where ``vidrank report`` shows it.
 """
 
 from __future__ import annotations
@@ -25,10 +25,7 @@ import pandas as pd
 from model.core.fileio import utc_now_iso
 from model.core.fusion import FusionSpec
 from model.core.registry import Registry, check_version_name
-from model.training.config import MIN_SIMULATED
-from model.training.data import load_impressions, split_by_time
-from model.training.export import predict_frame
-from model.training.fusion_search import (
+from model.training.analysis.fusion_search import (
     CLICK_ONLY,
     OBJECTIVE_KINDS,
     SEARCH_SPACE,
@@ -39,7 +36,10 @@ from model.training.fusion_search import (
     search,
     split_users,
 )
-from model.training.profiles import save_record, write_profile
+from model.training.analysis.profiles import save_record, write_profile
+from model.training.config import MIN_SIMULATED
+from model.training.data import load_impressions, split_by_time
+from model.training.export import predict_frame
 from model.training.sources import simulated_impressions
 
 PROFILE_NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")

@@ -1,7 +1,7 @@
 """The architectures side by side on the same simulated data and seed.
 
-``python -m model.training.compare --impressions 300000 [--archs mmoe,shared_bottom]`` trains
-each architecture (default: all of ``ARCHS``) and prints their test metrics
+``python -m model.training.analysis.compare --impressions 300000 [--archs mmoe,shared_bottom]``
+trains each architecture (default: all of ``ARCHS``) and prints their test metrics
 (model/training/evaluate.py's ranking evaluation included) side by side.
 """
 
@@ -64,7 +64,7 @@ def compare_archs(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``python -m model.training.compare --impressions 300000``."""
+    """CLI: ``python -m model.training.analysis.compare --impressions 300000``."""
     parser = argparse.ArgumentParser(description="The architectures on simulated data.")
     parser.add_argument("--impressions", type=int, default=300_000)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,8 +1,9 @@
 """The fusion search of `vidrank tune-fusion`: objectives, search space and a seeded Optuna TPE.
 
-:class:`Lists` holds one part of a version's held-out data (model/training/tune.py) as per-user
-lists with the model's predictions; fusion goes through ``model.core.fusion.fuse_lists``, the
-service's code, so ``rank_sum`` ranks within each list as it ranks within a request.
+:class:`Lists` holds one part of a version's held-out data (model/training/analysis/tune.py) as
+per-user lists with the model's predictions; fusion goes through
+``model.core.fusion.fuse_lists``, the service's code, so ``rank_sum`` ranks within each list as
+it ranks within a request.
 
 The search space (:data:`SEARCH_SPACE`): the method (weighted_sum, weighted_product,
 rank_sum); the watch_time and like weights relative to click (every method ranks the same when
@@ -32,8 +33,8 @@ import pandas as pd
 from model.core.fusion import METHODS, FusionSpec, fuse_lists
 from model.core.metrics import ndcg_at_k, topk_mean
 from model.core.tasks import LABEL_COLUMNS, TASKS, TRUTH_COLUMNS
+from model.simulator.world import DEFAULT_UTILITY_WEIGHTS
 from model.training.evaluate import has_truth
-from model.training.simulate import DEFAULT_UTILITY_WEIGHTS
 
 WEIGHT_RANGE: Final = (1e-3, 1e3)  # watch_time and like weights relative to click (log scale)
 SCALE_RANGE: Final = (1.0, 600.0)  # seconds per unit of the watch_time "scale" transform

@@ -32,13 +32,13 @@ import numpy as np
 import pandas as pd
 
 from model.core.metrics import auc, xauc
+from model.simulator.world import PRESETS, preset_config
+from model.training.analysis.transfer import gradient_report
 from model.training.balance import BALANCES
 from model.training.batches import encode_split, make_batches
 from model.training.config import ARCHS, TrainConfig
 from model.training.fit import TrainResult, fit
-from model.training.simulate import PRESETS, preset_config
 from model.training.sources import simulated_frame
-from model.training.transfer import gradient_report
 
 SWEEP_PRESETS = ("conflicting", "unrelated", "related", "identical")  # by increasing relatedness
 BASELINE = "shared_bottom"
@@ -395,7 +395,7 @@ def gradient_section(frame: pd.DataFrame) -> str:
         "## Task gradients on shared parameters (test split, mean over seeds)",
         "",
         "Largest / smallest task gradient norm, and the lowest cosine between two tasks'"
-        " gradients, per parameter group (model/training/transfer.py).",
+        " gradients, per parameter group (model/training/analysis/transfer.py).",
         "",
         "| preset | arch | " + " | ".join(f"{g}: norm ratio / min cos" for g in groups) + " |",
         "|" + "---|" * (len(groups) + 2),

@@ -8,8 +8,8 @@ tune-fusion`` does, to add its results) replaces it whole. ``vidrank train`` wri
 Everything comes from files: the version's manifest (training history, test metrics, truth
 ceilings, calibration bins, gate diagnostics, default fusion), the current production version's
 manifest (the comparison at the top) and the version's tuning records
-(``<registry>/tuning/<V>/*.json``, model/training/profiles.py). Nothing is scored again, so a
-report takes a second or two.
+(``<registry>/tuning/<V>/*.json``, model/training/analysis/profiles.py). Nothing is scored
+again, so a report takes a second or two.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any, Final
 
 from model.core.fileio import fsync_dir
 from model.core.registry import Registry, check_version_name
-from model.training import plots
-from model.training.profiles import load_records
+from model.training.analysis import plots
+from model.training.analysis.profiles import load_records
 
 REPORTS_DIR: Final = "reports"
 REPORT_FILE: Final = "report.md"
@@ -371,7 +371,7 @@ CURVES_DIR: Final = "curves"  # <registry>/curves/<version>/: a learning curve a
 
 def attach_curve(registry: Registry, version: str, curve_dir: Path) -> Path:
     """Keep ``vidrank curve``'s table and plot with ``version`` (for every later report)."""
-    from model.training.curve import CURVE_FILE, CURVE_PLOT
+    from model.training.analysis.curve import CURVE_FILE, CURVE_PLOT
 
     missing = [n for n in (CURVE_FILE, CURVE_PLOT) if not (curve_dir / n).is_file()]
     if missing:
@@ -385,7 +385,7 @@ def attach_curve(registry: Registry, version: str, curve_dir: Path) -> Path:
 
 def learning_curve(ctx: Context, out: Path) -> str:
     """The learning curve attached with ``vidrank report V --curve DIR``, if any."""
-    from model.training.curve import CURVE_FILE, CURVE_PLOT
+    from model.training.analysis.curve import CURVE_FILE, CURVE_PLOT
 
     title = "## Learning curve\n\n"
     if ctx.curve is None:

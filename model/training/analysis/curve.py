@@ -24,12 +24,12 @@ from typing import Any
 
 import pandas as pd
 
-from model.training import plots
+from model.simulator.world import PRESETS, preset_config
+from model.training.analysis import plots
+from model.training.analysis.experiment import METRICS, TRUTH, run_record, truth_metrics, variant
 from model.training.balance import BALANCES
 from model.training.config import ARCHS, TrainConfig
-from model.training.experiment import METRICS, TRUTH, run_record, truth_metrics, variant
 from model.training.fit import fit
-from model.training.simulate import PRESETS, preset_config
 from model.training.sources import simulated_frame
 
 CURVE_SIZES = (100_000, 300_000, 1_000_000, 3_000_000)
