@@ -177,6 +177,13 @@ def train(
     nproc: Annotated[
         int, typer.Option(help="Processes for DistributedDataParallel training (gloo).")
     ] = 1,
+    stream: Annotated[
+        str,
+        typer.Option(
+            help="Stream --data logs from disk in bounded memory: on, off, or auto (Parquet"
+            " logs of 2M impressions or more)."
+        ),
+    ] = "auto",
     quantize: Annotated[
         bool,
         typer.Option(
@@ -229,6 +236,7 @@ def train(
             if_empty=if_empty,
             nproc=nproc,
             quantize=quantize,
+            stream=stream,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None

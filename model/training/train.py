@@ -9,14 +9,18 @@ publishes the result (model/training/publish.py).
 
 from __future__ import annotations
 
+import tempfile
 from datetime import UTC, datetime
+from pathlib import Path
 
 from model.core.registry import Registry
 from model.training import distributed
 from model.training.config import TrainJob
-from model.training.fit import fit
+from model.training.fit import TrainResult, fit
+from model.training.prepared import fit_prepared, is_prepared, prepare_data
 from model.training.publish import announce, publish
 from model.training.sources import load_frame
+from model.training.stream import streams
 
 
 def default_version() -> str:
@@ -35,9 +39,20 @@ def run_train(job: TrainJob) -> str:
         raise ValueError(f"version {version!r} is already published in {job.registry}")
     if job.nproc > 1 or distributed.under_torchrun():
         return distributed.run_distributed(job, version)
-    frame = load_frame(job)
-    print(f"{len(frame):,} impressions; training {job.train.arch} (seed {job.train.seed})")
-    result = fit(frame, job.train)
+    result = _fit_here(job)
     published = publish(result, job, version)
     announce(result, published, job)
     return published
+
+
+def _fit_here(job: TrainJob) -> TrainResult:
+    """``fit`` in this process: on prepared or streamed data from disk, or on a frame."""
+    arch = f"training {job.train.arch} (seed {job.train.seed})"
+    if is_prepared(job.data) or streams(job):
+        with tempfile.TemporaryDirectory(prefix="vidrank-stream-") as tmp:
+            data = prepare_data(job, Path(tmp), 1)
+            print(f"{sum(data.rows.values()):,} impressions, streamed; {arch}")
+            return fit_prepared(data, job.train)
+    frame = load_frame(job)
+    print(f"{len(frame):,} impressions; {arch}")
+    return fit(frame, job.train)
