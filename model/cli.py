@@ -79,6 +79,13 @@ def simulate(
             "conflicts with the others); default: the preset's (0.5 for default)."
         ),
     ] = None,
+    part_rows: Annotated[
+        int,
+        typer.Option(
+            help="Longer logs are written in Parquet parts of this many impressions (bounded"
+            " memory; `train --data` streams them)."
+        ),
+    ] = 2_000_000,
 ) -> None:
     """Simulate video-interaction logs (KuaiRand schema) with ground truth."""
     from model.training.simulate import run_simulate
@@ -90,6 +97,7 @@ def simulate(
             seed=seed,
             task_correlation=task_correlation,
             preset=preset,
+            part_rows=part_rows,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
