@@ -104,6 +104,24 @@ def simulate(
 
 
 @app.command()
+def prepare(
+    data: Annotated[Path, typer.Option(help="Logs in KuaiRand's schema (as for `train`).")],
+    out: Annotated[Path, typer.Option(help="Directory for the prepared data (e.g. shared).")],
+    shards: Annotated[int, typer.Option(help="Training shards: the ranks' count, or a multiple.")],
+) -> None:
+    """Split, fit and shard training logs once for DDP ranks on several nodes: every node then
+    runs ``torchrun ... -m model.cli train --data OUT`` (Parquet logs are streamed)."""
+    from model.training.prepared import prepare_logs
+
+    try:
+        data_ready = prepare_logs(data, out, shards)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    rows = ", ".join(f"{split} {n:,}" for split, n in data_ready.rows.items())
+    print(f"prepared {out}: {rows} rows; {shards} training shards ({data_ready.layout})")
+
+
+@app.command()
 def train(
     registry: RegistryOpt = Path("registry"),
     data: Annotated[

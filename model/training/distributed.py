@@ -225,6 +225,8 @@ def _rank_batches(
     if data.layout == "stream":
         rows, local = data.shard_rows(rank.world), -(-config.batch_size // rank.world)
         files = data.shards(rank.rank, rank.world)
+        names = ", ".join(f.name for f in files)
+        print(f"rank {rank.rank}/{rank.world}: streams {rows[rank.rank]:,} training rows ({names})")
         return StreamedBatches(files, data.basis, local, rows, rank.rank, share)
     train = _read_split(data, "train", rank)
     local_of = _local_index(train.frame, data.rows["train"])

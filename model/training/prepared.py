@@ -29,7 +29,7 @@ import torch
 from model.core.features import FeatureSchema
 from model.training.batches import EncodedSplit
 from model.training.config import TrainConfig, TrainJob
-from model.training.data import list_shards, read_shard, write_shards
+from model.training.data import list_shards, load_impressions, log_paths, read_shard, write_shards
 from model.training.fit import (
     SPLITS,
     TRAIN_THREADS,
@@ -80,6 +80,8 @@ class PreparedData:
 
     def shards(self, rank: int, world: int) -> list[Path]:
         """The training shards of ``rank`` of ``world``: shards rank, rank + world, ..."""
+        if self.n_shards < world:
+            raise ValueError(f"{self.n_shards} shard(s) cannot feed {world} ranks")
         return list_shards(self.split_dir("train"))[rank::world]
 
     def shard_rows(self, world: int) -> tuple[int, ...]:
@@ -136,17 +138,28 @@ def _write_meta(
 
 def prepare_data(job: TrainJob, out_dir: Path, n_shards: int) -> PreparedData:
     """The prepared data for ``job``: ``--data`` as is when prepared, streamed from its Parquet
-    logs when ``stream.streams(job)``, else loaded (or simulated) in memory and written."""
+    logs when ``stream.streams`` says so, else loaded (or simulated) in memory and written."""
     if is_prepared(job.data):
         assert job.data is not None
         return PreparedData.load(Path(job.data))
-    if streams(job):
+    if streams(job.data, job.stream):
         assert job.data is not None
         print(f"streaming {job.data}; {n_shards} training shard(s) in {out_dir}")
         return prepare_stream(Path(job.data), out_dir, n_shards)
     frame = load_frame(job)
     print(f"{len(frame):,} impressions; {n_shards} training shards in {out_dir}")
     return prepare_frame(frame, out_dir, n_shards)
+
+
+def prepare_logs(data_dir: Path, out_dir: Path, n_shards: int) -> PreparedData:
+    """``vidrank prepare``: the logs of ``data_dir`` prepared once for ``n_shards`` ranks (e.g.
+    on a volume every node mounts); Parquet logs are streamed, CSV logs loaded whole."""
+    if n_shards < 1:
+        raise ValueError(f"--shards must be >= 1, got {n_shards}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if all(path.suffix == ".parquet" for path in log_paths(data_dir)):
+        return prepare_stream(data_dir, out_dir, n_shards)
+    return prepare_frame(load_impressions(data_dir), out_dir, n_shards)
 
 
 def fit_prepared(

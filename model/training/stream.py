@@ -37,7 +37,6 @@ import pyarrow.parquet as pq
 from model.core.features import FeatureSchema, default_schema
 from model.core.tasks import LABEL_COLUMNS, PROBABILITY_TASKS
 from model.training.batches import Batch, StepShare
-from model.training.config import TrainJob
 from model.training.data import (
     LOG_COLUMNS,
     EntityTables,
@@ -61,16 +60,16 @@ LOG_ROW = "log_row"  # a row's position in the log (log_paths' order): ties in t
 # -- which runs stream, and reading the log ------------------------------------------------------
 
 
-def streams(job: TrainJob) -> bool:
-    """Whether ``job`` trains from its ``--data`` logs streamed (see the module docstring)."""
-    if job.data is None or job.stream == "off":
+def streams(data: Path | None, mode: str = "auto") -> bool:
+    """Whether logs in ``data`` are streamed under ``--stream mode`` (module docstring)."""
+    if data is None or mode == "off":
         return False
-    paths = log_paths(Path(job.data))
+    paths = log_paths(Path(data))
     parquet = all(p.suffix == ".parquet" for p in paths)
-    if job.stream == "on" and not parquet:
+    if mode == "on" and not parquet:
         names = [p.name for p in paths if p.suffix != ".parquet"]
         raise ValueError(f"--stream on reads Parquet logs; {names} are not Parquet")
-    return parquet and (job.stream == "on" or log_rows(paths) >= STREAM_MIN_ROWS)
+    return parquet and (mode == "on" or log_rows(paths) >= STREAM_MIN_ROWS)
 
 
 def log_rows(paths: Iterable[Path]) -> int:

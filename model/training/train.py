@@ -48,7 +48,7 @@ def run_train(job: TrainJob) -> str:
 def _fit_here(job: TrainJob) -> TrainResult:
     """``fit`` in this process: on prepared or streamed data from disk, or on a frame."""
     arch = f"training {job.train.arch} (seed {job.train.seed})"
-    if is_prepared(job.data) or streams(job):
+    if is_prepared(job.data) or streams(job.data, job.stream):
         with tempfile.TemporaryDirectory(prefix="vidrank-stream-") as tmp:
             data = prepare_data(job, Path(tmp), 1)
             print(f"{sum(data.rows.values()):,} impressions, streamed; {arch}")

@@ -122,9 +122,8 @@ def test_ranks_weigh_their_steps_by_rows(prepared: PreparedData) -> None:
 
 
 def test_streaming_is_chosen_and_checked(log_dir: Path, tmp_path: Path) -> None:
-    job = TrainJob(registry=tmp_path, data=log_dir)
-    assert not streams(job)  # auto: a small log stays in memory
-    assert streams(TrainJob(registry=tmp_path, data=log_dir, stream="on"))
+    assert not streams(log_dir)  # auto: a small log stays in memory
+    assert streams(log_dir, "on") and not streams(log_dir, "off")
     with pytest.raises(ValueError, match="--stream must be one of"):
         TrainJob(registry=tmp_path, data=log_dir, stream="yes")
     with pytest.raises(ValueError, match="--stream on reads --data"):
@@ -133,7 +132,7 @@ def test_streaming_is_chosen_and_checked(log_dir: Path, tmp_path: Path) -> None:
     csv.mkdir()
     pd.read_parquet(log_dir / "log_random_a.parquet").to_csv(csv / "log_standard.csv")
     with pytest.raises(ValueError, match="log_standard.csv"):
-        streams(TrainJob(registry=tmp_path, data=csv, stream="on"))
+        streams(csv, "on")
 
 
 def test_a_log_too_small_to_split_says_so(log_dir: Path, tmp_path: Path) -> None:
