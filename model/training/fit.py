@@ -11,6 +11,9 @@
    truth, the ranking evaluation and the truth's own AUC/XAUC, the ceiling) plus the gate
    diagnostics into a ``TrainResult``.
 
+Steps 2-4 are ``train_and_finalise``, which streamed data (model/training/stream.py, through
+``prepared.fit_prepared``) runs with its own step 1 and ``BatchSource``.
+
 Training is deterministic per seed on a given machine: seeded torch and numpy generators and a
 fixed torch thread count.
 """

@@ -23,15 +23,9 @@ from model.training.prepared import PreparedData, fit_prepared, prepare_stream
 from model.training.simulate import SimConfig, simulate, write_simulation
 from model.training.stream import SplitBounds, StreamedBatches, streams
 
-SIM = SimConfig(
-    n_impressions=30_000,
-    n_users=100,
-    n_videos=150,
-    n_authors=50,
-    n_music=50,
-    seed=2,
-    task_correlation=1.0,
-)
+# test_distributed.py's small world (100 users, 150 videos, one driver), which learns in 2 epochs
+WORLD = {"n_users": 100, "n_videos": 150, "n_authors": 50, "n_music": 50, "task_correlation": 1.0}
+SIM = SimConfig(n_impressions=30_000, seed=2, **WORLD)  # type: ignore[arg-type]
 KEY = ["time_ms", "user_id", "video_id", "click", "like", "watch_s", "hour", "tab"]
 
 
@@ -162,3 +156,21 @@ def test_streamed_training_matches_in_memory(log_dir: Path, tmp_path: Path) -> N
     for metric in ("click_auc", "like_auc"):
         assert abs(streamed[metric] - memory[metric]) <= 0.03, metric
     assert streamed["click_auc"] > 0.6 and streamed["like_auc"] > 0.6  # it did learn
+
+
+def test_cli_trains_streamed(log_dir: Path, tmp_path: Path) -> None:
+    """``vidrank train --data DIR --stream on``: streamed, published, the rows of every split."""
+    from typer.testing import CliRunner
+
+    from model.cli import app
+    from model.core.registry import Registry
+
+    registry = tmp_path / "registry"
+    args = ["train", "--data", str(log_dir), "--stream", "on", "--registry", str(registry)]
+    done = CliRunner().invoke(app, [*args, "--small", "--epochs", "1", "--version", "v-s"])
+    assert done.exit_code == 0, done.output
+    assert "30,000 impressions, streamed" in done.output
+    metrics = Registry(registry).bundle("v-s").manifest["metrics"]
+    assert (metrics["rows_train"], metrics["rows_valid"], metrics["rows_test"]) == (24e3, 3e3, 3e3)
+    bad = CliRunner().invoke(app, ["train", "--simulate", "20000", "--stream", "on"])
+    assert bad.exit_code == 2 and "--stream on reads --data" in bad.output
