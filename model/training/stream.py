@@ -248,11 +248,14 @@ class HeldOut:
             if mine.any():
                 parts.append(frame[mine].assign(**{LOG_ROW: log_row[mine]}))
 
-    def frame(self, s: int, like: pd.DataFrame) -> pd.DataFrame:
-        """Split ``s``'s rows in ``split_by_time``'s order (time, then log row)."""
-        if not self.parts[s]:
+    def pop(self, s: int, like: pd.DataFrame) -> pd.DataFrame:
+        """Split ``s``'s rows in ``split_by_time``'s order (time, then log row); its parts are
+        let go, so a split costs twice its size at most while it is sorted."""
+        parts = self.parts.pop(s)
+        if not parts:
             return like.iloc[:0].reset_index(drop=True)
-        frame = pd.concat(self.parts[s], ignore_index=True)
+        frame = pd.concat(parts, ignore_index=True)
+        del parts
         order = np.lexsort((frame[LOG_ROW].to_numpy(), frame["time_ms"].to_numpy()))
         return frame.iloc[order].drop(columns=LOG_ROW).reset_index(drop=True)
 
@@ -260,7 +263,8 @@ class HeldOut:
 def write_splits(data_dir: Path, out_dir: Path, n_shards: int) -> tuple[Basis, dict[str, int]]:
     """Passes 1 and 2 (module docstring): ``out_dir``/train in ``n_shards`` shards, valid and
     test in one each; returns the ``Basis`` and the rows per split. ``check_outcomes`` runs
-    before the held-out rows are written (``TooLittleData`` for a log that cannot train)."""
+    before the training shards are closed (``TooLittleData`` for a log that cannot train; the
+    directory then lacks the meta.json that marks it complete)."""
     paths = parquet_logs(data_dir)
     tables = EntityTables.read(Path(data_dir))
     bounds = log_bounds(paths)
@@ -276,17 +280,17 @@ def write_splits(data_dir: Path, out_dir: Path, n_shards: int) -> tuple[Basis, d
         writer.add(train)
         held.add(frame, split, log_row)
         like = frame.iloc[:0]
-    frames = {"valid": held.frame(1, like), "test": held.frame(2, like)}
-    check_outcomes(
-        {"train": (moments.n, moments.outcomes), **{s: outcomes(frames[s]) for s in frames}}
-    )
+    seen = {"train": (moments.n, moments.outcomes)}
+    for s, name in enumerate(SPLITS[1:], start=1):  # one held-out split in memory at a time
+        held_frame = held.pop(s, like)
+        seen[name] = outcomes(held_frame)
+        write_shards(held_frame, out_dir / name, 1)
+        del held_frame
+    check_outcomes(seen)
     if moments.n < n_shards:
         raise ValueError(f"{moments.n} training rows cannot fill {n_shards} shards")
     writer.close()
-    for name, held_frame in frames.items():
-        write_shards(held_frame, out_dir / name, 1)
-    rows = {"train": moments.n, **{name: len(f) for name, f in frames.items()}}
-    return moments.basis(), {name: rows[name] for name in SPLITS}
+    return moments.basis(), {name: seen[name][0] for name in SPLITS}
 
 
 # -- the epochs -------------------------------------------------------------------------------
