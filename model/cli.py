@@ -79,6 +79,13 @@ def simulate(
             "conflicts with the others); default: the preset's (0.5 for default)."
         ),
     ] = None,
+    part_rows: Annotated[
+        int,
+        typer.Option(
+            help="Longer logs are written in Parquet parts of this many impressions (bounded"
+            " memory; `train --data` streams them)."
+        ),
+    ] = 2_000_000,
 ) -> None:
     """Simulate video-interaction logs (KuaiRand schema) with ground truth."""
     from model.simulator.world import run_simulate
@@ -90,9 +97,28 @@ def simulate(
             seed=seed,
             task_correlation=task_correlation,
             preset=preset,
+            part_rows=part_rows,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+
+
+@app.command()
+def prepare(
+    data: Annotated[Path, typer.Option(help="Logs in KuaiRand's schema (as for `train`).")],
+    out: Annotated[Path, typer.Option(help="Directory for the prepared data (e.g. shared).")],
+    shards: Annotated[int, typer.Option(help="Training shards: the ranks' count, or a multiple.")],
+) -> None:
+    """Split, fit and shard training logs once for DDP ranks on several nodes: every node then
+    runs ``torchrun ... -m model.cli train --data OUT`` (Parquet logs are streamed)."""
+    from model.training.prepared import prepare_logs
+
+    try:
+        data_ready = prepare_logs(data, out, shards)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    rows = ", ".join(f"{split} {n:,}" for split, n in data_ready.rows.items())
+    print(f"prepared {out}: {rows} rows; {shards} training shards ({data_ready.layout})")
 
 
 @app.command()
@@ -177,6 +203,13 @@ def train(
     nproc: Annotated[
         int, typer.Option(help="Processes for DistributedDataParallel training (gloo).")
     ] = 1,
+    stream: Annotated[
+        str,
+        typer.Option(
+            help="Stream --data logs from disk in bounded memory: on, off, or auto (Parquet"
+            " logs of 2M impressions or more)."
+        ),
+    ] = "auto",
     quantize: Annotated[
         bool,
         typer.Option(
@@ -229,6 +262,7 @@ def train(
             if_empty=if_empty,
             nproc=nproc,
             quantize=quantize,
+            stream=stream,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None

@@ -161,12 +161,27 @@ class FeatureSchema:
 
     def fit(self, columns: Mapping[str, Any]) -> FeatureSchema:
         """Return a copy whose numeric features carry mean/std fitted on ``columns``."""
-        fitted = []
+        moments = {}
         for f in self.features:
             if f.kind == "numeric" and f.name in columns:
-                x = _apply_transform(f, _to_float(f, columns[f.name], len(columns[f.name])))
-                std = float(x.std())
-                f = replace(f, mean=float(x.mean()), std=std if std > 1e-6 else 1.0)
+                x = self.numeric_values(f.name, columns[f.name])
+                moments[f.name] = (float(x.mean()), float(x.std()))
+        return self.with_moments(moments)
+
+    def numeric_values(self, name: str, values: Any) -> np.ndarray:
+        """A numeric feature's values after its transform, before standardisation (float64):
+        what ``fit`` takes the moments of (a streaming reader accumulates them chunk by chunk)."""
+        f = self.by_name(name)
+        return _apply_transform(f, _to_float(f, values, len(values)))
+
+    def with_moments(self, moments: Mapping[str, tuple[float, float]]) -> FeatureSchema:
+        """A copy whose numeric features named in ``moments`` standardise by (mean, std); a std
+        of at most 1e-6 (a constant column) is taken as 1."""
+        fitted = []
+        for f in self.features:
+            if f.kind == "numeric" and f.name in moments:
+                mean, std = moments[f.name]
+                f = replace(f, mean=mean, std=std if std > 1e-6 else 1.0)
             fitted.append(f)
         return FeatureSchema(tuple(fitted))
 

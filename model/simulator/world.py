@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -573,9 +573,36 @@ def simulate(cfg: SimConfig) -> SimData:
     """
     # The structure stream is the sixth child: spawn(6)[:5] are the five streams spawn(5) gives,
     # so the default world is the same as before the structure knobs existed.
-    user_rng, video_rng, tab_rng, imp_rng, label_rng, structure_rng = (
-        np.random.Generator(np.random.PCG64(s)) for s in np.random.SeedSequence(cfg.seed).spawn(6)
-    )
+    streams = np.random.SeedSequence(cfg.seed).spawn(6)
+    user_rng, video_rng, tab_rng, imp_rng, label_rng, structure_rng = map(_generator, streams)
+    entities = _entities(cfg, user_rng, video_rng, tab_rng, structure_rng)
+    log = _log(cfg, entities, imp_rng, label_rng)
+    return SimData(log, entities.users, entities.videos, entities.video_truth)
+
+
+def _generator(seed: np.random.SeedSequence) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(seed))
+
+
+@dataclass
+class _Entities:
+    """The simulated world before any impression: tables, latent world and exposure weights."""
+
+    users: pd.DataFrame
+    videos: pd.DataFrame
+    video_truth: pd.DataFrame
+    world: _World
+    user_weight: Floats
+    video_weight: Floats
+
+
+def _entities(
+    cfg: SimConfig,
+    user_rng: np.random.Generator,
+    video_rng: np.random.Generator,
+    tab_rng: np.random.Generator,
+    structure_rng: np.random.Generator,
+) -> _Entities:
     users, user_latent, user_weight = _make_users(cfg, user_rng)
     videos, video_truth, video_latent, video_weight = _make_videos(cfg, video_rng)
     world = _World(
@@ -588,12 +615,28 @@ def simulate(cfg: SimConfig) -> SimData:
         tabs=_make_tabs(tab_rng),
         structure=_make_structure(cfg, structure_rng, videos, video_latent.vectors),
     )
+    return _Entities(users, videos, video_truth, world, user_weight, video_weight)
+
+
+def _log(
+    cfg: SimConfig,
+    entities: _Entities,
+    imp_rng: np.random.Generator,
+    label_rng: np.random.Generator,
+) -> pd.DataFrame:
+    """``cfg.n_impressions`` impressions of the world, sorted by time_ms."""
+    world = entities.world
     imp = _sample_impressions(
-        cfg, imp_rng, user_weight, video_weight, world.upload_day, world.tabs.weight
+        cfg,
+        imp_rng,
+        entities.user_weight,
+        entities.video_weight,
+        world.upload_day,
+        world.tabs.weight,
     )
     times = _time_columns(cfg, imp_rng, imp)
     p_click, completion, p_like = _truth(cfg, world, imp)
-    duration_ms = videos["video_duration"].to_numpy().astype(np.int64)[imp.video]
+    duration_ms = entities.videos["video_duration"].to_numpy().astype(np.int64)[imp.video]
     is_cb = world.is_clickbait[imp.video]
     labels = _sample_labels(label_rng, p_click, completion, p_like, duration_ms, is_cb)
     log = pd.DataFrame(
@@ -611,8 +654,36 @@ def simulate(cfg: SimConfig) -> SimData:
         }
     )
     order = np.argsort(log["time_ms"].to_numpy(), kind="stable")
-    log = log.iloc[order].reset_index(drop=True)
-    return SimData(log=log, users=users, videos=videos, video_truth=video_truth)
+    return log.iloc[order].reset_index(drop=True)
+
+
+def simulate_parts(cfg: SimConfig, out_dir: Path, part_rows: int) -> list[Path]:
+    """Write a world too large for memory: ``simulate``'s tables, and the log in parts of at most
+    ``part_rows`` impressions (``log_standard_sim-0000i-of-0000N.parquet``); returns the parts.
+
+    The world (users, videos, tabs) is ``simulate``'s for the same config; part i draws its
+    impressions and labels from the i-th child of ``simulate``'s impression and label streams,
+    so the log is deterministic per (config, part_rows) and at most one part is in memory. Each
+    part is time-sorted on its own; the trainer orders the whole log (model/training/stream.py).
+    """
+    if part_rows < 1:
+        raise ValueError("part_rows must be >= 1")
+    streams = np.random.SeedSequence(cfg.seed).spawn(6)
+    user_rng, video_rng, tab_rng, _, _, structure_rng = map(_generator, streams)
+    entities = _entities(cfg, user_rng, video_rng, tab_rng, structure_rng)
+    out_dir = _clean_logs(Path(out_dir))
+    for name in ("users", "videos", "video_truth"):
+        _write(getattr(entities, name), out_dir / SIM_FILES[name])
+    n_parts = -(-cfg.n_impressions // part_rows)
+    parts = zip(streams[3].spawn(n_parts), streams[4].spawn(n_parts), strict=True)
+    paths = []
+    for i, (imp_seed, label_seed) in enumerate(parts):
+        rows = min(part_rows, cfg.n_impressions - i * part_rows)
+        part = replace(cfg, n_impressions=rows)
+        log = _log(part, entities, _generator(imp_seed), _generator(label_seed))
+        paths.append(out_dir / f"{LOG_STEM}-{i:05d}-of-{n_parts:05d}.parquet")
+        _write(log, paths[-1])
+    return paths
 
 
 def true_utility(log: pd.DataFrame, weights: Mapping[str, float] | None = None) -> Floats:
@@ -632,8 +703,11 @@ def true_utility(log: pd.DataFrame, weights: Mapping[str, float] | None = None) 
     )
 
 
+# Longer logs are written in parts of this many impressions (~1.5 GB of simulator arrays each).
+PART_ROWS = 2_000_000
+LOG_STEM = "log_standard_sim"
 SIM_FILES = {
-    "log": "log_standard_sim.parquet",
+    "log": f"{LOG_STEM}.parquet",
     "users": "user_features_sim.parquet",
     "videos": "video_features_basic_sim.parquet",
     "video_truth": "video_truth_sim.parquet",
@@ -642,16 +716,27 @@ SIM_FILES = {
 
 def write_simulation(data: SimData, out_dir: Path) -> dict[str, Path]:
     """Write the frames as Parquet files named like KuaiRand's; returns the paths by frame."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _clean_logs(Path(out_dir))
     paths = {}
     for name, filename in SIM_FILES.items():
-        path = out_dir / filename
-        tmp = path.with_suffix(".parquet.tmp")
-        getattr(data, name).to_parquet(tmp, index=False)
-        tmp.replace(path)  # a reader never sees a half-written file
-        paths[name] = path
+        paths[name] = _write(getattr(data, name), out_dir / filename)
     return paths
+
+
+def _write(frame: pd.DataFrame, path: Path) -> Path:
+    tmp = path.with_suffix(".parquet.tmp")
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(path)  # a reader never sees a half-written file
+    return path
+
+
+def _clean_logs(out_dir: Path) -> Path:
+    """``out_dir``, created, without the simulated logs of an earlier run (whole or in parts),
+    which the trainer would read as more logs of this world."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f"{LOG_STEM}*.parquet"):
+        stale.unlink()
+    return out_dir
 
 
 def run_simulate(
@@ -663,9 +748,10 @@ def run_simulate(
     n_users: int | None = None,
     n_videos: int | None = None,
     preset: str = "default",
+    part_rows: int = PART_ROWS,
 ) -> Path:
     """CLI entry point: simulate the preset's world (options override it), write Parquet into
-    `out`, print a one-line summary."""
+    `out` (the log in parts of ``part_rows`` when it is longer), print a one-line summary."""
     started = time.perf_counter()
     options = {
         "task_correlation": task_correlation,
@@ -675,14 +761,17 @@ def run_simulate(
     }
     overrides = {k: v for k, v in options.items() if v is not None}
     cfg = preset_config(preset, n_impressions=impressions, seed=seed, **overrides)
-    data = simulate(cfg)
-    write_simulation(data, out)
-    log = data.log
+    if impressions > part_rows:
+        logs = simulate_parts(cfg, out, part_rows)
+    else:
+        logs = [write_simulation(simulate(cfg), out)["log"]]
+    columns = ["is_click", "is_like", "play_time_ms"]
+    sums = sum(pd.read_parquet(path, columns=columns).sum().to_numpy() for path in logs)
+    ctr, like_rate, watch_ms = np.asarray(sums, dtype=np.float64) / impressions
+    parts = f" in {len(logs)} parts" if len(logs) > 1 else ""
     print(
-        f"simulated {len(log):,} impressions ({preset} world, {cfg.n_users} users, "
-        f"{cfg.n_videos} videos) -> {out}: CTR {log['is_click'].mean():.3f}, "
-        f"like rate {log['is_like'].mean():.4f}, "
-        f"mean watch {log['play_time_ms'].mean() / 1000.0:.2f}s/impression, "
-        f"{time.perf_counter() - started:.1f}s"
+        f"simulated {impressions:,} impressions{parts} ({preset} world, {cfg.n_users} users, "
+        f"{cfg.n_videos} videos) -> {out}: CTR {ctr:.3f}, like rate {like_rate:.4f}, "
+        f"mean watch {watch_ms / 1000.0:.2f}s/impression, {time.perf_counter() - started:.1f}s"
     )
     return Path(out)

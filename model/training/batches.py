@@ -65,6 +65,14 @@ def make_batches(split: EncodedSplit, batch_size: int, rng: np.random.Generator)
 
 
 @dataclass
+class StepShare:
+    """This rank's share of the current global batch (rows here / rows in the batch), which a
+    DDP ``BatchSource`` sets per step for the gradient hook (model/training/distributed.py)."""
+
+    value: float = 1.0
+
+
+@dataclass
 class Shuffled:
     """A split's batches for the epoch loop: a fresh permutation every epoch."""
 

@@ -137,6 +137,9 @@ class TrainConfig:
         object.__setattr__(self, "loss_weights", full)
 
 
+STREAM_MODES = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class TrainJob:
     """One ``vidrank train``: the data, the fit, the processes and the publishing."""
@@ -151,6 +154,7 @@ class TrainJob:
     if_empty: bool = False  # do nothing when a production model exists
     nproc: int = 1  # DDP processes on this machine
     quantize: bool = False  # publish the int8 graph (if the held-out AUC allows)
+    stream: str = "auto"  # --data logs streamed: on, off, auto (large Parquet logs; stream.py)
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.simulate is None):
@@ -163,6 +167,10 @@ class TrainJob:
             raise ValueError("--preset names a simulated world: it needs --simulate N")
         if self.nproc < 1:
             raise ValueError(f"--nproc must be >= 1, got {self.nproc}")
+        if self.stream not in STREAM_MODES:
+            raise ValueError(f"--stream must be one of {list(STREAM_MODES)}, got {self.stream!r}")
+        if self.stream == "on" and self.data is None:
+            raise ValueError("--stream on reads --data DIR; --simulate N is held in memory")
         if self.nproc > 1 and self.train.sparse:
             # DDP's weighted all-reduce hook works on dense gradient buckets.
             raise ValueError("--sparse trains in one process; use --dense with --nproc")

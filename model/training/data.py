@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -124,19 +125,30 @@ def _require(frame: pd.DataFrame, columns: Iterable[str], path: Path) -> None:
         raise ValueError(f"{path.name} lacks required column(s) {missing}")
 
 
-def _read_logs(data_dir: Path, max_rows: int | None) -> pd.DataFrame:
-    """Standard logs then random-exposure logs, each set in name order, up to max_rows rows."""
+def log_paths(data_dir: Path) -> list[Path]:
+    """The log files, in the order their rows count: standard logs then random-exposure logs,
+    each set in name order. Raises ValueError when there is none."""
     paths = _find(data_dir, "log_standard") + _find(data_dir, "log_random")
     if not paths:
         raise ValueError(f"no log_standard*/log_random* .csv or .parquet file in {data_dir}")
+    return paths
+
+
+def check_log(frame: pd.DataFrame, path: Path) -> None:
+    """The columns every log file needs (ValueError naming the file and the column)."""
+    _require(frame, ("user_id", "video_id", "is_click"), path)
+    if "time_ms" not in frame.columns and "date" not in frame.columns:
+        raise ValueError(f"{path.name} lacks a time column: needs time_ms or date")
+
+
+def _read_logs(data_dir: Path, max_rows: int | None) -> pd.DataFrame:
+    """The logs (``log_paths``' order), up to max_rows rows."""
     frames, remaining = [], max_rows
-    for path in paths:
+    for path in log_paths(data_dir):
         if remaining is not None and remaining <= 0:
             break
         frame = _read_table(path, LOG_COLUMNS, remaining)
-        _require(frame, ("user_id", "video_id", "is_click"), path)
-        if "time_ms" not in frame.columns and "date" not in frame.columns:
-            raise ValueError(f"{path.name} lacks a time column: needs time_ms or date")
+        check_log(frame, path)
         frames.append(frame)
         remaining = None if remaining is None else remaining - len(frame)
     return pd.concat(frames, ignore_index=True)
@@ -167,6 +179,11 @@ def _parse_days(values: pd.Series, fmt: str | None) -> np.ndarray:
     uniq, inverse = np.unique(values.astype(str).to_numpy(), return_inverse=True)
     parsed = pd.to_datetime(pd.Series(uniq), format=fmt, errors="coerce").to_numpy()
     return np.asarray(parsed.astype("datetime64[D]")[inverse.reshape(-1)])
+
+
+def impression_times(log: pd.DataFrame) -> np.ndarray:
+    """time_ms (UTC epoch ms) of each log row, from time_ms or from date and hourmin."""
+    return _time_columns(log)[0]
 
 
 def _time_columns(log: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -217,11 +234,9 @@ def _upload_age_days(joined: pd.DataFrame, day: np.ndarray) -> np.ndarray:
     return np.maximum(age, 0.0)
 
 
-def _join(log: pd.DataFrame, table: pd.DataFrame, key: str, path: Path) -> pd.DataFrame:
-    """Left-join a per-entity table; duplicate keys in it are an error, unknown keys get NaN."""
+def _join(log: pd.DataFrame, table: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Left-join a per-entity table (its keys unique: ``EntityTables``); unknown keys get NaN."""
     table = table.drop(columns=[c for c in table.columns if c != key and c in log.columns])
-    if table[key].duplicated().any():
-        raise ValueError(f"{path.name} has duplicate {key} values")
     return log.merge(table, on=key, how="left", sort=False)
 
 
@@ -343,14 +358,48 @@ def load_impressions(
     if max_rows is not None and max_rows < 1:
         raise ValueError("max_rows must be >= 1")
     log = _read_logs(data_dir, max_rows)
-    users, videos, paths = read_entity_tables(data_dir)
-    joined = _join(_join(log, users, "user_id", paths["user"]), videos, "video_id", paths["item"])
-    frame = _build_frame(joined, max_watch_ratio)
+    frame = impression_frame(log, EntityTables.read(data_dir), max_watch_ratio)
     order = np.argsort(frame["time_ms"].to_numpy(), kind="stable")
     return frame.iloc[order].reset_index(drop=True)
 
 
+@dataclass(frozen=True)
+class EntityTables:
+    """The per-user and per-video tables that log rows are joined with (read once, checked)."""
+
+    users: pd.DataFrame
+    videos: pd.DataFrame
+    paths: dict[str, Path]
+
+    @classmethod
+    def read(cls, data_dir: Path) -> EntityTables:
+        users, videos, paths = read_entity_tables(data_dir)
+        for table, key, entity in ((users, "user_id", "user"), (videos, "video_id", "item")):
+            if table[key].duplicated().any():
+                raise ValueError(f"{paths[entity].name} has duplicate {key} values")
+        return cls(users, videos, paths)
+
+
+def impression_frame(
+    log: pd.DataFrame, tables: EntityTables, max_watch_ratio: float | None = 1.0
+) -> pd.DataFrame:
+    """Log rows joined with their user and video and derived into the trainer's columns, in the
+    log's row order (``load_impressions`` for a whole log, the streaming reader per chunk)."""
+    joined = _join(log, tables.users, "user_id")
+    return _build_frame(_join(joined, tables.videos, "video_id"), max_watch_ratio)
+
+
 # -- splitting and sharding ------------------------------------------------------------------
+def split_ends(n: int, valid_fraction: float = 0.1, test_fraction: float = 0.1) -> tuple[int, int]:
+    """(train end, valid end): where the valid and the test rows start among n time-ordered
+    rows (``split_by_time``; the streaming reader places its boundaries at the same rows)."""
+    if valid_fraction < 0 or test_fraction < 0 or valid_fraction + test_fraction >= 1:
+        raise ValueError("fractions must be >= 0 and sum to less than 1")
+    n_test = int(round(n * test_fraction))
+    n_valid = int(round(n * valid_fraction))
+    return n - n_test - n_valid, n - n_test
+
+
 def split_by_time(
     df: pd.DataFrame, valid_fraction: float = 0.1, test_fraction: float = 0.1
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -358,13 +407,8 @@ def split_by_time(
 
     Every train row is no later than every valid row, and valid no later than test.
     """
-    if valid_fraction < 0 or test_fraction < 0 or valid_fraction + test_fraction >= 1:
-        raise ValueError("fractions must be >= 0 and sum to less than 1")
     ordered = df.iloc[np.argsort(df["time_ms"].to_numpy(), kind="stable")]
-    n = len(ordered)
-    n_test = int(round(n * test_fraction))
-    n_valid = int(round(n * valid_fraction))
-    train_end, valid_end = n - n_test - n_valid, n - n_test
+    train_end, valid_end = split_ends(len(ordered), valid_fraction, test_fraction)
     return (
         ordered.iloc[:train_end].reset_index(drop=True),
         ordered.iloc[train_end:valid_end].reset_index(drop=True),
@@ -401,7 +445,7 @@ def write_shards(df: pd.DataFrame, out_dir: Path, n_shards: int) -> list[Path]:
     return paths
 
 
-def _list_shards(shard_dir: Path) -> list[Path]:
+def list_shards(shard_dir: Path) -> list[Path]:
     """The complete, consistent set of shard files in shard_dir, in shard order."""
     found = sorted(p for p in Path(shard_dir).iterdir() if SHARD_RE.match(p.name))
     if not found:
@@ -421,7 +465,7 @@ def read_shard(shard_dir: Path, rank: int, world: int) -> pd.DataFrame:
     """
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"invalid rank {rank} for world size {world}")
-    shards = _list_shards(Path(shard_dir))
+    shards = list_shards(Path(shard_dir))
     if len(shards) < world:
         raise ValueError(f"{len(shards)} shard(s) cannot feed {world} ranks")
     frame = pd.concat([pd.read_parquet(p) for p in shards[rank::world]], ignore_index=True)

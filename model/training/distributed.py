@@ -53,13 +53,14 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from torch.nn.parallel import DistributedDataParallel
 
-from model.training.batches import Batch, EncodedSplit
+from model.training.batches import Batch, EncodedSplit, StepShare
 from model.training.config import TrainConfig, TrainJob
 from model.training.data import read_shard
 from model.training.fit import TrainResult, build, finalise
-from model.training.loop import EpochLoop
+from model.training.loop import BatchSource, EpochLoop
 from model.training.prepared import ROW_COLUMN, PreparedData, is_prepared, prepare_data
 from model.training.publish import announce, publish
+from model.training.stream import StreamedBatches
 
 THREADS_PER_RANK = 1
 BACKEND = "gloo"
@@ -140,13 +141,6 @@ def loopback_env() -> dict[str, str]:
 # -- one rank's batches and gradients ----------------------------------------------------------
 
 
-@dataclass
-class StepShare:
-    """This rank's share of the current global batch (rows here / rows in the batch)."""
-
-    value: float = 1.0
-
-
 def weighted_allreduce(
     share: StepShare, bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
@@ -223,6 +217,22 @@ def _read_split(data: PreparedData, split: str, rank: Rank) -> EncodedSplit:
     return data.basis.encode(read_shard(data.split_dir(split), part.rank, part.world))
 
 
+def _rank_batches(
+    config: TrainConfig, data: PreparedData, rank: Rank, share: StepShare
+) -> BatchSource:
+    """This rank's batches: its rows of ``fit``'s batches (data prepared from a frame), or its
+    shards streamed with ``batch_size / world`` rows per step (streamed data)."""
+    if data.layout == "stream":
+        rows, local = data.shard_rows(rank.world), -(-config.batch_size // rank.world)
+        files = data.shards(rank.rank, rank.world)
+        names = ", ".join(f.name for f in files)
+        print(f"rank {rank.rank}/{rank.world}: streams {rows[rank.rank]:,} training rows ({names})")
+        return StreamedBatches(files, data.basis, local, rows, rank.rank, share)
+    train = _read_split(data, "train", rank)
+    local_of = _local_index(train.frame, data.rows["train"])
+    return GlobalBatches(train, local_of, config.batch_size, share)
+
+
 def _seed_dropout(seed: int, rank: Rank) -> None:
     """Gate dropout: rank 0 continues ``fit``'s torch stream, every other rank its own one."""
     if not rank.is_main:
@@ -242,9 +252,7 @@ def fit_rank(
     ddp = DistributedDataParallel(model)
     ddp.register_comm_hook(share, weighted_allreduce)
     _seed_dropout(config.seed, rank)
-    train = _read_split(data, "train", rank)
-    local_of = _local_index(train.frame, data.rows["train"])
-    batches = GlobalBatches(train, local_of, config.batch_size, share)
+    batches = _rank_batches(config, data, rank, share)
     valid = _read_split(data, "valid", rank) if rank.is_main else None
     loop = EpochLoop(model, config, collective=rank, module=ddp, verbose=verbose)
     epochs = loop.run(batches, valid)

@@ -11,6 +11,9 @@
    truth, the ranking evaluation and the truth's own AUC/XAUC, the ceiling) plus the gate
    diagnostics into a ``TrainResult``.
 
+Steps 2-4 are ``train_and_finalise``, which streamed data (model/training/stream.py, through
+``prepared.fit_prepared``) runs with its own step 1 and ``BatchSource``.
+
 Training is deterministic per seed on a given machine: seeded torch and numpy generators and a
 fixed torch thread count.
 """
@@ -33,12 +36,13 @@ from model.training.calibrate import Calibration, calibrate_heads
 from model.training.config import TrainConfig
 from model.training.data import split_by_time
 from model.training.evaluate import has_truth, ranking_eval, truth_ceiling
-from model.training.loop import EpochLoop, Epochs, use_sparse_tables
+from model.training.loop import BatchSource, EpochLoop, Epochs, use_sparse_tables
 from model.training.mmoe import MMoEConfig, RankingModel, build_model, init_output_bias
 from model.training.objective import evaluate_split
 
 TRAIN_THREADS = 2  # fixed so that results are reproducible (and fit the 2-core target machine)
 SPLITS = ("train", "valid", "test")
+TASKS_01 = sorted(PROBABILITY_TASKS)  # the tasks whose labels are 0 or 1
 
 
 @dataclass(frozen=True)
@@ -100,15 +104,25 @@ class TooLittleData(VidrankError, ValueError):
 def check_splits(frames: Mapping[str, pd.DataFrame]) -> None:
     """Before any training: every split holds rows, and both outcomes of every probability task
     (a base rate of 0 or 1, a calibration fit or an AUC on one class is meaningless)."""
-    n = sum(len(df) for df in frames.values())
+    check_outcomes({split: outcomes(df) for split, df in frames.items()})
+
+
+def outcomes(frame: pd.DataFrame) -> tuple[int, dict[str, set[int]]]:
+    """(rows, probability task -> the labels it takes) of a split."""
+    return len(frame), {t: set(frame[LABEL_COLUMNS[t]].unique().tolist()) for t in TASKS_01}
+
+
+def check_outcomes(splits: Mapping[str, tuple[int, Mapping[str, set[int]]]]) -> None:
+    """``check_splits`` from each split's (rows, probability task -> labels seen)."""
+    n = sum(rows for rows, _ in splits.values())
     need = "train on more impressions (e.g. --simulate 20000)"
-    if min(len(df) for df in frames.values()) < 1:
+    if min(rows for rows, _ in splits.values()) < 1:
         raise TooLittleData(f"{n} impressions are too few to split into train/valid/test; {need}")
-    for split, df in frames.items():
-        for task in sorted(PROBABILITY_TASKS):
-            if lacking := {0, 1} - set(df[LABEL_COLUMNS[task]].unique().tolist()):
+    for split, (rows, seen) in splits.items():
+        for task in TASKS_01:
+            if lacking := {0, 1} - set(seen[task]):
                 raise TooLittleData(
-                    f"{n} impressions are too few: the {split} split ({len(df)} rows) has no "
+                    f"{n} impressions are too few: the {split} split ({rows} rows) has no "
                     f"{task}={lacking.pop()} impression, and each split needs both outcomes of "
                     f"{task}; {need}"
                 )
@@ -210,7 +224,20 @@ def fit(
     """Split by time, fit the schema on train, train with early stopping, evaluate on test."""
     torch.set_num_threads(threads)
     data = prepare(frame)
-    model = build(config, data.basis)
-    loop = EpochLoop(model, config, verbose=verbose)
-    epochs = loop.run(Shuffled(data.train, config.batch_size), data.valid)
-    return finalise(model, data.basis, epochs, (data.valid, data.test), data.rows, config)
+    train = Shuffled(data.train, config.batch_size)
+    return train_and_finalise(config, data.basis, train, (data.valid, data.test), verbose)
+
+
+def train_and_finalise(
+    config: TrainConfig,
+    basis: Basis,
+    train: BatchSource,
+    held_out: tuple[EncodedSplit, EncodedSplit],
+    verbose: bool = True,
+) -> TrainResult:
+    """Steps 2-4 in one process: build, the epochs over ``train``, finalise on (valid, test)."""
+    model = build(config, basis)
+    epochs = EpochLoop(model, config, verbose=verbose).run(train, held_out[0])
+    valid, test = held_out
+    rows = {"train": train.rows, "valid": len(valid), "test": len(test)}
+    return finalise(model, basis, epochs, held_out, rows, config)

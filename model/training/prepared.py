@@ -9,8 +9,11 @@ encodes with the same statistics and rank 0 validates on the rows ``fit`` does. 
     valid/part-00000-of-00001.parquet      validation split
     test/part-00000-of-00001.parquet       test split
 
-Each training row carries ``ROW_COLUMN``, its index in the whole training split, so a rank can
-find its rows of the single-process batches.
+Two layouts. Prepared from a frame in memory (``prepare_frame``; ``layout`` "frame"), each
+training row carries ``ROW_COLUMN``, its index in the whole training split, so a rank can find its
+rows of the single-process batches. Streamed from Parquet logs (``stream.write_splits``;
+``layout`` "stream"), the shards are written chunk by chunk in row groups and every rank (or the
+one process) streams its own shards (``stream.StreamedBatches``).
 """
 
 from __future__ import annotations
@@ -21,12 +24,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from model.core.features import FeatureSchema
-from model.training.config import TrainJob
-from model.training.data import write_shards
-from model.training.fit import SPLITS, Basis, split_frame
+from model.training.batches import EncodedSplit
+from model.training.config import TrainConfig, TrainJob
+from model.training.data import list_shards, load_impressions, log_paths, read_shard, write_shards
+from model.training.fit import (
+    SPLITS,
+    TRAIN_THREADS,
+    Basis,
+    TrainResult,
+    split_frame,
+    train_and_finalise,
+)
 from model.training.sources import load_frame
+from model.training.stream import StreamedBatches, streams, write_splits
 
 META_FILE = "meta.json"
 META_FORMAT = 1
@@ -41,6 +54,7 @@ class PreparedData:
     basis: Basis
     rows: dict[str, int]
     n_shards: int
+    layout: str = "frame"  # "frame" (prepare_frame) or "stream" (stream.write_splits)
 
     @classmethod
     def load(cls, root: Path) -> PreparedData:
@@ -58,10 +72,27 @@ class PreparedData:
             basis=Basis(schema, means),
             rows={k: int(v) for k, v in meta["rows"].items()},
             n_shards=int(meta["n_shards"]),
+            layout=str(meta.get("layout", "frame")),
         )
 
     def split_dir(self, split: str) -> Path:
         return self.root / split
+
+    def shards(self, rank: int, world: int) -> list[Path]:
+        """The training shards of ``rank`` of ``world``: shards rank, rank + world, ..."""
+        if self.n_shards < world:
+            raise ValueError(f"{self.n_shards} shard(s) cannot feed {world} ranks")
+        return list_shards(self.split_dir("train"))[rank::world]
+
+    def shard_rows(self, world: int) -> tuple[int, ...]:
+        """Training rows per rank (shards are filled round-robin, so each holds n/N +- 1)."""
+        n, k = self.rows["train"], self.n_shards
+        per_shard = [n // k + (i < n % k) for i in range(k)]
+        return tuple(sum(per_shard[r::world]) for r in range(world))
+
+    def held_out(self, split: str) -> EncodedSplit:
+        """The valid or test split, encoded (held-out splits are read whole)."""
+        return self.basis.encode(read_shard(self.split_dir(split), 0, 1))
 
 
 def is_prepared(path: Path | None) -> bool:
@@ -78,10 +109,24 @@ def prepare_frame(frame: pd.DataFrame, out_dir: Path, n_shards: int) -> Prepared
     frames["train"] = train.assign(**{ROW_COLUMN: np.arange(len(train), dtype=np.int64)})
     for split in SPLITS:
         write_shards(frames[split], out_dir / split, n_shards if split == "train" else 1)
+    rows = {split: len(frames[split]) for split in SPLITS}
+    return _write_meta(out_dir, basis, rows, n_shards, "frame")
+
+
+def prepare_stream(data_dir: Path, out_dir: Path, n_shards: int) -> PreparedData:
+    """``stream.write_splits`` (the log never in memory), then ``meta.json``."""
+    basis, rows = write_splits(data_dir, out_dir, n_shards)
+    return _write_meta(out_dir, basis, rows, n_shards, "stream")
+
+
+def _write_meta(
+    out_dir: Path, basis: Basis, rows: dict[str, int], n_shards: int, layout: str
+) -> PreparedData:
     meta = {
         "format": META_FORMAT,
+        "layout": layout,
         "n_shards": n_shards,
-        "rows": {split: len(frames[split]) for split in SPLITS},
+        "rows": rows,
         "label_means": basis.label_means,
         "schema": basis.schema.to_dict(),
     }
@@ -92,10 +137,37 @@ def prepare_frame(frame: pd.DataFrame, out_dir: Path, n_shards: int) -> Prepared
 
 
 def prepare_data(job: TrainJob, out_dir: Path, n_shards: int) -> PreparedData:
-    """The prepared data for ``job``: ``--data`` as is when prepared, else loaded and written."""
+    """The prepared data for ``job``: ``--data`` as is when prepared, streamed from its Parquet
+    logs when ``stream.streams`` says so, else loaded (or simulated) in memory and written."""
     if is_prepared(job.data):
         assert job.data is not None
         return PreparedData.load(Path(job.data))
+    if streams(job.data, job.stream):
+        assert job.data is not None
+        print(f"streaming {job.data}; {n_shards} training shard(s) in {out_dir}")
+        return prepare_stream(Path(job.data), out_dir, n_shards)
     frame = load_frame(job)
     print(f"{len(frame):,} impressions; {n_shards} training shards in {out_dir}")
     return prepare_frame(frame, out_dir, n_shards)
+
+
+def prepare_logs(data_dir: Path, out_dir: Path, n_shards: int) -> PreparedData:
+    """``vidrank prepare``: the logs of ``data_dir`` prepared once for ``n_shards`` ranks (e.g.
+    on a volume every node mounts); Parquet logs are streamed, CSV logs loaded whole."""
+    if n_shards < 1:
+        raise ValueError(f"--shards must be >= 1, got {n_shards}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if all(path.suffix == ".parquet" for path in log_paths(data_dir)):
+        return prepare_stream(data_dir, out_dir, n_shards)
+    return prepare_frame(load_impressions(data_dir), out_dir, n_shards)
+
+
+def fit_prepared(
+    data: PreparedData, config: TrainConfig, *, threads: int = TRAIN_THREADS, verbose: bool = True
+) -> TrainResult:
+    """``fit`` in one process on prepared data, its training split streamed from the shards."""
+    torch.set_num_threads(threads)
+    rows = data.shard_rows(1)
+    train = StreamedBatches(data.shards(0, 1), data.basis, config.batch_size, rows)
+    held_out = (data.held_out("valid"), data.held_out("test"))
+    return train_and_finalise(config, data.basis, train, held_out, verbose)

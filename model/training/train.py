@@ -12,15 +12,19 @@ version's report (model/training/analysis/report.py): this module is the one pla
 from __future__ import annotations
 
 import os
+import tempfile
 from datetime import UTC, datetime
+from pathlib import Path
 
 from model.core.registry import Registry
 from model.training import distributed
 from model.training.analysis.report import REPORT_FILE, write_report
 from model.training.config import TrainJob
-from model.training.fit import fit
+from model.training.fit import TrainResult, fit
+from model.training.prepared import fit_prepared, is_prepared, prepare_data
 from model.training.publish import announce, publish
 from model.training.sources import load_frame
+from model.training.stream import streams
 
 
 def default_version() -> str:
@@ -40,14 +44,25 @@ def run_train(job: TrainJob) -> str:
     if job.nproc > 1 or distributed.under_torchrun():
         published = distributed.run_distributed(job, version)
     else:
-        frame = load_frame(job)
-        print(f"{len(frame):,} impressions; training {job.train.arch} (seed {job.train.seed})")
-        result = fit(frame, job.train)
+        result = _fit_here(job)
         published = publish(result, job, version)
         announce(result, published, job)
     if not distributed.under_torchrun() or os.environ["RANK"] == "0":  # torchrun: rank 0 published
         report_or_warn(registry, published)
     return published
+
+
+def _fit_here(job: TrainJob) -> TrainResult:
+    """``fit`` in this process: on prepared or streamed data from disk, or on a frame."""
+    arch = f"training {job.train.arch} (seed {job.train.seed})"
+    if is_prepared(job.data) or streams(job.data, job.stream):
+        with tempfile.TemporaryDirectory(prefix="vidrank-stream-") as tmp:
+            data = prepare_data(job, Path(tmp), 1)
+            print(f"{sum(data.rows.values()):,} impressions, streamed; {arch}")
+            return fit_prepared(data, job.train)
+    frame = load_frame(job)
+    print(f"{len(frame):,} impressions; {arch}")
+    return fit(frame, job.train)
 
 
 def report_or_warn(registry: Registry, version: str) -> None:

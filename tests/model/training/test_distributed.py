@@ -15,6 +15,7 @@ About 40 s on a 2-core machine.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -148,6 +149,56 @@ def test_torchrun_module_entry_equals_single_process(tmp_path: Path) -> None:
     # No random dropout in this model: only the order of float sums differs from `fit`.
     for metric in ("click_auc", "like_auc", "loss"):
         assert ddp_valid[metric] == pytest.approx(one_valid[metric], abs=2e-3), metric
+
+
+def two_node_command(node: int, port: int, prepared: Path, registry: Path) -> list[str]:
+    """Node ``node``'s command of the README's multi-node recipe, both nodes on loopback."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "vidrank",
+        "-m", "model.cli", "train", "--data", str(prepared), "--registry", str(registry),
+        "--small", "--epochs", "1", "--batch-size", "1024", "--version", "v-2nodes",
+    ]  # fmt: skip
+
+
+def test_two_nodes_on_loopback_stream_their_own_shards(tmp_path: Path) -> None:
+    """``vidrank prepare`` once, then two torchrun process groups (``--nnodes 2``, one rank each,
+    c10d rendezvous on 127.0.0.1) train on it: one bundle, from both ranks' shards."""
+    logs, prepared_dir, registry = tmp_path / "logs", tmp_path / "prepared", tmp_path / "registry"
+    write_simulation(simulate(dataclasses.replace(SIM, n_impressions=20_000)), logs)
+    vidrank = [sys.executable, "-m", "model.cli"]
+    prep = [*vidrank, "prepare", "--data", str(logs), "--out", str(prepared_dir), "--shards", "2"]
+    done = subprocess.run(prep, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "train 16,000" in done.stdout and "(stream)" in done.stdout
+
+    env = dict(os.environ, **distributed.loopback_env())
+    port = distributed.free_port()
+    nodes = [
+        subprocess.Popen(
+            two_node_command(node, port, prepared_dir, registry),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=280)[0] for node in nodes]
+    for node, out in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, out[-3000:]
+    both = "\n".join(outputs)
+    # c10d numbers the ranks in the order the nodes join: each streamed one shard, 8,000 rows.
+    assert "rank 0/2: streams 8,000 training rows (part-00000-of-00002.parquet)" in both
+    assert "rank 1/2: streams 8,000 training rows (part-00001-of-00002.parquet)" in both
+    assert both.count("published v-2nodes") == 1
+    reg = Registry(registry)
+    assert [p.name for p in reg.versions_root.iterdir()] == ["v-2nodes"]
+    assert reg.read_aliases().production == "v-2nodes"
+    metrics = reg.bundle("v-2nodes").manifest["metrics"]
+    assert metrics["world_size"] == 2.0 and metrics["rows_train"] == 16_000
+    assert metrics["click_auc"] > 0.6 and metrics["like_auc"] > 0.6  # it did learn
 
 
 # -- data preparation and batches (no processes) -----------------------------------------------

@@ -374,3 +374,34 @@ def test_train_job_preset_flows_to_the_simulated_frame(tmp_path: Path) -> None:
     np.testing.assert_allclose(frame["true_p_like"], expected["true_p_like"], rtol=1e-6)  # float32
     default = load_frame(TrainJob(registry=tmp_path, simulate=2_000))
     assert not np.allclose(default["true_p_like"], frame["true_p_like"])
+
+
+def test_a_long_log_is_written_in_parts_of_the_same_world(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from model.training.data import load_impressions
+    from model.training.prepared import prepare_stream
+
+    out = run_simulate(
+        tmp_path / "sim", impressions=5_000, seed=3, n_users=50, n_videos=80, part_rows=2_000
+    )
+    parts = sorted(p.name for p in out.glob("log_standard_sim*.parquet"))
+    assert parts == [f"log_standard_sim-0000{i}-of-00003.parquet" for i in range(3)]
+    logs = [pd.read_parquet(out / name) for name in parts]
+    assert [len(log) for log in logs] == [2_000, 2_000, 1_000]
+    assert all(log["time_ms"].is_monotonic_increasing for log in logs)
+    assert "in 3 parts" in capsys.readouterr().out
+    # The world is simulate()'s for the same config; only the impressions are drawn per part.
+    whole = simulate(SimConfig(n_impressions=5_000, seed=3, n_users=50, n_videos=80))
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "user_features_sim.parquet"), whole.users)
+    videos = pd.read_parquet(out / "video_features_basic_sim.parquet")
+    pd.testing.assert_frame_equal(videos, whole.videos)
+    assert not logs[0]["time_ms"].equals(logs[1]["time_ms"])  # each part its own draws
+    # Deterministic, and a rewrite replaces the earlier log (whole or in parts) instead of
+    # adding to it.
+    run_simulate(out, impressions=5_000, seed=3, n_users=50, n_videos=80, part_rows=2_000)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / parts[1]), logs[1])
+    assert len(load_impressions(out)) == 5_000
+    assert sum(prepare_stream(out, tmp_path / "streamed", 2).rows.values()) == 5_000
+    run_simulate(out, impressions=5_000, seed=3, n_users=50, n_videos=80)
+    assert [p.name for p in out.glob("log_standard_sim*")] == ["log_standard_sim.parquet"]
