@@ -169,7 +169,7 @@ def train(
         typer.Option(
             "--entire-space/--independent-heads",
             help="Watch and like heads chained with the click (ESMM), or independent"
-            " (default: the architecture's).",
+            " (default: independent; README Model quality, section 3).",
         ),
     ] = None,
     activate: Annotated[
