@@ -190,6 +190,14 @@ def train(
             help="Softmax temperature of the gates, < 1 sharper (default: stem 0.1, others 1)."
         ),
     ] = None,
+    entire_space: Annotated[
+        bool | None,
+        typer.Option(
+            "--entire-space/--independent-heads",
+            help="Watch and like heads chained with the click (ESMM), or independent"
+            " (default: independent; README Model quality, section 3).",
+        ),
+    ] = None,
     activate: Annotated[
         bool | None,
         typer.Option(
@@ -247,6 +255,7 @@ def train(
             loss_weights=parse_loss_weights(loss_weights),
             loss_balance=loss_balance,
             gate_temperature=gate_temperature,
+            entire_space=entire_space,
             sparse=sparse,
             precision=precision,
             compile=compile_,
@@ -379,8 +388,8 @@ def experiment(
     archs: Annotated[
         str | None,
         typer.Option(
-            help="Architectures, comma-separated (default: every --arch); ARCH:BALANCE trains"
-            " ARCH with that --loss-balance, e.g. mmoe:gradnorm."
+            help="Architectures, comma-separated (default: every --arch); ARCH:OPTION trains"
+            " ARCH with a --loss-balance (mmoe:gradnorm) or es/indep heads (stem:indep)."
         ),
     ] = None,
     seeds: Annotated[str, typer.Option(help="Seeds, comma-separated (world and training).")] = (
@@ -435,7 +444,8 @@ def curve(
         str, typer.Option(help="Impressions per point, comma-separated.")
     ] = "100000,300000,1000000,3000000",
     archs: Annotated[
-        str, typer.Option(help="Architectures (ARCH or ARCH:BALANCE), comma-separated.")
+        str,
+        typer.Option(help="Architectures (ARCH or ARCH:OPTION, see experiment), comma-separated."),
     ] = "stem,shared_bottom,single_task",
     small: Annotated[bool, typer.Option("--small", help="A tiny network (tests).")] = False,
 ) -> None:

@@ -94,6 +94,8 @@ class TrainConfig:
     # (< 1: sharper gates that move faster); None = the architecture's own (ARCH_DEFAULTS).
     loss_balance: str | None = None
     gate_temperature: float | None = None
+    # Watch and like heads chained with the click (ESMM; model/training/layers.py Heads).
+    entire_space: bool | None = None
     sparse: bool = False  # id tables: row-wise (sparse) gradients and SparseAdam, or dense Adam
     precision: str = "fp32"  # of the forward pass in training: fp32, bf16 (autocast) or auto
     compile: str = "off"  # torch.compile the dense parts: on, off, auto (long runs only)
@@ -106,6 +108,10 @@ class TrainConfig:
             object.__setattr__(self, "loss_balance", "fixed")
         if self.gate_temperature is None:
             object.__setattr__(self, "gate_temperature", 1.0)
+        if self.entire_space is None:
+            object.__setattr__(self, "entire_space", False)
+        if self.entire_space and self.arch == "single_task":
+            raise ValueError("--entire-space chains heads across tasks: not with single_task")
         if self.loss_balance not in BALANCES:
             raise ValueError(f"--loss-balance must be one of {BALANCES}, got {self.loss_balance!r}")
         if self.arch not in ARCHS:

@@ -156,6 +156,7 @@ def model_config(config: TrainConfig, basis: Basis) -> MMoEConfig:
         interactions=config.interactions,
         interaction_dim=config.interaction_dim,
         gate_temperature=float(config.gate_temperature or 1.0),
+        entire_space=bool(config.entire_space),
         watch_scale=basis.watch_scale,
     )
 

@@ -26,6 +26,7 @@ POISSON_TASKS: frozenset[str] = frozenset(TASKS) - PROBABILITY_TASKS  # Poisson 
 # keeps float32 finite and the gradient alive over any plausible range.
 WATCH_LOG_RATE_MIN = -15.0
 WATCH_LOG_RATE_MAX = 10.0
+CLICK = "click"  # the task every other one follows (entire-space heads)
 
 
 def positive_dims(name: str, dims: tuple[int, ...]) -> None:
@@ -400,18 +401,32 @@ class Towers(nn.Module):
 class Heads(nn.Module):
     """Logits T x N -> per-task predictions [N] plus the loss inputs ``<task>_logit`` [N].
 
-    Each logit first goes through a per-task affine map ``scale * logit + shift``, identity
-    while training; the trainer fits it on validation data after training (Platt scaling,
-    see ``calibrate_heads``) so that the exported graph predicts calibrated values.
+    With ``entire_space`` (ESMM, Ma et al., SIGIR 2018) the towers of the other tasks predict
+    *given a click* and the heads chain them with the click over the impression space: like
+    ``p = p_click * p_like|click``, whose logit is ``-logsumexp(-a, -b, -a - b)`` for the click
+    logit a and the conditional b (exact, no overflow); watch time
+    ``log rate = log p_click + log rate|click = b - softplus(-a)``. A like or a watched second
+    needs a click, so a rare task then learns only what it adds to the click, from every
+    impression, and its prediction can never exceed p_click.
+
+    Each (impression-space) logit then goes through a per-task affine map
+    ``scale * logit + shift``, identity while training; the trainer fits it on validation data
+    after training (Platt scaling, see ``calibrate_heads``) so that the exported graph predicts
+    calibrated values.
     """
 
     watch_scale: Tensor
     calibration_scale: Tensor
     calibration_shift: Tensor
 
-    def __init__(self, tasks: tuple[str, ...], watch_scale: float) -> None:
+    def __init__(
+        self, tasks: tuple[str, ...], watch_scale: float, entire_space: bool = False
+    ) -> None:
         super().__init__()
+        if entire_space and CLICK not in tasks:
+            raise ValueError("entire-space heads chain every task with the click: tasks need it")
         self.tasks = tasks
+        self.chain_from = tasks.index(CLICK) if entire_space else None
         self.register_buffer("watch_scale", torch.tensor(float(watch_scale)))
         self.register_buffer("calibration_scale", torch.ones(len(tasks), 1))
         self.register_buffer("calibration_shift", torch.zeros(len(tasks), 1))
@@ -422,9 +437,27 @@ class Heads(nn.Module):
             return self.watch_scale * torch.exp(logit)
         return torch.sigmoid(logit)
 
+    def chained(self, logits: Tensor) -> Tensor:
+        """Impression-space logits T x N: the click's as it is, every other task's chained."""
+        if self.chain_from is None:
+            return logits
+        # The chained tasks do not train the click: their losses (watch's above all, 10-90x the
+        # click's gradient) would pull p_click towards what explains their own labels.
+        a = logits[self.chain_from].detach() if self.training else logits[self.chain_from]
+        rows = []
+        for i, task in enumerate(self.tasks):
+            b = logits[i]
+            if i == self.chain_from:
+                rows.append(b)
+            elif task in POISSON_TASKS:
+                rows.append(b - F.softplus(-a))
+            else:
+                rows.append(-torch.logsumexp(torch.stack([-a, -b, -a - b]), 0))
+        return torch.stack(rows)
+
     def forward(self, logits: Tensor) -> dict[str, Tensor]:
         """logits: T x N -> {task: N, task_logit: N}."""
-        logits = logits * self.calibration_scale + self.calibration_shift
+        logits = self.chained(logits) * self.calibration_scale + self.calibration_shift
         out: dict[str, Tensor] = {}
         for i, task in enumerate(self.tasks):
             logit = logits[i]

@@ -67,6 +67,7 @@ from model.core.features import ENTITIES, EntityLayout, FeatureSchema
 from model.core.tasks import TASKS
 from model.training.layers import (
     BINARY_TASKS,
+    CLICK,
     POISSON_TASKS,
     Experts,
     FeatureEmbedding,
@@ -112,6 +113,7 @@ class MMoEConfig:
     interaction_dim: int = 32
     shared_experts: int = 2  # PLE and STEM: experts on the shared input
     task_experts: int = 2  # PLE and STEM: experts of each task's own
+    entire_space: bool = False  # heads chained with the click (ESMM; layers.Heads)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -137,6 +139,9 @@ class MMoEConfig:
             raise ValueError(f"interactions must be distinct names from {INTERACTIONS}")
         if self.interaction_dim < 1:
             raise ValueError("interaction_dim must be >= 1")
+        if self.entire_space and (self.arch == "single_task" or CLICK not in self.tasks):
+            # single-task models share nothing, and every chained head needs the click's
+            raise ValueError("entire_space needs a multi-task arch whose tasks include click")
 
     @classmethod
     def small(cls, **overrides: Any) -> MMoEConfig:
@@ -271,7 +276,7 @@ class _Mixture(RankingModel):
             config.gate_dropout,
         )
         self.towers = Towers(self.experts.out_dim, config.tower_hidden, self.n_tasks)
-        self.heads = Heads(config.tasks, config.watch_scale)
+        self.heads = Heads(config.tasks, config.watch_scale, config.entire_space)
 
     def task_logits(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         u, v, terms = self.shared_input(inputs)
@@ -343,7 +348,7 @@ class STEM(RankingModel):
             own[t, s + t * k : s + (t + 1) * k] = True
         self.register_buffer("own_mask", own[:, :, None, None])  # T x E x 1 x 1
         self.towers = Towers(config.expert_hidden[-1], config.tower_hidden, n_tasks)
-        self.heads = Heads(config.tasks, config.watch_scale)
+        self.heads = Heads(config.tasks, config.watch_scale, config.entire_space)
 
     def _sets(self, inputs: dict[str, Tensor]) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None]:
         """([(u, v)] for the shared set and each task's, dots appended; the task logit terms)."""
@@ -381,7 +386,7 @@ class SharedBottom(RankingModel):
         self.rest = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(hidden))
         self.n_tasks = len(config.tasks)
         self.towers = Towers(hidden[-1], config.tower_hidden, self.n_tasks)
-        self.heads = Heads(config.tasks, config.watch_scale)
+        self.heads = Heads(config.tasks, config.watch_scale, config.entire_space)
 
     def task_logits(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         u, v, terms = self.shared_input(inputs)
@@ -411,7 +416,7 @@ class SingleTask(RankingModel):
             SharedBottom(replace(config, arch="shared_bottom", tasks=(t,)), schema)
             for t in config.tasks
         )
-        self.heads = Heads(config.tasks, config.watch_scale)
+        self.heads = Heads(config.tasks, config.watch_scale, config.entire_space)
 
     def task_logits(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         logits = [model.task_logits(inputs)[0] for model in self._models()]  # 1 x N each
@@ -442,8 +447,11 @@ def init_output_bias(model: RankingModel, base_rates: dict[str, float]) -> None:
     (likes are ~2% of impressions).
     """
     values = []
+    chained = model.config.entire_space
     for task in model.config.tasks:
         rate = base_rates[task]
+        if chained and task != CLICK:  # the tower predicts given a click: its rate per click
+            rate /= max(base_rates[CLICK], 1e-6)
         if task in POISSON_TASKS:
             values.append(math.log(max(rate, 1e-6) / model.config.watch_scale))
         else:

@@ -76,8 +76,7 @@ class Sweep:
     def __post_init__(self) -> None:
         for name, given, known in (
             ("--presets", self.presets, PRESETS),
-            ("--archs", [variant(a)[0] for a in self.archs], ARCHS),
-            ("--archs (balance)", [variant(a)[1] or "fixed" for a in self.archs], BALANCES),
+            ("--archs", [variant(a)[0] for a in self.archs], ARCHS),  # bad options raise here
         ):
             unknown = [g for g in given if g not in known]
             if unknown or not given:
@@ -107,10 +106,27 @@ class Sweep:
         return {k: v for k, v in asdict(self).items() if k not in ("presets", "archs", "seeds")}
 
 
-def variant(name: str) -> tuple[str, str | None]:
-    """``"ARCH"`` or ``"ARCH:BALANCE"`` -> (arch, loss balance or None: the arch's default)."""
-    arch, _, balance = name.partition(":")
-    return arch, balance or None
+# What ``ARCH:OPTION`` changes in the architecture's own training config.
+OPTIONS: dict[str, dict[str, Any]] = {
+    **{balance: {"loss_balance": balance} for balance in BALANCES},
+    "es": {"entire_space": True},
+    "indep": {"entire_space": False},
+}
+
+
+def variant(name: str) -> tuple[str, dict[str, Any]]:
+    """``"ARCH[:OPTION]..."`` -> (arch, its ``TrainConfig`` overrides).
+
+    An option is a loss balance (``stem:fixed``), ``es`` (entire-space heads) or ``indep``
+    (independent heads); what is not named stays the architecture's default.
+    """
+    arch, *options = name.split(":")
+    overrides: dict[str, Any] = {}
+    for option in options:
+        if option not in OPTIONS:
+            raise ValueError(f"--archs {name!r}: unknown option {option!r}; use {list(OPTIONS)}")
+        overrides.update(OPTIONS[option])
+    return arch, overrides
 
 
 def check_resumable(out: Path, sweep: Sweep) -> None:
@@ -219,10 +235,10 @@ def run_sweep(sweep: Sweep, out: Path, verbose: bool = True) -> RunStore:
             frame = simulated_frame(preset_config(preset, **sweep.world(preset, seed)))
             for arch in todo:
                 started = time.perf_counter()
-                base, balance = variant(arch)
+                base, options = variant(arch)
                 config = TrainConfig(
                     arch=base,
-                    loss_balance=balance,
+                    **options,
                     small=sweep.small,
                     epochs=sweep.epochs,
                     seed=seed,

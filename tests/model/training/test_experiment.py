@@ -158,7 +158,12 @@ def test_gains_over_single_task_and_balance_variants() -> None:
     assert ("unrelated", BASELINE) in gains.index and ("unrelated", TRUTH) not in gains.index
     assert "Gain over single_task" in gains_section(gains, "single_task")
     assert gains_section(gains.iloc[:0], "single_task") == ""
-    assert variant("stem:gradnorm") == ("stem", "gradnorm") and variant("mmoe") == ("mmoe", None)
+    assert variant("stem:gradnorm") == ("stem", {"loss_balance": "gradnorm"})
+    assert variant("mmoe") == ("mmoe", {})
+    assert variant("mmoe:es:uncertainty") == (
+        "mmoe",
+        {"entire_space": True, "loss_balance": "uncertainty"},
+    )
     Sweep(archs=("stem:gradnorm", "mmoe"))  # a variant is a valid arch of a sweep
     with pytest.raises(ValueError, match="--archs"):
         Sweep(archs=("mmoe:magic",))

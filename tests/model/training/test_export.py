@@ -106,11 +106,17 @@ def user_side_tiled(path: Path) -> list[str]:
     return tiled
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_every_arch_exports_with_parity_and_the_user_side_once(tmp_path: Path, arch: str) -> None:
+@pytest.mark.parametrize(
+    ("arch", "entire_space"),
+    [*((arch, False) for arch in ARCHS), ("mmoe", True), ("stem", True)],
+)
+def test_every_arch_exports_with_parity_and_the_user_side_once(
+    tmp_path: Path, arch: str, entire_space: bool
+) -> None:
     torch.manual_seed(2)
     schema = default_schema()
-    model = build_model(MMoEConfig(arch=arch, watch_scale=5.0), schema)
+    config = MMoEConfig(arch=arch, watch_scale=5.0, entire_space=entire_space)
+    model = build_model(config, schema)
     for module in model.modules():  # trained-like interaction magnitudes, not the near-zero init
         if isinstance(module, Interactions):
             for p in module.parameters():

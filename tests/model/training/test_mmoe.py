@@ -13,10 +13,13 @@ from model.core.features import default_schema
 from model.core.tasks import TASKS
 from model.training.export import random_encoded, random_request
 from model.training.layers import (
+    WATCH_LOG_RATE_MAX,
+    WATCH_LOG_RATE_MIN,
     BatchedLinear,
     Experts,
     FeatureEmbedding,
     Gates,
+    Heads,
     Interactions,
     SplitLinear,
     Towers,
@@ -28,6 +31,7 @@ from model.training.mmoe import (
     SharedBottom,
     build_model,
     flops_per_candidate,
+    init_output_bias,
 )
 
 SCHEMA = default_schema()
@@ -77,6 +81,40 @@ def test_user_side_broadcast_equals_tiled_rows(model: MMoE) -> None:
         torch.testing.assert_close(once[task], tiled_out[task], rtol=1e-5, atol=1e-6)
 
 
+def test_entire_space_heads_chain_every_task_with_the_click() -> None:
+    # like = p_click * p_like|click and watch = p_click * rate|click, over any logit magnitude
+    heads = Heads(TASKS, watch_scale=4.0, entire_space=True)
+    a, w, b = (torch.linspace(-40, 40, 81, dtype=torch.float64)[torch.randperm(81)] for _ in "awb")
+    with torch.no_grad():
+        out = heads(torch.stack([a, w, b]))
+    expected_like = torch.sigmoid(a) * torch.sigmoid(b)
+    torch.testing.assert_close(out["like"], expected_like, rtol=1e-9, atol=1e-300)
+    log_watch = torch.log(torch.sigmoid(a)) + w
+    clamped = log_watch.clamp(WATCH_LOG_RATE_MIN, WATCH_LOG_RATE_MAX)
+    torch.testing.assert_close(out["watch_time"], 4.0 * torch.exp(clamped), rtol=1e-9, atol=0)
+    torch.testing.assert_close(out["click"], torch.sigmoid(a))
+    assert torch.isfinite(out["like_logit"]).all() and (out["like"] <= out["click"]).all()
+    independent = Heads(TASKS, watch_scale=4.0)(torch.stack([a, w, b]))
+    assert not torch.allclose(independent["like"], out["like"])  # the flag changes the heads
+
+
+def test_entire_space_models_start_at_the_base_rates() -> None:
+    rates = {"click": 0.3, "watch_time": 6.0, "like": 0.02}
+    torch.manual_seed(0)
+    model = build_model(MMoEConfig.small(watch_scale=5.0, entire_space=True), SCHEMA).eval()
+    for module in model.modules():  # silence everything but the output biases
+        if isinstance(module, Interactions):
+            for p in module.parameters():
+                torch.nn.init.zeros_(p)
+    for tower_layer in model.towers.batched_layers():
+        torch.nn.init.zeros_(tower_layer.weight)
+    init_output_bias(model, rates)
+    with torch.no_grad():
+        out = model(request(5))
+    for task, rate in rates.items():
+        torch.testing.assert_close(out[task], torch.full((5,), rate), rtol=1e-5, atol=0)
+
+
 def test_heads_ranges(model: MMoE) -> None:
     with torch.no_grad():
         out = model(request(50))
@@ -108,6 +146,8 @@ def test_heads_ranges(model: MMoE) -> None:
         lambda: MMoEConfig(interactions=("cross",)),
         lambda: MMoEConfig(interactions=("dots", "dots")),
         lambda: MMoEConfig(interaction_dim=0),
+        lambda: MMoEConfig(arch="single_task", entire_space=True),
+        lambda: MMoEConfig(tasks=("like", "watch_time"), entire_space=True),
     ],
 )
 def test_bad_dimensions_raise_value_error(make) -> None:  # type: ignore[no-untyped-def]
