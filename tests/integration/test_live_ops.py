@@ -399,6 +399,38 @@ def test_overload_sheds_fast_and_liveness_stays_up(
     assert metric(server.url, "vidrank_rank_shed_total", 'reason="deadline"') == late.count(504)
 
 
+def test_a_shed_is_decided_at_the_head_and_its_body_skipped(
+    start_server: Start, live_registry: Path
+) -> None:
+    """With every place taken (two requests still sending their bodies hold them), a third
+    POST /rank gets its 503 as soon as its headers are in, before any of its body is sent; the
+    body, junk that would be a 400 if parsed, is then skipped and the connection serves on."""
+    env = {"VIDRANK_MAX_QUEUE": "0", "VIDRANK_BODY_TIMEOUT_S": "120"}  # 2 rank slots, no queue
+    server = start_server(live_registry, env=env)
+    head = b"POST /rank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    size = 4 << 20
+    holders = [raw(server.port, head + b"Content-Length: 100\r\n\r\n{") for _ in range(2)]
+    try:
+        wait_until(lambda: queued(server.url) >= 2, 30, "two requests reading their bodies", server)
+        with raw(server.port, head + b"Content-Length: %d\r\n\r\n" % size) as sock:
+            sock.settimeout(10)
+            answer = sock.recv(65536)  # nothing of the body sent yet
+            sock.sendall(b"x" * size + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            after = b""
+            while b'{"status":"ok"}' not in after:
+                chunk = sock.recv(65536)
+                assert chunk, after
+                after += chunk
+    finally:
+        for sock in holders:
+            sock.close()
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+    assert b"retry-after: 1" in answer.lower()
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "overloaded"
+    assert after.startswith(b"HTTP/1.1 200"), after[:200]  # the junk body was never parsed
+    assert metric(server.url, "vidrank_rank_shed_total", 'reason="queue_full"') == 1
+
+
 def test_a_deadline_that_passes_while_waiting_is_504(
     start_server: Start, live_registry: Path
 ) -> None:
