@@ -284,6 +284,24 @@ def latency_table(r: dict[str, Any]) -> list[str]:
     return _table(header, rows)
 
 
+def stages_table(r: dict[str, Any]) -> list[str]:
+    """Per-stage µs of one /rank in-process (benchmarks/stages.py), when measured."""
+    if "stages" not in r:
+        return []
+    from benchmarks.stages import STAGES
+
+    rows = [
+        [n, *(_fmt(by_stage.get(stage), 0) for stage in (*STAGES, "total"))]
+        for n, by_stage in r["stages"].items()
+    ]
+    return [
+        "## Where a /rank goes (µs per stage, in-process, features in the request; medians)",
+        "",
+        *_table(["N", *STAGES, "total"], rows),
+        "",
+    ]
+
+
 def background_note(r: dict[str, Any]) -> str:
     """How busy the rest of the machine was during the HTTP runs (other processes' CPU)."""
     seen = [
@@ -466,6 +484,7 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         *latency_table(r),
         "",
+        *stages_table(r),
         f"## Throughput at concurrency 8, {s['workers']} workers",
         "",
         *throughput_table(r),

@@ -7,7 +7,8 @@ measured):
    and int8 (``--quantize``), to a registry of its own;
 2. build realistic requests from the held-out impressions for each candidate count N;
 3. floor: ``session.run`` on pre-encoded inputs in-process, 1 and 2 intra-op threads (and the
-   int8 graph with 1);
+   int8 graph with 1); the encoder alone; one /rank stage by stage (parse, fetch, encode, run,
+   fuse, serialise: benchmarks/stages.py);
 4. model graphs: fused (published) vs trained-layout vs naive export of the same weights, fp32
    and int8: latency, parity, op census before/after onnxruntime's optimiser, held-out AUC;
 5. vidrank: a real ``vidrank serve`` process, POST /rank over loopback, p50/p99 at c=1 (rows
@@ -61,6 +62,7 @@ from benchmarks.machine import machine_info, machine_slug, usable_cores
 from benchmarks.memory import model_footprint, publish_copy, swap_rss
 from benchmarks.model_setup import SWAP_VERSION, BenchModel, prepare_model
 from benchmarks.overload import run_overload
+from benchmarks.stages import measure_stages
 from benchmarks.workload import Workload, build_workload
 from model.core.registry import Registry
 from model.simulator.world import SimConfig, simulate, write_simulation
@@ -452,6 +454,8 @@ def run(s: BenchSettings) -> dict[str, Any]:
         results["floor"] = run_floor(s, bm, wl)
         log("encode: FeatureSchema.encode per request, in-process (warm key caches)")
         results["encode"] = measure_encode(wl.schema, wl.bodies)
+        log("stages: one /rank in-process, parse / fetch / encode / run / fuse / serialise")
+        results["stages"] = measure_stages(bm.bundle_dir, {n: wl.json_lines(n) for n in s.ns})
     if "graphs" not in s.skip:
         results["graphs"] = run_graphs(s, bm, wl)
     for name in ("vidrank", "vidrank_int8", "textbook"):

@@ -1,38 +1,44 @@
-"""Admission for /rank: a bounded queue per worker, request deadlines, no work for absent clients.
+"""Admission for /rank: in-flight work bounded per worker, request deadlines, no work for absent
+clients.
 
-A worker ranks ``slots`` requests at a time (a capacity limiter); the others wait. Without a
-bound, an overloaded worker queues everything and answers everyone late (at 512 connections the
-median reached 1.7 s and a quarter of the clients timed out), computing answers nobody reads.
-So:
+A worker ranks ``slots`` requests at a time, each in a rank thread of its own; the others wait.
+Without a bound, an overloaded worker queues everything and answers everyone late (at 512
+connections the median reached 1.7 s and a quarter of the clients timed out), computing answers
+nobody reads. So:
 
-* at most ``max_queue`` requests wait per worker; one more is shed at once with ``503`` and
-  ``Retry-After`` (``Overloaded``), before its body is even read;
+* at most ``slots + max_queue`` /rank requests are in flight per worker (reading their body,
+  queued or ranking); one more is shed at once with ``503`` and ``Retry-After``
+  (``Overloaded``). The worker's connection protocol (``service/http/protocol.py``) decides when
+  a request's head arrives (:meth:`Admission.reserve`), so a shed request's body is neither read
+  by the app nor parsed, and its 503 is pre-built bytes;
 * a request has a deadline: ``X-Request-Timeout-Ms`` if sent, else the server default
   (``VIDRANK_REQUEST_TIMEOUT_MS``; 0 = none), counted from the arrival of its first byte. When it
   passes while the request waits, the wait ends with ``504`` (``DeadlineExceeded``): the work
   never starts;
-* when a slot frees, a request whose client has hung up is dropped without scoring (``499`` in
-  the log, ``ClientGone``).
+* a request whose client has hung up by the time a rank thread takes it is dropped without
+  scoring (``499`` in the log, ``ClientGone``).
+
+The queue is the rank threads' own (a ``ThreadPoolExecutor``): a thread that finishes one request
+takes the next at once. Handing slots out from the event loop instead (a capacity limiter, then
+a thread per request) left the rank thread idle about 40 % of the time under overload (py-spy, 64
+clients, 500 candidates): every hand-off waited for the loop to get through the sheds and reads
+of its other connections first.
 
 Every shed and drop is counted in ``vidrank_rank_shed_total{reason}``. Liveness, readiness and
 the other routes never pass through here, so they stay fast however long the queue.
-
-Under a storm most requests are sheds, so a shed must cost next to nothing: the worker's
-connection protocol (``service/http/protocol.py``) asks :meth:`Admission.full` as soon as a
-``POST /rank``'s headers are parsed and answers with :meth:`Admission.shed_app` - a few lines of
-ASGI instead of the app's middleware, routing and exception handling. The route's own check
-covers everything else (and the TestClient).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 import anyio
-from starlette.types import Receive, Scope, Send
 
 from service import metrics
 from service.errors import (
@@ -46,16 +52,18 @@ from service.errors import (
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
 MAX_TIMEOUT_MS = 600_000
-_OVERLOADED = Overloaded("overloaded: this worker's queue of /rank requests is full; retry")
-_SHED_BODY = domain_error_body(_OVERLOADED)
-_SHED_HEADERS = [
+TICKET = "rank_ticket"  # scope["state"] key of the place the protocol reserved for a request
+OVERLOADED = Overloaded("overloaded: this worker's queue of /rank requests is full; retry")
+SHED_BODY = domain_error_body(OVERLOADED)
+SHED_HEADERS = [
     (b"content-type", b"application/json"),
-    (b"content-length", b"%d" % len(_SHED_BODY)),
-    *((k.lower().encode(), v.encode()) for k, v in (http_headers(_OVERLOADED) or {}).items()),
+    (b"content-length", b"%d" % len(SHED_BODY)),
+    *((k.lower().encode(), v.encode()) for k, v in (http_headers(OVERLOADED) or {}).items()),
     (b"x-content-type-options", b"nosniff"),
     (b"cache-control", b"no-store"),
     (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
 ]
+T = TypeVar("T")
 
 
 def request_deadline(header: str | None, default_ms: int, arrived_at: float | None) -> float | None:
@@ -80,72 +88,95 @@ def request_deadline(header: str | None, default_ms: int, arrived_at: float | No
     return start + timeout_ms / 1000.0
 
 
+class Client:
+    """Whether a connection's client is gone: set by the protocol, read by the rank thread."""
+
+    __slots__ = ("gone",)
+
+    def __init__(self) -> None:
+        self.gone = False
+
+
+class Ticket:
+    """One admitted request's place among the worker's in-flight /rank work."""
+
+    __slots__ = ("admission", "client", "started", "released")
+
+    def __init__(self, admission: Admission, client: Client) -> None:
+        self.admission = admission
+        self.client = client
+        self.started = False  # a rank thread took it (set there; read here once it is done)
+        self.released = False
+
+    def release(self) -> None:
+        """Give the place back (idempotent; event loop only)."""
+        if not self.released:
+            self.released = True
+            self.admission.in_flight -= 1
+            if not self.started:
+                metrics.QUEUE.dec()
+
+
 class Admission:
-    """The /rank slots of one worker and the bounded queue in front of them."""
+    """The /rank rank threads of one worker and the bound on the work in front of them."""
 
     def __init__(self, slots: int, max_queue: int) -> None:
-        self.limiter = anyio.CapacityLimiter(slots)
+        self.slots = slots
         self.max_queue = max_queue
-        self.waiting = 0  # admitted, not yet holding a slot (reading the body, or queued)
+        self.in_flight = 0  # holding a ticket: reading the body, queued or ranking
+        # Threads start on first use and idle between requests; the interpreter joins them at
+        # exit, after uvicorn's graceful shutdown has waited for every request in flight.
+        self._pool = ThreadPoolExecutor(slots, thread_name_prefix="vidrank-rank")
+
+    def reserve(self, client: Client | None = None) -> Ticket | None:
+        """A place for one more request, or None when ``slots + max_queue`` are in flight."""
+        if self.in_flight >= self.slots + self.max_queue:
+            return None
+        self.in_flight += 1
+        metrics.QUEUE.inc()
+        return Ticket(self, client or Client())
 
     @asynccontextmanager
-    async def admit(
-        self, deadline: float | None, client_gone: Callable[[], Awaitable[bool]]
-    ) -> AsyncIterator[Callable[[], Awaitable[None]]]:
-        """Admit a request (or shed it), then yield ``acquire``: wait for a slot, held until exit.
-
-        ``acquire()`` raises ``DeadlineExceeded`` when the deadline passes first and
-        ``ClientGone`` when the client left meanwhile.
-        """
-        if self.full():
+    async def admit(self, reserved: Ticket | None) -> AsyncIterator[Ticket]:
+        """The request's ticket (the protocol's, else a new one), released on exit; sheds with
+        ``Overloaded`` when there is no room."""
+        ticket = reserved or self.reserve()
+        if ticket is None:
             metrics.SHED.labels("queue_full").inc()
-            raise _OVERLOADED
-        self.waiting += 1
-        metrics.QUEUE.inc()
-        holding = False
-        borrower = object()  # the request, not its task, holds the slot
-
-        async def acquire() -> None:
-            nonlocal holding
-            await self._acquire(deadline, borrower)
-            holding = True
-            self._leave()
-            if await client_gone():
-                metrics.SHED.labels("client_gone").inc()
-                raise ClientGone("client disconnected before its request was scored")
-
+            raise OVERLOADED
         try:
-            yield acquire
+            yield ticket
         finally:
-            if holding:
-                self.limiter.release_on_behalf_of(borrower)
-            else:
-                self._leave()
+            ticket.release()
 
-    def full(self) -> bool:
-        """Whether one more request would exceed the queue (every slot busy, queue full)."""
-        return self.waiting >= self.max_queue and self.limiter.available_tokens < 1
-
-    @staticmethod
-    async def shed_app(scope: Scope, receive: Receive, send: Send) -> None:
-        """The whole answer to a request shed before the app: 503, Retry-After, error body."""
-        metrics.SHED.labels("queue_full").inc()
-        metrics.HTTP_REQUESTS.labels("/rank", "POST", "503").inc()
-        await send({"type": "http.response.start", "status": 503, "headers": _SHED_HEADERS})
-        await send({"type": "http.response.body", "body": _SHED_BODY})
-
-    async def _acquire(self, deadline: float | None, borrower: object) -> None:
-        if deadline is not None and time.monotonic() >= deadline:
-            metrics.SHED.labels("deadline").inc()
-            raise DeadlineExceeded("the request's deadline passed before its work could start")
+    async def run(
+        self,
+        ticket: Ticket,
+        deadline: float | None,
+        fn: Callable[..., T],
+        *args: Any,
+    ) -> T:
+        """``fn(*args)`` in a rank thread once one is free; ``DeadlineExceeded`` (504) when the
+        deadline passes first, ``ClientGone`` when the client left meanwhile."""
+        job: Future[T] = self._pool.submit(_start, ticket, deadline, fn, *args)
+        waiting = asyncio.wrap_future(job)
         wait_s = math.inf if deadline is None else deadline - time.monotonic()
-        with anyio.move_on_after(wait_s) as scope:
-            await self.limiter.acquire_on_behalf_of(borrower)
-        if scope.cancelled_caught:
+        with anyio.move_on_after(wait_s):
+            return await asyncio.shield(waiting)
+        if job.cancel():  # still queued: it never runs
             metrics.SHED.labels("deadline").inc()
             raise DeadlineExceeded("the request's deadline passed while it waited for a slot")
+        return await waiting  # it started just in time: its answer stands
 
-    def _leave(self) -> None:
-        if self.waiting:
-            self.waiting -= 1
-            metrics.QUEUE.dec()
+
+def _start(ticket: Ticket, deadline: float | None, fn: Callable[..., T], *args: Any) -> T:
+    """A queued request reaching its rank thread: drop it if late or abandoned, else run it."""
+    ticket.started = True
+    metrics.QUEUE.dec()
+    if deadline is not None and time.monotonic() >= deadline:
+        metrics.SHED.labels("deadline").inc()
+        raise DeadlineExceeded("the request's deadline passed before its work could start")
+    if ticket.client.gone:
+        metrics.SHED.labels("client_gone").inc()
+        raise ClientGone("client disconnected before its request was scored")
+    return fn(*args)

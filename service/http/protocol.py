@@ -5,8 +5,12 @@ request line and headers is kept for ever, and so is every such connection (a Sl
 holds thousands). ``limit_concurrency`` does not help: it answers 503 only once a request's
 headers are complete, which a stalled client never reaches. So this subclass adds, per worker:
 
-* a connection cap: beyond ``max_connections`` open connections a new one gets an immediate
-  ``503`` with ``Retry-After`` and is closed, before any byte of it is read;
+* a connection cap: beyond ``max_connections`` open connections, the connection idle the
+  longest (no request in progress: kept alive between requests, or still sending a request line
+  and headers - a stalled client) gives way, with a ``408``, so a new client and the liveness
+  probe always get in; only when every connection is busy with a request does the new one get
+  an immediate ``503`` with ``Retry-After`` and close, before any byte of it is read. (Refusing
+  new connections instead let 1,100 stalled connections lock out /healthz and real clients.)
 * a header deadline: from the connection's start (and from the first byte of every later request
   on it) the request line and headers must arrive within ``header_timeout_s``, else ``408`` and
   close; they may not exceed ``max_header_bytes`` either (``431`` and close) - httptools would
@@ -16,9 +20,13 @@ headers are complete, which a stalled client never reaches. So this subclass add
   (``service/http/deadlines.py``) when it is reading the body; this catches bodies nobody reads
   (e.g. after an early 404/413), which uvicorn would otherwise keep draining.
 
-When the worker's /rank queue is full, a ``POST /rank`` is answered 503 right after its headers
-by ``Admission.shed_app``, without entering the app. The protocol keeps reading once a request
-is complete, so a client that hangs up while its request waits is noticed. It also stamps
+Admission is decided here, when a ``POST /rank``'s head arrives: the request gets a place among
+the worker's in-flight work (``Admission.reserve``, handed to the route in
+``scope["state"]``) or, when there is none, the pre-built 503 bytes at once; its body is then
+skipped as it arrives (httptools finds its end; nothing is buffered, nothing enters the app), so
+a shed costs a few microseconds however large the body. The protocol keeps reading once a
+request is complete, so a client that hangs up while its request waits is noticed (the rank
+thread then drops it). It also stamps
 ``scope["state"]["arrived_at"]`` (monotonic seconds) with the moment the request's first byte
 arrived, which request deadlines count from.
 
@@ -35,7 +43,7 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import metrics
-from service.http.admission import Admission
+from service.http.admission import SHED_BODY, SHED_HEADERS, TICKET, Admission, Client
 
 BODY_GRACE_S = 1.0  # the app's own 408 comes first; this only closes what it never read
 
@@ -61,11 +69,23 @@ def _canned(status: bytes, code: bytes, message: bytes, extra: bytes = b"") -> b
     )
 
 
+# The admission's 503 (same headers and body as the app would send), kept-alive: the client may
+# send its next request on this connection.
+SHED = b"HTTP/1.1 503 Service Unavailable\r\n%s\r\n%s" % (
+    b"".join(b"%s: %s\r\n" % header for header in SHED_HEADERS),
+    SHED_BODY,
+)
+SHED_AND_CLOSE = SHED.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
 OVER_CAPACITY = _canned(
     b"503 Service Unavailable",
     b"too_many_connections",
     b"this worker holds its maximum of open connections; retry",
     b"retry-after: 1\r\n",
+)
+MADE_ROOM = _canned(
+    b"408 Request Timeout",
+    b"request_timeout",
+    b"connection closed while idle to make room for another; retry",
 )
 HEADER_TIMEOUT = _canned(
     b"408 Request Timeout", b"request_timeout", b"request headers did not arrive in time"
@@ -79,6 +99,9 @@ class GuardedProtocol(HttpToolsProtocol):
     """HttpToolsProtocol bounded by ``limits`` (set on the subclass ``guarded_protocol`` makes)."""
 
     limits: ClassVar[ConnectionLimits]
+    # This worker's connections with no request in progress, the longest idle first (a dict
+    # keeps insertion order; re-inserting moves one to the end).
+    idle: ClassVar[dict[GuardedProtocol, None]]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -86,19 +109,33 @@ class GuardedProtocol(HttpToolsProtocol):
         self._in_headers = False  # reading a request line + headers
         self._header_bytes = 0
         self._rejected = False
+        self._shedding = False  # skipping the body of a request answered 503 at its head
+        self._client = Client()
 
     # -- connection -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self.limits.max_connections:
+        if len(self.connections) > self.limits.max_connections and not self._make_room():
             self._rejected = True
             metrics.CONNECTIONS_CLOSED.labels("max_connections").inc()
             transport.write(OVER_CAPACITY)
             transport.close()
             return
+        self.idle[self] = None
         self._await_headers()
 
+    def _make_room(self) -> bool:
+        """Close the connection idle the longest; False when every connection is busy."""
+        victim = next(iter(self.idle), None)
+        if victim is None:
+            return False
+        del self.idle[victim]
+        victim._close_with(MADE_ROOM, "made_room")
+        return True
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self.idle.pop(self, None)
+        self._client.gone = True
         self._cancel_deadline()
         super().connection_lost(exc)
 
@@ -121,26 +158,58 @@ class GuardedProtocol(HttpToolsProtocol):
             self._await_headers()
 
     def on_headers_complete(self) -> None:
+        self.idle.pop(self, None)  # busy until its response is complete
         self._in_headers = False
         self._cancel_deadline()
         self._deadline = self.loop.call_later(
             self.limits.body_timeout_s + BODY_GRACE_S, self._body_timed_out
         )
         admission = self.limits.admission
-        if admission is not None and admission.full() and self._is_rank():
-            app, self.app = self.app, admission.shed_app  # this request only
-            try:
-                super().on_headers_complete()
-            finally:
-                self.app = app
-            return
+        if admission is not None and self._is_rank():
+            ticket = admission.reserve(self._client)
+            if ticket is None and self._idle():
+                self._shed()
+                return
+            if ticket is not None:
+                self.scope["state"][TICKET] = ticket
+            # else: a pipelined request behind one still answered; the route sheds it in turn.
         super().on_headers_complete()
 
     def _is_rank(self) -> bool:
         return self.parser.get_method() == b"POST" and self.url.split(b"?", 1)[0] == b"/rank"
 
+    def _idle(self) -> bool:
+        """No earlier response still owed on this connection (bytes may be written now)."""
+        return self.cycle is None or self.cycle.response_complete
+
+    def _shed(self) -> None:
+        """Answer 503 now and skip the body as it arrives (uvicorn never sees this request)."""
+        metrics.SHED.labels("queue_full").inc()
+        metrics.HTTP_REQUESTS.labels("/rank", "POST", "503").inc()
+        self._shedding = True
+        # A client waiting for "100 Continue" may never send the body, and one that asked to
+        # close expects it: either way the connection ends with this answer.
+        keep = self.parser.should_keep_alive() and not self.expect_100_continue
+        self.transport.write(SHED if keep else SHED_AND_CLOSE)
+        if not keep:
+            self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self.pipeline:
+            self.idle.pop(self, None)
+            self.idle[self] = None  # idle from now: the last to give way
+
+    def on_body(self, body: bytes) -> None:
+        if not self._shedding:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
         self._cancel_deadline()
+        if self._shedding:  # its 503 is out: on to the next request, as after any response
+            self._shedding = False
+            self.on_response_complete()
+            return
         super().on_message_complete()
         # uvicorn pauses reading while a large body waits for the app and resumes only when
         # the app next calls receive(); after the last chunk nobody does, so a client that
@@ -183,4 +252,4 @@ class GuardedProtocol(HttpToolsProtocol):
 
 def guarded_protocol(limits: ConnectionLimits) -> type[GuardedProtocol]:
     """The protocol class for ``uvicorn.Config(http=...)`` enforcing ``limits``."""
-    return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits})
+    return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits, "idle": {}})

@@ -18,7 +18,13 @@ from starlette.background import BackgroundTask
 from service import metrics
 from service.errors import NotReady
 from service.http import body
-from service.http.admission import MAX_TIMEOUT_MS, TIMEOUT_HEADER, Admission, request_deadline
+from service.http.admission import (
+    MAX_TIMEOUT_MS,
+    TICKET,
+    TIMEOUT_HEADER,
+    Admission,
+    request_deadline,
+)
 from service.http.responses import JSON, json_response
 from service.http.schemas import ErrorResponse, ModelsOut, RankResponse, Status
 from service.ranking.ranking import Ranker, RankResult
@@ -111,18 +117,18 @@ def rank_router(
         openapi_extra=_RANK_BODY,
     )
     async def rank(request: Request) -> Response:
-        body.check_content_type(request)
-        coding = body.content_coding(request)
-        deadline = request_deadline(
-            request.headers.get(TIMEOUT_HEADER),
-            settings.request_timeout_ms,
-            request.scope["state"].get("arrived_at"),
-        )
-        async with admission.admit(deadline, request.is_disconnected) as acquire:
+        state = request.scope["state"]
+        async with admission.admit(state.get(TICKET)) as ticket:  # first: every exit releases
+            body.check_content_type(request)
+            coding = body.content_coding(request)
+            deadline = request_deadline(
+                request.headers.get(TIMEOUT_HEADER),
+                settings.request_timeout_ms,
+                state.get("arrived_at"),
+            )
             raw = await body.read_body(request, max_body)
-            await acquire()
-            result = await anyio.to_thread.run_sync(
-                decode_and_rank, raw, coding, request.state.request_id
+            result = await admission.run(
+                ticket, deadline, decode_and_rank, raw, coding, request.state.request_id
             )
         request.state.request_id = result.request_id
         request.state.model_version = result.model_version

@@ -28,6 +28,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -53,6 +54,7 @@ MAX_FAST_CRASHES = 3  # row, is crash-looping (port taken, broken install): give
 # Objects survive far longer than a request here; a larger first generation means fewer
 # collections per request (a 500-candidate body allocates thousands of short-lived objects).
 GC_THRESHOLD = (50_000, 20, 100)
+FD_HEADROOM = 256  # descriptors beyond the connection cap: bundles, snapshots, logs, sockets
 
 
 def bind_socket(host: str, port: int, *, reuse_port: bool, listen: bool = True) -> socket.socket:
@@ -87,6 +89,26 @@ def _tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
+def raise_fd_limit(max_connections: int) -> int:
+    """Raise this process's open-file limit towards its hard limit; returns the soft limit.
+
+    A worker holds one descriptor per connection besides its own files: with a soft limit of
+    1024 (a common default) the connection cap of 1024 could never be reached, and accept()
+    would fail with EMFILE before the cap's oldest-idle rule could make room.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + FD_HEADROOM
+    if soft < wanted and (hard == resource.RLIM_INFINITY or soft < hard):
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft < wanted:
+        log_fields(
+            log, logging.WARNING, "open-file limit below the connection cap",
+            limit=soft, max_connections=max_connections,
+        )  # fmt: skip
+    return soft
+
+
 def serve(settings: Settings, sock: socket.socket) -> None:
     """Run one uvicorn server for ``create_app(settings)`` on ``sock`` until SIGTERM/SIGINT."""
     import uvicorn
@@ -101,6 +123,7 @@ def serve(settings: Settings, sock: socket.socket) -> None:
             host, port = sock.getsockname()[:2]
             log_fields(log, logging.INFO, "listening", host=host, port=port, pid=os.getpid())
 
+    raise_fd_limit(settings.max_connections)
     app = create_app(settings)
     limits = ConnectionLimits(
         settings.max_connections,

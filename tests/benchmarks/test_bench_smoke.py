@@ -76,6 +76,11 @@ def test_json_has_every_part(bench_run: tuple[Path, dict[str, Any]]) -> None:
     for threads in ("threads1", "threads2"):
         assert set(results["floor"][threads]) == {"16"}
         assert results["floor"][threads]["16"]["p50"] > 0
+    stages = results["stages"]["16"]  # one /rank stage by stage (features in the request)
+    for stage in ("parse", "encode", "run", "fuse", "serialise"):
+        assert stages[stage] > 0, stage
+    assert stages["fetch"] == 0
+    assert stages["total"] == pytest.approx(sum(v for k, v in stages.items() if k != "total"), 0.01)
 
 
 def test_http_results(bench_run: tuple[Path, dict[str, Any]]) -> None:
@@ -150,7 +155,7 @@ def test_targets_markdown_and_plot(bench_run: tuple[Path, dict[str, Any]]) -> No
     text = (out / "latest.md").read_text()
     headings = (
         "## Targets", "## Latency at concurrency 1", "## Throughput", "## Shadow scoring",
-        "## Model graphs",
+        "## Model graphs", "## Where a /rank goes",
     )  # fmt: skip
     for heading in headings:
         assert heading in text
