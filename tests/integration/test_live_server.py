@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import statistics
 import subprocess
 import sys
 import textwrap
@@ -228,16 +227,12 @@ def test_service_modules_do_not_import_torch() -> None:
 def test_two_workers(start_server: Start, live_registry: Path, version: str) -> None:
     server = start_server(live_registry, workers=2)
     body = rank_body(5)
-    # c=1 keep-alive latency: TCP_NODELAY must be on (uvicorn #3149 would add ~45 ms each).
-    latencies = []
+    # Keep-alive requests on one connection. TCP_NODELAY on the listener the workers accept on
+    # (without it each would wait ~45 ms) is checked on the socket: tests/service/test_server.py.
     with httpx.Client(base_url=server.url, timeout=10) as http:
         for _ in range(60):
-            start = time.perf_counter()
             r = http.post("/rank", json=body)
-            latencies.append(time.perf_counter() - start)
             assert r.status_code == 200 and r.json()["model_version"] == version
-    p50 = statistics.median(latencies[10:])
-    assert p50 < 0.02, f"c=1 keep-alive p50 {p50 * 1000:.1f} ms"
     # Fresh connections spread over both workers (SO_REUSEPORT, one socket each).
     for _ in range(40):
         assert httpx.post(f"{server.url}/rank", json=body, timeout=10).status_code == 200
