@@ -1,8 +1,8 @@
 """``vidrank experiment``: does a multi-gate model beat a shared bottom, and when?
 
 The sweep of the MMoE paper's synthetic study (Ma et al., KDD 2018, Fig. 4) on our simulator:
-simulator presets (task relatedness, from conflicting to identical tasks; model/training/
-simulate.py's ``PRESETS``) x architectures (``config.ARCHS``: whatever ``--arch`` offers) x seeds.
+simulator presets (task relatedness, from conflicting to identical tasks; model/simulator/
+world.py's ``PRESETS``) x architectures (``config.ARCHS``: whatever ``--arch`` offers) x seeds.
 Seed s simulates world s and trains with seed s, and every architecture of a (preset, seed) trains
 on the same frame, so gains over shared-bottom are paired differences.
 
