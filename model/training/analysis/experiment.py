@@ -111,14 +111,17 @@ OPTIONS: dict[str, dict[str, Any]] = {
     **{balance: {"loss_balance": balance} for balance in BALANCES},
     "es": {"entire_space": True},
     "indep": {"entire_space": False},
+    # Interaction tables twice as wide: room for every task's driver in the shared dots.
+    "wide": {"interaction_dim": 2 * TrainConfig().interaction_dim},
 }
 
 
 def variant(name: str) -> tuple[str, dict[str, Any]]:
     """``"ARCH[:OPTION]..."`` -> (arch, its ``TrainConfig`` overrides).
 
-    An option is a loss balance (``stem:fixed``), ``es`` (entire-space heads) or ``indep``
-    (independent heads); what is not named stays the architecture's default.
+    An option is a loss balance (``stem:fixed``), ``es`` (entire-space heads), ``indep``
+    (independent heads) or ``wide`` (interaction tables of twice the default width); what is
+    not named stays the architecture's default.
     """
     arch, *options = name.split(":")
     overrides: dict[str, Any] = {}

@@ -164,6 +164,7 @@ def test_gains_over_single_task_and_balance_variants() -> None:
         "mmoe",
         {"entire_space": True, "loss_balance": "uncertainty"},
     )
+    assert variant("stem:wide") == ("stem", {"interaction_dim": 64})
     Sweep(archs=("stem:gradnorm", "mmoe"))  # a variant is a valid arch of a sweep
     with pytest.raises(ValueError, match="--archs"):
         Sweep(archs=("mmoe:magic",))
