@@ -35,7 +35,7 @@ from model.training.loop import (
     sparse_tables,
 )
 from model.training.mmoe import ARCHS, MMoE, MMoEConfig
-from model.training.objective import evaluate_split, gate_diagnostics
+from model.training.objective import GateStats, evaluate_split
 from model.training.publish import publish
 from model.training.train import run_train
 
@@ -199,7 +199,9 @@ def test_a_collapsed_gate_shows(trained_model: TrainResult) -> None:
         bias[:, 2] = 30.0  # every task's gate sends everything to expert 2
         gate.bias.copy_(bias.reshape(-1))
     split = encode_split(trained_model.schema, trained_model.test, model.config.watch_scale)
-    diag = gate_diagnostics(predict(model, split, return_gates=True)["gates"], TASKS)
+    stats = GateStats()
+    predict(model, split, stats)
+    diag = stats.diagnostics(TASKS)
     healthy = trained_model.gate_diagnostics
     assert healthy is not None
     for task in TASKS:
@@ -256,8 +258,9 @@ def test_gate_diagnostics_are_those_of_the_restored_weights(
 ) -> None:
     """Taken while validating (no extra pass), they equal a pass with the final weights."""
     valid = prepare(tiny_frame).valid
-    gates = predict(trained_model.model, valid, return_gates=True)["gates"]
-    assert trained_model.gate_diagnostics == gate_diagnostics(gates, TASKS)
+    stats = GateStats()
+    predict(trained_model.model, valid, stats)
+    assert trained_model.gate_diagnostics == stats.diagnostics(TASKS)
 
 
 def test_early_stopping_keeps_and_restores_the_best_weights(trained_model: TrainResult) -> None:
@@ -432,3 +435,21 @@ def test_compiled_parts_train_like_eager_ones_and_are_plain_after(
     out_eager = eager(batch[0])
     for task in TASKS:
         torch.testing.assert_close(out_fast[task], out_eager[task], rtol=1e-4, atol=1e-5)
+
+
+def test_gate_stats_added_in_chunks_are_those_of_the_whole_split() -> None:
+    """Validation adds the gate weights chunk by chunk: the diagnostics are the whole split's."""
+    gates = np.random.default_rng(0).dirichlet(np.ones(8), size=(1000, 3)).astype(np.float32)
+    stats = GateStats()
+    for chunk in np.array_split(gates, 7):
+        stats.add(chunk)
+    g = gates.astype(np.float64)
+    entropy = -(g * np.log(g)).sum(-1).mean(0)
+    diag = stats.diagnostics(TASKS)
+    assert diag["n_rows"] == 1000
+    for i, task in enumerate(TASKS):
+        assert diag["tasks"][task]["mean_entropy"] == pytest.approx(entropy[i], rel=1e-12)
+        assert diag["tasks"][task]["mean_weights"] == pytest.approx(g.mean(0)[i], abs=1e-6)
+        assert diag["tasks"][task]["max_mean_share"] == pytest.approx(g.mean(0)[i].max())
+    with pytest.raises(ValueError, match="no gate weights"):
+        GateStats().diagnostics(TASKS)
