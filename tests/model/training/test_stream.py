@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from model.simulator.world import SimConfig, simulate, write_simulation
 from model.training.batches import StepShare
 from model.training.config import TrainConfig, TrainJob
 from model.training.data import load_impressions, read_shard, split_by_time
-from model.training.fit import TooLittleData, fit, split_frame
+from model.training.fit import EVAL_COLUMNS, TooLittleData, fit, split_frame
 from model.training.prepared import PreparedData, fit_prepared, prepare_stream
 from model.training.stream import SplitBounds, StreamedBatches, streams
 
@@ -74,6 +75,20 @@ def test_streamed_basis_is_the_in_memory_one(log_dir: Path, prepared: PreparedDa
         assert (g.mean, g.std) == pytest.approx((f.mean, f.std), rel=1e-9), f.name
     # float32 labels: pandas sums them in float32 precision, the streaming pass in float64
     assert streamed.label_means == pytest.approx(basis.label_means, rel=1e-6)
+
+
+def test_held_out_splits_keep_their_encoding_and_only_what_evaluation_reads(
+    prepared: PreparedData,
+) -> None:
+    """The feature columns go once encoded (they would double a held-out row's memory); with
+    ``features`` (``--quantize`` scores the test rows as requests) they stay."""
+    lean, full = prepared.held_out("test"), prepared.held_out("test", features=True)
+    assert list(lean.frame.columns) == [c for c in EVAL_COLUMNS if c in full.frame.columns]
+    assert {"user_id", "click", "watch_s", "like", "true_p_click"} <= set(lean.frame.columns)
+    assert {"tag", "video_type", "duration_s"} <= set(full.frame.columns) - set(lean.frame.columns)
+    pd.testing.assert_frame_equal(lean.frame, full.frame[list(lean.frame.columns)])
+    for key, tensor in full.inputs.items():
+        assert torch.equal(lean.inputs[key], tensor)
 
 
 def test_bounds_break_ties_by_log_position() -> None:
