@@ -30,6 +30,7 @@ from model.training.loop import (
     EpochLoop,
     Optimizers,
     Step,
+    autocast_dtype,
     compiled,
     dense_parts,
     sparse_tables,
@@ -453,3 +454,26 @@ def test_gate_stats_added_in_chunks_are_those_of_the_whole_split() -> None:
         assert diag["tasks"][task]["max_mean_share"] == pytest.approx(g.mean(0)[i].max())
     with pytest.raises(ValueError, match="no gate weights"):
         GateStats().diagnostics(TASKS)
+
+
+def test_bf16_autocast_runs_the_layers_in_bf16_and_trains_like_fp32(
+    tiny_frame: pd.DataFrame,
+) -> None:
+    """``--precision bf16`` runs the forward pass's matmuls in bf16 (their fp32 bias adds promote
+    the activations back, so the losses are fp32 and close to fp32's, not equal); ``auto``, the
+    default, is bf16 exactly where oneDNN has bf16 kernels."""
+    config = TrainConfig(small=True, seed=1)
+    assert config.precision == "auto"
+    has_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert autocast_dtype("auto") == (torch.bfloat16 if has_bf16 else None)
+    assert autocast_dtype("bf16") == torch.bfloat16 and autocast_dtype("fp32") is None
+    data = prepare(tiny_frame.iloc[:4000])
+    model = build(config, data.basis).eval()
+    batch = data.train.rows(np.arange(512))
+    weights = FixedWeights(config.loss_weights)
+    exact = Step(weights, None).losses(model, batch)
+    low = Step(weights, torch.bfloat16).losses(model, batch)
+    assert any(not torch.equal(low[t], exact[t]) for t in TASKS)  # bf16 did run
+    for task in TASKS:
+        assert low[task].dtype == torch.float32
+        torch.testing.assert_close(low[task], exact[task], rtol=2e-2, atol=1e-3)
