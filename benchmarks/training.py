@@ -13,6 +13,8 @@ Variants (the model and its data are the same; only the step's mechanics differ)
 
 ``eager-dense``    fp32, dense gradients and fused Adam over everything, no compile: the step as
                    it was before issue 19, less the interaction layer's row form
+``bf16``           ... with the forward pass under bf16 autocast (``--precision bf16``; the
+                   default ``auto`` picks it where the CPU has bf16 kernels)
 ``compile``        ... with the dense parts compiled by torch.compile (``--compile on``; ``auto``
                    compiles runs of ``COMPILE_MIN_STEPS`` steps or more)
 ``sparse+compile`` ... and row-wise gradients with SparseAdam for the id tables (``--sparse``)
@@ -52,12 +54,13 @@ BASE = TrainConfig(sparse=False, precision="fp32", compile="off")
 COMPILED = replace(BASE, compile="on")
 VARIANTS: dict[str, TrainConfig] = {
     "eager-dense": BASE,
+    "bf16": replace(BASE, precision="bf16"),
     "compile": COMPILED,
     "sparse+compile": replace(COMPILED, sparse=True),
     "+bf16": replace(COMPILED, precision="bf16"),
     "+batch4096": replace(COMPILED, batch_size=4096, lr=BASE.lr * 2**0.5),
 }
-QUICK_VARIANTS = ("eager-dense", "compile")
+QUICK_VARIANTS = ("eager-dense", "bf16")
 
 
 @dataclass

@@ -166,8 +166,12 @@ def train(
         ),
     ] = False,
     precision: Annotated[
-        str, typer.Option(help="Training forward pass: fp32, bf16 (autocast), or auto.")
-    ] = "fp32",
+        str,
+        typer.Option(
+            help="Training forward pass: fp32, bf16 (autocast), or auto (bf16 where the CPU "
+            "has bf16 kernels, else fp32)."
+        ),
+    ] = "auto",
     compile_: Annotated[
         str,
         typer.Option(

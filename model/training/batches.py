@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,9 @@ from torch import Tensor
 from model.core.features import FeatureSchema
 from model.core.tasks import LABEL_COLUMNS
 from model.training.mmoe import RankingModel
+
+if TYPE_CHECKING:  # objective.py imports this module
+    from model.training.objective import GateStats
 
 EVAL_BATCH = 16_384
 
@@ -92,14 +96,18 @@ class Shuffled:
 
 
 def predict(
-    model: RankingModel, split: EncodedSplit, return_gates: bool = False
+    model: RankingModel, split: EncodedSplit, gates: GateStats | None = None
 ) -> dict[str, np.ndarray]:
-    """Eval-mode outputs over a split in chunks: tasks, ``<task>_logit`` (and ``gates``)."""
+    """Eval-mode outputs over a split in chunks: tasks and ``<task>_logit``; with ``gates``, the
+    gate weights of each chunk are added to it (and not returned)."""
     model.eval()
     chunks: dict[str, list[np.ndarray]] = {}
     with torch.inference_mode():
         for start in range(0, len(split), EVAL_BATCH):
             part = {k: v[start : start + EVAL_BATCH] for k, v in split.inputs.items()}
-            for k, v in model(part, return_gates=return_gates).items():
+            out = model(part, return_gates=gates is not None)
+            if gates is not None and "gates" in out:
+                gates.add(out.pop("gates").numpy())
+            for k, v in out.items():
                 chunks.setdefault(k, []).append(v.numpy())
     return {k: np.concatenate(v) for k, v in chunks.items()}

@@ -97,7 +97,9 @@ class TrainConfig:
     # Watch and like heads chained with the click (ESMM; model/training/layers.py Heads).
     entire_space: bool | None = None
     sparse: bool = False  # id tables: row-wise (sparse) gradients and SparseAdam, or dense Adam
-    precision: str = "fp32"  # of the forward pass in training: fp32, bf16 (autocast) or auto
+    # of the forward pass in training: fp32, bf16 (autocast) or auto (bf16 where the CPU has bf16
+    # kernels: 1.18x the step's speed on this Zen 4, held-out metrics equal to 1e-4 at 1M)
+    precision: str = "auto"
     compile: str = "off"  # torch.compile the dense parts: on, off, auto (long runs only)
 
     def __post_init__(self) -> None:

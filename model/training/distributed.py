@@ -211,10 +211,9 @@ def _local_index(frame: pd.DataFrame, n_global: int) -> np.ndarray:
     return local_of
 
 
-def _read_split(data: PreparedData, split: str, rank: Rank) -> EncodedSplit:
-    """This rank's shard of the training split, or the whole of valid/test."""
-    part = rank if split == "train" else Rank(0, 1)
-    return data.basis.encode(read_shard(data.split_dir(split), part.rank, part.world))
+def _read_train(data: PreparedData, rank: Rank) -> EncodedSplit:
+    """This rank's shard of the training split (data prepared from a frame)."""
+    return data.basis.encode(read_shard(data.split_dir("train"), rank.rank, rank.world))
 
 
 def _rank_batches(
@@ -228,7 +227,7 @@ def _rank_batches(
         names = ", ".join(f.name for f in files)
         print(f"rank {rank.rank}/{rank.world}: streams {rows[rank.rank]:,} training rows ({names})")
         return StreamedBatches(files, data.basis, local, rows, rank.rank, share)
-    train = _read_split(data, "train", rank)
+    train = _read_train(data, rank)
     local_of = _local_index(train.frame, data.rows["train"])
     return GlobalBatches(train, local_of, config.batch_size, share)
 
@@ -243,9 +242,14 @@ def _seed_dropout(seed: int, rank: Rank) -> None:
 
 
 def fit_rank(
-    config: TrainConfig, data: PreparedData, rank: Rank, verbose: bool = True
+    config: TrainConfig,
+    data: PreparedData,
+    rank: Rank,
+    verbose: bool = True,
+    test_features: bool = False,
 ) -> TrainResult | None:
-    """``fit``'s steps on this rank's shard with DDP; rank 0 returns the result, others None."""
+    """``fit``'s steps on this rank's shard with DDP; rank 0 returns the result, others None
+    (its test frame with the feature columns only with ``test_features``, as ``fit_prepared``)."""
     torch.set_num_threads(THREADS_PER_RANK)
     model = build(config, data.basis)
     share = StepShare()
@@ -253,13 +257,13 @@ def fit_rank(
     ddp.register_comm_hook(share, weighted_allreduce)
     _seed_dropout(config.seed, rank)
     batches = _rank_batches(config, data, rank, share)
-    valid = _read_split(data, "valid", rank) if rank.is_main else None
+    valid = data.held_out("valid") if rank.is_main else None
     loop = EpochLoop(model, config, collective=rank, module=ddp, verbose=verbose)
     epochs = loop.run(batches, valid)
     if not rank.is_main:
         return None
     assert valid is not None  # rank 0 reads it
-    test = _read_split(data, "test", rank)
+    test = data.held_out("test", test_features)
     splits = (valid, test)
     return finalise(model, data.basis, epochs, splits, data.rows, config, world=rank.world)
 
@@ -278,7 +282,8 @@ def run_rank(job: TrainJob, version: str, prepared: Path | None) -> str:
             root, version, error = broadcast_object(plan)
             if error:
                 raise RuntimeError(f"rank 0 could not prepare the training data: {error}")
-            result = fit_rank(job.train, PreparedData.load(Path(root)), rank)
+            data = PreparedData.load(Path(root))
+            result = fit_rank(job.train, data, rank, test_features=job.quantize)
             if result is not None:
                 announce(result, publish(result, job, version), job, rank.world)
         finally:

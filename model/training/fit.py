@@ -30,7 +30,7 @@ import torch
 
 from model.core.errors import VidrankError
 from model.core.features import FeatureSchema, default_schema
-from model.core.tasks import LABEL_COLUMNS, PROBABILITY_TASKS
+from model.core.tasks import LABEL_COLUMNS, PROBABILITY_TASKS, TRUTH_COLUMNS
 from model.training.batches import EncodedSplit, Shuffled, encode_split, predict
 from model.training.calibrate import Calibration, calibrate_heads
 from model.training.config import TrainConfig
@@ -43,6 +43,9 @@ from model.training.objective import evaluate_split
 TRAIN_THREADS = 2  # fixed so that results are reproducible (and fit the 2-core target machine)
 SPLITS = ("train", "valid", "test")
 TASKS_01 = sorted(PROBABILITY_TASKS)  # the tasks whose labels are 0 or 1
+# What ``finalise`` and publishing read of a held-out frame (labels, lists, the truth), besides the
+# encoded features; prepared data keeps only these (``PreparedData.held_out``).
+EVAL_COLUMNS = ("user_id", "time_ms", *LABEL_COLUMNS.values(), *TRUTH_COLUMNS.values())
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from model.training.balance import Balance, make_balance
 from model.training.batches import Batch, EncodedSplit, predict
 from model.training.config import TrainConfig
 from model.training.mmoe import RankingModel
-from model.training.objective import evaluate_split, gate_diagnostics, task_losses
+from model.training.objective import GateStats, evaluate_split, task_losses
 
 PATIENCE = 1  # the first epoch that does not improve the validation loss ends training
 # --compile auto: compiling costs 20-50 s on 2 cores and saves ~40 % of a step of ~0.2 s
@@ -350,13 +350,14 @@ class EpochLoop:
                 for hook in self.hooks:
                     hook(epoch, optimizer)
                 if valid is not None:
-                    preds = predict(self.model, valid, return_gates=True)
+                    gate_stats = GateStats()
+                    preds = predict(self.model, valid, gate_stats)
                     record.update(evaluate_split(preds, valid, self.config.loss_weights))
                     history.append(record)
                     if self.verbose:
                         print(epoch_line(record, time.perf_counter() - t0, self.collective.world))
-                    if stopper.observe(epoch, record["loss"]) and "gates" in preds:
-                        gates = gate_diagnostics(preds["gates"], self.model.config.tasks)
+                    if stopper.observe(epoch, record["loss"]) and gate_stats.rows:
+                        gates = gate_stats.diagnostics(self.model.config.tasks)
                 if not self.collective.agree(not stopper.should_stop):
                     break
         train_time = time.perf_counter() - started

@@ -24,13 +24,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 
 from model.core.features import FeatureSchema
 from model.training.batches import EncodedSplit
 from model.training.config import TrainConfig, TrainJob
-from model.training.data import list_shards, load_impressions, log_paths, read_shard, write_shards
+from model.training.data import list_shards, load_impressions, log_paths, write_shards
 from model.training.fit import (
+    EVAL_COLUMNS,
     SPLITS,
     TRAIN_THREADS,
     Basis,
@@ -41,6 +43,7 @@ from model.training.fit import (
 from model.training.sources import load_frame
 from model.training.stream import StreamedBatches, streams, write_splits
 
+HELD_OUT_CHUNK = 1 << 18  # held-out rows read and encoded at a time
 META_FILE = "meta.json"
 META_FORMAT = 1
 ROW_COLUMN = "train_row"  # a training row's index in the whole (time-ordered) training split
@@ -90,9 +93,48 @@ class PreparedData:
         per_shard = [n // k + (i < n % k) for i in range(k)]
         return tuple(sum(per_shard[r::world]) for r in range(world))
 
-    def held_out(self, split: str) -> EncodedSplit:
-        """The valid or test split, encoded (held-out splits are read whole)."""
-        return self.basis.encode(read_shard(self.split_dir(split), 0, 1))
+    def held_out(self, split: str, features: bool = False) -> EncodedSplit:
+        """The valid or test split, encoded whole, in time order (``read_shard``'s rows).
+
+        Read and encoded ``HELD_OUT_CHUNK`` rows at a time, and its frame keeps only what
+        evaluation reads (``EVAL_COLUMNS``) unless ``features``: the raw feature columns would
+        double what a held-out row costs (~150 bytes encoded), and at 30M impressions the 6M
+        held-out rows are most of a run's memory.
+        """
+        (path,) = list_shards(self.split_dir(split))  # held-out splits are one shard
+        frames: list[pd.DataFrame] = []
+        parts: list[EncodedSplit] = []
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=HELD_OUT_CHUNK):
+            frame = batch.to_pandas()
+            parts.append(self.basis.encode(frame))
+            keep = frame.columns if features else [c for c in EVAL_COLUMNS if c in frame.columns]
+            frames.append(frame[keep])
+        whole = EncodedSplit(
+            pd.concat(frames, ignore_index=True), _joined(parts, "inputs"), _joined(parts, "labels")
+        )
+        time_ms = whole.frame["time_ms"].to_numpy()
+        if len(time_ms) and (np.diff(time_ms) < 0).any():  # written in time order; else sort
+            whole = _reordered(whole, np.argsort(time_ms, kind="stable"))
+        return whole
+
+
+def _joined(parts: list[EncodedSplit], name: str) -> dict[str, torch.Tensor]:
+    """One tensor per key from the chunks' ``inputs`` or ``labels``; each key's chunks are let go
+    once joined, so the chunks and the whole are never both held for more than one key."""
+    out: dict[str, torch.Tensor] = {}
+    keys = list(getattr(parts[0], name)) if parts else []
+    for key in keys:
+        out[key] = torch.cat([getattr(p, name).pop(key) for p in parts])
+    return out
+
+
+def _reordered(split: EncodedSplit, order: np.ndarray) -> EncodedSplit:
+    index = torch.from_numpy(order)
+    return EncodedSplit(
+        split.frame.iloc[order].reset_index(drop=True),
+        {k: v[index] for k, v in split.inputs.items()},
+        {k: v[index] for k, v in split.labels.items()},
+    )
 
 
 def is_prepared(path: Path | None) -> bool:
@@ -163,11 +205,18 @@ def prepare_logs(data_dir: Path, out_dir: Path, n_shards: int) -> PreparedData:
 
 
 def fit_prepared(
-    data: PreparedData, config: TrainConfig, *, threads: int = TRAIN_THREADS, verbose: bool = True
+    data: PreparedData,
+    config: TrainConfig,
+    *,
+    threads: int = TRAIN_THREADS,
+    verbose: bool = True,
+    test_features: bool = False,
 ) -> TrainResult:
-    """``fit`` in one process on prepared data, its training split streamed from the shards."""
+    """``fit`` in one process on prepared data, its training split streamed from the shards; the
+    result's test frame holds the feature columns only with ``test_features`` (``--quantize``
+    scores the test rows as requests)."""
     torch.set_num_threads(threads)
     rows = data.shard_rows(1)
     train = StreamedBatches(data.shards(0, 1), data.basis, config.batch_size, rows)
-    held_out = (data.held_out("valid"), data.held_out("test"))
+    held_out = (data.held_out("valid"), data.held_out("test", test_features))
     return train_and_finalise(config, data.basis, train, held_out, verbose)

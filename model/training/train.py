@@ -59,7 +59,7 @@ def _fit_here(job: TrainJob) -> TrainResult:
         with tempfile.TemporaryDirectory(prefix="vidrank-stream-") as tmp:
             data = prepare_data(job, Path(tmp), 1)
             print(f"{sum(data.rows.values()):,} impressions, streamed; {arch}")
-            return fit_prepared(data, job.train)
+            return fit_prepared(data, job.train, test_features=job.quantize)
     frame = load_frame(job)
     print(f"{len(frame):,} impressions; {arch}")
     return fit(frame, job.train)

@@ -9,17 +9,20 @@ streamed training run must reach the held-out metrics of ``fit`` on the same dat
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from model.simulator.world import SimConfig, simulate, write_simulation
+from model.training import prepared as prepared_module
 from model.training.batches import StepShare
 from model.training.config import TrainConfig, TrainJob
-from model.training.data import load_impressions, read_shard, split_by_time
-from model.training.fit import TooLittleData, fit, split_frame
+from model.training.data import list_shards, load_impressions, read_shard, split_by_time
+from model.training.fit import EVAL_COLUMNS, TooLittleData, fit, split_frame
 from model.training.prepared import PreparedData, fit_prepared, prepare_stream
 from model.training.stream import SplitBounds, StreamedBatches, streams
 
@@ -74,6 +77,45 @@ def test_streamed_basis_is_the_in_memory_one(log_dir: Path, prepared: PreparedDa
         assert (g.mean, g.std) == pytest.approx((f.mean, f.std), rel=1e-9), f.name
     # float32 labels: pandas sums them in float32 precision, the streaming pass in float64
     assert streamed.label_means == pytest.approx(basis.label_means, rel=1e-6)
+
+
+def test_held_out_splits_keep_their_encoding_and_only_what_evaluation_reads(
+    prepared: PreparedData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read and encoded in chunks, a held-out split is the whole split's encoding in time order;
+    the feature columns go once encoded (they would double a held-out row's memory), and with
+    ``features`` (``--quantize`` scores the test rows as requests) they stay."""
+    monkeypatch.setattr(prepared_module, "HELD_OUT_CHUNK", 700)  # ~3k rows: five chunks
+    whole = prepared.basis.encode(read_shard(prepared.split_dir("test"), 0, 1))
+    lean, full = prepared.held_out("test"), prepared.held_out("test", features=True)
+    pd.testing.assert_frame_equal(full.frame, whole.frame)
+    assert list(lean.frame.columns) == [c for c in EVAL_COLUMNS if c in whole.frame.columns]
+    assert {"user_id", "click", "watch_s", "like", "true_p_click"} <= set(lean.frame.columns)
+    assert {"tag", "video_type", "duration_s"} <= set(full.frame.columns) - set(lean.frame.columns)
+    pd.testing.assert_frame_equal(lean.frame, whole.frame[list(lean.frame.columns)])
+    for split in (lean, full):
+        for key, tensor in [*whole.inputs.items(), *whole.labels.items()]:
+            assert torch.equal({**split.inputs, **split.labels}[key], tensor)
+
+
+def test_a_held_out_file_out_of_time_order_is_read_in_time_order(
+    prepared: PreparedData, tmp_path: Path
+) -> None:
+    shutil.copytree(prepared.root, tmp_path / "p")
+    path = list_shards(tmp_path / "p" / "valid")[0]
+    rows = pd.read_parquet(path)
+    rows.iloc[::-1].to_parquet(path, row_group_size=500)
+    read = PreparedData.load(tmp_path / "p").held_out("valid", features=True)
+    assert read.frame["time_ms"].is_monotonic_increasing
+    expected = prepared.held_out("valid", features=True)
+    pd.testing.assert_frame_equal(
+        read.frame.sort_values(KEY, kind="stable").reset_index(drop=True),
+        expected.frame.sort_values(KEY, kind="stable").reset_index(drop=True),
+    )
+    for key, tensor in expected.inputs.items():  # every row kept its own encoding
+        order_read = np.lexsort([read.frame[c].to_numpy() for c in reversed(KEY)])
+        order_expected = np.lexsort([expected.frame[c].to_numpy() for c in reversed(KEY)])
+        assert torch.equal(read.inputs[key][order_read], tensor[order_expected])
 
 
 def test_bounds_break_ties_by_log_position() -> None:

@@ -30,12 +30,13 @@ from model.training.loop import (
     EpochLoop,
     Optimizers,
     Step,
+    autocast_dtype,
     compiled,
     dense_parts,
     sparse_tables,
 )
 from model.training.mmoe import ARCHS, MMoE, MMoEConfig
-from model.training.objective import evaluate_split, gate_diagnostics
+from model.training.objective import GateStats, evaluate_split
 from model.training.publish import publish
 from model.training.train import run_train
 
@@ -199,7 +200,9 @@ def test_a_collapsed_gate_shows(trained_model: TrainResult) -> None:
         bias[:, 2] = 30.0  # every task's gate sends everything to expert 2
         gate.bias.copy_(bias.reshape(-1))
     split = encode_split(trained_model.schema, trained_model.test, model.config.watch_scale)
-    diag = gate_diagnostics(predict(model, split, return_gates=True)["gates"], TASKS)
+    stats = GateStats()
+    predict(model, split, stats)
+    diag = stats.diagnostics(TASKS)
     healthy = trained_model.gate_diagnostics
     assert healthy is not None
     for task in TASKS:
@@ -256,8 +259,9 @@ def test_gate_diagnostics_are_those_of_the_restored_weights(
 ) -> None:
     """Taken while validating (no extra pass), they equal a pass with the final weights."""
     valid = prepare(tiny_frame).valid
-    gates = predict(trained_model.model, valid, return_gates=True)["gates"]
-    assert trained_model.gate_diagnostics == gate_diagnostics(gates, TASKS)
+    stats = GateStats()
+    predict(trained_model.model, valid, stats)
+    assert trained_model.gate_diagnostics == stats.diagnostics(TASKS)
 
 
 def test_early_stopping_keeps_and_restores_the_best_weights(trained_model: TrainResult) -> None:
@@ -432,3 +436,44 @@ def test_compiled_parts_train_like_eager_ones_and_are_plain_after(
     out_eager = eager(batch[0])
     for task in TASKS:
         torch.testing.assert_close(out_fast[task], out_eager[task], rtol=1e-4, atol=1e-5)
+
+
+def test_gate_stats_added_in_chunks_are_those_of_the_whole_split() -> None:
+    """Validation adds the gate weights chunk by chunk: the diagnostics are the whole split's."""
+    gates = np.random.default_rng(0).dirichlet(np.ones(8), size=(1000, 3)).astype(np.float32)
+    stats = GateStats()
+    for chunk in np.array_split(gates, 7):
+        stats.add(chunk)
+    g = gates.astype(np.float64)
+    entropy = -(g * np.log(g)).sum(-1).mean(0)
+    diag = stats.diagnostics(TASKS)
+    assert diag["n_rows"] == 1000
+    for i, task in enumerate(TASKS):
+        assert diag["tasks"][task]["mean_entropy"] == pytest.approx(entropy[i], rel=1e-12)
+        assert diag["tasks"][task]["mean_weights"] == pytest.approx(g.mean(0)[i], abs=1e-6)
+        assert diag["tasks"][task]["max_mean_share"] == pytest.approx(g.mean(0)[i].max())
+    with pytest.raises(ValueError, match="no gate weights"):
+        GateStats().diagnostics(TASKS)
+
+
+def test_bf16_autocast_runs_the_layers_in_bf16_and_trains_like_fp32(
+    tiny_frame: pd.DataFrame,
+) -> None:
+    """``--precision bf16`` runs the forward pass's matmuls in bf16 (their fp32 bias adds promote
+    the activations back, so the losses are fp32 and close to fp32's, not equal); ``auto``, the
+    default, is bf16 exactly where oneDNN has bf16 kernels."""
+    config = TrainConfig(small=True, seed=1)
+    assert config.precision == "auto"
+    has_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert autocast_dtype("auto") == (torch.bfloat16 if has_bf16 else None)
+    assert autocast_dtype("bf16") == torch.bfloat16 and autocast_dtype("fp32") is None
+    data = prepare(tiny_frame.iloc[:4000])
+    model = build(config, data.basis).eval()
+    batch = data.train.rows(np.arange(512))
+    weights = FixedWeights(config.loss_weights)
+    exact = Step(weights, None).losses(model, batch)
+    low = Step(weights, torch.bfloat16).losses(model, batch)
+    assert any(not torch.equal(low[t], exact[t]) for t in TASKS)  # bf16 did run
+    for task in TASKS:
+        assert low[task].dtype == torch.float32
+        torch.testing.assert_close(low[task], exact[task], rtol=2e-2, atol=1e-3)
