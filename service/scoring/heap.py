@@ -9,7 +9,7 @@ is freed; from then on its *dynamic* threshold (the size of the largest block fr
 32 MiB) puts them in the heap, where freed copies stay resident between live blocks. Measured
 on the benchmark model (``benchmarks/memory.py``, one worker, four swaps): peak extra RSS +100,
 +114, +128, +137 MB against one model's 81 MB footprint (1.69x); with :func:`pin_thresholds`
-+82, +83, +84, +84 MB (1.05x), and RSS after each swap back at its level before.
++82, +86, +87, +87 MB (1.05-1.10x over four runs), RSS back at its level after each swap.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ M_MMAP_THRESHOLD = -3
 # 1.34x); 1 MiB and 4 MiB measured alike (1.03x, 1.05x).
 MMAP_THRESHOLD = 4 << 20
 # Free memory kept at the top of the heap before glibc gives it back. Pinning the mmap threshold
-# also pins this at its 128 KiB default (glibc adjusts the two together), and then every request
-# shrank and regrew the heap: 55 minor page faults per 500-candidate request, 313 per ~1,400,
-# against 0.5 and 0.2 without pinning and with this value (which is what glibc's own rule, twice
-# the mmap threshold, reaches after a model load has raised it).
+# also pins this one at its 128 KiB default (glibc adjusts the two together), and then every
+# request shrank and regrew the heap: 55 minor page faults per 500-candidate request, 313 per
+# ~1,400, against 0.5 and 0.2 with glibc's defaults and the same with this value (glibc's own rule
+# makes it twice the mmap threshold, tens of MB once a model load has raised that).
 TRIM_THRESHOLD = 32 << 20
 
 
@@ -64,10 +64,10 @@ def pin_thresholds(
 def release_heap() -> None:
     """Hand the heap pages that are free back to the OS (glibc's ``malloc_trim``).
 
-    Releasing a swapped-out session frees tens of MB; what was not in its own mappings stays in
-    glibc's arenas (one per thread that allocated) until trimmed, and without a trim every swap
-    ratcheted the worker's RSS up (+60 MB after four swaps, measured before the thresholds were
-    pinned). Called once per released session; it takes about a millisecond.
+    Called once per released session (about a millisecond). The weight tables are unmapped when
+    freed, but a session's smaller blocks stay in glibc's arenas (one per thread that allocated)
+    until trimmed: with the thresholds pinned and no trim, RSS after each of four swaps stayed
+    +11 to +18 MB above its level before them; with it, within 2 MB.
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
