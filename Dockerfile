@@ -97,9 +97,10 @@ RUN python -c "import model.cli, service.http.app" \
 # Settings come from the environment (see docs/internals.md). Bind all interfaces inside the
 # container; the registry is the mounted volume. WORKERS=2 uvicorn processes per container; in
 # k8s the Deployment sets 1 and scales by pods instead.
-# MALLOC_ARENA_MAX=2: fewer glibc malloc arenas, to keep the RSS peak of a model swap near one
-# extra model. Evidence is weak: one trial gave 1.54x -> 1.37x of a model's footprint, a later
-# `make bench` (which runs the server with it too) 1.50x: within run-to-run noise.
+# MALLOC_ARENA_MAX=2: fewer glibc malloc arenas (one per thread that allocates, by default).
+# It no longer matters to a model swap: with the heap thresholds each worker pins
+# (service/scoring/heap.py) the swap peak measured 1.05x of a model's footprint with 2 arenas and
+# with 8 alike.
 ENV VIDRANK_REGISTRY=/registry \
     VIDRANK_HOST=0.0.0.0 \
     VIDRANK_PORT=8000 \

@@ -121,6 +121,8 @@ def lifecycle_targets(r: dict[str, Any]) -> list[Target]:
     start = _get(r, "lifecycle", "start_to_ready_s")
     extra = _get(r, "lifecycle", "swap", "peak_extra_bytes")
     model = _get(r, "lifecycle", "model_footprint", "footprint_bytes")
+    # One extra model is the floor (the old session serves until the new one is warm); the rest
+    # is what loading costs on top (issue 18's goal: <= 1.2).
     swap = ratio(extra, model)
     return [
         Target(
@@ -132,8 +134,8 @@ def lifecycle_targets(r: dict[str, Any]) -> list[Target]:
             _check(start, lambda x: x <= 3.0),
         ),
         Target(
-            "swap_extra", "peak extra RSS during a swap / one model's footprint", "<= 1",
-            swap, "x", _check(swap, lambda x: x <= 1.0),
+            "swap_extra", "peak extra RSS during a swap / one model's footprint", "<= 1.2",
+            swap, "x", _check(swap, lambda x: x <= 1.2),
             f"peak +{extra / MB:.1f} MB, one model {model / MB:.1f} MB" if extra and model else "",
         ),
     ]  # fmt: skip

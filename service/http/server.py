@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from service.logging import configure_logging, log_fields
+from service.scoring.heap import MMAP_THRESHOLD, TRIM_THRESHOLD, pin_thresholds
 from service.settings import Settings
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -124,6 +125,13 @@ def serve(settings: Settings, sock: socket.socket) -> None:
             log_fields(log, logging.INFO, "listening", host=host, port=port, pid=os.getpid())
 
     raise_fd_limit(settings.max_connections)
+    if pin_thresholds():  # before the first model loads: then a swap costs about one model
+        log_fields(
+            log, logging.INFO, "heap thresholds pinned",
+            mmap_threshold=MMAP_THRESHOLD, trim_threshold=TRIM_THRESHOLD,
+        )  # fmt: skip
+    else:
+        log.warning("not glibc: heap thresholds not pinned; a model swap may hold more memory")
     app = create_app(settings)
     limits = ConnectionLimits(
         settings.max_connections,

@@ -8,11 +8,10 @@ once (``InferenceSession.run`` is thread-safe).
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -20,33 +19,11 @@ from model.core.bundle import Bundle, BundleError, validate_against_session_io
 from model.core.fusion import FusionError, FusionSpec
 from model.core.runtime import make_session
 from model.core.tasks import TASKS
+from service.scoring.heap import release_heap
 from service.scoring.request import SchemaView
 
 WARMUP_SIZES: tuple[int, ...] = (1, 100, 500)  # plus the largest request, capped at WARMUP_MAX
 WARMUP_MAX = 2000
-
-
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        return None
-    return trim
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
-def release_heap() -> None:
-    """Hand the heap pages that are free back to the OS (glibc's ``malloc_trim``).
-
-    Releasing a swapped-out session frees tens of MB, but glibc keeps freed pages in its
-    arenas (one per thread that allocated), so without a trim every swap ratchets the worker's
-    RSS up: measured with the default model, +60 MB after four swaps, plateauing near two
-    models; with the trim RSS returns to its pre-swap level each time.
-    """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 class Scorer:

@@ -107,6 +107,33 @@ def test_swap_under_load(start_server: Start, live_registry: Path, version: str)
     assert versions == {version, "v2"}
 
 
+def test_swaps_rank_a_request_identically(
+    start_server: Start, live_registry: Path, version: str
+) -> None:
+    """v2 is the same bundle as ``version``: after each swap (in a worker whose heap thresholds
+    are pinned, so each load lands in fresh mappings) a fixed request ranks exactly as before."""
+    server = start_server(live_registry)
+    body = {**rank_body(300, seed=7), "top_k": 300}
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as http:
+
+        def ranked() -> tuple[str, list[dict[str, Any]]]:
+            r = http.post("/rank", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["model_version"], r.json()["items"]
+
+        served, first = ranked()
+        assert served == version and len(first) == 300
+        for target, path in (
+            ("v2", "/admin/models/v2/activate"),
+            (version, "/admin/models/rollback"),
+        ):
+            assert http.post(path).status_code == 200
+            served, items = ranked()
+            assert served == target and items == first
+    server.stop()
+    assert any(rec.get("msg") == "heap thresholds pinned" for rec in server.log_records())
+
+
 def test_two_servers_converge_after_one_activation(
     start_server: Start, live_registry: Path, version: str
 ) -> None:
