@@ -18,7 +18,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +100,17 @@ def run_curve(curve: Curve, out: Path, verbose: bool = True) -> list[dict[str, A
                 _append(out, runs, {"arch": TRUTH, "seed": curve.seed, "size": size, **truth})
             if verbose:
                 print(f"{size:>10,} {name:14s} " + _metrics_text(run), flush=True)
-            write_curve(runs, curve, out)
-    write_curve(runs, curve, out)
+            write_curve(runs, _stored(curve, runs), out)
+    write_curve(runs, _stored(curve, runs), out)
     return runs
+
+
+def _stored(curve: Curve, runs: Sequence[dict[str, Any]]) -> Curve:
+    """``curve`` widened to every point stored in its directory: a run that adds sizes or archs
+    adds rows to the table and lines to the plot, it does not replace the ones already there."""
+    sizes = sorted({*curve.sizes, *(int(r["size"]) for r in runs)})
+    stored = [r["arch"] for r in runs if r["arch"] not in (*curve.archs, TRUTH)]
+    return replace(curve, sizes=tuple(sizes), archs=(*curve.archs, *dict.fromkeys(stored)))
 
 
 def _metrics_text(run: dict[str, Any]) -> str:

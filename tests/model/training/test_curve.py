@@ -37,6 +37,9 @@ def test_tiny_curve_writes_points_with_the_truth_and_resumes(tmp_path: Path) -> 
 
     again = CliRunner().invoke(app, [*TINY, "--out", str(out)])
     assert again.exit_code == 0 and "shared_bottom" not in again.output  # nothing retrained
+    fewer = CliRunner().invoke(app, [*TINY[:5], "--sizes", "6000", *TINY[7:], "--out", str(out)])
+    assert fewer.exit_code == 0, fewer.output
+    assert "| 3,000 | shared_bottom |" in (out / CURVE_FILE).read_text()  # stored points stay
     other = CliRunner().invoke(app, [*TINY, "--out", str(out), "--seed", "4"])
     assert other.exit_code == 1 and "another world" in other.output
 
