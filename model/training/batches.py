@@ -2,14 +2,16 @@
 
 No DataLoader and no per-row Python: ``encode_split`` runs the feature schema (the code the
 service runs) over whole columns, and a batch is the tensors indexed by a slice of a seeded
-permutation.
+permutation. ``predict`` scores a split in chunks; ``GateStats`` sums the gates' diagnostics
+chunk by chunk as it does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,9 +21,6 @@ from torch import Tensor
 from model.core.features import FeatureSchema
 from model.core.tasks import LABEL_COLUMNS
 from model.training.mmoe import RankingModel
-
-if TYPE_CHECKING:  # objective.py imports this module
-    from model.training.objective import GateStats
 
 EVAL_BATCH = 16_384
 
@@ -111,3 +110,45 @@ def predict(
             for k, v in out.items():
                 chunks.setdefault(k, []).append(v.numpy())
     return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+@dataclass
+class GateStats:
+    """Gate diagnostics accumulated chunk by chunk, so a split's N x T x E gate weights are never
+    held whole (at 3M validation rows they would be 0.3 GB, and their entropy in float64 ~2 GB).
+
+    Per task: mean gate weight per expert, mean gate entropy (nats), largest mean share. A
+    polarised gate (one expert takes everything) shows entropy near 0 and ``max_mean_share`` near
+    1; a uniform one shows entropy near ``max_entropy`` = log E.
+    """
+
+    rows: int = 0
+    weight_sum: np.ndarray | None = None  # T x E
+    entropy_sum: np.ndarray | None = None  # T
+
+    def add(self, gates: np.ndarray) -> None:
+        """Add the gate weights (N x T x E) of some rows."""
+        g = gates.astype(np.float64)
+        entropy = -(g * np.log(np.clip(g, 1e-12, None))).sum(-1).sum(0)  # T
+        weights = g.sum(0)  # T x E
+        if self.weight_sum is None or self.entropy_sum is None:
+            self.weight_sum, self.entropy_sum = weights, entropy
+        else:
+            self.weight_sum += weights
+            self.entropy_sum += entropy
+        self.rows += len(g)
+
+    def diagnostics(self, tasks: Iterable[str]) -> dict[str, Any]:
+        """The manifest's ``gate_diagnostics`` of the rows added so far."""
+        if self.weight_sum is None or self.entropy_sum is None or not self.rows:
+            raise ValueError("no gate weights were added")
+        mean_w, mean_entropy = self.weight_sum / self.rows, self.entropy_sum / self.rows
+        per_task = {
+            t: {
+                "mean_weights": [round(float(w), 6) for w in mean_w[i]],
+                "mean_entropy": float(mean_entropy[i]),
+                "max_mean_share": float(mean_w[i].max()),
+            }
+            for i, t in enumerate(tasks)
+        }
+        return {"n_rows": self.rows, "max_entropy": math.log(mean_w.shape[-1]), "tasks": per_task}

@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from model.core.tasks import TASKS
 from model.training.balance import Balance, make_balance
-from model.training.batches import Batch, EncodedSplit, predict
+from model.training.batches import Batch, EncodedSplit, GateStats, predict
 from model.training.config import TrainConfig
 from model.training.mmoe import RankingModel
-from model.training.objective import GateStats, evaluate_split, task_losses
+from model.training.objective import evaluate_split, task_losses
 
 PATIENCE = 1  # the first epoch that does not improve the validation loss ends training
 # --compile auto: compiling costs 20-50 s on 2 cores and saves ~40 % of a step of ~0.2 s

@@ -20,7 +20,7 @@ from model.core.registry import Registry
 from model.core.runtime import make_session
 from model.core.tasks import TASKS
 from model.training.balance import FixedWeights
-from model.training.batches import Shuffled, encode_split, predict
+from model.training.batches import GateStats, Shuffled, encode_split, predict
 from model.training.calibrate import calibrate_heads
 from model.training.config import TrainConfig, TrainJob, parse_interactions, parse_loss_weights
 from model.training.export import FrameRequests, export_onnx, parity, random_encoded, run_session
@@ -36,7 +36,7 @@ from model.training.loop import (
     sparse_tables,
 )
 from model.training.mmoe import ARCHS, MMoE, MMoEConfig
-from model.training.objective import GateStats, evaluate_split
+from model.training.objective import evaluate_split
 from model.training.publish import publish
 from model.training.train import run_train
 
