@@ -23,8 +23,10 @@ headers are complete, which a stalled client never reaches. So this subclass add
 Admission is decided here, when a ``POST /rank``'s head arrives: the request gets a place among
 the worker's in-flight work (``Admission.reserve``, handed to the route in
 ``scope["state"]``) or, when there is none, the pre-built 503 bytes at once; its body is then
-skipped as it arrives (httptools finds its end; nothing is buffered, nothing enters the app), so
-a shed costs a few microseconds however large the body. The protocol keeps reading once a
+skipped as it arrives (httptools finds its end; nothing is buffered, nothing enters the app),
+so a shed costs a few microseconds however large the body, and the connection ends once the
+body is in: the client's retry comes through the worker's acceptor, which lets connections in
+only as places free (``service/http/accept.py``). The protocol keeps reading once a
 request is complete, so a client that hangs up while its request waits is noticed (the rank
 thread then drops it). It also stamps
 ``scope["state"]["arrived_at"]`` (monotonic seconds) with the moment the request's first byte

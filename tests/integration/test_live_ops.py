@@ -355,10 +355,17 @@ def test_overload_sheds_fast_and_liveness_stays_up(
     sheds: list[httpx.Response] = []
     stop = threading.Event()
 
+    resets: list[str] = []
+
     def client() -> None:
         with httpx.Client(base_url=server.url, timeout=60) as http:
             while not stop.is_set():
-                r = http.post("/rank", content=body, headers=patient)
+                try:
+                    r = http.post("/rank", content=body, headers=patient)
+                except httpx.TransportError as exc:  # turned away while connecting (the kernel)
+                    resets.append(type(exc).__name__)
+                    time.sleep(0.05)
+                    continue
                 statuses.append(r.status_code)
                 if r.status_code == 503:
                     sheds.append(r)
@@ -387,6 +394,10 @@ def test_overload_sheds_fast_and_liveness_stays_up(
             t.join()
     assert probes == [200] * 20
     assert set(statuses) == {200, 503}, set(statuses)
+    # A worker with no place accepts no connection: a shed client reconnecting may be turned
+    # away by the kernel (a reset when its SYN-cookie connection cannot be queued) - never
+    # most of the time.
+    assert len(resets) < len(statuses), (len(resets), len(statuses))
     for r in sheds[:5]:
         assert r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "overloaded"
