@@ -115,7 +115,7 @@ EXPOSE 8000
 # readiness (/readyz) is what load balancers gate on (compose healthcheck, k8s readinessProbe).
 # python's urllib, because slim images have no curl; urlopen raises (exit 1) on non-2xx.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('VIDRANK_PORT', '8000'), timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % (os.environ.get('VIDRANK_HEALTH_PORT') or os.environ.get('VIDRANK_PORT', '8000')), timeout=2)"]
 
 # Exec form: `vidrank` is PID 1 and receives SIGTERM directly, so uvicorn drains in-flight
 # requests on `docker stop` / pod termination. Host, port, workers and registry come from env.

@@ -21,12 +21,14 @@ from urllib.parse import urlsplit
 from benchmarks.stats import percentiles_ms
 
 LUA_SCRIPT = Path(__file__).with_name("rank.lua")
+STATUS_SCRIPT = Path(__file__).with_name("rank_status.lua")  # rank.lua + responses by status
 WRK_INSTALL_HINT = (
     "wrk is not installed: `sudo apt-get install -y wrk` (Debian/Ubuntu) or `brew install wrk` "
     "(macOS). Falling back to a Python keep-alive client, which costs the server CPU and "
     "understates throughput."
 )
 WRK_MARKER = "WRK_JSON "
+STATUS_MARKER = "WRK_STATUS "
 
 
 @dataclass
@@ -40,6 +42,7 @@ class LoadResult:
     rps: float
     latency_ms: dict[str, float]
     errors: dict[str, int] = field(default_factory=dict)
+    statuses: dict[str, int] = field(default_factory=dict)  # with rank_status.lua only
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,23 +91,29 @@ def run_wrk(
     connections: int,
     duration_s: float,
     path: str = "/rank",
+    *,
+    threads: int = 1,
+    timeout_s: float = 10.0,
+    statuses: bool = False,
 ) -> LoadResult:
-    """``wrk -t1 -cC -dD --latency -s rank.lua URL -- bodies path`` and its parsed summary.
+    """``wrk -tT -cC -dD --latency -s rank.lua URL -- bodies path`` and its parsed summary.
 
-    One wrk thread drives all connections: a single event loop keeps up with a few thousand
-    requests per second and leaves the other cores to the server.
+    One wrk thread drives all connections by default: a single event loop keeps up with a few
+    thousand requests per second and leaves the other cores to the server. ``statuses`` counts
+    responses by status (rank_status.lua; the overload rows).
     """
     seconds = max(1, round(duration_s))
+    script = STATUS_SCRIPT if statuses else LUA_SCRIPT
     cmd = [
         wrk,
-        "-t1",
+        f"-t{threads}",
         f"-c{connections}",
         f"-d{seconds}s",
         "--timeout",
-        "10s",
+        f"{timeout_s:g}s",
         "--latency",
         "-s",
-        str(LUA_SCRIPT),
+        str(script),
         url,
         "--",
         str(bodies_file),
@@ -117,8 +126,10 @@ def run_wrk(
 
 
 def parse_wrk(stdout: str, connections: int) -> LoadResult:
-    """The LoadResult from the WRK_JSON line that rank.lua's done() prints."""
-    for line in stdout.splitlines():
+    """The LoadResult from the WRK_JSON line that rank.lua's done() prints (and the WRK_STATUS
+    line of rank_status.lua)."""
+    lines = stdout.splitlines()
+    for line in lines:
         if line.startswith(WRK_MARKER):
             data = json.loads(line[len(WRK_MARKER) :])
             break
@@ -135,6 +146,10 @@ def parse_wrk(stdout: str, connections: int) -> LoadResult:
         rps=data["requests"] / duration if duration else 0.0,
         latency_ms={k: lat[k] / 1000.0 for k in keys},
         errors={k: int(v) for k, v in data["errors"].items()},
+        statuses=next(
+            (json.loads(x[len(STATUS_MARKER) :]) for x in lines if x.startswith(STATUS_MARKER)),
+            {},
+        ),
     )
 
 

@@ -39,6 +39,11 @@ class OverloadResult:
     answered_rps: float
     answered_ms: dict[str, float] = field(default_factory=dict)
     shed_ms: dict[str, float] = field(default_factory=dict)
+    # Opening a connection: a shed ends its connection, and a worker with no free place accepts
+    # none (its short accept queue full, the kernel drops the SYN until TCP retries): this is
+    # the wait a client spends before it can send, outside the request latencies above.
+    connects: int = 0
+    connect_ms: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,20 +63,26 @@ class _Tally:
         self.latency: dict[int, list[float]] = {}
         self.timeouts = 0
         self.errors = 0
+        self.connects: list[float] = []  # seconds from connect() to connected
 
     def add(self, status: int, seconds: float) -> None:
         self.latency.setdefault(status, []).append(seconds)
 
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """The status of the next response and whether the connection stays open after it."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
     length = 0
+    keep = True
     for line in head.split(b"\r\n"):
-        if line[:15].lower() == b"content-length:":
+        name = line[:16].lower()
+        if name.startswith(b"content-length:"):
             length = int(line[15:])
+        elif name.startswith(b"connection:"):
+            keep = b"close" not in line[11:].lower()
     await reader.readexactly(length)
-    return status
+    return status, keep
 
 
 async def _connection(
@@ -82,20 +93,31 @@ async def _connection(
     while time.perf_counter() < stop_at:
         try:
             if writer is None:
-                reader, writer = await asyncio.open_connection(HOST, port)
+                start = time.perf_counter()
+                try:  # a connect still waiting when the run ends is abandoned, not counted
+                    async with asyncio.timeout(max(stop_at - start, 0.001)):
+                        reader, writer = await asyncio.open_connection(HOST, port)
+                except TimeoutError:
+                    break
+                t.connects.append(time.perf_counter() - start)
             assert reader is not None
             start = time.perf_counter()
             writer.write(requests[i % len(requests)])
             i += 1
             async with asyncio.timeout(timeout_s):
-                status = await _read_response(reader)
+                status, keep = await _read_response(reader)
             t.add(status, time.perf_counter() - start)
+            if not keep:  # the server ends the connection after this answer (a shed): reconnect
+                _close(writer)
+                writer = None
         except TimeoutError:
             t.timeouts += 1
-            writer = _close(writer)
+            _close(writer)
+            writer = None
         except (OSError, asyncio.IncompleteReadError, ValueError):
             t.errors += 1
-            writer = _close(writer)
+            _close(writer)
+            writer = None
             await asyncio.sleep(0.01)
     _close(writer)
 
@@ -104,7 +126,6 @@ def _close(writer: asyncio.StreamWriter | None) -> None:
     if writer is not None:
         with contextlib.suppress(Exception):
             writer.close()
-    return None
 
 
 async def _run(
@@ -144,4 +165,6 @@ def run_overload(
         answered_rps=round(len(answered) / elapsed, 1) if elapsed else 0.0,
         answered_ms=percentiles_ms(answered) if answered else {},
         shed_ms=percentiles_ms(shed) if shed else {},
+        connects=len(tally.connects),
+        connect_ms=percentiles_ms(tally.connects) if tally.connects else {},
     )

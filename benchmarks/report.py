@@ -165,7 +165,8 @@ def shadow_targets(r: dict[str, Any]) -> list[Target]:
 
 
 def overload_targets(r: dict[str, Any]) -> list[Target]:
-    """Issue 10: at c=512 answered p99 <= 10x the c=8 p50, no timeouts, sheds fast; c=8 no shed."""
+    """Issues 10 and 18: answered throughput kept under overload (Python client and wrk), at
+    c=512 answered p99 <= 10x the c=8 p50, no timeouts, sheds fast; c=8 no shed."""
     c = _get(r, "overload", "connections") or 512
     c8 = _get(r, "overload", "shedding", "c8") or {}
     over = _get(r, "overload", "shedding", "overload") or {}
@@ -174,7 +175,30 @@ def overload_targets(r: dict[str, Any]) -> list[Target]:
     tail = ratio(p99, base)
     shed_p99 = _get(over, "shed_ms", "p99")
     timeouts, c8_shed = over.get("timeouts"), c8.get("shed")
+    goodput: list[Target] = []
+    for client, runs in (
+        ("", _get(r, "overload", "shedding")),
+        (" (wrk)", _get(r, "overload", "wrk")),
+    ):
+        runs = runs or {}
+        low = _get(runs, "c8", "answered_rps")
+        for name, conns in (("c64", 64), ("overload", c)):
+            high = _get(runs, name, "answered_rps")
+            kept = ratio(high, low)
+            key = "c64" if name == "c64" else "overload"
+            goodput.append(
+                Target(
+                    f"goodput_{key}{'_wrk' if client else ''}",
+                    f"answered req/s at c={conns} / at c=8{client}",
+                    ">= 0.9",
+                    kept,
+                    "x",
+                    _check(kept, lambda x: x >= 0.9),
+                    f"{high:.0f} vs {low:.0f} req/s" if high is not None and low else "",
+                )
+            )
     return [
+        *goodput,
         Target(
             "overload_answered_p99", f"answered p99 at c={c} / answered p50 at c=8", "<= 10",
             tail, "x", _check(tail, lambda x: x <= 10),
@@ -388,20 +412,25 @@ def overload_table(r: dict[str, Any]) -> list[str]:
         return []
     header = [
         "run", "connections", "answered req/s", "answered p50", "answered p99", "sheds (503)",
-        "shed p50", "shed p99", "timeouts (2 s)", "other",
+        "shed p50", "shed p99", "timeouts (2 s)", "connects: p50 / p99 wait", "other",
     ]  # fmt: skip
     rows = []
     for key, label in (("shedding", "shedding on"), ("no_shedding", "shedding off")):
         for run in (o.get(key) or {}).values():
             if not isinstance(run, dict):
                 continue
-            a, sh = run.get("answered_ms") or {}, run.get("shed_ms") or {}
+            a, sh, cw = (
+                run.get("answered_ms") or {},
+                run.get("shed_ms") or {},
+                run.get("connect_ms") or {},
+            )
             other = {k: v for k, v in run["statuses"].items() if k not in ("200", "503")}
             rows.append(
                 [
                     label, str(run["connections"]), _fmt(run["answered_rps"], 0),
                     _fmt(a.get("p50")), _fmt(a.get("p99")), str(run["shed"]),
                     _fmt(sh.get("p50")), _fmt(sh.get("p99")), str(run["timeouts"]),
+                    f"{run.get('connects', 0)}: {_fmt(cw.get('p50'))} / {_fmt(cw.get('p99'))}",
                     ", ".join(f"{k}: {v}" for k, v in other.items()) + (
                         f" errors {run['errors']}" if run["errors"] else ""
                     ) or "–",
@@ -411,7 +440,29 @@ def overload_table(r: dict[str, Any]) -> list[str]:
         f"## Overload: {o['n']} candidates, {o['workers']} workers, {o['seconds']:.0f} s per run "
         "(benchmarks/overload.py, ms)"
     )
-    return [title, "", *_table(header, rows), ""]
+    lines = [title, "", *_table(header, rows), ""]
+    wrk_runs = o.get("wrk") or {}
+    if wrk_runs:
+        header = [
+            "connections", "answered req/s", "answered", "sheds (503)", "other", "all p50",
+            "all p99", "timeouts (2 s)", "socket errors",
+        ]  # fmt: skip
+        rows = [
+            [
+                str(w["connections"]), _fmt(w["answered_rps"], 0), str(w["answered"]),
+                str(w["shed"]), str(w["other"]), _fmt(w["all_ms"].get("p50")),
+                _fmt(w["all_ms"].get("p99")), str(w["timeouts"]), str(w["socket_errors"]),
+            ]
+            for w in wrk_runs.values()
+        ]  # fmt: skip
+        lines += [
+            "wrk (`-t2 --timeout 2s`, benchmarks/rank_status.lua; its latencies are of all "
+            "responses, answers and sheds together):",
+            "",
+            *_table(header, rows),
+            "",
+        ]
+    return lines
 
 
 def graph_table(r: dict[str, Any]) -> list[str]:

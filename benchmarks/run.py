@@ -19,9 +19,10 @@ measured):
 7. features: at 500 candidates, features in the request vs ids + embedded store vs ids + Redis
    (benchmarks/features.py), and a snapshot of a million videos: load time and memory per worker;
 8. lifecycle: start-to-ready, RSS of one worker, RSS through model swaps;
-9. overload: 500 candidates, 2 workers, c=8 then c=512 (15 s each) with benchmarks/overload.py,
-   answered and shed latencies apart, client timeouts at 2 s; then c=512 again with shedding off
-   (the behaviour before issue 10) for comparison.
+9. overload: 500 candidates, 2 workers, c=8, c=64 then c=512 (15 s each) with
+   benchmarks/overload.py, answered and shed latencies apart, client timeouts at 2 s, the wait to
+   connect; the same loads with wrk (benchmarks/rank_status.lua: responses counted by status,
+   ``--timeout 2s``); then c=512 again with shedding off (the behaviour before issue 10).
 
 Load comes from wrk and rank.lua (one client thread, pre-built bodies); without wrk a Python
 keep-alive client is used and the results say so. No assertion here is timed: targets are
@@ -57,7 +58,14 @@ from benchmarks.harness import (
     rss_bytes,
     start_vidrank,
 )
-from benchmarks.loadgen import WRK_INSTALL_HINT, find_wrk, run_load, write_bodies
+from benchmarks.loadgen import (
+    WRK_INSTALL_HINT,
+    LoadResult,
+    find_wrk,
+    run_load,
+    run_wrk,
+    write_bodies,
+)
 from benchmarks.machine import machine_info, machine_slug, usable_cores
 from benchmarks.memory import model_footprint, publish_copy, swap_rss
 from benchmarks.model_setup import SWAP_VERSION, BenchModel, prepare_model
@@ -358,16 +366,18 @@ def run_lifecycle(
     }
 
 
-def run_overload_part(s: BenchSettings, bm: BenchModel, wl: Workload) -> dict[str, Any]:
-    """c=8, then c=``overload_connections``; then the same overload with shedding off."""
+def run_overload_part(
+    s: BenchSettings, bm: BenchModel, wl: Workload, wrk: str | None
+) -> dict[str, Any]:
+    """c=8, c=64 and c=``overload_connections`` (the Python client, answers and sheds timed
+    apart; then wrk at the same loads, responses counted by status); then the overload with
+    shedding off."""
     n = report.ref_n({"settings": {"ns": s.ns}})
     bodies = wl.json_lines(n)
     w, c, secs = s.overload_workers, s.overload_connections, s.overload_s
     out: dict[str, Any] = {"n": n, "workers": w, "connections": c, "seconds": secs}
-    for key, env, loads in (
-        ("shedding", None, (("c8", 8), ("overload", c))),
-        ("no_shedding", NO_SHEDDING, (("overload", c),)),
-    ):
+    steps = (("c8", 8), ("c64", 64), ("overload", c)) if c > 64 else (("c8", 8), ("overload", c))
+    for key, env, loads in (("shedding", None, steps), ("no_shedding", NO_SHEDDING, steps[-1:])):
         log(f"overload ({key}): N={n}, {w} workers, c={[x for _, x in loads]}, {secs:.0f} s each")
         server = start_vidrank_on(s, bm, w, tag=f"-{key}", env_extra=env)
         try:
@@ -376,10 +386,39 @@ def run_overload_part(s: BenchSettings, bm: BenchModel, wl: Workload) -> dict[st
                 name: run_overload(server.port, bodies, conns, secs).to_dict()
                 for name, conns in loads
             }
+            if wrk is not None and key == "shedding":
+                log(f"overload (wrk): c={[x for _, x in loads]}, {secs:.0f} s each")
+                path = write_bodies(s.work_dir / f"overload-bodies-{n}.jsonl", bodies)
+                out["wrk"] = {
+                    name: wrk_overload_row(
+                        run_wrk(
+                            wrk, server.url, path, conns, secs,
+                            threads=2, timeout_s=2.0, statuses=True,
+                        )
+                    )
+                    for name, conns in loads
+                }  # fmt: skip
             out[key]["loadavg_after"] = os.getloadavg()[0]
         finally:
             server.stop()
     return out
+
+
+def wrk_overload_row(r: LoadResult) -> dict[str, Any]:
+    """A wrk overload run: answers (200) and sheds (503) counted apart; wrk's latencies are of
+    all responses together, and a timeout is a request unanswered after 2 s."""
+    answered = r.statuses.get("200", 0)
+    return {
+        "connections": r.connections,
+        "duration_s": round(r.duration_s, 2),
+        "answered": answered,
+        "shed": r.statuses.get("503", 0),
+        "other": r.statuses.get("other", 0),
+        "answered_rps": round(answered / r.duration_s, 1) if r.duration_s else 0.0,
+        "all_ms": r.latency_ms,
+        "timeouts": r.errors.get("timeout", 0),
+        "socket_errors": sum(r.errors.get(k, 0) for k in ("connect", "read", "write")),
+    }
 
 
 def run_features(
@@ -471,7 +510,7 @@ def run(s: BenchSettings) -> dict[str, Any]:
     if "lifecycle" not in s.skip:
         results["lifecycle"] = run_lifecycle(s, bm, wl, wrk)
     if "overload" not in s.skip:
-        results["overload"] = run_overload_part(s, bm, wl)
+        results["overload"] = run_overload_part(s, bm, wl, wrk)
     results["settings"] = {
         **{k: v for k, v in asdict(s).items() if k not in ("out_dir", "work_dir")},
         "workers": workers,

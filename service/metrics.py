@@ -125,8 +125,14 @@ QUEUE = Gauge(
 CONNECTIONS_CLOSED = Counter(
     "vidrank_connections_closed_total",
     "Connections closed to bound resources, by reason: max_connections (503), header_timeout "
-    "(408), headers_too_large (431), body_timeout (408), body_unread.",
+    "(408), headers_too_large (431), body_timeout (408), body_unread, made_room (408), "
+    "accept_failed.",
     ["reason"],
+)
+ACCEPT_PAUSES = Counter(
+    "vidrank_accept_pauses_total",
+    "Times a worker stopped accepting connections because its /rank places were all taken "
+    "(new connections wait in the kernel's short accept queue until one frees).",
 )
 PROFILE_RELOAD_FAILURES = Counter(
     "vidrank_fusion_profile_reload_failures_total",

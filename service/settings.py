@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         8, ge=0, le=100_000, description="/rank requests waiting per worker; more get 503."
     )
+    accept_backlog: int = Field(
+        1,
+        ge=1,
+        le=65_535,
+        description="Listen backlog while /rank places are all taken (no connection is "
+        "accepted until one frees): beyond it new connections wait for their TCP retry.",
+    )
     request_timeout_ms: int = Field(
         1000, ge=0, le=600_000, description="Default /rank deadline in ms; 0 = none."
     )
@@ -83,6 +90,13 @@ class Settings(BaseSettings):
         1024, ge=1, le=1_000_000, description="Open connections per worker; more get 503."
     )
     docs: bool = Field(True, description="Serve /docs, /redoc and /openapi.json.")
+    health_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Also serve /healthz and /readyz (only) on this port, on a listener that "
+        "accepts whatever the load: point liveness/readiness probes here.",
+    )
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="Serve /metrics on this port instead of the main one."
     )

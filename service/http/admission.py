@@ -115,6 +115,8 @@ class Ticket:
             self.admission.in_flight -= 1
             if not self.started:
                 metrics.QUEUE.dec()
+            if self.admission.on_release is not None:
+                self.admission.on_release()
 
 
 class Admission:
@@ -124,13 +126,22 @@ class Admission:
         self.slots = slots
         self.max_queue = max_queue
         self.in_flight = 0  # holding a ticket: reading the body, queued or ranking
+        # Called on the event loop each time a place frees: the worker's acceptor resumes
+        # accepting connections (service/http/accept.py).
+        self.on_release: Callable[[], None] | None = None
+        self.held = 0  # places held for accepted connections until their first request head
         # Threads start on first use and idle between requests; the interpreter joins them at
         # exit, after uvicorn's graceful shutdown has waited for every request in flight.
         self._pool = ThreadPoolExecutor(slots, thread_name_prefix="vidrank-rank")
 
+    def room(self) -> int:
+        """Places free for more /rank requests: ``slots + max_queue`` minus those in flight and
+        those held for connections just accepted (``service/http/accept.py``)."""
+        return self.slots + self.max_queue - self.in_flight - self.held
+
     def reserve(self, client: Client | None = None) -> Ticket | None:
         """A place for one more request, or None when ``slots + max_queue`` are in flight."""
-        if self.in_flight >= self.slots + self.max_queue:
+        if self.room() <= 0:
             return None
         self.in_flight += 1
         metrics.QUEUE.inc()

@@ -23,8 +23,10 @@ headers are complete, which a stalled client never reaches. So this subclass add
 Admission is decided here, when a ``POST /rank``'s head arrives: the request gets a place among
 the worker's in-flight work (``Admission.reserve``, handed to the route in
 ``scope["state"]``) or, when there is none, the pre-built 503 bytes at once; its body is then
-skipped as it arrives (httptools finds its end; nothing is buffered, nothing enters the app), so
-a shed costs a few microseconds however large the body. The protocol keeps reading once a
+skipped as it arrives (httptools finds its end; nothing is buffered, nothing enters the app),
+so a shed costs a few microseconds however large the body, and the connection ends once the
+body is in: the client's retry comes through the worker's acceptor, which lets connections in
+only as places free (``service/http/accept.py``). The protocol keeps reading once a
 request is complete, so a client that hangs up while its request waits is noticed (the rank
 thread then drops it). It also stamps
 ``scope["state"]["arrived_at"]`` (monotonic seconds) with the moment the request's first byte
@@ -43,6 +45,7 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import metrics
+from service.http.accept import Fresh
 from service.http.admission import SHED_BODY, SHED_HEADERS, TICKET, Admission, Client
 
 BODY_GRACE_S = 1.0  # the app's own 408 comes first; this only closes what it never read
@@ -69,13 +72,11 @@ def _canned(status: bytes, code: bytes, message: bytes, extra: bytes = b"") -> b
     )
 
 
-# The admission's 503 (same headers and body as the app would send), kept-alive: the client may
-# send its next request on this connection.
-SHED = b"HTTP/1.1 503 Service Unavailable\r\n%s\r\n%s" % (
+# The admission's 503 (same headers and body as the app would send); the connection then ends.
+SHED = b"HTTP/1.1 503 Service Unavailable\r\n%sconnection: close\r\n\r\n%s" % (
     b"".join(b"%s: %s\r\n" % header for header in SHED_HEADERS),
     SHED_BODY,
 )
-SHED_AND_CLOSE = SHED.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
 OVER_CAPACITY = _canned(
     b"503 Service Unavailable",
     b"too_many_connections",
@@ -111,6 +112,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._rejected = False
         self._shedding = False  # skipping the body of a request answered 503 at its head
         self._client = Client()
+        self.fresh: Fresh | None = None  # set by the acceptor until the first request head
 
     # -- connection -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -134,6 +136,7 @@ class GuardedProtocol(HttpToolsProtocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._settle()
         self.idle.pop(self, None)
         self._client.gone = True
         self._cancel_deadline()
@@ -157,7 +160,21 @@ class GuardedProtocol(HttpToolsProtocol):
         if not self._in_headers:  # a later request on a kept-alive connection
             self._await_headers()
 
+    def _settle(self) -> None:
+        """Closed before its first request head: the place it held is free again."""
+        if self.fresh is not None:
+            self.fresh.settle()
+            self.fresh = None
+
     def on_headers_complete(self) -> None:
+        fresh, self.fresh = self.fresh, None
+        if fresh is not None:  # the place it held is this request's to take (or to give back)
+            fresh.settle(wake=False)
+        self._on_head()
+        if fresh is not None:
+            fresh.acceptor.wake()
+
+    def _on_head(self) -> None:
         self.idle.pop(self, None)  # busy until its response is complete
         self._in_headers = False
         self._cancel_deadline()
@@ -183,15 +200,17 @@ class GuardedProtocol(HttpToolsProtocol):
         return self.cycle is None or self.cycle.response_complete
 
     def _shed(self) -> None:
-        """Answer 503 now and skip the body as it arrives (uvicorn never sees this request)."""
+        """Answer 503 now and skip the body as it arrives (uvicorn never sees this request);
+        the connection ends once the body is in, so the client's retry comes through the
+        acceptor, which waits for a free place (``service/http/accept.py``)."""
         metrics.SHED.labels("queue_full").inc()
         metrics.HTTP_REQUESTS.labels("/rank", "POST", "503").inc()
         self._shedding = True
-        # A client waiting for "100 Continue" may never send the body, and one that asked to
-        # close expects it: either way the connection ends with this answer.
-        keep = self.parser.should_keep_alive() and not self.expect_100_continue
-        self.transport.write(SHED if keep else SHED_AND_CLOSE)
-        if not keep:
+        self.transport.write(SHED)
+        # A client waiting for "100 Continue" never sends the body: close now. Otherwise read
+        # the body to its end first (closing with unread bytes would reset the connection, and
+        # the client could lose the 503 it has not read yet).
+        if self.expect_100_continue:
             self.transport.close()
 
     def on_response_complete(self) -> None:
@@ -206,9 +225,9 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._cancel_deadline()
-        if self._shedding:  # its 503 is out: on to the next request, as after any response
+        if self._shedding:  # its 503 is out and its body skipped: the connection ends
             self._shedding = False
-            self.on_response_complete()
+            self.transport.close()
             return
         super().on_message_complete()
         # uvicorn pauses reading while a large body waits for the app and resumes only when

@@ -139,6 +139,10 @@ def rank_router(
     return router
 
 
+# Served on VIDRANK_HEALTH_PORT as well, where nothing else is (service/http/server.py).
+HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+
+
 def health_router(reconciler: Reconciler, settings: Settings) -> APIRouter:
     """Liveness and readiness, under the k8s-style and the KServe v2 paths.
 

@@ -21,6 +21,7 @@ body deadlines). With ``metrics_port`` set, /metrics is served on that port only
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import gc
@@ -39,6 +40,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from service.errors import error_body
 from service.logging import configure_logging, log_fields
 from service.scoring.heap import MMAP_THRESHOLD, TRIM_THRESHOLD, pin_thresholds
 from service.settings import Settings
@@ -114,15 +116,41 @@ def serve(settings: Settings, sock: socket.socket) -> None:
     """Run one uvicorn server for ``create_app(settings)`` on ``sock`` until SIGTERM/SIGINT."""
     import uvicorn
 
+    from service.http.accept import Acceptor
     from service.http.app import create_app
-    from service.http.protocol import ConnectionLimits, guarded_protocol
+    from service.http.protocol import ConnectionLimits, GuardedProtocol, guarded_protocol
+
+    def protocol_of(config: uvicorn.Config, server: uvicorn.Server) -> Any:
+        def make() -> GuardedProtocol:
+            return config.http_protocol_class(  # type: ignore[call-arg,return-value]
+                config=config, server_state=server.server_state, app_state=server.lifespan.state
+            )
+
+        return make
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets)
+            # uvicorn makes no server of an empty list of sockets: the acceptor stands in, and
+            # accepts only while the worker has room for /rank work (service/http/accept.py).
+            await super().startup([])
+            admission = app.state.admission
+            main = Acceptor(
+                sock, protocol_of(self.config, self), admission, settings.accept_backlog
+            )
+            self.servers = [main]  # type: ignore[list-item]
+            if health is not None:
+                assert settings.health_port is not None
+                probes = bind_socket(settings.host, settings.health_port, reuse_port=True)
+                loop = asyncio.get_running_loop()
+                self.servers.append(
+                    await loop.create_server(protocol_of(health, self), sock=probes)
+                )
             _tune_gc()
             host, port = sock.getsockname()[:2]
-            log_fields(log, logging.INFO, "listening", host=host, port=port, pid=os.getpid())
+            log_fields(
+                log, logging.INFO, "listening",
+                host=host, port=port, health_port=settings.health_port, pid=os.getpid(),
+            )  # fmt: skip
 
     raise_fd_limit(settings.max_connections)
     if pin_thresholds():  # before the first model loads: then a swap costs about one model
@@ -139,22 +167,53 @@ def serve(settings: Settings, sock: socket.socket) -> None:
         settings.body_timeout_s,
         admission=app.state.admission,
     )
+    common: dict[str, Any] = {
+        "log_config": None,
+        "access_log": False,
+        "server_header": False,
+        "timeout_keep_alive": KEEP_ALIVE_S,
+    }
     config = uvicorn.Config(
         app,
         http=guarded_protocol(limits),
         lifespan="on",
-        log_config=None,
-        access_log=False,
-        server_header=False,
         timeout_graceful_shutdown=GRACEFUL_TIMEOUT_S,
-        timeout_keep_alive=KEEP_ALIVE_S,
-        backlog=BACKLOG,
+        **common,
     )
+    health: uvicorn.Config | None = None
+    if settings.health_port is not None:  # probes on a listener that always accepts
+        probe_limits = ConnectionLimits(
+            settings.max_connections, settings.header_timeout_s, settings.body_timeout_s
+        )
+        health = uvicorn.Config(
+            health_only(app), http=guarded_protocol(probe_limits), lifespan="off", **common
+        )
+        health.load()
     # uvicorn re-raises the signal it shut down for once it is done; with a no-op handler in
     # place that ends the process normally (exit 0) after the drain instead of killing it.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     _Server(config).run(sockets=[sock])
+
+
+def health_only(app: Any) -> Any:
+    """``app`` for liveness and readiness only (``HEALTH_PATHS``); anything else is a 404."""
+    from service.http.routes import HEALTH_PATHS
+
+    not_found = error_body("not_found", "this port serves liveness and readiness only")
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in HEALTH_PATHS:
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(not_found)),
+            ]
+            await send({"type": "http.response.start", "status": 404, "headers": headers})
+            await send({"type": "http.response.body", "body": not_found})
+            return
+        await app(scope, receive, send)
+
+    return asgi
 
 
 def _worker_main(settings: Settings, index: int, parent: int) -> None:

@@ -32,6 +32,10 @@ TARGET_IDS = {
     "rss_one_worker",
     "start_to_ready",
     "swap_extra",
+    "goodput_c64",
+    "goodput_overload",
+    "goodput_c64_wrk",
+    "goodput_overload_wrk",
     "overload_answered_p99",
     "overload_timeouts",
     "overload_shed_p99",
@@ -123,6 +127,12 @@ def test_overload_rows(bench_run: tuple[Path, dict[str, Any]]) -> None:
     for run in runs:
         assert run["answered"] > 0 and run["answered_ms"]["p50"] > 0
         assert run["answered"] == run["statuses"]["200"]
+        assert run["connects"] >= 1 and run["connect_ms"]["p50"] >= 0
+    if shutil.which("wrk"):  # the same loads with wrk, responses counted by status
+        assert set(o["wrk"]) == {"c8", "overload"}
+        for row in o["wrk"].values():
+            assert row["answered"] > 0 and row["answered_rps"] > 0
+            assert row["all_ms"]["p50"] > 0
     assert "## Overload" in (out / "latest.md").read_text()
 
 

@@ -164,17 +164,19 @@ def test_every_manifest_is_labelled(k8s: dict[tuple[str, str], dict[str, Any]]) 
 def test_probes_ports_and_service(
     k8s: dict[tuple[str, str], dict[str, Any]], container: dict[str, Any]
 ) -> None:
-    (cport,) = container["ports"]
+    cport, hport = container["ports"]
     assert cport == {"name": "http", "containerPort": 8000, "protocol": "TCP"}
+    assert hport == {"name": "health", "containerPort": 8081, "protocol": "TCP"}
     expected = {
         "startupProbe": "/healthz",
         "livenessProbe": "/healthz",
         "readinessProbe": "/readyz",
     }
+    # Probes go to the health listener, which accepts whatever the /rank load.
     for probe, path in expected.items():
         get = container[probe]["httpGet"]
         assert get["path"] == path, probe
-        assert _port_matches(get["port"], cport), probe
+        assert _port_matches(get["port"], hport), probe
     # The startup probe must leave time for a model load before liveness can kill the pod.
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
@@ -186,6 +188,7 @@ def test_probes_ports_and_service(
     # The container listens where VIDRANK_PORT says.
     env = _configmap_env(k8s, container)
     assert int(env.get("VIDRANK_PORT", 8000)) == cport["containerPort"]
+    assert int(env["VIDRANK_HEALTH_PORT"]) == hport["containerPort"]
     assert env.get("VIDRANK_HOST") == "0.0.0.0"
 
 
@@ -510,7 +513,8 @@ def test_compose_ranker(compose: dict[str, Any]) -> None:
     test = ranker["healthcheck"]["test"]
     assert test[0] == "CMD" and test[1] == "python"
     text = " ".join(test)
-    assert f"http://127.0.0.1:{port}/readyz" in text or f"http://127.0.0.1:{port}/healthz" in text
+    health = env["VIDRANK_HEALTH_PORT"]  # the probe's own listener
+    assert f"http://127.0.0.1:{health}/readyz" in text
     # Volumes: the shared registry (rw) and the fusion profiles (ro, file exists).
     volumes = ranker["volumes"]
     assert "registry:/registry" in volumes

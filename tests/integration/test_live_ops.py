@@ -342,13 +342,12 @@ def test_overload_sheds_fast_and_liveness_stays_up(
     start_server: Start, live_registry: Path
 ) -> None:
     """More concurrent work than the queue holds: the excess gets 503 + Retry-After at once, a
-    tight deadline gets 504, nothing else fails, and /healthz answers within the liveness probe's
-    timeout (docker/k8s: 2 s) throughout."""
+    tight deadline gets 504, nothing else fails, and /healthz on the health port answers within
+    the liveness probe's timeout (docker/k8s: 2 s) throughout."""
     n = 20_000
-    server = start_server(
-        live_registry,
-        env={"VIDRANK_MAX_QUEUE": "2", "VIDRANK_MAX_CANDIDATES": str(n)},
-    )
+    health = free_port()
+    env = {"VIDRANK_MAX_QUEUE": "2", "VIDRANK_MAX_CANDIDATES": str(n)}
+    server = start_server(live_registry, env={**env, "VIDRANK_HEALTH_PORT": str(health)})
     body = json.dumps(rank_body(n)).encode()
     headers = {"content-type": "application/json"}
     patient = {**headers, "X-Request-Timeout-Ms": "60000"}  # only the probes below are late
@@ -356,10 +355,17 @@ def test_overload_sheds_fast_and_liveness_stays_up(
     sheds: list[httpx.Response] = []
     stop = threading.Event()
 
+    resets: list[str] = []
+
     def client() -> None:
         with httpx.Client(base_url=server.url, timeout=60) as http:
             while not stop.is_set():
-                r = http.post("/rank", content=body, headers=patient)
+                try:
+                    r = http.post("/rank", content=body, headers=patient)
+                except httpx.TransportError as exc:  # turned away while connecting (the kernel)
+                    resets.append(type(exc).__name__)
+                    time.sleep(0.05)
+                    continue
                 statuses.append(r.status_code)
                 if r.status_code == 503:
                     sheds.append(r)
@@ -373,7 +379,7 @@ def test_overload_sheds_fast_and_liveness_stays_up(
     try:
         wait_until(lambda: len(sheds) > 0, 60, "the queue full (a request shed)", server)
         for _ in range(20):
-            probes.append(httpx.get(f"{server.url}/healthz", timeout=2).status_code)
+            probes.append(httpx.get(f"http://{HOST}:{health}/healthz", timeout=2).status_code)
             r = httpx.post(
                 f"{server.url}/rank",
                 content=body,
@@ -388,6 +394,10 @@ def test_overload_sheds_fast_and_liveness_stays_up(
             t.join()
     assert probes == [200] * 20
     assert set(statuses) == {200, 503}, set(statuses)
+    # A worker with no place accepts no connection: a shed client reconnecting may be turned
+    # away by the kernel (a reset when its SYN-cookie connection cannot be queued) - never
+    # most of the time.
+    assert len(resets) < len(statuses), (len(resets), len(statuses))
     for r in sheds[:5]:
         assert r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "overloaded"
@@ -404,7 +414,8 @@ def test_a_shed_is_decided_at_the_head_and_its_body_skipped(
 ) -> None:
     """With every place taken (two requests still sending their bodies hold them), a third
     POST /rank gets its 503 as soon as its headers are in, before any of its body is sent; the
-    body, junk that would be a 400 if parsed, is then skipped and the connection serves on."""
+    body, junk that would be a 400 if parsed, is then skipped and the connection ends cleanly
+    (the client's retry comes through the acceptor, which waits for a place)."""
     env = {"VIDRANK_MAX_QUEUE": "0", "VIDRANK_BODY_TIMEOUT_S": "120"}  # 2 rank slots, no queue
     server = start_server(live_registry, env=env)
     head = b"POST /rank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -415,20 +426,51 @@ def test_a_shed_is_decided_at_the_head_and_its_body_skipped(
         with raw(server.port, head + b"Content-Length: %d\r\n\r\n" % size) as sock:
             sock.settimeout(10)
             answer = sock.recv(65536)  # nothing of the body sent yet
-            sock.sendall(b"x" * size + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"x" * size)
             after = b""
-            while b'{"status":"ok"}' not in after:
-                chunk = sock.recv(65536)
-                assert chunk, after
+            while chunk := sock.recv(65536):  # until the server closes (EOF, not a reset)
                 after += chunk
+        pauses = metric(server.url, "vidrank_accept_pauses_total")
     finally:
         for sock in holders:
             sock.close()
     assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
-    assert b"retry-after: 1" in answer.lower()
+    assert b"retry-after: 1" in answer.lower() and b"connection: close" in answer.lower()
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "overloaded"
-    assert after.startswith(b"HTTP/1.1 200"), after[:200]  # the junk body was never parsed
+    assert after == b""  # the junk body was never parsed: no 400 after the 503
     assert metric(server.url, "vidrank_rank_shed_total", 'reason="queue_full"') == 1
+    assert pauses >= 1  # full: the worker stopped accepting (the trickle let these two in)
+
+
+def test_probes_on_the_health_port_while_every_place_is_taken(
+    start_server: Start, live_registry: Path
+) -> None:
+    """VIDRANK_HEALTH_PORT serves liveness and readiness on a listener that always accepts:
+    with every /rank place taken (the main port accepting nothing but its trickle), probes
+    there answer at once; anything else there is a 404."""
+    health = free_port()
+    env = {
+        "VIDRANK_MAX_QUEUE": "0",
+        "VIDRANK_BODY_TIMEOUT_S": "120",
+        "VIDRANK_HEALTH_PORT": str(health),
+    }
+    server = start_server(live_registry, env=env)
+    head = b"POST /rank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    holders = [raw(server.port, head + b"Content-Length: 100\r\n\r\n{") for _ in range(2)]
+    probes: list[tuple[int, str]] = []
+    try:
+        wait_until(lambda: queued(server.url) >= 2, 30, "two requests reading their bodies", server)
+        with httpx.Client(base_url=f"http://{HOST}:{health}", timeout=2) as http:
+            for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready") * 5:
+                r = http.get(path)
+                probes.append((r.status_code, r.json()["status"]))
+            elsewhere = [http.post("/rank", json=rank_body(3)), http.get("/models")]
+    finally:
+        for sock in holders:
+            sock.close()
+    assert probes == [(200, "ok"), (200, "ready"), (200, "ok"), (200, "ready")] * 5
+    assert [r.status_code for r in elsewhere] == [404, 404]
+    assert elsewhere[0].json()["error"]["code"] == "not_found"
 
 
 def test_a_deadline_that_passes_while_waiting_is_504(
