@@ -113,6 +113,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "indep": {"entire_space": False},
     # Interaction tables twice as wide: room for every task's driver in the shared dots.
     "wide": {"interaction_dim": 2 * TrainConfig().interaction_dim},
+    "levels2": {"ple_levels": 2},  # PLE with two extraction levels (ple:levels2)
 }
 
 
@@ -120,8 +121,9 @@ def variant(name: str) -> tuple[str, dict[str, Any]]:
     """``"ARCH[:OPTION]..."`` -> (arch, its ``TrainConfig`` overrides).
 
     An option is a loss balance (``stem:fixed``), ``es`` (entire-space heads), ``indep``
-    (independent heads) or ``wide`` (interaction tables of twice the default width); what is
-    not named stays the architecture's default.
+    (independent heads), ``wide`` (interaction tables of twice the default width) or
+    ``levels2`` (PLE with two extraction levels); what is not named stays the architecture's
+    default.
     """
     arch, *options = name.split(":")
     overrides: dict[str, Any] = {}
