@@ -24,7 +24,7 @@ import json
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -258,9 +258,22 @@ def run_sweep(sweep: Sweep, out: Path, verbose: bool = True) -> RunStore:
                     store.add({"preset": preset, "arch": TRUTH, "seed": seed, **truth})
                 if verbose:
                     print(progress_line(record), flush=True)
-                write_reports(store.runs, sweep, out)
-    write_reports(store.runs, sweep, out)
+                write_reports(store.runs, stored(sweep, store.runs), out)
+    write_reports(store.runs, stored(sweep, store.runs), out)
     return store
+
+
+def stored(sweep: Sweep, runs: Sequence[dict[str, Any]]) -> Sweep:
+    """``sweep`` widened to every run stored in its directory (all at its scale): a run that
+    adds archs, presets or seeds adds rows to the reports, it does not replace those there."""
+
+    def union(own: Sequence[Any], key: str) -> tuple[Any, ...]:
+        return (*own, *dict.fromkeys(r[key] for r in runs if r[key] not in (*own, TRUTH)))
+
+    seeds = tuple(sorted({*sweep.seeds, *(int(r["seed"]) for r in runs)}))
+    return replace(
+        sweep, presets=union(sweep.presets, "preset"), archs=union(sweep.archs, "arch"), seeds=seeds
+    )
 
 
 def progress_line(run: dict[str, Any]) -> str:
@@ -272,7 +285,8 @@ def progress_line(run: dict[str, Any]) -> str:
 
 
 def write_reports(runs: Sequence[dict[str, Any]], sweep: Sweep, out: Path) -> None:
-    """runs.csv, summary.md and relatedness.png from the runs of this sweep."""
+    """runs.csv, summary.md and relatedness.png from the runs of ``sweep`` (``stored``: every
+    run in the directory)."""
     frame = sweep_frame(runs, sweep)
     if frame.empty:
         return
