@@ -42,7 +42,8 @@ def measure(archs: Sequence[str], seconds: float, requests: int = 8) -> dict[str
         sessions = {}
         for arch in archs:
             torch.manual_seed(0)
-            cfg = MMoEConfig(arch=arch, watch_scale=5.0)
+            name, *levels = arch.split(":")  # ple:levels2 is PLE with two extraction levels
+            cfg = MMoEConfig(arch=name, watch_scale=5.0, ple_levels=2 if levels else 1)
             path = Path(tmp) / f"{arch}.onnx"
             export_onnx(build_model(cfg, schema), schema, path)
             sessions[arch] = session(path, 1)
@@ -74,7 +75,7 @@ def markdown(results: dict[str, dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--archs", default=",".join(ARCHS))
+    p.add_argument("--archs", default=",".join([*ARCHS, "ple:levels2"]))
     p.add_argument("--seconds", type=float, default=6.0, help="timing per (arch, N)")
     p.add_argument("--out", type=Path, help="also write the table to this Markdown file")
     a = p.parse_args(argv)

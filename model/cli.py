@@ -202,6 +202,10 @@ def train(
             " (default: independent; README Model quality, section 3).",
         ),
     ] = None,
+    ple_levels: Annotated[
+        int,
+        typer.Option(help="PLE's extraction levels: 1 (CGC) or 2 (with --arch ple)."),
+    ] = 1,
     activate: Annotated[
         bool | None,
         typer.Option(
@@ -260,6 +264,7 @@ def train(
             loss_balance=loss_balance,
             gate_temperature=gate_temperature,
             entire_space=entire_space,
+            ple_levels=ple_levels,
             sparse=sparse,
             precision=precision,
             compile=compile_,

@@ -96,6 +96,7 @@ class TrainConfig:
     gate_temperature: float | None = None
     # Watch and like heads chained with the click (ESMM; model/training/layers.py Heads).
     entire_space: bool | None = None
+    ple_levels: int = 1  # PLE's extraction levels: 1 (CGC) or 2 (model/training/mmoe.py)
     sparse: bool = False  # id tables: row-wise (sparse) gradients and SparseAdam, or dense Adam
     # of the forward pass in training: fp32, bf16 (autocast) or auto (bf16 where the CPU has bf16
     # kernels: 1.18x the step's speed on this Zen 4, held-out metrics equal to 1e-4 at 1M)
@@ -129,6 +130,8 @@ class TrainConfig:
             )
         if self.interaction_dim < 1:
             raise ValueError(f"--interaction-dim must be >= 1, got {self.interaction_dim}")
+        if self.ple_levels not in (1, 2) or (self.ple_levels == 2 and self.arch != "ple"):
+            raise ValueError(f"--ple-levels must be 1, or 2 with --arch ple, got {self.ple_levels}")
         if self.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:

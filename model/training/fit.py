@@ -160,6 +160,7 @@ def model_config(config: TrainConfig, basis: Basis) -> MMoEConfig:
         interaction_dim=config.interaction_dim,
         gate_temperature=float(config.gate_temperature or 1.0),
         entire_space=bool(config.entire_space),
+        ple_levels=config.ple_levels,
         watch_scale=basis.watch_scale,
     )
 

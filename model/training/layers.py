@@ -360,12 +360,18 @@ class Gates(nn.Module):
     def forward(self, u: Tensor, v: Tensor) -> Tensor:
         """u: B_u x D_u, v: N x D_i -> N x T x E."""
         logits = self.logits(u, v).reshape(-1, self.n_tasks, self.n_experts) / self.temperature
-        if self.training and self.dropout > 0:
-            drop = torch.rand_like(logits) < self.dropout
-            drop &= ~drop.all(dim=-1, keepdim=True)
-            # -inf logits get exactly 0 weight; the softmax renormalises over the kept experts.
-            logits = logits.masked_fill(drop, float("-inf"))
-        return torch.softmax(logits, dim=-1)
+        return gate_softmax(logits, self.dropout if self.training else 0.0)
+
+
+def gate_softmax(logits: Tensor, dropout: float) -> Tensor:
+    """Softmax over the last dim, each expert dropped with probability ``dropout`` (at least one
+    kept per row) and the kept weights renormalised."""
+    if dropout > 0:
+        drop = torch.rand_like(logits) < dropout
+        drop &= ~drop.all(dim=-1, keepdim=True)
+        # -inf logits get exactly 0 weight; the softmax renormalises over the kept experts.
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.softmax(logits, dim=-1)
 
 
 class Towers(nn.Module):

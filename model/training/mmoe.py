@@ -69,6 +69,7 @@ from model.training.layers import (
     BINARY_TASKS,
     CLICK,
     POISSON_TASKS,
+    BatchedLinear,
     Experts,
     FeatureEmbedding,
     Gates,
@@ -77,6 +78,7 @@ from model.training.layers import (
     SplitLinear,
     Towers,
     entity_width,
+    gate_softmax,
     n_fields,
     positive_dims,
 )
@@ -114,6 +116,7 @@ class MMoEConfig:
     shared_experts: int = 2  # PLE and STEM: experts on the shared input
     task_experts: int = 2  # PLE and STEM: experts of each task's own
     entire_space: bool = False  # heads chained with the click (ESMM; layers.Heads)
+    ple_levels: int = 1  # PLE: extraction levels (1 = CGC; 2 splits the expert layers)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -139,6 +142,10 @@ class MMoEConfig:
             raise ValueError(f"interactions must be distinct names from {INTERACTIONS}")
         if self.interaction_dim < 1:
             raise ValueError("interaction_dim must be >= 1")
+        if self.ple_levels not in (1, 2):
+            raise ValueError(f"ple_levels must be 1 or 2, got {self.ple_levels}")
+        if self.ple_levels == 2 and (self.arch != "ple" or len(self.expert_hidden) < 2):
+            raise ValueError("two extraction levels need arch 'ple' and >= 2 expert layers")
         if self.entire_space and (self.arch == "single_task" or CLICK not in self.tasks):
             # single-task models share nothing, and every chained head needs the click's
             raise ValueError("entire_space needs a multi-task arch whose tasks include click")
@@ -285,8 +292,7 @@ class _Mixture(RankingModel):
         if self.n_gates != self.n_tasks:  # OMoE: the one gate serves every task
             gates = gates.expand(-1, self.n_tasks, -1)
         chosen = experts[self.expert_index] if self.selective else experts.unsqueeze(0)
-        # sum_k gate[t, k] * expert as a broadcast multiply-add: T x K x N x 1 * (T|1) x K x N x H.
-        mixed = (gates.permute(1, 2, 0).unsqueeze(-1) * chosen).sum(1)  # T x N x H
+        mixed = mix(gates, chosen)  # T x N x H
         return add_task_terms(self.towers(mixed), terms), gates
 
     def set_output_bias(self, values: Tensor) -> None:
@@ -305,6 +311,65 @@ class PLE(_Mixture):
     """PLE with one extraction level, i.e. CGC (Tang et al., RecSys 2020): shared experts plus
     ``task_experts`` per task; each task's gate mixes its own experts and the shared ones.
     """
+
+
+class ProgressiveLayeredExtraction(RankingModel):
+    """PLE with two extraction levels (Tang et al., RecSys 2020, section 4.3).
+
+    Level 1 is CGC on the input with the experts' first layer (H1), plus a shared gate over all
+    of its experts; level 2's experts (the remaining expert layers) read level 1's outputs -
+    task t's experts its mixture, the shared experts the shared mixture - and task t's gate at
+    level 2 reads task t's level-1 output. The experts' layers are split between the levels,
+    so the cost per candidate stays CGC's plus the shared gate and the level-2 gates; the user
+    side of level 1 is still computed once per request.
+    """
+
+    expert_index: Tensor
+    expert_group: Tensor
+
+    def __init__(self, config: MMoEConfig, schema: FeatureSchema) -> None:
+        super().__init__()
+        self.config = config
+        d_u, d_i = self._build_input(config, schema)
+        n_experts, _, index = expert_layout(config)
+        self.n_tasks = n_tasks = len(config.tasks)
+        s, k = config.shared_experts, config.task_experts
+        h1, *rest = config.expert_hidden
+        temperature, dropout = config.gate_temperature, config.gate_dropout
+        self.register_buffer("expert_index", torch.tensor(index))  # T x (S + K)
+        # Level 2: which level-1 output each expert reads (0: the shared mixture, 1 + t: task t).
+        group = [0] * s + [1 + t for t in range(n_tasks) for _ in range(k)]
+        self.register_buffer("expert_group", torch.tensor(group))
+        self.experts = Experts(d_u, d_i, n_experts, (h1,))
+        self.gates = Gates(d_u, d_i, n_tasks, s + k, temperature, dropout)
+        self.shared_gate = Gates(d_u, d_i, 1, n_experts, temperature, dropout)
+        self.upper = nn.ModuleList(BatchedLinear(n_experts, a, b) for a, b in pairwise((h1, *rest)))
+        self.upper_gates = BatchedLinear(n_tasks, h1, s + k)  # task t's gate on its output
+        self.temperature, self.dropout = temperature, dropout
+        self.towers = Towers(config.expert_hidden[-1], config.tower_hidden, n_tasks)
+        self.heads = Heads(config.tasks, config.watch_scale, config.entire_space)
+
+    def task_logits(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        u, v, terms = self.shared_input(inputs)
+        first = self.experts(u, v)  # E x N x H1
+        own = mix(self.gates(u, v), first[self.expert_index])  # T x N x H1
+        shared = mix(self.shared_gate(u, v), first.unsqueeze(0))  # 1 x N x H1
+        h = torch.cat([shared, own])[self.expert_group]  # E x N x H1
+        for layer in self.upper:
+            h = F.relu(layer(h))  # E x N x H_last
+        logits = self.upper_gates(own) / self.temperature  # T x N x (S + K)
+        gates = gate_softmax(logits, self.dropout if self.training else 0.0).transpose(0, 1)
+        mixed = mix(gates, h[self.expert_index])  # T x N x H_last
+        return add_task_terms(self.towers(mixed), terms), gates
+
+    def set_output_bias(self, values: Tensor) -> None:
+        self.towers.set_output_bias(values)
+
+
+def mix(gates: Tensor, chosen: Tensor) -> Tensor:
+    """``sum_k gate[n, t, k] * chosen[t, k, n]``: gates N x T x K, chosen (T|1) x K x N x H ->
+    T x N x H (a broadcast multiply-add)."""
+    return (gates.permute(1, 2, 0).unsqueeze(-1) * chosen).sum(1)
 
 
 class STEM(RankingModel):
@@ -461,7 +526,9 @@ def init_output_bias(model: RankingModel, base_rates: dict[str, float]) -> None:
 
 
 def build_model(config: MMoEConfig, schema: FeatureSchema) -> RankingModel:
-    """The model ``config.arch`` names."""
+    """The model ``config.arch`` names (``ple`` with ``ple_levels`` 2: two extraction levels)."""
+    if config.arch == "ple" and config.ple_levels == 2:
+        return ProgressiveLayeredExtraction(config, schema)
     return _BUILDERS[config.arch](config, schema)
 
 
@@ -501,9 +568,11 @@ def flops_per_candidate(
 
     (first layers, deeper expert layers, gates, gate mixture, towers, interactions). MMoE has
     G = T gates over K = E experts, OMoE G = 1, PLE E = S + T*K_t experts and G = T gates over
-    K = S + K_t; STEM E = S + T*K_t experts (each reading one embedding set of width d) and G = T
-    gates over all E. With interaction width k, the interactions I are F_u*F_i*k for the dots and
-    T*F_i*k for the bilinear terms, plus T*F_u*F_i*k for the bilinear user side. Embedding
+    K = S + K_t (two extraction levels add a shared gate over all E at level 1, T gates of K on
+    H1 at level 2 and the level-1 mixtures); STEM E = S + T*K_t experts (each reading one
+    embedding set of width d) and G = T gates over all E. With interaction width k, the
+    interactions I are F_u*F_i*k for the dots and T*F_i*k for the bilinear terms, plus
+    T*F_u*F_i*k for the bilinear user side. Embedding
     lookups, biases and activations are left out. ``user_side_once`` drops the D_u rows of the
     first layers and gates and the bilinear user side: the per-candidate cost when a request's
     user side is computed once and N is large.
@@ -525,6 +594,8 @@ def flops_per_candidate(
         e, gates, index = expert_layout(cfg)
         h, k = cfg.expert_hidden, len(index[0])
         macs = d * e * h[0] + e * _mlp_macs(h) + d * gates * k + n_tasks * k * h[-1]
+        if cfg.ple_levels == 2:  # the shared gate and mixture; level 2's gates and mixtures
+            macs += d * e + e * h[0] + n_tasks * k * h[0] + n_tasks * h[0] * k
         tower_in = h[-1]
     macs += n_tasks * _mlp_macs((tower_in, *cfg.tower_hidden, 1)) + inter
     return 2 * macs

@@ -24,7 +24,7 @@ import json
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "indep": {"entire_space": False},
     # Interaction tables twice as wide: room for every task's driver in the shared dots.
     "wide": {"interaction_dim": 2 * TrainConfig().interaction_dim},
+    "levels2": {"ple_levels": 2},  # PLE with two extraction levels (ple:levels2)
 }
 
 
@@ -120,8 +121,9 @@ def variant(name: str) -> tuple[str, dict[str, Any]]:
     """``"ARCH[:OPTION]..."`` -> (arch, its ``TrainConfig`` overrides).
 
     An option is a loss balance (``stem:fixed``), ``es`` (entire-space heads), ``indep``
-    (independent heads) or ``wide`` (interaction tables of twice the default width); what is
-    not named stays the architecture's default.
+    (independent heads), ``wide`` (interaction tables of twice the default width) or
+    ``levels2`` (PLE with two extraction levels); what is not named stays the architecture's
+    default.
     """
     arch, *options = name.split(":")
     overrides: dict[str, Any] = {}
@@ -256,9 +258,22 @@ def run_sweep(sweep: Sweep, out: Path, verbose: bool = True) -> RunStore:
                     store.add({"preset": preset, "arch": TRUTH, "seed": seed, **truth})
                 if verbose:
                     print(progress_line(record), flush=True)
-                write_reports(store.runs, sweep, out)
-    write_reports(store.runs, sweep, out)
+                write_reports(store.runs, stored(sweep, store.runs), out)
+    write_reports(store.runs, stored(sweep, store.runs), out)
     return store
+
+
+def stored(sweep: Sweep, runs: Sequence[dict[str, Any]]) -> Sweep:
+    """``sweep`` widened to every run stored in its directory (all at its scale): a run that
+    adds archs, presets or seeds adds rows to the reports, it does not replace those there."""
+
+    def union(own: Sequence[Any], key: str) -> tuple[Any, ...]:
+        return (*own, *dict.fromkeys(r[key] for r in runs if r[key] not in (*own, TRUTH)))
+
+    seeds = tuple(sorted({*sweep.seeds, *(int(r["seed"]) for r in runs)}))
+    return replace(
+        sweep, presets=union(sweep.presets, "preset"), archs=union(sweep.archs, "arch"), seeds=seeds
+    )
 
 
 def progress_line(run: dict[str, Any]) -> str:
@@ -270,7 +285,8 @@ def progress_line(run: dict[str, Any]) -> str:
 
 
 def write_reports(runs: Sequence[dict[str, Any]], sweep: Sweep, out: Path) -> None:
-    """runs.csv, summary.md and relatedness.png from the runs of this sweep."""
+    """runs.csv, summary.md and relatedness.png from the runs of ``sweep`` (``stored``: every
+    run in the directory)."""
     frame = sweep_frame(runs, sweep)
     if frame.empty:
         return

@@ -108,6 +108,19 @@ def test_rerun_resumes_and_a_rescaled_sweep_is_refused(swept: Path) -> None:
     assert (swept / "runs.jsonl").read_bytes() == before
 
 
+def test_a_run_with_other_archs_adds_to_the_reports(swept: Path) -> None:
+    """A later invocation with another arch into the same directory: the reports keep the runs
+    already there (runs.csv, the summary's tables) and add the new one."""
+    more = [a if a != f"mmoe,{BASELINE}" else "omoe" for a in TINY]
+    done = CliRunner().invoke(app, [*more, "--out", str(swept)])
+    assert done.exit_code == 0, done.output
+    assert sorted(pd.read_csv(swept / "runs.csv")["arch"]) == sorted(
+        ["mmoe", BASELINE, "omoe", TRUTH]
+    )
+    results = markdown_tables((swept / "summary.md").read_text())[0]
+    assert [row[1] for row in results[1:]] == ["omoe", "mmoe", BASELINE, TRUTH]
+
+
 def test_bad_options_name_the_flag(tmp_path: Path) -> None:
     for extra, flag in (
         (["--presets", "nope"], "--presets"),

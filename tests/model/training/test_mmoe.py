@@ -264,3 +264,43 @@ def test_each_interaction_kind_broadcasts_the_user_side(kinds: tuple[str, ...]) 
         once, tiled_out = model(request(9)), model(tiled(9))
     for task in TASKS:
         torch.testing.assert_close(once[task], tiled_out[task], rtol=1e-5, atol=1e-6)
+
+
+def test_two_extraction_levels_wire_each_task_to_its_own_level_one_output() -> None:
+    """PLE, two levels: task t's level-2 gate reads task t's level-1 mixture (changing it moves
+    task t alone), the shared experts at level 2 read the shared mixture (changing its gate moves
+    every task); the user side still broadcasts, and the cost is CGC's plus the shared gate and
+    the level-2 gates and mixtures."""
+    torch.manual_seed(0)
+    cfg = MMoEConfig.small(arch="ple", ple_levels=2)
+    net = build_model(cfg, SCHEMA).eval()
+    x = request(9)
+    with torch.no_grad():
+        base = net(x, return_gates=True)
+        s, k, t = cfg.shared_experts, cfg.task_experts, len(cfg.tasks)
+        assert base["gates"].shape == (9, t, s + k)
+        torch.testing.assert_close(net(tiled(9))["click"], base["click"], rtol=1e-5, atol=1e-6)
+        net.upper_gates.weight[0, :, 0] += 1.0  # task 0's level-2 gate
+        moved = net(x)
+        net.upper_gates.weight[0, :, 0] -= 1.0
+        net.shared_gate.logits.w_item[:, 0] += 1.0  # the level-1 shared gate
+        shared = net(x)
+    first, *others = cfg.tasks
+    assert not torch.allclose(moved[f"{first}_logit"], base[f"{first}_logit"])
+    for task in others:
+        torch.testing.assert_close(moved[f"{task}_logit"], base[f"{task}_logit"])
+    for task in cfg.tasks:
+        assert not torch.allclose(shared[f"{task}_logit"], base[f"{task}_logit"])
+    # Default network: d = 211 (112 with the user side once), E = 2 + 3*2 = 8 experts, K = 4.
+    default, two = MMoEConfig(arch="ple"), MMoEConfig(arch="ple", ple_levels=2)
+    e, kk, h1 = 8, 4, 256
+    for once, d in ((False, 211), (True, 112)):
+        extra = 2 * (d * e + e * h1 + 2 * 3 * kk * h1)
+        got = flops_per_candidate(two, SCHEMA, user_side_once=once)
+        assert got - flops_per_candidate(default, SCHEMA, user_side_once=once) == extra
+    with pytest.raises(ValueError, match="two extraction levels"):
+        MMoEConfig(arch="mmoe", ple_levels=2)
+    with pytest.raises(ValueError, match="two extraction levels"):
+        MMoEConfig(arch="ple", ple_levels=2, expert_hidden=(64,))
+    with pytest.raises(ValueError, match="ple_levels"):
+        MMoEConfig(arch="ple", ple_levels=3)

@@ -299,11 +299,14 @@ def test_epoch_loop_runs_hooks_and_stops_early(tiny_frame: pd.DataFrame) -> None
     assert restored["loss"] == pytest.approx(epochs.best_loss, rel=1e-6)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "ple:levels2"])
 def test_every_arch_trains_calibrates_and_exports(
     tmp_path: Path, tiny_frame: pd.DataFrame, arch: str
 ) -> None:
-    config = TrainConfig(arch=arch, small=True, epochs=1, seed=1, interaction_dim=8)
+    arch, *levels = arch.split(":")
+    config = TrainConfig(
+        arch=arch, small=True, epochs=1, seed=1, interaction_dim=8, ple_levels=2 if levels else 1
+    )
     result = fit(tiny_frame, config, verbose=False)
     m = result.metrics
     assert 0.5 < m["click_auc"] < 1.0 and math.isfinite(m["loss"])  # it learnt something
