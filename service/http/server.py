@@ -114,43 +114,7 @@ def raise_fd_limit(max_connections: int) -> int:
 
 def serve(settings: Settings, sock: socket.socket) -> None:
     """Run one uvicorn server for ``create_app(settings)`` on ``sock`` until SIGTERM/SIGINT."""
-    import uvicorn
-
-    from service.http.accept import Acceptor
     from service.http.app import create_app
-    from service.http.protocol import ConnectionLimits, GuardedProtocol, guarded_protocol
-
-    def protocol_of(config: uvicorn.Config, server: uvicorn.Server) -> Any:
-        def make() -> GuardedProtocol:
-            return config.http_protocol_class(  # type: ignore[call-arg,return-value]
-                config=config, server_state=server.server_state, app_state=server.lifespan.state
-            )
-
-        return make
-
-    class _Server(uvicorn.Server):
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            # uvicorn makes no server of an empty list of sockets: the acceptor stands in, and
-            # accepts only while the worker has room for /rank work (service/http/accept.py).
-            await super().startup([])
-            admission = app.state.admission
-            main = Acceptor(
-                sock, protocol_of(self.config, self), admission, settings.accept_backlog
-            )
-            self.servers = [main]  # type: ignore[list-item]
-            if health is not None:
-                assert settings.health_port is not None
-                probes = bind_socket(settings.host, settings.health_port, reuse_port=True)
-                loop = asyncio.get_running_loop()
-                self.servers.append(
-                    await loop.create_server(protocol_of(health, self), sock=probes)
-                )
-            _tune_gc()
-            host, port = sock.getsockname()[:2]
-            log_fields(
-                log, logging.INFO, "listening",
-                host=host, port=port, health_port=settings.health_port, pid=os.getpid(),
-            )  # fmt: skip
 
     raise_fd_limit(settings.max_connections)
     if pin_thresholds():  # before the first model loads: then a swap costs about one model
@@ -161,12 +125,22 @@ def serve(settings: Settings, sock: socket.socket) -> None:
     else:
         log.warning("not glibc: heap thresholds not pinned; a model swap may hold more memory")
     app = create_app(settings)
-    limits = ConnectionLimits(
-        settings.max_connections,
-        settings.header_timeout_s,
-        settings.body_timeout_s,
-        admission=app.state.admission,
-    )
+    config, health = _configs(settings, app)
+    # uvicorn re-raises the signal it shut down for once it is done; with a no-op handler in
+    # place that ends the process normally (exit 0) after the drain instead of killing it.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    _server(settings, sock, (config, health), app.state.admission).run(sockets=[sock])
+
+
+def _configs(settings: Settings, app: Any) -> tuple[Any, Any]:
+    """uvicorn's config of ``app`` on the main port, and of its probes on the health port (None
+    without ``health_port``)."""
+    import uvicorn
+
+    from service.http.protocol import ConnectionLimits, guarded_protocol
+
+    bounds = (settings.max_connections, settings.header_timeout_s, settings.body_timeout_s)
     common: dict[str, Any] = {
         "log_config": None,
         "access_log": False,
@@ -175,25 +149,58 @@ def serve(settings: Settings, sock: socket.socket) -> None:
     }
     config = uvicorn.Config(
         app,
-        http=guarded_protocol(limits),
+        http=guarded_protocol(ConnectionLimits(*bounds, admission=app.state.admission)),
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_TIMEOUT_S,
         **common,
     )
-    health: uvicorn.Config | None = None
-    if settings.health_port is not None:  # probes on a listener that always accepts
-        probe_limits = ConnectionLimits(
-            settings.max_connections, settings.header_timeout_s, settings.body_timeout_s
-        )
-        health = uvicorn.Config(
-            health_only(app), http=guarded_protocol(probe_limits), lifespan="off", **common
-        )
-        health.load()
-    # uvicorn re-raises the signal it shut down for once it is done; with a no-op handler in
-    # place that ends the process normally (exit 0) after the drain instead of killing it.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    _Server(config).run(sockets=[sock])
+    if settings.health_port is None:
+        return config, None
+    # Probes on a listener that always accepts (and no admission: nothing there is /rank).
+    health = uvicorn.Config(
+        health_only(app), http=guarded_protocol(ConnectionLimits(*bounds)), lifespan="off", **common
+    )
+    health.load()
+    return config, health
+
+
+def _server(
+    settings: Settings, sock: socket.socket, configs: tuple[Any, Any], admission: Any
+) -> Any:
+    """The uvicorn server of ``config``: its main port served by an ``Acceptor``, which accepts
+    only while the worker has room for /rank work (service/http/accept.py)."""
+    import uvicorn
+
+    from service.http.accept import Acceptor
+
+    config, health = configs
+
+    class _Server(uvicorn.Server):
+        def protocol_of(self, config: uvicorn.Config) -> Any:
+            def make() -> Any:
+                return config.http_protocol_class(  # type: ignore[call-arg]
+                    config=config, server_state=self.server_state, app_state=self.lifespan.state
+                )
+
+            return make
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup([])  # uvicorn makes no server of an empty list of sockets
+            main = Acceptor(sock, self.protocol_of(self.config), admission, settings.accept_backlog)
+            self.servers = [main]  # type: ignore[list-item]
+            if health is not None:
+                assert settings.health_port is not None
+                probes = bind_socket(settings.host, settings.health_port, reuse_port=True)
+                loop = asyncio.get_running_loop()
+                self.servers.append(await loop.create_server(self.protocol_of(health), sock=probes))
+            _tune_gc()
+            host, port = sock.getsockname()[:2]
+            log_fields(
+                log, logging.INFO, "listening",
+                host=host, port=port, health_port=settings.health_port, pid=os.getpid(),
+            )  # fmt: skip
+
+    return _Server(config)
 
 
 def health_only(app: Any) -> Any:
