@@ -140,7 +140,7 @@ class Admission:
         return self.slots + self.max_queue - self.in_flight - self.held
 
     def reserve(self, client: Client | None = None) -> Ticket | None:
-        """A place for one more request, or None when ``slots + max_queue`` are in flight."""
+        """A place for one more request, or None when none is free (``room``)."""
         if self.room() <= 0:
             return None
         self.in_flight += 1
