@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import math
 import socket
 import time
@@ -56,6 +57,8 @@ FRESH_S = 0.01  # under pressure, a connection holds a place until its first req
 REFILL_S = 0.005  # under pressure, a freed place waits this long for its kept-alive client...
 TURN_S = 0.02  # ...except once every TURN_S, when it goes to a connection waiting in the kernel
 SAFETY_S = 0.25  # paused with no place freeing: one waiting connection accepted this often
+RETRY_S = 1.0  # out of descriptors or memory: accepting again after this (as asyncio's server)
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class Fresh:
@@ -191,8 +194,13 @@ class Acceptor:
             conn, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
             return False
-        except OSError:  # EMFILE, ECONNABORTED...: that connection is lost, not the listener
+        except OSError as e:  # ECONNABORTED...: that connection is lost, not the listener
             metrics.CONNECTIONS_CLOSED.labels("accept_failed").inc()
+            if e.errno in OUT_OF_RESOURCES and self.listening:  # retrying now would only spin
+                self.listening = False
+                self.loop.remove_reader(self.sock)
+                self._cancel_timers()
+                self._refill_timer = self.loop.call_later(RETRY_S, self._refill)
             return False
         conn.setblocking(False)
         fresh = Fresh(self, holds)

@@ -4,6 +4,7 @@ real listening socket over loopback (no server, no app)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import time
 from collections.abc import Callable
@@ -215,3 +216,35 @@ def test_connections_that_send_nothing_do_not_slow_acceptance_when_calm() -> Non
             w.close()
 
     served(1, 1, body)
+
+
+def test_out_of_descriptors_stops_accepting_for_a_moment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """accept() failing with EMFILE leaves the connection waiting and the acceptor off the
+    socket for RETRY_S (retrying at once would spin), then it takes the connection."""
+    monkeypatch.setattr(accept, "RETRY_S", 0.3)
+
+    class Exhausted(Listener):
+        fail = 1
+
+        def accept(self) -> tuple[socket.socket, object]:
+            if self.fail:
+                self.fail -= 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            return super().accept()
+
+    async def main() -> None:
+        admission, made = Admission(1, 1), list[Conn]()
+        listener = Exhausted()
+        acceptor = Acceptor(listener, lambda: Conn(made, admission), admission, backlog=1)
+        try:
+            client = await connect(listener.getsockname()[1], b"head")
+            await until(lambda: not acceptor.listening, "off the socket after EMFILE", 1.0)
+            await asyncio.sleep(0.15)
+            assert made == []
+            await until(lambda: len(made) == 1, "accepted after RETRY_S", 2.0)
+            client.close()
+        finally:
+            acceptor.close()
+            await acceptor.wait_closed()
+
+    asyncio.run(main())
