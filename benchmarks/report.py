@@ -185,10 +185,9 @@ def overload_targets(r: dict[str, Any]) -> list[Target]:
         for name, conns in (("c64", 64), ("overload", c)):
             high = _get(runs, name, "answered_rps")
             kept = ratio(high, low)
-            key = "c64" if name == "c64" else "overload"
             goodput.append(
                 Target(
-                    f"goodput_{key}{'_wrk' if client else ''}",
+                    f"goodput_{name}{'_wrk' if client else ''}",
                     f"answered req/s at c={conns} / at c=8{client}",
                     ">= 0.9",
                     kept,
