@@ -432,7 +432,7 @@ class STEM(RankingModel):
         chosen = experts.unsqueeze(0)  # 1 x E x N x H: the same forward in training and serving
         if self.training:  # T x E x N x H: other tasks' experts without their gradient
             chosen = torch.where(self.own_mask, chosen, chosen.detach())
-        mixed = (gates.permute(1, 2, 0).unsqueeze(-1) * chosen).sum(1)  # T x N x H
+        mixed = mix(gates, chosen)  # T x N x H
         return add_task_terms(self.towers(mixed), terms), gates
 
     def set_output_bias(self, values: Tensor) -> None:

@@ -26,7 +26,14 @@ import pandas as pd
 
 from model.simulator.world import PRESETS, preset_config
 from model.training.analysis import plots
-from model.training.analysis.experiment import METRICS, TRUTH, run_record, truth_metrics, variant
+from model.training.analysis.experiment import (
+    METRICS,
+    TRUTH,
+    run_record,
+    truth_metrics,
+    variant,
+    widened,
+)
 from model.training.config import ARCHS, TrainConfig
 from model.training.fit import fit
 from model.training.sources import simulated_frame
@@ -109,8 +116,7 @@ def _stored(curve: Curve, runs: Sequence[dict[str, Any]]) -> Curve:
     """``curve`` widened to every point stored in its directory: a run that adds sizes or archs
     adds rows to the table and lines to the plot, it does not replace the ones already there."""
     sizes = sorted({*curve.sizes, *(int(r["size"]) for r in runs)})
-    stored = [r["arch"] for r in runs if r["arch"] not in (*curve.archs, TRUTH)]
-    return replace(curve, sizes=tuple(sizes), archs=(*curve.archs, *dict.fromkeys(stored)))
+    return replace(curve, sizes=tuple(sizes), archs=widened(curve.archs, runs, "arch"))
 
 
 def _metrics_text(run: dict[str, Any]) -> str:

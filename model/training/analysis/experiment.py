@@ -266,14 +266,15 @@ def run_sweep(sweep: Sweep, out: Path, verbose: bool = True) -> RunStore:
 def stored(sweep: Sweep, runs: Sequence[dict[str, Any]]) -> Sweep:
     """``sweep`` widened to every run stored in its directory (all at its scale): a run that
     adds archs, presets or seeds adds rows to the reports, it does not replace those there."""
-
-    def union(own: Sequence[Any], key: str) -> tuple[Any, ...]:
-        return (*own, *dict.fromkeys(r[key] for r in runs if r[key] not in (*own, TRUTH)))
-
     seeds = tuple(sorted({*sweep.seeds, *(int(r["seed"]) for r in runs)}))
-    return replace(
-        sweep, presets=union(sweep.presets, "preset"), archs=union(sweep.archs, "arch"), seeds=seeds
-    )
+    presets, archs = widened(sweep.presets, runs, "preset"), widened(sweep.archs, runs, "arch")
+    return replace(sweep, presets=presets, archs=archs, seeds=seeds)
+
+
+def widened(own: Sequence[Any], runs: Sequence[dict[str, Any]], key: str) -> tuple[Any, ...]:
+    """``own`` followed by the other values of ``key`` in ``runs`` (the truth left out), in the
+    order they were first stored."""
+    return (*own, *dict.fromkeys(r[key] for r in runs if r[key] not in (*own, TRUTH)))
 
 
 def progress_line(run: dict[str, Any]) -> str:
