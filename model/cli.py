@@ -178,6 +178,12 @@ def train(
             "--compile", help="torch.compile the dense layers: on, off, auto (long runs)."
         ),
     ] = "off",
+    id_l2: Annotated[
+        float,
+        typer.Option(
+            help="L2 weight on the id-table rows each training impression looks up (0: none)."
+        ),
+    ] = 0.0,
     loss_weights: Annotated[
         str, typer.Option(help="Per-task loss weights, e.g. 'click=1,watch_time=1,like=1'.")
     ] = "click=1,watch_time=1,like=1",
@@ -268,6 +274,7 @@ def train(
             sparse=sparse,
             precision=precision,
             compile=compile_,
+            id_l2=id_l2,
         )
         job = TrainJob(
             registry=registry,

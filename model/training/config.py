@@ -102,6 +102,9 @@ class TrainConfig:
     # kernels: 1.18x the step's speed on this Zen 4, held-out metrics equal to 1e-4 at 1M)
     precision: str = "auto"
     compile: str = "off"  # torch.compile the dense parts: on, off, auto (long runs only)
+    # L2 on the id-table rows each training impression looks up, added to the loss with this
+    # weight (model/training/layers.py looked_up_l2); 0 = none
+    id_l2: float = 0.0
 
     def __post_init__(self) -> None:
         for name, value in ARCH_DEFAULTS.get(self.arch, {}).items():
@@ -138,6 +141,8 @@ class TrainConfig:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+        if not (self.id_l2 >= 0 and math.isfinite(self.id_l2)):
+            raise ValueError(f"--id-l2 must be a finite number >= 0, got {self.id_l2}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.compile not in SWITCHES:

@@ -28,6 +28,7 @@ from model.core.tasks import TASKS
 from model.training.balance import Balance, make_balance
 from model.training.batches import Batch, EncodedSplit, GateStats, predict
 from model.training.config import TrainConfig
+from model.training.layers import looked_up_l2
 from model.training.mmoe import RankingModel
 from model.training.objective import evaluate_split, task_losses
 
@@ -240,6 +241,7 @@ class Step:
 
     balance: Balance
     autocast: torch.dtype | None = None  # None: fp32
+    id_l2: float = 0.0  # weight of the looked-up id rows' L2 (layers.looked_up_l2)
 
     def losses(self, module: nn.Module, batch: Batch) -> dict[str, Tensor]:
         """Forward (under autocast, if any) and the per-task losses, computed in fp32."""
@@ -262,6 +264,8 @@ class Step:
         self.balance.before_step(batch)
         losses = self.losses(module, batch)
         loss = self.balance.combine(losses, batch[1])
+        if self.id_l2:
+            loss = loss + self.id_l2 * looked_up_l2(module, batch[0])
         if mark:
             mark("forward")
         optimizer.zero_grad()
@@ -331,7 +335,7 @@ class EpochLoop:
             self.config.loss_balance or "fixed", self.model, self.config.loss_weights
         )
         optimizer = Optimizers(self.model, self.config.lr, extra=balance.trainable())
-        step = Step(balance, autocast_dtype(self.config.precision))
+        step = Step(balance, autocast_dtype(self.config.precision), self.config.id_l2)
         rng = np.random.default_rng(self.config.seed)  # the same permutations on every rank
         stopper = EarlyStopping(self.model)
         module = self.model if self.module is None else self.module

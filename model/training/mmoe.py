@@ -368,8 +368,18 @@ class ProgressiveLayeredExtraction(RankingModel):
 
 def mix(gates: Tensor, chosen: Tensor) -> Tensor:
     """``sum_k gate[n, t, k] * chosen[t, k, n]``: gates N x T x K, chosen (T|1) x K x N x H ->
-    T x N x H (a broadcast multiply-add)."""
-    return (gates.permute(1, 2, 0).unsqueeze(-1) * chosen).sum(1)
+    T x N x H.
+
+    Exported (a request) as a broadcast multiply-add; in torch as N small ``[T, K] x [K, H]``
+    products (one ``bmm`` per distinct ``chosen``), which in training is ~2x faster forward and
+    backward than the broadcast's T x K x N x H temporary. Same sums.
+    """
+    if torch.jit.is_tracing():
+        return (gates.permute(1, 2, 0).unsqueeze(-1) * chosen).sum(1)
+    if chosen.shape[0] == 1:  # every task mixes the same experts
+        return torch.bmm(gates, chosen[0].transpose(0, 1)).transpose(0, 1)
+    rows = [torch.bmm(gates[:, t : t + 1], c.transpose(0, 1)) for t, c in enumerate(chosen)]
+    return torch.cat(rows, 1).transpose(0, 1)
 
 
 class STEM(RankingModel):

@@ -23,6 +23,7 @@ from model.training.layers import (
     Interactions,
     SplitLinear,
     Towers,
+    looked_up_l2,
 )
 from model.training.mmoe import (
     INTERACTIONS,
@@ -304,3 +305,35 @@ def test_two_extraction_levels_wire_each_task_to_its_own_level_one_output() -> N
         MMoEConfig(arch="ple", ple_levels=2, expert_hidden=(64,))
     with pytest.raises(ValueError, match="ple_levels"):
         MMoEConfig(arch="ple", ple_levels=3)
+
+
+@pytest.mark.parametrize("arch", ["mmoe", "stem", "single_task"])
+def test_looked_up_l2_is_the_squared_norm_of_the_rows_a_batch_reads(arch: str) -> None:
+    torch.manual_seed(0)
+    net = build_model(MMoEConfig.small(arch=arch), SCHEMA)
+    inputs = tiled(6)
+    penalty = looked_up_l2(net, inputs)
+    by_hand, tables = 0.0, 0
+    for module in net.modules():
+        if isinstance(module, FeatureEmbedding | Interactions):
+            for entity, table in (t for d in module.id_tables() for t in d.items()):
+                tables += 1
+                weight, lay = table.weight.detach(), module.layouts[entity]
+                for n in range(6):
+                    rows = [weight[inputs[f"{entity}_cat"][n]]] if lay.cat else []
+                    if lay.multi:
+                        w = inputs[f"{entity}_multi_w"][n].unsqueeze(-1)
+                        rows.append((weight[inputs[f"{entity}_multi"][n]] * w).sum(1))
+                    by_hand += float(sum(r.pow(2).sum() for r in rows)) / 6
+    # per entity (user, context, item): each embedding set's table, the interaction table and
+    # the first-order weights; STEM has 4 embedding sets, single_task 3 whole models
+    assert tables == {"mmoe": 9, "stem": 18, "single_task": 27}[arch]
+    assert float(penalty.detach()) == pytest.approx(by_hand, rel=1e-5)
+    penalty.backward()
+    user = net.embedding.tables["user"] if arch != "single_task" else None
+    if user is not None:  # only the rows the batch looked up get a gradient
+        assert user.weight.grad is not None
+        touched = torch.zeros(len(user.weight), dtype=torch.bool)
+        touched[inputs["user_cat"].unique()] = True
+        has_grad = (user.weight.grad != 0).any(1)
+        assert has_grad[touched].all() and not has_grad[~touched].any()
