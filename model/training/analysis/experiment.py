@@ -114,6 +114,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     # Interaction tables twice as wide: room for every task's driver in the shared dots.
     "wide": {"interaction_dim": 2 * TrainConfig().interaction_dim},
     "levels2": {"ple_levels": 2},  # PLE with two extraction levels (ple:levels2)
+    "sharp": {"gate_temperature": 0.1},  # gates at STEM's temperature (mmoe:gradnorm:sharp)
 }
 
 
@@ -121,9 +122,9 @@ def variant(name: str) -> tuple[str, dict[str, Any]]:
     """``"ARCH[:OPTION]..."`` -> (arch, its ``TrainConfig`` overrides).
 
     An option is a loss balance (``stem:fixed``), ``es`` (entire-space heads), ``indep``
-    (independent heads), ``wide`` (interaction tables of twice the default width) or
-    ``levels2`` (PLE with two extraction levels); what is not named stays the architecture's
-    default.
+    (independent heads), ``wide`` (interaction tables of twice the default width),
+    ``levels2`` (PLE with two extraction levels) or ``sharp`` (gates at temperature 0.1); what
+    is not named stays the architecture's default.
     """
     arch, *options = name.split(":")
     overrides: dict[str, Any] = {}

@@ -82,6 +82,31 @@ def test_user_side_broadcast_equals_tiled_rows(model: MMoE) -> None:
         torch.testing.assert_close(once[task], tiled_out[task], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["mmoe", "ple", "stem", "shared_bottom"])
+def test_training_forms_compute_what_the_exported_forms_do(
+    arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The experts' first layer, ``mix``, the batched layers and the table lookups each have a
+    faster form for training rows and keep the traced (exported) form; both give the same
+    outputs and the same gradients."""
+    torch.manual_seed(0)
+    net = build_model(MMoEConfig.small(arch=arch, gate_dropout=0.0), SCHEMA).train()
+    inputs = tiled(11, seed=3)
+
+    def outputs_and_grads(tracing: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        monkeypatch.setattr(torch.jit, "is_tracing", lambda: tracing)
+        net.zero_grad()
+        out = net(inputs)
+        sum(out[f"{t}_logit"].sum() for t in TASKS).backward()
+        grads = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+        return [out[f"{t}_logit"].detach() for t in TASKS], grads
+
+    (fast, fast_grads), (traced, traced_grads) = outputs_and_grads(False), outputs_and_grads(True)
+    for a, b in zip(fast + fast_grads, traced + traced_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len(fast_grads) == len(list(net.parameters()))
+
+
 def test_entire_space_heads_chain_every_task_with_the_click() -> None:
     # like = p_click * p_like|click and watch = p_click * rate|click, over any logit magnitude
     heads = Heads(TASKS, watch_scale=4.0, entire_space=True)
