@@ -11,16 +11,17 @@ time times the threads, which a shared machine disturbs less than the wall clock
 
 Variants (the model and its data are the same; only the step's mechanics differ):
 
-``eager-dense``    fp32, dense gradients and fused Adam over everything, no compile: the step as
-                   it was before issue 19, less the interaction layer's row form
+``eager-dense``    fp32, dense gradients and fused Adam over everything, no compile
 ``bf16``           ... with the forward pass under bf16 autocast (``--precision bf16``; the
-                   default ``auto`` picks it where the CPU has bf16 kernels)
-``compile``        ... with the dense parts compiled by torch.compile (``--compile on``; ``auto``
-                   compiles runs of ``COMPILE_MIN_STEPS`` steps or more)
+                   default ``auto`` picks it where the CPU has bf16 kernels): the default step
+``compile``        ... fp32 with the dense parts compiled by torch.compile (``--compile on``;
+                   ``auto`` compiles runs of ``COMPILE_MIN_STEPS`` steps or more)
 ``sparse+compile`` ... and row-wise gradients with SparseAdam for the id tables (``--sparse``)
 ``+bf16``          ``compile`` with the forward pass under bf16 autocast (``--precision bf16``)
 ``+batch4096``     ``compile`` with batches of 4096 (the learning rate scaled by sqrt 2)
 
+A before/after of a change to the model's code runs this module on both trees in turns (README
+"Performance", Training).
 Compilation happens in warm-up steps, which are not timed. Nothing here is asserted.
 """
 

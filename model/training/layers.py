@@ -371,7 +371,6 @@ class Experts(nn.Module):
             h = F.relu(layer(h))  # "enh,ehk->enk"
         return h
 
-
     def _first_of_rows(self, u: Tensor, v: Tensor) -> Tensor:
         """The first layer for training rows (B_u = N): ``[N, D] x [D, E*H1]`` GEMMs, returned
         expert-major as a transposed view (E x N x H1, no copy).
