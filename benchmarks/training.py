@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from benchmarks.machine import machine_info, machine_slug
-from model.training.balance import FixedWeights
+from model.training.balance import make_balance
 from model.training.batches import EncodedSplit, make_batches
 from model.training.config import TrainConfig
 from model.training.fit import TRAIN_THREADS, build, prepare
@@ -56,6 +56,7 @@ COMPILED = replace(BASE, compile="on")
 VARIANTS: dict[str, TrainConfig] = {
     "eager-dense": BASE,
     "bf16": replace(BASE, precision="bf16"),
+    "bf16+gradnorm": replace(BASE, precision="bf16", loss_balance="gradnorm"),
     "compile": COMPILED,
     "sparse+compile": replace(COMPILED, sparse=True),
     "+bf16": replace(COMPILED, precision="bf16"),
@@ -101,7 +102,8 @@ def measure(config: TrainConfig, data: Any, s: Settings) -> dict[str, float]:
     model = build(config, data.basis)
     model.train()
     optimizer = Optimizers(model, config.lr)
-    step = Step(FixedWeights(config.loss_weights), autocast_dtype(config.precision))
+    balance = make_balance(config.loss_balance or "fixed", model, config.loss_weights)
+    step = Step(balance, autocast_dtype(config.precision))
     batches = endless(data.train, config.batch_size)
     with compiled(model, config.compile == "on"):
         for _ in range(s.warmup):

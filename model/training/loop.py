@@ -261,7 +261,8 @@ class Step:
 
         ``mark`` (a benchmark's clock) is called after each phase: forward, backward, optimiser.
         """
-        self.balance.before_step(batch)
+        with torch.autocast("cpu", self.autocast or torch.bfloat16, self.autocast is not None):
+            self.balance.before_step(batch)  # a measuring balance runs as the step does
         losses = self.losses(module, batch)
         loss = self.balance.combine(losses, batch[1])
         if self.id_l2:
