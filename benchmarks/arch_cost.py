@@ -4,8 +4,9 @@ Every ``--arch`` is built with the trainer's default network (weights at their s
 initialisation: timing does not depend on what was learnt), exported request-shaped (user side
 once per request) and timed in onnxruntime with one intra-op thread on the same encoded requests,
 in turns over several rounds (``benchmarks.floor.interleaved``), so that load on a shared
-machine spreads over every graph alike. Ratios against ``mmoe`` (the paper-faithful default
-before STEM) are what to compare across machines.
+machine spreads over every graph alike. An arch may carry an experiment's options
+(``mmoe:paper``, ``ple:levels2``). Ratios against ``mmoe`` (the default) are what to compare
+across machines.
 
     python -m benchmarks.arch_cost [--archs stem,mmoe] [--seconds 6] [--out FILE.md]
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,8 @@ import torch
 from benchmarks.floor import interleaved, session
 from benchmarks.workload import build_workload
 from model.core.features import default_schema
+from model.training.analysis.experiment import variant
+from model.training.config import TrainConfig
 from model.training.export import export_onnx
 from model.training.mmoe import ARCHS, MMoEConfig, build_model, flops_per_candidate
 from model.training.sources import simulated_impressions
@@ -42,8 +46,7 @@ def measure(archs: Sequence[str], seconds: float, requests: int = 8) -> dict[str
         sessions = {}
         for arch in archs:
             torch.manual_seed(0)
-            name, *levels = arch.split(":")  # ple:levels2 is PLE with two extraction levels
-            cfg = MMoEConfig(arch=name, watch_scale=5.0, ple_levels=2 if levels else 1)
+            cfg = network(arch)
             path = Path(tmp) / f"{arch}.onnx"
             export_onnx(build_model(cfg, schema), schema, path)
             sessions[arch] = session(path, 1)
@@ -54,6 +57,23 @@ def measure(archs: Sequence[str], seconds: float, requests: int = 8) -> dict[str
         out[arch]["cpu_ms"] = {n: timed[arch][str(n)]["cpu_p50"] for n in NS}
         out[arch]["wall_ms"] = {n: timed[arch][str(n)]["p50"] for n in NS}
     return out
+
+
+def network(arch: str) -> MMoEConfig:
+    """The trainer's network for an experiment arch (``mmoe``, ``mmoe:paper``, ``ple:levels2``
+    ...): the architecture's own recipe and the variant's options, as ``fit`` would build it."""
+    base, options = variant(arch)
+    train = TrainConfig(arch=base, **options)
+    return replace(
+        MMoEConfig(),
+        arch=base,
+        interactions=train.interactions,
+        interaction_dim=train.interaction_dim,
+        gate_temperature=float(train.gate_temperature or 1.0),
+        entire_space=bool(train.entire_space),
+        ple_levels=train.ple_levels,
+        watch_scale=5.0,
+    )
 
 
 def markdown(results: dict[str, dict]) -> str:

@@ -191,13 +191,14 @@ def train(
         str | None,
         typer.Option(
             help="How task losses combine: fixed (the weights), uncertainty or gradnorm"
-            " (default: the architecture's; stem: gradnorm, others: fixed)."
+            " (default: the architecture's; mmoe, stem: gradnorm; others: fixed)."
         ),
     ] = None,
     gate_temperature: Annotated[
         float | None,
         typer.Option(
-            help="Softmax temperature of the gates, < 1 sharper (default: stem 0.1, others 1)."
+            help="Softmax temperature of the gates, < 1 sharper"
+            " (default: mmoe, stem 0.1; others 1)."
         ),
     ] = None,
     entire_space: Annotated[
@@ -405,7 +406,8 @@ def experiment(
         str | None,
         typer.Option(
             help="Architectures, comma-separated (default: every --arch); ARCH:OPTION trains"
-            " ARCH with a --loss-balance (mmoe:gradnorm) or es/indep heads (stem:indep)."
+            " ARCH with a --loss-balance (stem:fixed), es/indep heads (stem:indep), wide"
+            " interaction tables, ple:levels2, sharp/soft gates or mmoe:paper (Ma et al.'s MMoE)."
         ),
     ] = None,
     seeds: Annotated[str, typer.Option(help="Seeds, comma-separated (world and training).")] = (

@@ -59,7 +59,7 @@ class Sweep:
     """What to sweep and at which scale (the world is scaled down with the impressions)."""
 
     presets: tuple[str, ...] = SWEEP_PRESETS
-    archs: tuple[str, ...] = ARCHS
+    archs: tuple[str, ...] = (*ARCHS, "mmoe:paper")  # every arch, and MMoE as published
     seeds: tuple[int, ...] = (0, 1, 2)
     # Defaults: what one sweep of 24 runs (2 archs) costs in about an hour on 2 busy shared cores
     # (measured): ~100 impressions per user so that user x field affinities are learnable, more
@@ -114,7 +114,10 @@ OPTIONS: dict[str, dict[str, Any]] = {
     # Interaction tables twice as wide: room for every task's driver in the shared dots.
     "wide": {"interaction_dim": 2 * TrainConfig().interaction_dim},
     "levels2": {"ple_levels": 2},  # PLE with two extraction levels (ple:levels2)
-    "sharp": {"gate_temperature": 0.1},  # gates at STEM's temperature (mmoe:gradnorm:sharp)
+    "sharp": {"gate_temperature": 0.1},  # gates at the recipe's temperature
+    "soft": {"gate_temperature": 1.0},  # gates at the paper's temperature
+    # MMoE as published (Ma et al., KDD 2018): fixed loss weights, gates at temperature 1
+    "paper": {"loss_balance": "fixed", "gate_temperature": 1.0},
 }
 
 
@@ -123,8 +126,9 @@ def variant(name: str) -> tuple[str, dict[str, Any]]:
 
     An option is a loss balance (``stem:fixed``), ``es`` (entire-space heads), ``indep``
     (independent heads), ``wide`` (interaction tables of twice the default width),
-    ``levels2`` (PLE with two extraction levels) or ``sharp`` (gates at temperature 0.1); what
-    is not named stays the architecture's default.
+    ``levels2`` (PLE with two extraction levels), ``sharp`` / ``soft`` (gates at temperature
+    0.1 / 1) or ``paper`` (fixed weights and temperature 1: ``mmoe:paper`` is MMoE as Ma et al.
+    published it); what is not named stays the architecture's default (config.ARCH_DEFAULTS).
     """
     arch, *options = name.split(":")
     overrides: dict[str, Any] = {}

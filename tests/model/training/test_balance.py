@@ -9,6 +9,7 @@ import torch
 
 from model.core.features import default_schema
 from model.core.tasks import TASKS
+from model.training.analysis.experiment import variant
 from model.training.analysis.transfer import gradient_report, report_lines
 from model.training.balance import (
     FixedWeights,
@@ -155,9 +156,13 @@ def test_an_unknown_balance_names_the_flag() -> None:
 
 
 def test_each_architecture_brings_its_own_recipe_unless_told() -> None:
-    stem, mmoe = TrainConfig(arch="stem"), TrainConfig(arch="mmoe")
+    stem, mmoe, bottom = (TrainConfig(arch=a) for a in ("stem", "mmoe", "shared_bottom"))
     assert (stem.loss_balance, stem.gate_temperature) == ("gradnorm", 0.1)
-    assert (mmoe.loss_balance, mmoe.gate_temperature) == ("fixed", 1.0)  # paper-faithful MMoE
+    assert (mmoe.loss_balance, mmoe.gate_temperature) == ("gradnorm", 0.1)
+    assert TrainConfig().arch == "mmoe" and TrainConfig().loss_balance == "gradnorm"
+    assert (bottom.loss_balance, bottom.gate_temperature) == ("fixed", 1.0)
+    paper = TrainConfig(arch="mmoe", **variant("mmoe:paper")[1])
+    assert (paper.loss_balance, paper.gate_temperature) == ("fixed", 1.0)  # Ma et al.'s MMoE
     told = TrainConfig(arch="stem", loss_balance="fixed", gate_temperature=1.0)
     assert (told.loss_balance, told.gate_temperature) == ("fixed", 1.0)
     with pytest.raises(ValueError, match="--gate-temperature"):
