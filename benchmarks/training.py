@@ -13,7 +13,9 @@ Variants (the model and its data are the same; only the step's mechanics differ)
 
 ``eager-dense``    fp32, dense gradients and fused Adam over everything, no compile
 ``bf16``           ... with the forward pass under bf16 autocast (``--precision bf16``; the
-                   default ``auto`` picks it where the CPU has bf16 kernels): the default step
+                   default ``auto`` picks it where the CPU has bf16 kernels)
+``bf16+gradnorm``  ... with GradNorm's loss weights (``--loss-balance gradnorm``, measured every
+                   ``GRADNORM_EVERY`` steps): the default ``mmoe`` step
 ``compile``        ... fp32 with the dense parts compiled by torch.compile (``--compile on``;
                    ``auto`` compiles runs of ``COMPILE_MIN_STEPS`` steps or more)
 ``sparse+compile`` ... and row-wise gradients with SparseAdam for the id tables (``--sparse``)
@@ -22,6 +24,7 @@ Variants (the model and its data are the same; only the step's mechanics differ)
 
 A before/after of a change to the model's code runs this module on both trees in turns (README
 "Performance", Training).
+
 Compilation happens in warm-up steps, which are not timed. Nothing here is asserted.
 """
 

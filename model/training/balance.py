@@ -31,8 +31,9 @@ from model.training.objective import task_losses, weighted_sum
 
 BALANCES: tuple[str, ...] = ("fixed", "uncertainty", "gradnorm")
 # Steps between two measurements of the task gradient norms: a measurement is a forward and one
-# backward per task over every shared parameter (~3.5 steps' time), so every 25 steps cost 8 %
-# of training's speed and every 100 ~2 %.
+# backward per task over every shared parameter (~220 ms, 3.5 steps' time): every 25 steps that
+# cost 8 % of training's speed, every 100 it adds ~2.2 ms a step (~3.5 %; benchmarks/training.py,
+# bf16+gradnorm vs bf16).
 GRADNORM_EVERY = 100
 GRADNORM_SMOOTHING = 0.5  # weight of the newest measurement in the running weights
 SHARED_GROUPS = ("embedding", "interactions", "experts", "first", "rest")  # see transfer.GROUPS

@@ -372,13 +372,15 @@ class Experts(nn.Module):
         return h
 
     def _first_of_rows(self, u: Tensor, v: Tensor) -> Tensor:
-        """The first layer for training rows (B_u = N): ``[N, D] x [D, E*H1]`` GEMMs, returned
-        expert-major as a transposed view (E x N x H1, no copy).
+        """The first layer for training rows (B_u = N): two ``[N, D] x [D, E*H1]`` GEMMs into
+        N-major rows, copied once into expert-major order (E x N x H1).
 
         Broadcasting u (N x D_u) against the E x D_u x H1 weights makes torch fold the product
-        into one GEMM and then copy its N x E x H1 result into expert-major order, forward and
-        backward; with the weights laid out D x E*H1 the GEMMs write N-major and the next
-        batched layers read the transposed view as it is. Same sums; a step ~25 % faster.
+        into one GEMM and copy its N x E x H1 result into expert-major order, forward and
+        backward, in fp32. Here the one copy happens after the activation, in the autocast dtype
+        (bf16: half the bytes), and the next batched layers read a contiguous block (a
+        transposed view measured 47 against 36 ms forward + backward for this layer and the
+        next). Same sums.
         """
         e, h1 = self.n_experts, self.w_user.shape[-1]
         w_user = self.w_user.permute(1, 0, 2).reshape(-1, e * h1)
