@@ -15,10 +15,13 @@ Variants (the model and its data are the same; only the step's mechanics differ)
 ``bf16``           ... with the forward pass under bf16 autocast (``--precision bf16``; the
                    default ``auto`` picks it where the CPU has bf16 kernels)
 ``bf16+gradnorm``  ... with GradNorm's loss weights (``--loss-balance gradnorm``, measured every
-                   ``GRADNORM_EVERY`` steps): the default ``mmoe`` step
+                   ``GRADNORM_EVERY`` steps)
+``bf16+rows``      bf16 with row-wise table gradients and Adam over the rows in use (``--sparse``)
+``default``        ``TrainConfig()``: what ``vidrank train`` runs (bf16 where the CPU has it,
+                   row-wise tables, the default ``mmoe`` with gradnorm)
 ``compile``        ... fp32 with the dense parts compiled by torch.compile (``--compile on``;
                    ``auto`` compiles runs of ``COMPILE_MIN_STEPS`` steps or more)
-``sparse+compile`` ... and row-wise gradients with SparseAdam for the id tables (``--sparse``)
+``sparse+compile`` ... and row-wise table gradients (``--sparse``)
 ``+bf16``          ``compile`` with the forward pass under bf16 autocast (``--precision bf16``)
 ``+batch4096``     ``compile`` with batches of 4096 (the learning rate scaled by sqrt 2)
 
@@ -60,12 +63,14 @@ VARIANTS: dict[str, TrainConfig] = {
     "eager-dense": BASE,
     "bf16": replace(BASE, precision="bf16"),
     "bf16+gradnorm": replace(BASE, precision="bf16", loss_balance="gradnorm"),
+    "bf16+rows": replace(BASE, precision="bf16", sparse=True),
+    "default": TrainConfig(),  # what `vidrank train` runs: bf16 (auto), row-wise tables, gradnorm
     "compile": COMPILED,
     "sparse+compile": replace(COMPILED, sparse=True),
     "+bf16": replace(COMPILED, precision="bf16"),
     "+batch4096": replace(COMPILED, batch_size=4096, lr=BASE.lr * 2**0.5),
 }
-QUICK_VARIANTS = ("eager-dense", "bf16")
+QUICK_VARIANTS = ("eager-dense", "bf16", "default")
 
 
 @dataclass

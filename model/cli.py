@@ -159,12 +159,14 @@ def train(
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
     small: Annotated[bool, typer.Option("--small", help="A tiny model config (tests).")] = False,
     sparse: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--sparse/--dense",
-            help="Row-wise (sparse) gradients and SparseAdam for the id tables, or dense Adam.",
+            help="Id tables: row-wise gradients and Adam over the rows in use (the same result"
+            " as dense Adam), or dense gradients and Adam over whole tables (default: row-wise"
+            " in one process, dense with --nproc or torchrun).",
         ),
-    ] = False,
+    ] = None,
     precision: Annotated[
         str,
         typer.Option(

@@ -99,7 +99,10 @@ class TrainConfig:
     # Watch and like heads chained with the click (ESMM; model/training/layers.py Heads).
     entire_space: bool | None = None
     ple_levels: int = 1  # PLE's extraction levels: 1 (CGC) or 2 (model/training/mmoe.py)
-    sparse: bool = False  # id tables: row-wise (sparse) gradients and SparseAdam, or dense Adam
+    # id tables: row-wise (sparse) gradients and Adam over the rows in use (dense Adam's result,
+    # loop.ActiveRowAdam), or dense gradients and Adam over whole tables; None: row-wise in one
+    # process, dense under DDP (whose all-reduce takes dense gradient buckets)
+    sparse: bool | None = None
     # of the forward pass in training: fp32, bf16 (autocast) or auto (bf16 where the CPU has bf16
     # kernels: 1.18x the step's speed on this Zen 4, held-out metrics equal to 1e-4 at 1M)
     precision: str = "auto"

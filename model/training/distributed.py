@@ -41,7 +41,7 @@ import threading
 import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +251,8 @@ def fit_rank(
     """``fit``'s steps on this rank's shard with DDP; rank 0 returns the result, others None
     (its test frame with the feature columns only with ``test_features``, as ``fit_prepared``)."""
     torch.set_num_threads(THREADS_PER_RANK)
+    if config.sparse is None:  # DDP all-reduces dense gradient buckets
+        config = replace(config, sparse=False)
     model = build(config, data.basis)
     share = StepShare()
     ddp = DistributedDataParallel(model)

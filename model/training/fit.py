@@ -171,7 +171,7 @@ def build(config: TrainConfig, basis: Basis) -> RankingModel:
     model = build_model(model_config(config, basis), basis.schema)
     # Each head starts at its training base rate rather than spending its first steps on it.
     init_output_bias(model, {t: basis.label_means[c] for t, c in LABEL_COLUMNS.items()})
-    if config.sparse:
+    if config.sparse is not False:  # None: row-wise in one process (DDP ranks resolve it first)
         use_sparse_tables(model)
     return model
 

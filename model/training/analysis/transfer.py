@@ -55,7 +55,8 @@ def parameter_groups(model: nn.Module) -> dict[str, list[Tensor]]:
 
 
 def _flat_grads(params: list[Tensor]) -> Tensor:
-    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    parts = [(g.to_dense() if g.is_sparse else g).reshape(-1) for g in grads]
     return torch.cat(parts)
 
 
