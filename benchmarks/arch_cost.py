@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from model.core.features import default_schema
 from model.training.analysis.experiment import variant
 from model.training.config import TrainConfig
 from model.training.export import export_onnx
+from model.training.fit import network_config
 from model.training.mmoe import ARCHS, MMoEConfig, build_model, flops_per_candidate
 from model.training.sources import simulated_impressions
 
@@ -63,17 +63,7 @@ def network(arch: str) -> MMoEConfig:
     """The trainer's network for an experiment arch (``mmoe``, ``mmoe:paper``, ``ple:levels2``
     ...): the architecture's own recipe and the variant's options, as ``fit`` would build it."""
     base, options = variant(arch)
-    train = TrainConfig(arch=base, **options)
-    return replace(
-        MMoEConfig(),
-        arch=base,
-        interactions=train.interactions,
-        interaction_dim=train.interaction_dim,
-        gate_temperature=float(train.gate_temperature or 1.0),
-        entire_space=bool(train.entire_space),
-        ple_levels=train.ple_levels,
-        watch_scale=5.0,
-    )
+    return network_config(TrainConfig(arch=base, **options), watch_scale=5.0)
 
 
 def markdown(results: dict[str, dict]) -> str:

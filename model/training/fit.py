@@ -152,6 +152,11 @@ def model_config(config: TrainConfig, basis: Basis) -> MMoEConfig:
     """The network's config: ``config.arch`` and interaction layer (tiny with ``small``), the watch
     head in basis units.
     """
+    return network_config(config, basis.watch_scale)
+
+
+def network_config(config: TrainConfig, watch_scale: float) -> MMoEConfig:
+    """``model_config`` with the watch head's scale given (no data needed, e.g. to cost a net)."""
     base = MMoEConfig.small() if config.small else MMoEConfig()
     return replace(
         base,
@@ -161,7 +166,7 @@ def model_config(config: TrainConfig, basis: Basis) -> MMoEConfig:
         gate_temperature=float(config.gate_temperature or 1.0),
         entire_space=bool(config.entire_space),
         ple_levels=config.ple_levels,
-        watch_scale=basis.watch_scale,
+        watch_scale=watch_scale,
     )
 
 
