@@ -297,10 +297,14 @@ class Step:
     autocast: torch.dtype | None = None  # None: fp32
     id_l2: float = 0.0  # weight of the looked-up id rows' L2 (layers.looked_up_l2)
 
+    def precision(self) -> torch.autocast:
+        """The forward pass's autocast context (disabled for fp32)."""
+        return torch.autocast("cpu", self.autocast or torch.bfloat16, self.autocast is not None)
+
     def losses(self, module: nn.Module, batch: Batch) -> dict[str, Tensor]:
         """Forward (under autocast, if any) and the per-task losses, computed in fp32."""
         inputs, labels = batch
-        with torch.autocast("cpu", self.autocast or torch.bfloat16, self.autocast is not None):
+        with self.precision():
             out = module(inputs)
         return task_losses({k: v.float() for k, v in out.items()}, labels)
 
@@ -315,7 +319,7 @@ class Step:
 
         ``mark`` (a benchmark's clock) is called after each phase: forward, backward, optimiser.
         """
-        with torch.autocast("cpu", self.autocast or torch.bfloat16, self.autocast is not None):
+        with self.precision():
             self.balance.before_step(batch)  # a measuring balance runs as the step does
         losses = self.losses(module, batch)
         loss = self.balance.combine(losses, batch[1])
