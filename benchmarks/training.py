@@ -109,8 +109,10 @@ def measure(config: TrainConfig, data: Any, s: Settings) -> dict[str, float]:
     """One round of one variant: impressions/s (wall and CPU) and ms per step by phase."""
     model = build(config, data.basis)
     model.train()
-    optimizer = Optimizers(model, config.lr)
     balance = make_balance(config.loss_balance or "fixed", model, config.loss_weights)
+    optimizer = Optimizers(
+        model, config.lr, extra=balance.trainable(), shared_lr=float(config.shared_lr or 1.0)
+    )
     step = Step(balance, autocast_dtype(config.precision))
     batches = endless(data.train, config.batch_size)
     with compiled(model, config.compile == "on"):

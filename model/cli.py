@@ -203,6 +203,13 @@ def train(
             " (default: mmoe, stem 0.1; others 1)."
         ),
     ] = None,
+    shared_lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Learning-rate multiple of the parameters every task shares (default:"
+            " mmoe, stem sqrt(3); others 1)."
+        ),
+    ] = None,
     entire_space: Annotated[
         bool | None,
         typer.Option(
@@ -272,6 +279,7 @@ def train(
             loss_weights=parse_loss_weights(loss_weights),
             loss_balance=loss_balance,
             gate_temperature=gate_temperature,
+            shared_lr=shared_lr,
             entire_space=entire_space,
             ple_levels=ple_levels,
             sparse=sparse,

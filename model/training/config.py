@@ -30,7 +30,17 @@ SWITCHES: tuple[str, ...] = ("auto", "on", "off")  # auto: on where it pays (see
 # section 3). MMoE as Ma et al. published it (fixed weights, temperature 1) is
 # `--loss-balance fixed --gate-temperature 1` (`mmoe:paper` in an experiment); the other
 # architectures keep fixed weights and temperature 1.
-MIXTURE_RECIPE: dict[str, object] = {"loss_balance": "gradnorm", "gate_temperature": 0.1}
+#
+# The shared parameters learn at sqrt(T) times the learning rate (T = 3 tasks): under Adam, T
+# balanced task gradients summed on a parameter move it ~sqrt(T) times slower per task than a
+# single-task model moves its own (loop.Optimizers), and at the trainer's scale most of what
+# is learnt is learnt in the first epoch (README "Model quality", section 4).
+SHARED_LR = math.sqrt(len(TASKS))
+MIXTURE_RECIPE: dict[str, object] = {
+    "loss_balance": "gradnorm",
+    "gate_temperature": 0.1,
+    "shared_lr": SHARED_LR,
+}
 ARCH_DEFAULTS: dict[str, dict[str, object]] = {"mmoe": MIXTURE_RECIPE, "stem": MIXTURE_RECIPE}
 
 
@@ -96,6 +106,9 @@ class TrainConfig:
     # (< 1: sharper gates that move faster); None = the architecture's own (ARCH_DEFAULTS).
     loss_balance: str | None = None
     gate_temperature: float | None = None
+    # learning-rate multiple of the parameters every task shares (loop.Optimizers); None = the
+    # architecture's own (ARCH_DEFAULTS), 1 for the others
+    shared_lr: float | None = None
     # Watch and like heads chained with the click (ESMM; model/training/layers.py Heads).
     entire_space: bool | None = None
     ple_levels: int = 1  # PLE's extraction levels: 1 (CGC) or 2 (model/training/mmoe.py)
@@ -119,6 +132,8 @@ class TrainConfig:
             object.__setattr__(self, "loss_balance", "fixed")
         if self.gate_temperature is None:
             object.__setattr__(self, "gate_temperature", 1.0)
+        if self.shared_lr is None:
+            object.__setattr__(self, "shared_lr", 1.0)
         if self.entire_space is None:
             object.__setattr__(self, "entire_space", False)
         if self.entire_space and self.arch == "single_task":
@@ -138,6 +153,9 @@ class TrainConfig:
             )
         if self.interaction_dim < 1:
             raise ValueError(f"--interaction-dim must be >= 1, got {self.interaction_dim}")
+        shared_lr = float(self.shared_lr or 0.0)
+        if not (shared_lr > 0 and math.isfinite(shared_lr)):
+            raise ValueError(f"--shared-lr must be a finite number > 0, got {self.shared_lr}")
         if self.ple_levels not in (1, 2) or (self.ple_levels == 2 and self.arch != "ple"):
             raise ValueError(f"--ple-levels must be 1, or 2 with --arch ple, got {self.ple_levels}")
         if self.epochs < 1:

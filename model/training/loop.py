@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from model.core.tasks import TASKS
-from model.training.balance import Balance, make_balance
+from model.training.balance import Balance, make_balance, shared_parameters
 from model.training.batches import Batch, EncodedSplit, GateStats, predict
 from model.training.config import TrainConfig
 from model.training.layers import looked_up_l2
@@ -45,17 +45,29 @@ class Optimizers:
     although a world uses a few thousand rows of each hashed table; row-wise gradients and Adam
     over the rows in use compute the same update (see ``ActiveRowAdam``) without the rest.
     ``param_groups`` lists both optimisers' groups, so an epoch hook that sets ``lr`` sets it
-    for both.
+    for both (scaling it keeps the shared parameters' multiple).
+
+    ``shared_lr`` multiplies the learning rate of the parameters every task meets
+    (``balance.shared_parameters``: embeddings, interaction tables, experts or bottom). Adam
+    divides a parameter's step by the root mean square of its whole gradient, the sum of the
+    tasks'; with T balanced, roughly orthogonal task gradients that sum is ~sqrt(T) times each
+    task's, so each task moves a shared parameter ~sqrt(T) times slower than a single-task model
+    moves its own. ``shared_lr = sqrt(T)`` gives every task a single-task model's step there.
     """
 
-    def __init__(self, model: nn.Module, lr: float, extra: Iterable[Tensor] = ()) -> None:
+    def __init__(
+        self, model: nn.Module, lr: float, extra: Iterable[Tensor] = (), shared_lr: float = 1.0
+    ) -> None:
         tables = sparse_tables(model)
         ids = {id(p) for p in tables}
         dense = [p for p in model.parameters() if id(p) not in ids] + list(extra)
+        shared = {id(p) for p in shared_parameters(model)} if shared_lr != 1.0 else set()
         # fused: one kernel per step instead of a chain of foreach ops (measured ~5x faster).
-        self.parts: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=lr, fused=True)]
+        self.parts: list[torch.optim.Optimizer] = [
+            torch.optim.Adam(lr_groups(dense, shared, lr, shared_lr), lr=lr, fused=True)
+        ]
         if tables:
-            self.parts.append(ActiveRowAdam(tables, lr=lr))
+            self.parts.append(ActiveRowAdam(lr_groups(tables, shared, lr, shared_lr), lr=lr))
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -68,6 +80,17 @@ class Optimizers:
     def step(self) -> None:
         for part in self.parts:
             part.step()
+
+
+def lr_groups(
+    params: list[Tensor], shared: set[int], lr: float, shared_lr: float
+) -> list[dict[str, Any]]:
+    """``params`` as optimiser groups: those in ``shared`` (ids) at ``lr * shared_lr``, the rest
+    at ``lr``; empty groups left out."""
+    mine = [p for p in params if id(p) in shared]
+    rest = [p for p in params if id(p) not in shared]
+    groups = [{"params": rest, "lr": lr}, {"params": mine, "lr": lr * shared_lr}]
+    return [g for g in groups if g["params"]]
 
 
 class ActiveRowAdam(torch.optim.Optimizer):
@@ -83,12 +106,12 @@ class ActiveRowAdam(torch.optim.Optimizer):
 
     def __init__(
         self,
-        params: Iterable[Tensor],
+        params: list[Tensor] | list[dict[str, Any]],
         lr: float,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
     ) -> None:
-        super().__init__(list(params), {"lr": lr, "betas": betas, "eps": eps})
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
@@ -393,7 +416,12 @@ class EpochLoop:
         balance = make_balance(
             self.config.loss_balance or "fixed", self.model, self.config.loss_weights
         )
-        optimizer = Optimizers(self.model, self.config.lr, extra=balance.trainable())
+        optimizer = Optimizers(
+            self.model,
+            self.config.lr,
+            extra=balance.trainable(),
+            shared_lr=float(self.config.shared_lr or 1.0),
+        )
         step = Step(balance, autocast_dtype(self.config.precision), self.config.id_l2)
         rng = np.random.default_rng(self.config.seed)  # the same permutations on every rank
         stopper = EarlyStopping(self.model)

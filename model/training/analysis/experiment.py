@@ -36,7 +36,7 @@ from model.simulator.world import PRESETS, preset_config
 from model.training.analysis.transfer import gradient_report
 from model.training.balance import BALANCES
 from model.training.batches import encode_split, make_batches
-from model.training.config import ARCHS, TrainConfig
+from model.training.config import ARCHS, SHARED_LR, TrainConfig
 from model.training.fit import TrainResult, fit
 from model.training.sources import simulated_frame
 
@@ -117,7 +117,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "sharp": {"gate_temperature": 0.1},  # gates at the recipe's temperature
     "soft": {"gate_temperature": 1.0},  # gates at the paper's temperature
     # MMoE as published (Ma et al., KDD 2018): fixed loss weights, gates at temperature 1
-    "paper": {"loss_balance": "fixed", "gate_temperature": 1.0},
+    "paper": {"loss_balance": "fixed", "gate_temperature": 1.0, "shared_lr": 1.0},
+    "onelr": {"shared_lr": 1.0},  # shared parameters at the run's learning rate
+    "sharedlr": {"shared_lr": SHARED_LR},  # shared parameters at sqrt(T) x (the recipe's)
 }
 
 

@@ -22,6 +22,7 @@ from model.training.balance import (
 from model.training.batches import make_batches
 from model.training.config import TrainConfig
 from model.training.fit import fit, prepare
+from model.training.loop import Optimizers, sparse_tables, use_sparse_tables
 from model.training.mmoe import MMoEConfig, build_model
 from model.training.objective import task_losses, weighted_sum
 
@@ -167,3 +168,32 @@ def test_each_architecture_brings_its_own_recipe_unless_told() -> None:
     assert (told.loss_balance, told.gate_temperature) == ("fixed", 1.0)
     with pytest.raises(ValueError, match="--gate-temperature"):
         TrainConfig(gate_temperature=0.0)
+
+
+def test_shared_parameters_learn_at_their_multiple_of_the_rate(batch) -> None:  # type: ignore[no-untyped-def]
+    # Adam's first step moves every entry with a gradient by lr * g / (|g| + eps) ~ lr: the
+    # shared parameters (embeddings, interaction tables, experts) by shared_lr times that.
+    (inputs, labels), basis = batch
+    model = _model("mmoe", basis)
+    use_sparse_tables(model)  # the tables' rows go through ActiveRowAdam's groups as well
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    shared = {id(p) for p in shared_parameters(model)}
+    optimizer = Optimizers(model, lr=1e-3, shared_lr=3.0)
+    weighted_sum(task_losses(model(inputs), labels), WEIGHTS).backward()
+    optimizer.step()
+    assert any(id(p) in shared for p in sparse_tables(model))
+    for name, p in model.named_parameters():
+        moved = float((p.detach() - before[name]).abs().max())
+        assert moved == pytest.approx(3e-3 if id(p) in shared else 1e-3, rel=1e-3), name
+    # Scaling the rate by an epoch hook keeps the multiple.
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx([1e-3, 3e-3])
+
+
+def test_the_recipe_gives_shared_parameters_sqrt_tasks_times_the_rate() -> None:
+    assert TrainConfig().shared_lr == pytest.approx(len(TASKS) ** 0.5)
+    assert TrainConfig(arch="stem").shared_lr == pytest.approx(len(TASKS) ** 0.5)
+    assert TrainConfig(arch="shared_bottom").shared_lr == 1.0
+    assert TrainConfig(arch="mmoe", **variant("mmoe:paper")[1]).shared_lr == 1.0
+    assert TrainConfig(arch="mmoe", **variant("mmoe:onelr")[1]).shared_lr == 1.0
+    with pytest.raises(ValueError, match="--shared-lr"):
+        TrainConfig(shared_lr=0.0)
