@@ -147,7 +147,8 @@ def judge(
     """The first bound ``canary`` crosses, or None (also while it has too few requests).
 
     ``policy`` is complete (every field set). The latency bound needs production traffic in the
-    same window too; PSI values that are NaN (too few predictions, no reference) are skipped.
+    same window too; PSI values that are NaN (too few predictions, no reference) are skipped, and
+    a PSI verdict names the task that moved most first, then any other over the bound.
     """
     assert policy.min_requests is not None
     if canary.requests < policy.min_requests:
@@ -168,9 +169,14 @@ def judge(
                 f"{production.p99_s * 1000:.1f} ms (> {policy.max_p99_ratio}x) {n}",
             )
     if policy.max_psi is not None:
-        for task, value in psi.items():
-            if math.isfinite(value) and value > policy.max_psi:
-                return Verdict("psi", f"PSI of {task} {value:.3f} > {policy.max_psi} {n}")
+        over = sorted(
+            ((v, t) for t, v in psi.items() if math.isfinite(v) and v > policy.max_psi),
+            reverse=True,
+        )
+        if over:  # the task that moved most first; the others over the bound after it
+            (value, task), rest = over[0], over[1:]
+            also = "".join(f"; {t} {v:.3f}" for v, t in rest)
+            return Verdict("psi", f"PSI of {task} {value:.3f} > {policy.max_psi} {n}{also}")
     return None
 
 

@@ -82,6 +82,10 @@ def test_judge_bounds() -> None:
     assert v is not None and v.reason == "p99_latency" and "3.10x" in v.detail
     v = judge(POLICY, HEALTHY, HEALTHY, {"click": 0.01, "like": 3.2})
     assert v is not None and v.reason == "psi" and "like 3.200 > 0.25" in v.detail
+    # Several tasks over the bound: the one that moved most is named first, the others after.
+    v = judge(POLICY, HEALTHY, HEALTHY, {"click": 0.01, "watch_time": 0.7, "like": 3.2})
+    assert v is not None and v.detail.startswith("PSI of like 3.200 > 0.25")
+    assert v.detail.endswith("; watch_time 0.700")
 
 
 def test_judge_waits_for_enough_requests_and_skips_unknowns() -> None:
