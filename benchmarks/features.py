@@ -34,11 +34,14 @@ from benchmarks.harness import (
     start_vidrank,
 )
 from benchmarks.loadgen import run_load, write_bodies
+from benchmarks.stages import STAGES, measure_stages
 from model.core.registry import Registry
 from model.core.store.embedded import SnapshotStore
 from model.core.store.redis_store import RedisSnapshots, connect
 from model.core.store.snapshot import build_tables
 from model.training.feature_tables import feature_columns
+from service.scoring.features import FeatureView
+from service.scoring.scorer import Scorer
 
 
 def ids_only(body: dict[str, Any]) -> dict[str, Any]:
@@ -126,6 +129,30 @@ def measure_interleaved(
     return out
 
 
+def store_stages(
+    bundle_dir: Path, registry: Path, redis_url: str | None, ids_lines: list[bytes], n: int
+) -> dict[str, dict[str, float]]:
+    """Per-stage µs of an ids-only /rank in-process (benchmarks/stages.py) against the embedded
+    store's active snapshot and, with ``redis_url``, Redis's: where the ids paths' time goes."""
+    from service.rollout.feature_source import EmbeddedSource, RedisSource
+
+    def embedded(scorer: Scorer) -> FeatureView:
+        return EmbeddedSource(SnapshotStore(registry), None, True).load("bench", [scorer])
+
+    def redis(scorer: Scorer) -> FeatureView:
+        assert redis_url is not None
+        source = RedisSource(redis_url, 5.0, True)
+        return source.poll(source.initial(), [scorer]) or source.initial()
+
+    views: dict[str, Callable[[Scorer], FeatureView]] = {"embedded": embedded}
+    if redis_url is not None:
+        views["redis"] = redis
+    return {
+        name: measure_stages(bundle_dir, {n: ids_lines}, view_for=view)[str(n)]
+        for name, view in views.items()
+    }
+
+
 def run_feature_rows(
     s: Any,
     registry: Path,
@@ -135,8 +162,10 @@ def run_feature_rows(
     wrk: str | None,
     workers: int,
     n: int,
+    bundle_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """The three rows at ``n`` candidates (see the module docstring)."""
+    """The three rows at ``n`` candidates (see the module docstring), and with ``bundle_dir``
+    the in-process stages of the two ids paths (``store_stages``)."""
     columns, source = feature_columns(sim_dir)
     tables = build_tables(columns)
     store = SnapshotStore(registry)
@@ -155,6 +184,11 @@ def run_feature_rows(
         rs.publish(tables, "bench", source)
         rs.activate("bench")
         runs.append(("redis", ids, {"VIDRANK_FEATURE_STORE": redis.url}))
+    stages = {}
+    if bundle_dir is not None:  # before any server starts: in-process, on a quiet machine
+        stages = store_stages(
+            bundle_dir, registry, redis.url if redis is not None else None, ids_lines, n
+        )
     servers: dict[str, tuple[Server, Path]] = {}
     try:
         for name, bodies, env in runs:
@@ -167,7 +201,7 @@ def run_feature_rows(
             server.stop()
         if redis is not None:
             redis.stop()
-    return {"n": n, "workers": workers, **out}
+    return {"n": n, "workers": workers, **out, "stages": stages}
 
 
 # -- one million videos ------------------------------------------------------------------------
@@ -286,8 +320,27 @@ def markdown(rows: dict[str, Any], million: dict[str, Any]) -> list[str]:
             f"| onnxruntime floor (1 thread, in turns) | | {floor_p50:.2f} | | 1.00 | | "
             f"{cpu:.2f} | |"
         )
+    if rows.get("stages"):
+        lines += ["", *stages_lines(rows["stages"], rows["n"])]
     if million:
         lines += ["", million_text(million)]
+    return lines
+
+
+def stages_lines(stages: dict[str, dict[str, float]], n: int) -> list[str]:
+    """The ids paths' in-process stages (µs, medians), as a table under the rows."""
+    head = ["ids path", *STAGES, "total"]
+    lines = [
+        f"Where an ids-only /rank goes at {n} candidates (µs per stage, in-process, medians; fetch"
+        " = Redis's round trip; benchmarks/stages.py):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    labels = {"embedded": "embedded store", "redis": "Redis"}
+    for name, by_stage in stages.items():
+        values = [f"{by_stage.get(k, 0):.0f}" for k in (*STAGES, "total")]
+        lines.append(f"| {labels.get(name, name)} | " + " | ".join(values) + " |")
     return lines
 
 

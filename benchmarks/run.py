@@ -433,7 +433,7 @@ def run_features(
     log(f"features: N={n}, features in the request vs ids + embedded vs ids + Redis")
     floor = features.floor_sampler(bm.bundle_dir / "model.onnx", wl.encoded(n))
     rows = features.run_feature_rows(
-        s, bm.registry, sim_dir, wl.json_lines(n), floor, wrk, workers, n
+        s, bm.registry, sim_dir, wl.json_lines(n), floor, wrk, workers, n, bm.bundle_dir
     )
     Registry(bm.registry).activate(bm.version)
     log(f"features: a snapshot of {s.store_videos:,} videos (publish, start, memory per worker)")

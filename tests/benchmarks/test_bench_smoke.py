@@ -85,6 +85,10 @@ def test_json_has_every_part(bench_run: tuple[Path, dict[str, Any]]) -> None:
         assert stages[stage] > 0, stage
     assert stages["fetch"] == 0
     assert stages["total"] == pytest.approx(sum(v for k, v in stages.items() if k != "total"), 0.01)
+    # The ids paths stage by stage: Redis's round trip is fetch, the embedded store has none.
+    by_path = results["features"]["rows"]["stages"]
+    assert by_path["embedded"]["fetch"] == 0 and by_path["embedded"]["encode"] > 0
+    assert by_path["redis"]["fetch"] > 0 and by_path["redis"]["encode"] > 0
 
 
 def test_http_results(bench_run: tuple[Path, dict[str, Any]]) -> None:
