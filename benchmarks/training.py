@@ -48,11 +48,10 @@ import numpy as np
 import torch
 
 from benchmarks.machine import machine_info, machine_slug
-from model.training.balance import make_balance
 from model.training.batches import EncodedSplit, make_batches
 from model.training.config import TrainConfig
 from model.training.fit import TRAIN_THREADS, build, prepare
-from model.training.loop import Optimizers, Step, autocast_dtype, compiled
+from model.training.loop import compiled, training_step
 from model.training.sources import simulated_impressions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,11 +108,7 @@ def measure(config: TrainConfig, data: Any, s: Settings) -> dict[str, float]:
     """One round of one variant: impressions/s (wall and CPU) and ms per step by phase."""
     model = build(config, data.basis)
     model.train()
-    balance = make_balance(config.loss_balance or "fixed", model, config.loss_weights)
-    optimizer = Optimizers(
-        model, config.lr, extra=balance.trainable(), shared_lr=float(config.shared_lr or 1.0)
-    )
-    step = Step(balance, autocast_dtype(config.precision))
+    step, optimizer = training_step(model, config)
     batches = endless(data.train, config.batch_size)
     with compiled(model, config.compile == "on"):
         for _ in range(s.warmup):

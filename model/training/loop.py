@@ -401,6 +401,15 @@ def epoch_line(record: Mapping[str, float], secs: float, world: int = 1) -> str:
     )
 
 
+def training_step(model: RankingModel, config: TrainConfig) -> tuple[Step, Optimizers]:
+    """The step (loss balance, precision, id L2) and the optimiser ``config`` trains ``model``
+    with: what every run's loop, and the training benchmark, step."""
+    balance = make_balance(config.loss_balance or "fixed", model, config.loss_weights)
+    shared_lr = float(config.shared_lr or 1.0)
+    optimizer = Optimizers(model, config.lr, extra=balance.trainable(), shared_lr=shared_lr)
+    return Step(balance, autocast_dtype(config.precision), config.id_l2), optimizer
+
+
 @dataclass
 class EpochLoop:
     """Up to ``config.epochs`` epochs of Adam with early stopping on the validation loss."""
@@ -414,16 +423,7 @@ class EpochLoop:
 
     def run(self, batches: BatchSource, valid: EncodedSplit | None) -> Epochs:
         """Train; validate on ``valid`` where it is given (None on ranks other than 0)."""
-        balance = make_balance(
-            self.config.loss_balance or "fixed", self.model, self.config.loss_weights
-        )
-        optimizer = Optimizers(
-            self.model,
-            self.config.lr,
-            extra=balance.trainable(),
-            shared_lr=float(self.config.shared_lr or 1.0),
-        )
-        step = Step(balance, autocast_dtype(self.config.precision), self.config.id_l2)
+        step, optimizer = training_step(self.model, self.config)
         rng = np.random.default_rng(self.config.seed)  # the same permutations on every rank
         stopper = EarlyStopping(self.model)
         module = self.model if self.module is None else self.module
