@@ -246,8 +246,11 @@ def test_stalled_requests_are_answered_408_and_closed(
     start_server: Start, live_registry: Path
 ) -> None:
     server = start_server(live_registry, env=BOUNDS)
+    silent = raw(server.port)  # sends nothing: closed after the header timeout + the grace
+    # Sends nothing for longer than the header timeout, then a whole request: a client whose
+    # first segment TCP had to resend is served (protocol.SILENT_GRACE_S).
+    late, late_since = raw(server.port), time.monotonic()
     cases = {
-        "silent": b"",
         "partial headers": b"POST /rank HTTP/1.1\r\nHost: x\r\nContent-Type: appl",
         "partial body": b"POST /rank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Content-Length: 5000\r\n\r\n" + json.dumps(rank_body(1)).encode()[:40],
@@ -266,9 +269,18 @@ def test_stalled_requests_are_answered_408_and_closed(
         with sock:
             data, took = read_until_closed(sock, timeout_s=15)  # the bound is 1 s (+1 s grace)
         assert data.startswith(b"HTTP/1.1 408"), (name, data[:200])
+        assert took < 5, (name, took)
         body = json.loads(data.split(b"\r\n\r\n", 1)[1])
         assert body["error"]["code"] == "request_timeout", name
         assert b"connection: close" in data.lower(), name
+    with late:
+        time.sleep(max(0.0, late_since + 2 - time.monotonic()))  # twice the header timeout
+        late.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data, _ = read_until_closed(late, timeout_s=10)
+    assert data.startswith(b"HTTP/1.1 200"), data[:200]
+    with silent:
+        data, took = read_until_closed(silent, timeout_s=20)
+    assert data.startswith(b"HTTP/1.1 408"), data[:200]
     assert metric(server.url, "vidrank_connections_closed_total", 'reason="header_timeout"') >= 3
     assert httpx.get(f"{server.url}/healthz").status_code == 200
 
