@@ -193,21 +193,21 @@ def train(
         str | None,
         typer.Option(
             help="How task losses combine: fixed (the weights), uncertainty or gradnorm"
-            " (default: the architecture's; mmoe, stem: gradnorm; others: fixed)."
+            " (default: the architecture's; omoe, mmoe, ple, stem: gradnorm; others: fixed)."
         ),
     ] = None,
     gate_temperature: Annotated[
         float | None,
         typer.Option(
             help="Softmax temperature of the gates, < 1 sharper"
-            " (default: mmoe, stem 0.1; others 1)."
+            " (default: the mixtures 0.1; others 1)."
         ),
     ] = None,
     shared_lr: Annotated[
         float | None,
         typer.Option(
             help="Learning-rate multiple of the parameters every task shares (default:"
-            " mmoe, stem sqrt(3); others 1)."
+            " the mixtures sqrt(3); others 1)."
         ),
     ] = None,
     entire_space: Annotated[

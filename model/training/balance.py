@@ -114,8 +114,9 @@ class UncertaintyWeights(nn.Module):
 
 def shared_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters the task losses meet on: the shared embeddings, the interaction tables
-    (less their per-task slices) and the experts or bottom. For ``stem`` the experts include each
-    task's own, which only that task reaches: its norm then counts its own experts as well.
+    (less their per-task slices) and the experts or bottom. For ``stem`` and ``ple`` the experts
+    include each task's own, which only that task reaches: its norm then counts its own experts
+    as well.
     """
     return [
         p

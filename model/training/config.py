@@ -28,8 +28,10 @@ SWITCHES: tuple[str, ...] = ("auto", "on", "off")  # auto: on where it pays (see
 # 10-90x otherwise: watch time's Poisson gradient steers them alone) and gates at temperature
 # 0.1, which lets them leave the uniform mixture within the first epochs (README "Model quality",
 # section 3). MMoE as Ma et al. published it (fixed weights, temperature 1) is
-# `--loss-balance fixed --gate-temperature 1` (`mmoe:paper` in an experiment); the other
-# architectures keep fixed weights and temperature 1.
+# `--loss-balance fixed --gate-temperature 1 --shared-lr 1` (`mmoe:paper` in an experiment).
+# Every mixture of experts (omoe, mmoe, ple, stem) trains with the recipe: measured on OMoE and
+# PLE as well, it lifts each of them in every world (README "Model quality", section 4); the
+# gate-less baselines (single_task, shared_bottom) keep fixed weights and one rate.
 #
 # The shared parameters learn at sqrt(T) times the learning rate (T = 3 tasks): under Adam, T
 # balanced task gradients summed on a parameter move it ~sqrt(T) times slower per task than a
@@ -41,7 +43,9 @@ MIXTURE_RECIPE: dict[str, object] = {
     "gate_temperature": 0.1,
     "shared_lr": SHARED_LR,
 }
-ARCH_DEFAULTS: dict[str, dict[str, object]] = {"mmoe": MIXTURE_RECIPE, "stem": MIXTURE_RECIPE}
+ARCH_DEFAULTS: dict[str, dict[str, object]] = dict.fromkeys(
+    ("omoe", "mmoe", "ple", "stem"), MIXTURE_RECIPE
+)
 
 
 def default_loss_weights() -> dict[str, float]:

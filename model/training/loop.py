@@ -49,7 +49,7 @@ class Optimizers:
 
     ``shared_lr`` multiplies the learning rate of the parameters every task meets
     (``balance.shared_parameters``: embeddings, interaction tables, experts or bottom; for stem
-    its experts include each task's own, which get the multiple too). Adam
+    and ple its experts include each task's own, which get the multiple too). Adam
     divides a parameter's step by the root mean square of its whole gradient, the sum of the
     tasks'; with T balanced, roughly orthogonal task gradients that sum is ~sqrt(T) times each
     task's, so each task moves a shared parameter ~sqrt(T) times slower than a single-task model

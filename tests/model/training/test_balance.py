@@ -157,11 +157,14 @@ def test_an_unknown_balance_names_the_flag() -> None:
 
 
 def test_each_architecture_brings_its_own_recipe_unless_told() -> None:
-    stem, mmoe, bottom = (TrainConfig(arch=a) for a in ("stem", "mmoe", "shared_bottom"))
-    assert (stem.loss_balance, stem.gate_temperature) == ("gradnorm", 0.1)
-    assert (mmoe.loss_balance, mmoe.gate_temperature) == ("gradnorm", 0.1)
+    for mixture in ("omoe", "mmoe", "ple", "stem"):  # every mixture of experts: the recipe
+        config = TrainConfig(arch=mixture)
+        recipe = (config.loss_balance, config.gate_temperature, config.shared_lr)
+        assert recipe == ("gradnorm", 0.1, pytest.approx(3**0.5)), mixture
     assert TrainConfig().arch == "mmoe" and TrainConfig().loss_balance == "gradnorm"
-    assert (bottom.loss_balance, bottom.gate_temperature) == ("fixed", 1.0)
+    for baseline in ("single_task", "shared_bottom"):  # no gates: fixed weights and one rate
+        config = TrainConfig(arch=baseline)
+        assert (config.loss_balance, config.gate_temperature, config.shared_lr) == ("fixed", 1, 1)
     paper = TrainConfig(arch="mmoe", **variant("mmoe:paper")[1])
     assert (paper.loss_balance, paper.gate_temperature) == ("fixed", 1.0)  # Ma et al.'s MMoE
     told = TrainConfig(arch="stem", loss_balance="fixed", gate_temperature=1.0)
