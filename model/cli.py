@@ -203,6 +203,10 @@ def train(
             " (default: the mixtures 0.1; others 1)."
         ),
     ] = None,
+    gate_dropout: Annotated[
+        float,
+        typer.Option(help="Probability an expert is dropped from a gate's mixture in training."),
+    ] = 0.1,
     shared_lr: Annotated[
         float | None,
         typer.Option(
@@ -279,6 +283,7 @@ def train(
             loss_weights=parse_loss_weights(loss_weights),
             loss_balance=loss_balance,
             gate_temperature=gate_temperature,
+            gate_dropout=gate_dropout,
             shared_lr=shared_lr,
             entire_space=entire_space,
             ple_levels=ple_levels,

@@ -164,6 +164,7 @@ def network_config(config: TrainConfig, watch_scale: float) -> MMoEConfig:
         interactions=config.interactions,
         interaction_dim=config.interaction_dim,
         gate_temperature=float(config.gate_temperature or 1.0),
+        gate_dropout=config.gate_dropout,
         entire_space=bool(config.entire_space),
         ple_levels=config.ple_levels,
         watch_scale=watch_scale,

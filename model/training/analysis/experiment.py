@@ -116,6 +116,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "levels2": {"ple_levels": 2},  # PLE with two extraction levels (ple:levels2)
     "sharp": {"gate_temperature": 0.1},  # gates at the recipe's temperature
     "soft": {"gate_temperature": 1.0},  # gates at the paper's temperature
+    "nodrop": {"gate_dropout": 0.0},  # no expert dropout in the gates (default 0.1)
+    "drop25": {"gate_dropout": 0.25},  # expert dropout 0.25 in the gates
     # MMoE as published (Ma et al., KDD 2018): fixed loss weights, gates at temperature 1
     "paper": {"loss_balance": "fixed", "gate_temperature": 1.0, "shared_lr": 1.0},
     "onelr": {"shared_lr": 1.0},  # shared parameters at the run's learning rate
@@ -129,8 +131,10 @@ def variant(name: str) -> tuple[str, dict[str, Any]]:
     An option is a loss balance (``stem:fixed``), ``es`` (entire-space heads), ``indep``
     (independent heads), ``wide`` (interaction tables of twice the default width),
     ``levels2`` (PLE with two extraction levels), ``sharp`` / ``soft`` (gates at temperature
-    0.1 / 1) or ``paper`` (fixed weights and temperature 1: ``mmoe:paper`` is MMoE as Ma et al.
-    published it); what is not named stays the architecture's default (config.ARCH_DEFAULTS).
+    0.1 / 1), ``nodrop`` / ``drop25`` (expert dropout 0 / 0.25 in the gates, default 0.1),
+    ``onelr`` / ``sharedlr`` (shared parameters at 1 / sqrt(3) x the rate) or ``paper`` (fixed
+    weights, temperature 1, one rate: ``mmoe:paper`` is MMoE as Ma et al. published it); what
+    is not named stays the architecture's default (config.ARCH_DEFAULTS).
     """
     arch, *options = name.split(":")
     overrides: dict[str, Any] = {}

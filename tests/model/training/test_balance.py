@@ -21,7 +21,7 @@ from model.training.balance import (
 )
 from model.training.batches import make_batches
 from model.training.config import TrainConfig
-from model.training.fit import fit, prepare
+from model.training.fit import fit, network_config, prepare
 from model.training.loop import Optimizers, sparse_tables, use_sparse_tables
 from model.training.mmoe import MMoEConfig, build_model
 from model.training.objective import task_losses, weighted_sum
@@ -171,6 +171,15 @@ def test_each_architecture_brings_its_own_recipe_unless_told() -> None:
     assert (told.loss_balance, told.gate_temperature) == ("fixed", 1.0)
     with pytest.raises(ValueError, match="--gate-temperature"):
         TrainConfig(gate_temperature=0.0)
+
+
+def test_gate_dropout_reaches_the_network_and_is_an_experiment_option() -> None:
+    assert network_config(TrainConfig(), 1.0).gate_dropout == 0.1  # the default
+    assert network_config(TrainConfig(gate_dropout=0.0), 1.0).gate_dropout == 0.0
+    assert variant("mmoe:nodrop") == ("mmoe", {"gate_dropout": 0.0})
+    assert variant("mmoe:drop25") == ("mmoe", {"gate_dropout": 0.25})
+    with pytest.raises(ValueError, match="--gate-dropout"):
+        TrainConfig(gate_dropout=1.0)
 
 
 def test_shared_parameters_learn_at_their_multiple_of_the_rate(batch) -> None:  # type: ignore[no-untyped-def]
