@@ -16,7 +16,7 @@ from model.core.registry import check_version_name
 from model.core.tasks import TASKS
 from model.simulator.world import PRESETS
 from model.training.balance import BALANCES
-from model.training.mmoe import ARCHS, DEFAULT_INTERACTIONS, INTERACTIONS
+from model.training.mmoe import ARCHS, DEFAULT_INTERACTIONS, INTERACTIONS, MMoEConfig
 
 MIN_SIMULATED = 10  # fewer impressions cannot be split into train/valid/test
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")  # auto: bf16 where the CPU has it
@@ -111,8 +111,8 @@ class TrainConfig:
     loss_balance: str | None = None
     gate_temperature: float | None = None
     # probability an expert is dropped from a gate's mixture in training (YouTube's expert dropout
-    # against gate polarisation; MMoEConfig.gate_dropout); 0.1 measured best of 0 / 0.1 / 0.25
-    gate_dropout: float = 0.1
+    # against gate polarisation); the network's default, 0.1, measured best of 0 / 0.1 / 0.25
+    gate_dropout: float = MMoEConfig.gate_dropout
     # learning-rate multiple of the parameters every task shares (loop.Optimizers); None = the
     # architecture's own (ARCH_DEFAULTS), 1 for the others
     shared_lr: float | None = None
