@@ -207,6 +207,10 @@ def train(
         float,
         typer.Option(help="Probability an expert is dropped from a gate's mixture in training."),
     ] = 0.1,
+    experts: Annotated[
+        int | None,
+        typer.Option(help="OMoE's and MMoE's number of experts (default 8).", min=1),
+    ] = None,
     shared_lr: Annotated[
         float | None,
         typer.Option(
@@ -284,6 +288,7 @@ def train(
             loss_balance=loss_balance,
             gate_temperature=gate_temperature,
             gate_dropout=gate_dropout,
+            experts=experts,
             shared_lr=shared_lr,
             entire_space=entire_space,
             ple_levels=ple_levels,

@@ -119,6 +119,8 @@ class TrainConfig:
     # Watch and like heads chained with the click (ESMM; model/training/layers.py Heads).
     entire_space: bool | None = None
     ple_levels: int = 1  # PLE's extraction levels: 1 (CGC) or 2 (model/training/mmoe.py)
+    # OMoE's and MMoE's number of shared experts; None = the network's own (8; 4 with ``small``)
+    experts: int | None = None
     # id tables: row-wise (sparse) gradients and Adam over the rows in use (dense Adam's result,
     # loop.ActiveRowAdam), or dense gradients and Adam over whole tables; None: row-wise in one
     # process, dense under DDP (whose all-reduce takes dense gradient buckets)
@@ -154,6 +156,8 @@ class TrainConfig:
             raise ValueError(f"--gate-temperature must be > 0, got {self.gate_temperature}")
         if not 0.0 <= self.gate_dropout < 1.0:
             raise ValueError(f"--gate-dropout must be in [0, 1), got {self.gate_dropout}")
+        if self.experts is not None and self.experts < 1:
+            raise ValueError(f"--experts must be >= 1, got {self.experts}")
         unknown = [i for i in self.interactions if i not in INTERACTIONS]
         if unknown or len(set(self.interactions)) != len(self.interactions):
             raise ValueError(

@@ -160,6 +160,7 @@ def network_config(config: TrainConfig, watch_scale: float) -> MMoEConfig:
     base = MMoEConfig.small() if config.small else MMoEConfig()
     return replace(
         base,
+        n_experts=config.experts or base.n_experts,
         arch=config.arch,
         interactions=config.interactions,
         interaction_dim=config.interaction_dim,

@@ -118,6 +118,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "soft": {"gate_temperature": 1.0},  # gates at the paper's temperature
     "nodrop": {"gate_dropout": 0.0},  # no expert dropout in the gates (default 0.1)
     "drop25": {"gate_dropout": 0.25},  # expert dropout 0.25 in the gates
+    "e4": {"experts": 4},  # OMoE / MMoE with 4 experts (default 8)
+    "e16": {"experts": 16},  # OMoE / MMoE with 16 experts
     # MMoE as published (Ma et al., KDD 2018): fixed loss weights, gates at temperature 1
     "paper": {"loss_balance": "fixed", "gate_temperature": 1.0, "shared_lr": 1.0},
     "onelr": {"shared_lr": 1.0},  # shared parameters at the run's learning rate
@@ -132,6 +134,7 @@ def variant(name: str) -> tuple[str, dict[str, Any]]:
     (independent heads), ``wide`` (interaction tables of twice the default width),
     ``levels2`` (PLE with two extraction levels), ``sharp`` / ``soft`` (gates at temperature
     0.1 / 1), ``nodrop`` / ``drop25`` (expert dropout 0 / 0.25 in the gates, default 0.1),
+    ``e4`` / ``e16`` (OMoE's and MMoE's 4 / 16 experts, default 8),
     ``onelr`` / ``sharedlr`` (shared parameters at 1 / sqrt(3) x the rate) or ``paper`` (fixed
     weights, temperature 1, one rate: ``mmoe:paper`` is MMoE as Ma et al. published it); what
     is not named stays the architecture's default (config.ARCH_DEFAULTS).

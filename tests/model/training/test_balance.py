@@ -182,6 +182,17 @@ def test_gate_dropout_reaches_the_network_and_is_an_experiment_option() -> None:
         TrainConfig(gate_dropout=1.0)
 
 
+def test_expert_count_reaches_the_network_and_is_an_experiment_option() -> None:
+    assert network_config(TrainConfig(), 1.0).n_experts == 8  # the network's own
+    assert network_config(TrainConfig(small=True), 1.0).n_experts == 4
+    assert network_config(TrainConfig(experts=16), 1.0).n_experts == 16
+    assert network_config(TrainConfig(small=True, experts=2), 1.0).n_experts == 2
+    assert variant("mmoe:e4") == ("mmoe", {"experts": 4})
+    assert variant("omoe:e16") == ("omoe", {"experts": 16})
+    with pytest.raises(ValueError, match="--experts"):
+        TrainConfig(experts=0)
+
+
 def test_shared_parameters_learn_at_their_multiple_of_the_rate(batch) -> None:  # type: ignore[no-untyped-def]
     # Adam's first step moves every entry with a gradient by lr * g / (|g| + eps) ~ lr: the
     # shared parameters (embeddings, interaction tables, experts) by shared_lr times that.
