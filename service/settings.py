@@ -77,13 +77,6 @@ class Settings(BaseSettings):
         description="Listen backlog while /rank places are all taken (no connection is "
         "accepted until one frees): beyond it new connections wait for their TCP retry.",
     )
-    switch_interval_ms: float = Field(
-        5.0,
-        gt=0,
-        le=100,
-        description="How long a worker thread may hold the GIL before handing it over: the "
-        "event loop waits up to this for a rank thread's Python work before it can answer.",
-    )
     request_timeout_ms: int = Field(
         1000, ge=0, le=600_000, description="Default /rank deadline in ms; 0 = none."
     )

@@ -33,7 +33,6 @@ import resource
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -118,7 +117,6 @@ def serve(settings: Settings, sock: socket.socket) -> None:
     from service.http.app import create_app
 
     raise_fd_limit(settings.max_connections)
-    sys.setswitchinterval(settings.switch_interval_ms / 1000)
     if pin_thresholds():  # before the first model loads: then a swap costs about one model
         log_fields(
             log, logging.INFO, "heap thresholds pinned",
