@@ -116,6 +116,33 @@ def test_no_connection_is_accepted_while_every_place_is_taken(
     served(1, 0, body)
 
 
+def test_a_burst_queued_under_the_calm_backlog_is_let_in_to_be_refused_when_pressure_begins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Connections that queued in the kernel under the calm backlog while every place was taken
+    are accepted (without places: their requests are refused at once) when the worker pauses,
+    all but the short backlog's newest; without that they would wait for places one by one."""
+    monkeypatch.setattr(accept, "SAFETY_S", 60.0)
+    burst = 20
+
+    async def body(acceptor: Acceptor, admission: Admission, made: list[Conn], port: int) -> None:
+        assert admission.reserve() is not None and admission.room() == 0
+        # connected by the kernel before the loop runs the acceptor again: all queued
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(burst)]
+        assert accept.accept_queue_length(acceptor.sock) == burst
+        for c in clients:
+            c.sendall(b"head")
+        await until(lambda: len(made) == burst - 1, "all but the short backlog let in")
+        await until(lambda: all(c.fresh is None for c in made), "every head arrived")
+        assert all(c.ticket is None for c in made)  # no place for any of them: refused
+        assert not acceptor.listening and acceptor.sock.backlogs == [CALM_BACKLOG, 1]  # type: ignore[attr-defined]
+        assert accept.accept_queue_length(acceptor.sock) == 1  # the newest still waits
+        for c in clients:
+            c.close()
+
+    served(1, 0, body)
+
+
 def test_a_freed_place_lets_in_one_connection_until_its_first_request_head(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
