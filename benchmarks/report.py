@@ -455,8 +455,9 @@ def overload_table(r: dict[str, Any]) -> list[str]:
             for w in wrk_runs.values()
         ]  # fmt: skip
         lines += [
-            "wrk (`-t2 --timeout 2s`, benchmarks/rank_status.lua; its latencies are of all "
-            "responses, answers and sheds together):",
+            "wrk (`-t2 --timeout 2s`, benchmarks/rank_status.lua; each load starts on workers "
+            "calm again, so its clients arrive as one burst of new connections; its latencies "
+            "are of all responses, answers and sheds together):",
             "",
             *_table(header, rows),
             "",

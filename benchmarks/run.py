@@ -74,6 +74,7 @@ from benchmarks.stages import measure_stages
 from benchmarks.workload import Workload, build_workload
 from model.core.registry import Registry
 from model.simulator.world import SimConfig, simulate, write_simulation
+from service.http.accept import PRESSURE_S
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("floor", "graphs", "vidrank", "textbook", "shadow", "features", "lifecycle", "overload")
@@ -390,18 +391,20 @@ def run_overload_part(
                 log(f"overload (wrk): c={[x for _, x in loads]}, {secs:.0f} s each")
                 path = write_bodies(s.work_dir / f"overload-bodies-{n}.jsonl", bodies)
                 out["wrk"] = {
-                    name: wrk_overload_row(
-                        run_wrk(
-                            wrk, server.url, path, conns, secs,
-                            threads=2, timeout_s=2.0, statuses=True,
-                        )
-                    )
+                    name: wrk_overload_row(wrk_from_calm(wrk, server.url, path, conns, secs))
                     for name, conns in loads
-                }  # fmt: skip
+                }
             out[key]["loadavg_after"] = os.getloadavg()[0]
         finally:
             server.stop()
     return out
+
+
+def wrk_from_calm(wrk: str, url: str, bodies: Path, connections: int, secs: float) -> LoadResult:
+    """wrk's overload run on workers calm again (no place missing for longer than PRESSURE_S):
+    its clients arrive as one burst of new connections, as on a server that was idle."""
+    time.sleep(PRESSURE_S + 0.5)
+    return run_wrk(wrk, url, bodies, connections, secs, threads=2, timeout_s=2.0, statuses=True)
 
 
 def wrk_overload_row(r: LoadResult) -> dict[str, Any]:
