@@ -187,8 +187,12 @@ def train(
         ),
     ] = 0.0,
     loss_weights: Annotated[
-        str, typer.Option(help="Per-task loss weights, e.g. 'click=1,watch_time=1,like=1'.")
-    ] = "click=1,watch_time=1,like=1",
+        str,
+        typer.Option(
+            help="Per-task loss weights, e.g. 'click=1,watch_time=1,like=1'; tasks not named"
+            " weigh 1 (default: the architecture's; omoe, mmoe, ple, stem: click=2; others: 1)."
+        ),
+    ] = "",
     loss_balance: Annotated[
         str | None,
         typer.Option(

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from model.core.metrics import auc, xauc
+from model.core.tasks import TASKS
 from model.simulator.world import PRESETS, preset_config
 from model.training.analysis.transfer import gradient_report
 from model.training.balance import BALANCES
@@ -106,6 +107,7 @@ class Sweep:
         return {k: v for k, v in asdict(self).items() if k not in ("presets", "archs", "seeds")}
 
 
+EVEN = dict.fromkeys(TASKS, 1.0)
 # What ``ARCH:OPTION`` changes in the architecture's own training config.
 OPTIONS: dict[str, dict[str, Any]] = {
     **{balance: {"loss_balance": balance} for balance in BALANCES},
@@ -121,7 +123,13 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "e4": {"experts": 4},  # OMoE / MMoE with 4 experts (default 8)
     "e16": {"experts": 16},  # OMoE / MMoE with 16 experts
     # MMoE as published (Ma et al., KDD 2018): fixed loss weights, gates at temperature 1
-    "paper": {"loss_balance": "fixed", "gate_temperature": 1.0, "shared_lr": 1.0},
+    "paper": {
+        "loss_balance": "fixed",
+        "gate_temperature": 1.0,
+        "shared_lr": 1.0,
+        "loss_weights": EVEN,
+    },
+    "even": {"loss_weights": EVEN},  # every task weight 1 (the mixtures' recipe: click 2)
     "onelr": {"shared_lr": 1.0},  # shared parameters at the run's learning rate
     "sharedlr": {"shared_lr": SHARED_LR},  # shared parameters at sqrt(T) x (the recipe's)
 }
@@ -135,8 +143,9 @@ def variant(name: str) -> tuple[str, dict[str, Any]]:
     ``levels2`` (PLE with two extraction levels), ``sharp`` / ``soft`` (gates at temperature
     0.1 / 1), ``nodrop`` / ``drop25`` (expert dropout 0 / 0.25 in the gates, default 0.1),
     ``e4`` / ``e16`` (OMoE's and MMoE's 4 / 16 experts, default 8),
-    ``onelr`` / ``sharedlr`` (shared parameters at 1 / sqrt(3) x the rate) or ``paper`` (fixed
-    weights, temperature 1, one rate: ``mmoe:paper`` is MMoE as Ma et al. published it); what
+    ``onelr`` / ``sharedlr`` (shared parameters at 1 / sqrt(3) x the rate), ``even`` (every
+    task's loss weight 1; the mixtures' recipe weighs click 2) or ``paper`` (fixed weights 1,
+    temperature 1, one rate: ``mmoe:paper`` is MMoE as Ma et al. published it); what
     is not named stays the architecture's default (config.ARCH_DEFAULTS).
     """
     arch, *options = name.split(":")
