@@ -37,7 +37,7 @@ from model.simulator.world import PRESETS, preset_config
 from model.training.analysis.transfer import gradient_report
 from model.training.balance import BALANCES
 from model.training.batches import encode_split, make_batches
-from model.training.config import ARCHS, SHARED_LR, TrainConfig
+from model.training.config import ARCHS, CLICK_FIRST, SHARED_LR, TrainConfig
 from model.training.fit import TrainResult, fit
 from model.training.sources import simulated_frame
 
@@ -130,6 +130,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "loss_weights": EVEN,
     },
     "even": {"loss_weights": EVEN},  # every task weight 1 (the mixtures' recipe: click 2)
+    "click2": {"loss_weights": CLICK_FIRST},  # click 2, as the mixtures (for the baselines)
+    # the default fusion's weights as loss weights (click 1, watch time 0.6, like 0.4)
+    "fusionw": {"loss_weights": {"click": 1.0, "watch_time": 0.6, "like": 0.4}},
     "onelr": {"shared_lr": 1.0},  # shared parameters at the run's learning rate
     "sharedlr": {"shared_lr": SHARED_LR},  # shared parameters at sqrt(T) x (the recipe's)
 }
@@ -144,8 +147,9 @@ def variant(name: str) -> tuple[str, dict[str, Any]]:
     0.1 / 1), ``nodrop`` / ``drop25`` (expert dropout 0 / 0.25 in the gates, default 0.1),
     ``e4`` / ``e16`` (OMoE's and MMoE's 4 / 16 experts, default 8),
     ``onelr`` / ``sharedlr`` (shared parameters at 1 / sqrt(3) x the rate), ``even`` (every
-    task's loss weight 1; the mixtures' recipe weighs click 2) or ``paper`` (fixed weights 1,
-    temperature 1, one rate: ``mmoe:paper`` is MMoE as Ma et al. published it); what
+    task's loss weight 1; the mixtures' recipe weighs click 2), ``click2`` (click 2, e.g. for a
+    baseline), ``fusionw`` (the default fusion's weights as loss weights) or ``paper`` (fixed
+    weights 1, temperature 1, one rate: ``mmoe:paper`` is MMoE as Ma et al. published it); what
     is not named stays the architecture's default (config.ARCH_DEFAULTS).
     """
     arch, *options = name.split(":")

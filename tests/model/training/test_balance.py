@@ -173,6 +173,8 @@ def test_each_architecture_brings_its_own_recipe_unless_told() -> None:
     assert (paper.loss_balance, paper.gate_temperature) == ("fixed", 1.0)  # Ma et al.'s MMoE
     assert paper.loss_weights == dict.fromkeys(TASKS, 1.0)
     assert TrainConfig(arch="mmoe", **variant("mmoe:even")[1]).loss_weights["click"] == 1.0
+    baseline = TrainConfig(arch="shared_bottom", **variant("shared_bottom:click2")[1])
+    assert baseline.loss_weights["click"] == 2.0 and baseline.loss_balance == "fixed"
     told = TrainConfig(arch="stem", loss_balance="fixed", gate_temperature=1.0)
     assert (told.loss_balance, told.gate_temperature) == ("fixed", 1.0)
     # weights told replace the recipe's: tasks not named weigh 1
