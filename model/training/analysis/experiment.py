@@ -32,12 +32,17 @@ import numpy as np
 import pandas as pd
 
 from model.core.metrics import auc, xauc
-from model.core.tasks import TASKS
 from model.simulator.world import PRESETS, preset_config
 from model.training.analysis.transfer import gradient_report
 from model.training.balance import BALANCES
 from model.training.batches import encode_split, make_batches
-from model.training.config import ARCHS, CLICK_FIRST, SHARED_LR, TrainConfig
+from model.training.config import (
+    ARCHS,
+    CLICK_FIRST,
+    SHARED_LR,
+    TrainConfig,
+    default_loss_weights,
+)
 from model.training.fit import TrainResult, fit
 from model.training.sources import simulated_frame
 
@@ -107,7 +112,7 @@ class Sweep:
         return {k: v for k, v in asdict(self).items() if k not in ("presets", "archs", "seeds")}
 
 
-EVEN = dict.fromkeys(TASKS, 1.0)
+EVEN = default_loss_weights()  # every task weight 1
 # What ``ARCH:OPTION`` changes in the architecture's own training config.
 OPTIONS: dict[str, dict[str, Any]] = {
     **{balance: {"loss_balance": balance} for balance in BALANCES},
