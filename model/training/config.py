@@ -40,8 +40,8 @@ SWITCHES: tuple[str, ...] = ("auto", "on", "off")  # auto: on where it pays (see
 #
 # Click weighs twice the other tasks (in GradNorm's targets, so click's gradient on the shared
 # parameters is twice theirs, and in the validation loss that picks the epoch): click is the
-# task every fused ranking starts from (weight 1 in the default fusion, against the others'
-# exponents 0.6 and 0.4) and the only one labelled on every impression. Measured over five seeds
+# task every fused ranking starts from (no watched second and no like without a click) and the
+# only one labelled on every impression. Measured over five seeds
 # against weight 1 each (README "Model quality", section 5), it lifts click and fused NDCG@10
 # where tasks differ, at no cost to like; on identical tasks it costs a little, within the
 # seeds' spread.

@@ -321,13 +321,21 @@ def fusion(ctx: Context, out: Path) -> str:
     """Default fusion vs click-only on the test split; tuned profiles vs both where tuned."""
     title = "## Fusion\n\n"
     m = ctx.metrics
-    text = title + (
-        f"On the whole test split, NDCG@10 against the true utility: default fusion "
-        f"{_num(m.get('ndcg10_fused'))}, click-only {_num(m.get('ndcg10_click_only'))}, the "
-        f"default formula on the true values {_num(m.get('ndcg10_fused_truth'))}.\n\n"
-        if isinstance(m.get("ndcg10_fused"), int | float)
-        else "No truth-based ranking metrics (real logs).\n\n"
-    )
+    if isinstance(m.get("ndcg10_fused"), int | float):
+        product = (
+            f"the weighted product (the default until README section 6) "
+            f"{_num(m['ndcg10_product'])}, "
+            if "ndcg10_product" in m
+            else ""
+        )
+        text = title + (
+            f"On the whole test split, NDCG@10 against the true utility: default fusion "
+            f"{_num(m['ndcg10_fused'])}, click-only {_num(m.get('ndcg10_click_only'))}, "
+            f"{product}the default formula on the true values "
+            f"{_num(m.get('ndcg10_fused_truth'))}.\n\n"
+        )
+    else:
+        text = title + "No truth-based ranking metrics (real logs).\n\n"
     if not ctx.tuning:
         return text + (
             f"No tuned profile yet: `vidrank tune-fusion {ctx.version} --registry ...` searches "

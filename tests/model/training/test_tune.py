@@ -32,10 +32,11 @@ from model.training.analysis.fusion_search import (
 )
 from model.training.analysis.profiles import load_records, write_profile
 from model.training.data import load_impressions
-from model.training.evaluate import DEFAULT_FUSION
+from model.training.evaluate import DEFAULT_FUSION, PRODUCT_FUSION
 
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT = FusionSpec.from_dict(DEFAULT_FUSION)
+PRODUCT = FusionSpec.from_dict(PRODUCT_FUSION)  # the default until README section 6
 
 
 @pytest.fixture(scope="module")
@@ -69,19 +70,20 @@ def test_search_finds_a_better_profile_than_the_default_on_unseen_users(
     small_world: pd.DataFrame,
 ) -> None:
     # With the truth as predictions, the utility (a weighted sum of the true values) is
-    # reachable by a weighted sum, which the default weighted product with log1p is not: the
-    # search must find that difference, and it must hold on users it never saw.
+    # reachable by a weighted sum, which a weighted product with log1p is not: started from the
+    # product (the default until README section 6), the search must find that difference, and
+    # it must hold on users it never saw.
     truth = {t: small_world[c].to_numpy() for t, c in TRUTH_COLUMNS.items()}
     objective = Objective.for_frame(small_world)
     assert objective.kind == "truth"
     parts = parts_of(small_world, truth, objective)
-    found = search(parts["search"], DEFAULT, trials=40, seed=0)
+    found = search(parts["search"], PRODUCT, trials=40, seed=0)
     assert found.default_enqueued and found.trials == 40
     assert found.value == pytest.approx(parts["search"].ndcg(found.spec))
-    assert found.value >= parts["search"].ndcg(DEFAULT)  # by construction: trial 0 is it
-    assert parts["report"].ndcg(found.spec) >= parts["report"].ndcg(DEFAULT) + 0.01
+    assert found.value >= parts["search"].ndcg(PRODUCT)  # by construction: trial 0 is it
+    assert parts["report"].ndcg(found.spec) >= parts["report"].ndcg(PRODUCT) + 0.01
     assert parts["report"].ndcg(found.spec) > parts["report"].ndcg(CLICK_ONLY)
-    again = search(parts["search"], DEFAULT, trials=40, seed=0)
+    again = search(parts["search"], PRODUCT, trials=40, seed=0)
     assert again.spec.to_dict() == found.spec.to_dict()  # a seeded search is reproducible
 
 
@@ -114,9 +116,12 @@ def test_logged_objective_and_floor_on_logs_without_truth(small_world: pd.DataFr
 
 
 def test_space_params_express_specs_up_to_a_common_scale() -> None:
-    params = space_params(DEFAULT)
+    utility = space_params(DEFAULT)  # the default fusion is the search's first trial
+    assert utility is not None
+    assert suggest_spec(optuna.trial.FixedTrial(utility)).to_dict() == DEFAULT.to_dict()
+    params = space_params(PRODUCT)
     assert params is not None
-    assert suggest_spec(optuna.trial.FixedTrial(params)).to_dict() == DEFAULT.to_dict()
+    assert suggest_spec(optuna.trial.FixedTrial(params)).to_dict() == PRODUCT.to_dict()
     watch = {"weight": 1.2, "transform": "log1p"}
     doubled = FusionSpec.from_dict(
         {"method": "weighted_product", "weights": {"click": 2.0, "watch_time": watch, "like": 0.8}}
@@ -154,14 +159,14 @@ def test_write_profile_keeps_the_file_and_replaces_it_atomically(tmp_path: Path)
         assert old.read() == before  # replaced by rename, never rewritten in place
     assert [p.name for p in tmp_path.iterdir() if p.name != ".profiles.toml.lock"] == [path.name]
     store = ProfileStore(path)
-    assert store.names() == ["balanced", "watch_time", "rank_blend", "tuned"]
-    assert store.default_name == "balanced" and store.last_error is None
+    assert store.names() == ["utility", "balanced", "watch_time", "rank_blend", "tuned"]
+    assert store.default_name == "utility" and store.last_error is None
     assert store.get("tuned").to_dict() == {**CLICK_ONLY.to_dict(), "name": "tuned"}
     text = path.read_text()
     assert text.startswith(before.split("\n")[0])  # comments and layout are kept
     assert "# Multiplicative fusion" in text
     assert tomllib.loads(text)["tuning"]["tuned"] == {"value": 0.5, "objective": {"k": 10}}
-    write_profile(path, "tuned", DEFAULT)  # replaced, and its stale record goes with it
+    write_profile(path, "tuned", PRODUCT)  # replaced, and its stale record goes with it
     data = tomllib.loads(path.read_text())
     assert data["profiles"]["tuned"]["method"] == "weighted_product" and "tuning" not in data
 
@@ -217,7 +222,7 @@ def test_cli_tunes_writes_the_profile_and_the_record_and_reports(
     name = f"tuned_{version}"
     assert "| tuned |" in done.output and "report part" in done.output
     store = ProfileStore(profiles)
-    assert store.names() == ["balanced", "watch_time", "rank_blend", name]
+    assert store.names() == ["utility", "balanced", "watch_time", "rank_blend", name]
     record = tomllib.loads(profiles.read_text())["tuning"][name]
     assert record["objective"]["kind"] == "truth" and record["trials"] == 12
     assert record["data"]["source"] == "simulated:20000 (seed 0)"
