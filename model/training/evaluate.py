@@ -26,6 +26,7 @@ from model.core.metrics import auc, ndcg_at_k, reliability_bins, xauc
 from model.core.tasks import LABEL_COLUMNS, TASKS, TRUTH_COLUMNS
 from model.simulator.world import DEFAULT_UTILITY_WEIGHTS, true_utility
 
+
 def utility_fusion(weights: Mapping[str, float] | None = None) -> dict[str, Any]:
     """The fusion that ranks by the expected utility: ``sum_k w_k * p_k`` with the utility's
     weights (``simulate.DEFAULT_UTILITY_WEIGHTS`` unless given), every prediction as it is."""
