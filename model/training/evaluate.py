@@ -57,7 +57,7 @@ def has_truth(df: pd.DataFrame) -> bool:
 def ranking_eval(
     df_test: pd.DataFrame,
     preds: Mapping[str, np.ndarray],
-    fusion: Mapping[str, Any] = DEFAULT_FUSION,
+    fusion: Mapping[str, Any] | None = None,
     utility_weights: Mapping[str, float] | None = None,
     k: int = 10,
     seed: int = 0,
@@ -68,7 +68,8 @@ def ranking_eval(
     through ``PRODUCT_FUSION``, the default fusion until section 6), ``click_only`` (model
     p_click), ``fused_truth`` (the true per-task values through the same fusion: the ceiling of
     this fusion formula), ``oracle`` (the utility itself; 1 by construction, a sanity check) and
-    ``random``. Relevance is ``true_utility(df_test, utility_weights)``.
+    ``random``. Relevance is ``true_utility(df_test, utility_weights)``; ``fusion`` defaults to
+    the expected utility under the same weights (``DEFAULT_FUSION`` for the default weights).
     """
     if not has_truth(df_test):
         raise ValueError(f"ranking_eval needs the truth columns {list(TRUTH_COLUMNS.values())}")
@@ -77,7 +78,7 @@ def ranking_eval(
     keep = counts[inverse.reshape(-1)] >= 2
     groups = users[keep]
     relevance = true_utility(df_test, utility_weights)[keep]
-    spec = FusionSpec.from_dict(dict(fusion))
+    spec = FusionSpec.from_dict(dict(utility_fusion(utility_weights) if fusion is None else fusion))
     truth = {t: df_test[c].to_numpy(dtype=np.float64) for t, c in TRUTH_COLUMNS.items()}
     model_preds = {t: np.asarray(p, dtype=np.float64) for t, p in preds.items()}
     rng = np.random.default_rng(seed)

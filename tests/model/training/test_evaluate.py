@@ -40,6 +40,11 @@ def test_ranking_eval_reports_the_default_and_the_product_beside_it(
     assert m["ndcg10_random"] < m["ndcg10_product"] < 1.0
     product = ranking_eval(tiny_frame, truth, fusion=PRODUCT_FUSION)
     assert product["ndcg10_fused"] == m["ndcg10_product"]
+    # another utility: the default ordering follows its weights
+    other = {"click": 1.0, "watch_time": 1.0, "like": 1.0}
+    assert ranking_eval(tiny_frame, truth, utility_weights=other)["ndcg10_fused"] == pytest.approx(
+        1
+    )
     # noisy predictions: the utility ordering of noisy values is below the oracle's
     rng = np.random.default_rng(0)
     noisy = {t: truth[t] * rng.lognormal(0.0, 0.5, len(tiny_frame)) for t in TASKS}
