@@ -41,10 +41,9 @@ SWITCHES: tuple[str, ...] = ("auto", "on", "off")  # auto: on where it pays (see
 # Click weighs twice the other tasks (in GradNorm's targets, so click's gradient on the shared
 # parameters is twice theirs, and in the validation loss that picks the epoch): click is the
 # task every fused ranking starts from (no watched second and no like without a click) and the
-# only one labelled on every impression. Measured over five seeds
-# against weight 1 each (README "Model quality", section 5), it lifts click and fused NDCG@10
-# where tasks differ, at no cost to like; on identical tasks it costs a little, within the
-# seeds' spread.
+# only one labelled on every impression. Measured over five seeds against weight 1 each (README
+# "Model quality", section 5), it lifts click and fused NDCG@10 where tasks differ, at no cost
+# to like; on identical tasks it costs a little, within the seeds' spread.
 SHARED_LR = math.sqrt(len(TASKS))
 CLICK_FIRST: dict[str, float] = {"click": 2.0, "watch_time": 1.0, "like": 1.0}
 MIXTURE_RECIPE: dict[str, object] = {
