@@ -13,7 +13,9 @@ the truth itself scores on the same rows is recorded as the pseudo-architecture 
 
 Files in ``--out``: ``experiment.json`` (the sweep's scale; a rerun must match it), ``runs.jsonl``
 (one line per finished run - a rerun skips those, so an interrupted sweep resumes), ``runs.csv``,
-``summary.md`` (mean +- sd over seeds, paired gains over shared-bottom, gate diagnostics) and
+``summary.md`` (mean +- sd over seeds, paired gains over shared-bottom, gate diagnostics, then
+paired gains over single-task models and over the trainer's default architecture where the sweep
+has them) and
 ``relatedness.png`` (metric vs relatedness, one line per architecture, error bars = sd).
 """
 
@@ -49,6 +51,7 @@ from model.training.sources import simulated_frame
 SWEEP_PRESETS = ("conflicting", "unrelated", "related", "identical")  # by increasing relatedness
 BASELINE = "shared_bottom"
 SINGLE_TASK = "single_task"  # the other baseline: one model per task
+DEFAULT_ARCH = TrainConfig().arch  # what `vidrank train` ships: every other arch is paired with it
 GRADIENT_BATCHES = 4  # test-split batches of 2048 the gradient diagnostics average over
 TRUTH = "truth"
 METRICS = {  # column -> label in tables and plots
@@ -334,8 +337,9 @@ def write_reports(runs: Sequence[dict[str, Any]], sweep: Sweep, out: Path) -> No
     frame.to_csv(out / "runs.csv", index=False)
     stats, gains = aggregate(frame)
     text = summary_markdown(frame, stats, gains, sweep)
-    if (frame["arch"] == SINGLE_TASK).any():
-        text += gains_section(aggregate(frame, SINGLE_TASK)[1], SINGLE_TASK)
+    for baseline in (SINGLE_TASK, DEFAULT_ARCH):  # the per-task models, and the trainer's default
+        if (frame["arch"] == baseline).any():
+            text += gains_section(aggregate(frame, baseline)[1], baseline)
     text += gradient_section(frame)
     (out / "summary.md").write_text(text)
     plot_relatedness(stats, sweep, out / "relatedness.png")

@@ -69,7 +69,7 @@ def test_tiny_sweep_writes_runs_table_and_plot(swept: Path) -> None:
     assert len(csv) == 3 and set(METRICS) <= set(csv.columns)
 
     tables = markdown_tables((swept / "summary.md").read_text())
-    results, gains, gates, grads = tables
+    results, gains, gates, over_default, grads = tables
     header = results[0]
     assert header[:2] == ["preset", "arch"] and header[2:6] == list(METRICS.values())
     assert [row[1] for row in results[1:]] == ["mmoe", BASELINE, TRUTH]
@@ -82,6 +82,10 @@ def test_tiny_sweep_writes_runs_table_and_plot(swept: Path) -> None:
     gain = float(gains[1][5].split(" ")[0])
     assert gains[1][:2] == ["conflicting", "mmoe"]
     assert gain == pytest.approx(mmoe_ndcg - base_ndcg, abs=2e-4)  # rounding of both cells
+    # ... and the same pair the other way round, against the trainer's default (mmoe)
+    assert "## Gain over mmoe" in (swept / "summary.md").read_text()
+    assert [row[:2] for row in over_default[1:]] == [["conflicting", BASELINE]]
+    assert float(over_default[1][5].split(" ")[0]) == pytest.approx(-gain, abs=1e-4)
     assert gates[1][:2] == ["conflicting", "mmoe"]
     # Task gradients per shared group, for both architectures: "norm ratio / min cos" cells.
     assert [row[:2] for row in grads[1:]] == [["conflicting", "mmoe"], ["conflicting", BASELINE]]
