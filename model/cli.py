@@ -222,6 +222,13 @@ def train(
             " the mixtures sqrt(3); others 1)."
         ),
     ] = None,
+    interaction_lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Learning-rate multiple of the interaction layer's id tables, on top of"
+            " --shared-lr (default: 1; README Model quality, section 7)."
+        ),
+    ] = None,
     entire_space: Annotated[
         bool | None,
         typer.Option(
@@ -294,6 +301,7 @@ def train(
             gate_dropout=gate_dropout,
             experts=experts,
             shared_lr=shared_lr,
+            interaction_lr=interaction_lr,
             entire_space=entire_space,
             ple_levels=ple_levels,
             sparse=sparse,

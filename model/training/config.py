@@ -129,6 +129,9 @@ class TrainConfig:
     # learning-rate multiple of the parameters every task shares (loop.Optimizers); None = the
     # architecture's own (ARCH_DEFAULTS), 1 for the others
     shared_lr: float | None = None
+    # learning-rate multiple of the interaction layer's id tables, on top of shared_lr
+    # (loop.Optimizers); None = the architecture's own (ARCH_DEFAULTS), 1 for the others
+    interaction_lr: float | None = None
     # Watch and like heads chained with the click (ESMM; model/training/layers.py Heads).
     entire_space: bool | None = None
     ple_levels: int = 1  # PLE's extraction levels: 1 (CGC) or 2 (model/training/mmoe.py)
@@ -156,6 +159,8 @@ class TrainConfig:
             object.__setattr__(self, "gate_temperature", 1.0)
         if self.shared_lr is None:
             object.__setattr__(self, "shared_lr", 1.0)
+        if self.interaction_lr is None:
+            object.__setattr__(self, "interaction_lr", 1.0)
         if self.entire_space is None:
             object.__setattr__(self, "entire_space", False)
         if self.entire_space and self.arch == "single_task":
@@ -179,9 +184,12 @@ class TrainConfig:
             )
         if self.interaction_dim < 1:
             raise ValueError(f"--interaction-dim must be >= 1, got {self.interaction_dim}")
-        shared_lr = float(self.shared_lr or 0.0)
-        if not (shared_lr > 0 and math.isfinite(shared_lr)):
-            raise ValueError(f"--shared-lr must be a finite number > 0, got {self.shared_lr}")
+        for flag, value in (
+            ("--shared-lr", self.shared_lr),
+            ("--interaction-lr", self.interaction_lr),
+        ):
+            if not (float(value or 0.0) > 0 and math.isfinite(float(value or 0.0))):
+                raise ValueError(f"{flag} must be a finite number > 0, got {value}")
         if self.ple_levels not in (1, 2) or (self.ple_levels == 2 and self.arch != "ple"):
             raise ValueError(f"--ple-levels must be 1, or 2 with --arch ple, got {self.ple_levels}")
         if self.epochs < 1:

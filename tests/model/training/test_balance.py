@@ -22,7 +22,12 @@ from model.training.balance import (
 from model.training.batches import make_batches
 from model.training.config import TrainConfig, parse_loss_weights
 from model.training.fit import fit, network_config, prepare
-from model.training.loop import Optimizers, sparse_tables, use_sparse_tables
+from model.training.loop import (
+    Optimizers,
+    interaction_tables,
+    sparse_tables,
+    use_sparse_tables,
+)
 from model.training.mmoe import MMoEConfig, build_model
 from model.training.objective import task_losses, weighted_sum
 
@@ -223,6 +228,29 @@ def test_shared_parameters_learn_at_their_multiple_of_the_rate(batch) -> None:  
         assert moved == pytest.approx(3e-3 if id(p) in shared else 1e-3, rel=1e-3), name
     # Scaling the rate by an epoch hook keeps the multiple.
     assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx([1e-3, 3e-3])
+
+
+@pytest.mark.parametrize("arch", ["mmoe", "single_task"])
+def test_interaction_tables_learn_at_their_multiple_on_top_of_the_shared_one(batch, arch) -> None:  # type: ignore[no-untyped-def]
+    (inputs, labels), basis = batch
+    model = _model(arch, basis)
+    use_sparse_tables(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    shared = {id(p) for p in shared_parameters(model)}
+    fast = {id(p) for p in interaction_tables(model)}
+    assert fast and fast <= {id(p) for p in sparse_tables(model)}  # field vectors, first order
+    optimizer = Optimizers(model, lr=1e-3, shared_lr=2.0, interaction_lr=3.0)
+    weighted_sum(task_losses(model(inputs), labels), WEIGHTS).backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        expected = 1e-3 * (2.0 if id(p) in shared else 1.0) * (3.0 if id(p) in fast else 1.0)
+        moved = float((p.detach() - before[name]).abs().max())
+        assert moved == pytest.approx(expected, rel=1e-3), name
+    assert TrainConfig().interaction_lr == 1.0
+    assert TrainConfig(arch="mmoe", **variant("mmoe:intlr3")[1]).interaction_lr == 3.0
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="--interaction-lr"):
+            TrainConfig(interaction_lr=bad)
 
 
 def test_the_recipe_gives_shared_parameters_sqrt_tasks_times_the_rate() -> None:
