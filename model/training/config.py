@@ -130,7 +130,7 @@ class TrainConfig:
     # architecture's own (ARCH_DEFAULTS), 1 for the others
     shared_lr: float | None = None
     # learning-rate multiple of the interaction layer's id tables, on top of shared_lr
-    # (loop.Optimizers); None = the architecture's own (ARCH_DEFAULTS), 1 for the others
+    # (loop.Optimizers); None = 1 (no architecture's recipe sets it: README Model quality, s. 7)
     interaction_lr: float | None = None
     # Watch and like heads chained with the click (ESMM; model/training/layers.py Heads).
     entire_space: bool | None = None
