@@ -223,12 +223,12 @@ def train(
         ),
     ] = None,
     interaction_lr: Annotated[
-        float | None,
+        float,
         typer.Option(
             help="Learning-rate multiple of the interaction layer's id tables, on top of"
-            " --shared-lr (default: 1; README Model quality, section 7)."
+            " --shared-lr (README Model quality, section 7)."
         ),
-    ] = None,
+    ] = 1.0,
     entire_space: Annotated[
         bool | None,
         typer.Option(

@@ -130,8 +130,8 @@ class TrainConfig:
     # architecture's own (ARCH_DEFAULTS), 1 for the others
     shared_lr: float | None = None
     # learning-rate multiple of the interaction layer's id tables, on top of shared_lr
-    # (loop.Optimizers); None = 1 (no architecture's recipe sets it: README Model quality, s. 7)
-    interaction_lr: float | None = None
+    # (loop.Optimizers); 1 for every architecture (README "Model quality", section 7)
+    interaction_lr: float = 1.0
     # Watch and like heads chained with the click (ESMM; model/training/layers.py Heads).
     entire_space: bool | None = None
     ple_levels: int = 1  # PLE's extraction levels: 1 (CGC) or 2 (model/training/mmoe.py)
@@ -159,8 +159,6 @@ class TrainConfig:
             object.__setattr__(self, "gate_temperature", 1.0)
         if self.shared_lr is None:
             object.__setattr__(self, "shared_lr", 1.0)
-        if self.interaction_lr is None:
-            object.__setattr__(self, "interaction_lr", 1.0)
         if self.entire_space is None:
             object.__setattr__(self, "entire_space", False)
         if self.entire_space and self.arch == "single_task":
@@ -188,7 +186,8 @@ class TrainConfig:
             ("--shared-lr", self.shared_lr),
             ("--interaction-lr", self.interaction_lr),
         ):
-            if not (float(value or 0.0) > 0 and math.isfinite(float(value or 0.0))):
+            rate = float(value or 0.0)
+            if not (rate > 0 and math.isfinite(rate)):
                 raise ValueError(f"{flag} must be a finite number > 0, got {value}")
         if self.ple_levels not in (1, 2) or (self.ple_levels == 2 and self.arch != "ple"):
             raise ValueError(f"--ple-levels must be 1, or 2 with --arch ple, got {self.ple_levels}")

@@ -433,7 +433,7 @@ def training_step(model: RankingModel, config: TrainConfig) -> tuple[Step, Optim
         config.lr,
         extra=balance.trainable(),
         shared_lr=float(config.shared_lr or 1.0),
-        interaction_lr=float(config.interaction_lr or 1.0),
+        interaction_lr=config.interaction_lr,
     )
     return Step(balance, autocast_dtype(config.precision), config.id_l2), optimizer
 
