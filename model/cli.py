@@ -229,6 +229,14 @@ def train(
             " --shared-lr (README Model quality, section 7)."
         ),
     ] = 1.0,
+    select_by: Annotated[
+        str,
+        typer.Option(
+            help="What early stopping keeps the epoch by: 'loss' (the validation loss) or 'auc'"
+            " (the loss-weighted mean of click AUC, watch XAUC and like AUC; README Model"
+            " quality, section 8).",
+        ),
+    ] = "loss",
     entire_space: Annotated[
         bool | None,
         typer.Option(
@@ -302,6 +310,7 @@ def train(
             experts=experts,
             shared_lr=shared_lr,
             interaction_lr=interaction_lr,
+            select_by=select_by,
             entire_space=entire_space,
             ple_levels=ple_levels,
             sparse=sparse,

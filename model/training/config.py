@@ -21,6 +21,9 @@ from model.training.mmoe import ARCHS, DEFAULT_INTERACTIONS, INTERACTIONS, MMoEC
 MIN_SIMULATED = 10  # fewer impressions cannot be split into train/valid/test
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")  # auto: bf16 where the CPU has it
 SWITCHES: tuple[str, ...] = ("auto", "on", "off")  # auto: on where it pays (see the loop)
+# What early stopping judges an epoch by on the validation split (objective.selection_value):
+# its loss, or the loss-weighted mean of its ranking metrics (click AUC, watch XAUC, like AUC).
+SELECTIONS: tuple[str, ...] = ("loss", "auc")
 
 
 # What an architecture trains with unless told otherwise: the recipe that makes a multi-gate
@@ -132,6 +135,9 @@ class TrainConfig:
     # learning-rate multiple of the interaction layer's id tables, on top of shared_lr
     # (loop.Optimizers); 1 for every architecture (README "Model quality", section 7)
     interaction_lr: float = 1.0
+    # what early stopping keeps the epoch by (SELECTIONS): the validation loss, or the
+    # loss-weighted mean AUC (README "Model quality", section 8)
+    select_by: str = "loss"
     # Watch and like heads chained with the click (ESMM; model/training/layers.py Heads).
     entire_space: bool | None = None
     ple_levels: int = 1  # PLE's extraction levels: 1 (CGC) or 2 (model/training/mmoe.py)
@@ -199,6 +205,8 @@ class TrainConfig:
             raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
         if not (self.id_l2 >= 0 and math.isfinite(self.id_l2)):
             raise ValueError(f"--id-l2 must be a finite number >= 0, got {self.id_l2}")
+        if self.select_by not in SELECTIONS:
+            raise ValueError(f"--select-by must be one of {SELECTIONS}, got {self.select_by!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.compile not in SWITCHES:

@@ -30,7 +30,7 @@ from model.training.batches import Batch, EncodedSplit, GateStats, predict
 from model.training.config import TrainConfig
 from model.training.layers import Interactions, looked_up_l2
 from model.training.mmoe import RankingModel
-from model.training.objective import evaluate_split, task_losses
+from model.training.objective import evaluate_split, selection_value, task_losses
 
 PATIENCE = 1  # the first epoch that does not improve the validation loss ends training
 # --compile auto: compiling costs 20-50 s on 2 cores and saves ~40 % of a step of ~0.2 s
@@ -290,15 +290,16 @@ class OneProcess:
 
 @dataclass
 class EarlyStopping:
-    """Stop after ``patience`` epochs without a lower validation loss; keep the best weights.
+    """Stop after ``patience`` epochs without a lower selection value; keep the best weights.
 
-    ``restore`` loads them back. Until an epoch improves, the best weights are the initial ones
-    (a NaN loss never improves).
+    The value is the epoch's validation loss, or what ``--select-by`` names
+    (``objective.selection_value``). ``restore`` loads the best weights back. Until an epoch
+    improves, the best weights are the initial ones (a NaN value never improves).
     """
 
     model: RankingModel
     patience: int = PATIENCE
-    best_loss: float = math.inf
+    best: float = math.inf
     best_epoch: int = 0
     stale: int = 0
     best_state: dict[str, Tensor] = field(init=False)
@@ -306,10 +307,10 @@ class EarlyStopping:
     def __post_init__(self) -> None:
         self.best_state = copy.deepcopy(self.model.state_dict())
 
-    def observe(self, epoch: int, loss: float) -> bool:
-        """Record an epoch's validation loss; True when it improved (its weights are kept)."""
-        if loss < self.best_loss:
-            self.best_loss, self.best_epoch, self.stale = loss, epoch, 0
+    def observe(self, epoch: int, value: float) -> bool:
+        """Record an epoch's selection value; True when it improved (its weights are kept)."""
+        if value < self.best:
+            self.best, self.best_epoch, self.stale = value, epoch, 0
             self.best_state = copy.deepcopy(self.model.state_dict())
             return True
         self.stale += 1
@@ -329,7 +330,7 @@ class Epochs:
     """What the loop hands to ``finalise`` (meaningful on the process that validated)."""
 
     history: list[dict[str, float]]  # per epoch: epoch, train losses and the validation metrics
-    best_loss: float
+    best_loss: float  # the validation loss of the epoch kept (inf when none was)
     gate_diagnostics: dict[str, Any] | None  # of the validation split, under the best weights
     train_time_s: float
 
@@ -440,7 +441,8 @@ def training_step(model: RankingModel, config: TrainConfig) -> tuple[Step, Optim
 
 @dataclass
 class EpochLoop:
-    """Up to ``config.epochs`` epochs of Adam with early stopping on the validation loss."""
+    """Up to ``config.epochs`` epochs of Adam with early stopping on the validation split (its
+    loss, or what ``config.select_by`` names)."""
 
     model: RankingModel
     config: TrainConfig
@@ -476,11 +478,13 @@ class EpochLoop:
                     history.append(record)
                     if self.verbose:
                         print(epoch_line(record, time.perf_counter() - t0, self.collective.world))
-                    if stopper.observe(epoch, record["loss"]) and gate_stats.rows:
+                    value = selection_value(record, self.config.loss_weights, self.config.select_by)
+                    if stopper.observe(epoch, value) and gate_stats.rows:
                         gates = gate_stats.diagnostics(self.model.config.tasks)
                 if not self.collective.agree(not stopper.should_stop):
                     break
         train_time = time.perf_counter() - started
         if valid is not None:
             stopper.restore()
-        return Epochs(history, stopper.best_loss, gates, train_time)
+        best_loss = history[stopper.best_epoch - 1]["loss"] if stopper.best_epoch else math.inf
+        return Epochs(history, best_loss, gates, train_time)

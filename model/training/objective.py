@@ -60,5 +60,26 @@ def evaluate_split(
     return metrics
 
 
+# The ranking metric of each task on a split (evaluate_split's keys).
+RANKING_METRICS: dict[str, str] = {
+    "click": "click_auc",
+    "watch_time": "watch_xauc",
+    "like": "like_auc",
+}
+
+
+def selection_value(
+    metrics: Mapping[str, float], loss_weights: Mapping[str, float], select_by: str
+) -> float:
+    """What early stopping minimises for an epoch's validation ``metrics``: the weighted loss
+    (``"loss"``), or minus the loss-weighted mean of the tasks' ranking metrics (``"auc"``)."""
+    if select_by == "loss":
+        return float(metrics["loss"])
+    if select_by != "auc":
+        raise ValueError(f"unknown selection {select_by!r}")
+    total = sum(loss_weights[t] for t in RANKING_METRICS)
+    return -sum(loss_weights[t] * metrics[m] for t, m in RANKING_METRICS.items()) / total
+
+
 def _ratio(a: float, b: float) -> float:
     return float(a / b) if b else float("nan")

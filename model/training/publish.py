@@ -158,6 +158,7 @@ def training_record(job: TrainJob) -> dict[str, Any]:
         "data": job.data_description,
         "seed": config.seed,
         "epochs_max": config.epochs,
+        "select_by": config.select_by,
         "batch_size": config.batch_size,
         "lr": config.lr,
         "loss_weights": dict(config.loss_weights),

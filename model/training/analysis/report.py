@@ -199,7 +199,13 @@ def curves(ctx: Context, out: Path) -> str:
     keys = ("train_loss", "loss", "click_auc", "like_auc", "watch_xauc")
     rows = [[int(h["epoch"]), *(_num(h.get(k)) for k in keys)] for h in history]
     best = ctx.metrics.get("best_valid_loss")
-    note = f"Early stopping kept the epoch with the lowest validation loss ({_num(best)})."
+    if ctx.manifest.get("training", {}).get("select_by") == "auc":
+        note = (
+            "Early stopping kept the epoch with the highest loss-weighted mean of click AUC,"
+            f" watch XAUC and like AUC (its validation loss: {_num(best)})."
+        )
+    else:
+        note = f"Early stopping kept the epoch with the lowest validation loss ({_num(best)})."
     table = md_table(
         ("epoch", "train loss", "valid loss", "click AUC", "like AUC", "watch XAUC"), rows
     )

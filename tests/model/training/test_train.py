@@ -19,6 +19,7 @@ from model.core.distribution import PREDICTION_EDGES, bin_counts
 from model.core.registry import Registry
 from model.core.runtime import make_session
 from model.core.tasks import TASKS
+from model.training.analysis.experiment import variant
 from model.training.balance import FixedWeights
 from model.training.batches import GateStats, Shuffled, encode_split, predict
 from model.training.calibrate import calibrate_heads
@@ -36,7 +37,7 @@ from model.training.loop import (
     sparse_tables,
 )
 from model.training.mmoe import ARCHS, MMoE, MMoEConfig
-from model.training.objective import evaluate_split
+from model.training.objective import RANKING_METRICS, evaluate_split, selection_value
 from model.training.publish import publish
 from model.training.train import run_train
 
@@ -276,7 +277,7 @@ def test_early_stopping_keeps_and_restores_the_best_weights(trained_model: Train
             p.add_(1.0)
     assert not stopper.observe(2, 1.5) and not stopper.should_stop  # patience 2: one more
     assert not stopper.observe(3, float("nan")) and stopper.should_stop
-    assert stopper.best_epoch == 1 and stopper.best_loss == 1.0
+    assert stopper.best_epoch == 1 and stopper.best == 1.0
     stopper.restore()
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, best[name]), name
@@ -299,6 +300,40 @@ def test_epoch_loop_runs_hooks_and_stops_early(tiny_frame: pd.DataFrame) -> None
         assert losses[-1] >= epochs.best_loss
     restored = evaluate_split(predict(model, data.valid), data.valid, config.loss_weights)
     assert restored["loss"] == pytest.approx(epochs.best_loss, rel=1e-6)
+
+
+def test_select_by_auc_keeps_the_epoch_with_the_best_weighted_auc(tiny_frame: pd.DataFrame) -> None:
+    config = TrainConfig(small=True, epochs=3, seed=1, batch_size=256, lr=5e-3, select_by="auc")
+    data = prepare(tiny_frame.iloc[:4000])
+    model = build(config, data.basis)
+    epochs = EpochLoop(model, config, verbose=False).run(
+        Shuffled(data.train, config.batch_size), data.valid
+    )
+    w = config.loss_weights
+    scores = [
+        sum(w[t] * h[m] for t, m in RANKING_METRICS.items()) / sum(w.values())
+        for h in epochs.history
+    ]
+    kept = int(np.argmax(scores))
+    assert selection_value(epochs.history[kept], w, "auc") == pytest.approx(-scores[kept])
+    assert epochs.best_loss == epochs.history[kept]["loss"]  # the kept epoch's loss
+    restored = evaluate_split(predict(model, data.valid), data.valid, w)
+    for metric in RANKING_METRICS.values():
+        assert restored[metric] == pytest.approx(epochs.history[kept][metric], abs=1e-6)
+    if len(epochs.history) < config.epochs:  # stopped early: the last epoch did not improve
+        assert scores[-1] <= max(scores[:-1])
+
+
+def test_selection_value_and_its_flag() -> None:
+    metrics = {"loss": 2.5, "click_auc": 0.7, "watch_xauc": 0.6, "like_auc": 0.8}
+    weights = {"click": 2.0, "watch_time": 1.0, "like": 1.0}
+    assert selection_value(metrics, weights, "loss") == 2.5
+    assert selection_value(metrics, weights, "auc") == pytest.approx(-(1.4 + 0.6 + 0.8) / 4)
+    assert TrainConfig().select_by == "loss"
+    selauc = TrainConfig(arch="mmoe", **variant("mmoe:intlr2:selauc")[1])
+    assert (selauc.select_by, selauc.interaction_lr) == ("auc", 2.0)
+    with pytest.raises(ValueError, match="--select-by"):
+        TrainConfig(select_by="ndcg")
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, "ple:levels2"])
