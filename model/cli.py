@@ -226,17 +226,17 @@ def train(
         float,
         typer.Option(
             help="Learning-rate multiple of the interaction layer's id tables, on top of"
-            " --shared-lr (README Model quality, section 7)."
+            " --shared-lr (README Model quality, sections 7 and 8)."
         ),
-    ] = 1.0,
+    ] = 2.0,
     select_by: Annotated[
         str,
         typer.Option(
-            help="What early stopping keeps the epoch by: 'loss' (the validation loss) or 'auc'"
-            " (the loss-weighted mean of click AUC, watch XAUC and like AUC; README Model"
+            help="What early stopping keeps the epoch by: 'auc' (the loss-weighted mean of"
+            " click AUC, watch XAUC and like AUC) or 'loss' (the validation loss; README Model"
             " quality, section 8).",
         ),
-    ] = "loss",
+    ] = "auc",
     entire_space: Annotated[
         bool | None,
         typer.Option(

@@ -148,6 +148,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "intlr1": {"interaction_lr": 1.0},  # the interaction tables at their rate
     "intlr2": {"interaction_lr": 2.0},  # the interaction tables at 2x their rate
     "selauc": {"select_by": "auc"},  # early stopping keeps the epoch of the best mean AUC
+    "selloss": {"select_by": "loss"},  # early stopping keeps the epoch of the lowest loss
 }
 
 
@@ -160,8 +161,8 @@ def variant(name: str) -> tuple[str, dict[str, Any]]:
     0.1 / 1), ``nodrop`` / ``drop25`` (expert dropout 0 / 0.25 in the gates, default 0.1),
     ``e4`` / ``e16`` (OMoE's and MMoE's 4 / 16 experts, default 8),
     ``onelr`` / ``sharedlr`` (shared parameters at 1 / sqrt(3) x the rate), ``intlr1`` /
-    ``intlr2`` / ``intlr3`` (the interaction tables at 1 / 2 / 3 x their rate), ``selauc``
-    (early stopping on the loss-weighted mean AUC, not the loss), ``even`` (every
+    ``intlr2`` / ``intlr3`` (the interaction tables at 1 / 2 / 3 x their rate), ``selauc`` /
+    ``selloss`` (early stopping on the loss-weighted mean AUC / on the loss), ``even`` (every
     task's loss weight 1; the mixtures' recipe weighs click 2), ``click2`` (click 2, e.g. for a
     baseline), ``fusionw`` (the product fusion's weights as loss weights) or ``paper`` (fixed
     weights 1, temperature 1, one rate: ``mmoe:paper`` is MMoE as Ma et al. published it); what

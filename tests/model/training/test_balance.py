@@ -246,7 +246,8 @@ def test_interaction_tables_learn_at_their_multiple_on_top_of_the_shared_one(bat
         expected = 1e-3 * (2.0 if id(p) in shared else 1.0) * (3.0 if id(p) in fast else 1.0)
         moved = float((p.detach() - before[name]).abs().max())
         assert moved == pytest.approx(expected, rel=1e-3), name
-    assert TrainConfig().interaction_lr == 1.0
+    assert TrainConfig().interaction_lr == 2.0  # the default (README section 8)
+    assert TrainConfig(arch="mmoe", **variant("mmoe:intlr1")[1]).interaction_lr == 1.0
     assert TrainConfig(arch="mmoe", **variant("mmoe:intlr3")[1]).interaction_lr == 3.0
     for bad in (0.0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="--interaction-lr"):

@@ -283,8 +283,19 @@ def test_early_stopping_keeps_and_restores_the_best_weights(trained_model: Train
         assert torch.equal(tensor, best[name]), name
 
 
+def test_train_cli_defaults_are_the_configs() -> None:
+    """`vidrank train` without a flag trains what ``TrainConfig()`` names."""
+    import typer
+
+    command = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
+    defaults = {p.name: p.default for p in command.params}
+    config = TrainConfig()
+    for name in ("interaction_lr", "select_by", "interaction_dim", "epochs", "batch_size", "lr"):
+        assert defaults[name] == getattr(config, name), name
+
+
 def test_epoch_loop_runs_hooks_and_stops_early(tiny_frame: pd.DataFrame) -> None:
-    config = TrainConfig(small=True, epochs=3, seed=1, batch_size=256, lr=5e-3)
+    config = TrainConfig(small=True, epochs=3, seed=1, batch_size=256, lr=5e-3, select_by="loss")
     data = prepare(tiny_frame.iloc[:4000])
     model = build(config, data.basis)
     seen: list[tuple[int, float]] = []
@@ -329,7 +340,8 @@ def test_selection_value_and_its_flag() -> None:
     weights = {"click": 2.0, "watch_time": 1.0, "like": 1.0}
     assert selection_value(metrics, weights, "loss") == 2.5
     assert selection_value(metrics, weights, "auc") == pytest.approx(-(1.4 + 0.6 + 0.8) / 4)
-    assert TrainConfig().select_by == "loss"
+    assert TrainConfig().select_by == "auc"  # the default (README section 8)
+    assert TrainConfig(arch="mmoe", **variant("mmoe:selloss")[1]).select_by == "loss"
     selauc = TrainConfig(arch="mmoe", **variant("mmoe:intlr2:selauc")[1])
     assert (selauc.select_by, selauc.interaction_lr) == ("auc", 2.0)
     with pytest.raises(ValueError, match="--select-by"):
