@@ -56,6 +56,8 @@ def test_report_has_every_section_and_valid_images(registry_copy: Path, version:
     assert "No other production version" in report  # the tiny model is production itself
     assert "No tuned profile yet" in report
     assert "| click AUC |" in report and "truth (ceiling)" in report
+    # the rule that kept the epoch (the default: the mean AUC; recorded in the manifest)
+    assert "kept the epoch with the highest loss-weighted mean of click AUC" in report
     # Written again, it replaces the old report whole and leaves no temp or old directory.
     write_report(Registry(registry_copy), version)
     assert sorted(p.name for p in directory.parent.iterdir()) == [version]
