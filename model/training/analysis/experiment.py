@@ -15,7 +15,9 @@ Files in ``--out``: ``experiment.json`` (the sweep's scale; a rerun must match i
 (one line per finished run - a rerun skips those, so an interrupted sweep resumes), ``runs.csv``,
 ``summary.md`` (mean +- sd over seeds, paired gains over shared-bottom, gate diagnostics, then
 paired gains over single-task models and over the trainer's default architecture where the sweep
-has them) and
+has them, then how much of each gain is the test split's noise: ``split_noise``, from
+``BOOTSTRAP`` resamples of the test split's users scored with every run and kept in
+``runs.jsonl`` as ``boot_<metric>``) and
 ``relatedness.png`` (metric vs relatedness, one line per architecture, error bars = sd).
 """
 
@@ -53,6 +55,15 @@ BASELINE = "shared_bottom"
 SINGLE_TASK = "single_task"  # the other baseline: one model per task
 DEFAULT_ARCH = TrainConfig().arch  # what `vidrank train` ships: every other arch is paired with it
 GRADIENT_BATCHES = 4  # test-split batches of 2048 the gradient diagnostics average over
+# Test-split replicates per run: its users resampled with replacement, the same draws for every
+# architecture of a world (seeded by the world's seed), so paired gains can be bootstrapped.
+BOOTSTRAP = 50
+# metric -> (label column, prediction head, scorer) of the bootstrapped ranking metrics
+BOOTSTRAPPED = {
+    "click_auc": ("click", "click", auc),
+    "like_auc": ("like", "like", auc),
+    "watch_xauc": ("watch_s", "watch_time", xauc),
+}
 TRUTH = "truth"
 METRICS = {  # column -> label in tables and plots
     "click_auc": "click AUC",
@@ -254,7 +265,33 @@ def run_record(
     record["wall_s"] = round(seconds, 1)
     record.update(gate_summary(result.gate_diagnostics))
     record.update(gradient_summary(result))
+    record.update(bootstrap_metrics(result.test, result.test_preds, seed))
     return record
+
+
+def bootstrap_metrics(
+    test: pd.DataFrame, preds: dict[str, np.ndarray], seed: int, replicates: int = BOOTSTRAP
+) -> dict[str, list[float]]:
+    """``boot_<metric>``: the ranking metrics on ``replicates`` resamples of the test split.
+
+    Each replicate draws the split's users with replacement and keeps all rows of each draw (a
+    user's impressions are not independent). The draws depend on ``seed`` and the split only,
+    so every architecture of a world is scored on the same replicates and the replicates of a
+    paired gain are paired too: their sd is how much the gain moves with the test split alone.
+    """
+    _, user = np.unique(test["user_id"].to_numpy(), return_inverse=True)
+    user = user.reshape(-1)
+    n_users = int(user.max()) + 1 if len(user) else 0
+    rng = np.random.default_rng(seed)
+    rows = np.arange(len(test))
+    out: dict[str, list[float]] = {f"boot_{m}": [] for m in BOOTSTRAPPED}
+    for _ in range(replicates if n_users else 0):
+        copies = np.bincount(rng.integers(0, n_users, n_users), minlength=n_users)
+        pick = np.repeat(rows, copies[user])
+        for metric, (label, head, score) in BOOTSTRAPPED.items():
+            y = test[label].to_numpy(dtype=np.float64)[pick]
+            out[f"boot_{metric}"].append(round(float(score(y, preds[head][pick])), 5))
+    return out
 
 
 def gradient_summary(result: TrainResult) -> dict[str, float]:
@@ -341,13 +378,17 @@ def write_reports(runs: Sequence[dict[str, Any]], sweep: Sweep, out: Path) -> No
     frame = sweep_frame(runs, sweep)
     if frame.empty:
         return
-    frame.to_csv(out / "runs.csv", index=False)
+    frame.drop(columns=[c for c in frame if c.startswith("boot_")]).to_csv(
+        out / "runs.csv", index=False
+    )
     stats, gains = aggregate(frame)
     text = summary_markdown(frame, stats, gains, sweep)
     for baseline in (SINGLE_TASK, DEFAULT_ARCH):  # the per-task models, and the trainer's default
         if (frame["arch"] == baseline).any():
             text += gains_section(aggregate(frame, baseline)[1], baseline)
     text += gradient_section(frame)
+    for baseline in (BASELINE, SINGLE_TASK):
+        text += noise_section(split_noise(frame, baseline), baseline)
     (out / "summary.md").write_text(text)
     plot_relatedness(stats, sweep, out / "relatedness.png")
 
@@ -386,6 +427,58 @@ def aggregate(frame: pd.DataFrame, baseline: str = BASELINE) -> tuple[pd.DataFra
         paired[c] = paired[c] - paired[f"{c}_base"]
     gains = paired.groupby(["preset", "arch"], sort=False)[cols].agg(["mean", "std", "count"])
     return stats, gains
+
+
+def split_noise(frame: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
+    """Per (preset, arch) and bootstrapped metric: the sd of the paired gain over ``baseline``
+    across the test split's replicates (``bootstrap_metrics``), root mean square over seeds.
+
+    Empty when no run has replicates (runs stored before they were recorded have none).
+    """
+    cols = [f"boot_{m}" for m in BOOTSTRAPPED if f"boot_{m}" in frame]
+    if not cols or not (frame["arch"] == baseline).any():
+        return pd.DataFrame()
+    base = frame.loc[frame["arch"] == baseline, ["preset", "seed", *cols]]
+    models = frame[~frame["arch"].isin([baseline, TRUTH])]
+    paired = models.merge(base, on=["preset", "seed"], suffixes=("", "_base"))
+    rows = []
+    for _, run in paired.iterrows():
+        row = {"preset": run["preset"], "arch": run["arch"]}
+        for c in cols:
+            a, b = run[c], run[f"{c}_base"]
+            ok = isinstance(a, list) and isinstance(b, list) and len(a) == len(b) > 1
+            row[c[len("boot_") :]] = np.std(np.subtract(a, b), ddof=1) if ok else np.nan
+        rows.append(row)
+    if not rows:
+        return pd.DataFrame()
+    noise = pd.DataFrame(rows)
+    metrics = [c for c in noise if c not in ("preset", "arch")]
+    squared = noise.assign(**{m: noise[m] ** 2 for m in metrics})
+    grouped = squared.groupby(["preset", "arch"], sort=False)[metrics]
+    return np.sqrt(grouped.mean()).assign(seeds=grouped.count().iloc[:, 0]).dropna(how="all")
+
+
+def noise_section(noise: pd.DataFrame, baseline: str) -> str:
+    """``split_noise`` as a Markdown section ("" without replicates)."""
+    if noise.empty:
+        return ""
+    metrics = [m for m in BOOTSTRAPPED if m in noise]
+    lines = [
+        "",
+        f"## Test-split noise of the gains over {baseline}",
+        "",
+        f"The sd of each paired gain over {BOOTSTRAP} resamples of the test split's users (the "
+        "same resamples for every architecture of a world), root mean square over seeds. A gain "
+        "whose sd over seeds is about this large is bound by the test split's size: more seeds "
+        "narrow its mean, a larger world narrows both. A larger sd over seeds is the worlds'.",
+        "",
+        "| preset | arch | " + " | ".join(METRICS[m] for m in metrics) + " | seeds |",
+        "|" + "---|" * (len(metrics) + 3),
+    ]
+    for (preset, arch), row in noise.iterrows():
+        cells = ["—" if not math.isfinite(row[m]) else f"{row[m]:.4f}" for m in metrics]
+        lines.append(f"| {preset} | {arch} | " + " | ".join(cells) + f" | {int(row['seeds'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def _cell(mean: float, sd: float, signed: bool = False) -> str:

@@ -9,19 +9,25 @@ import re
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from model.cli import app
+from model.core.metrics import auc
 from model.training.analysis.experiment import (
     BASELINE,
+    BOOTSTRAP,
     METRICS,
     TRUTH,
     Sweep,
     aggregate,
+    bootstrap_metrics,
     gains_section,
     gate_lines,
+    noise_section,
+    split_noise,
     summary_markdown,
     variant,
 )
@@ -67,9 +73,12 @@ def test_tiny_sweep_writes_runs_table_and_plot(swept: Path) -> None:
     assert 0.0 < mmoe["gate_like_max_share"] <= 1.0 and 0.0 <= mmoe["gate_like_entropy"] <= 1.0
     csv = pd.read_csv(swept / "runs.csv")
     assert len(csv) == 3 and set(METRICS) <= set(csv.columns)
+    assert not [c for c in csv.columns if c.startswith("boot_")]  # replicates: runs.jsonl only
+    for run in [r for r in runs if r["arch"] != TRUTH]:  # the truth has no replicates
+        assert len(run["boot_like_auc"]) == BOOTSTRAP and 0 <= min(run["boot_click_auc"]) <= 1
 
     tables = markdown_tables((swept / "summary.md").read_text())
-    results, gains, gates, over_default, grads = tables
+    results, gains, gates, over_default, grads, noise = tables
     header = results[0]
     assert header[:2] == ["preset", "arch"] and header[2:6] == list(METRICS.values())
     assert [row[1] for row in results[1:]] == ["mmoe", BASELINE, TRUTH]
@@ -92,6 +101,12 @@ def test_tiny_sweep_writes_runs_table_and_plot(swept: Path) -> None:
     assert grads[0][2].startswith("embeddings") and all(
         re.match(r"^\d+\.\d / [+-]\d\.\d\d$|^—$", c) for row in grads[1:] for c in row[2:]
     )
+
+    # The test-split noise of mmoe's gains over the shared bottom: one row, three sds >= 0.
+    summary = (swept / "summary.md").read_text()
+    assert "## Test-split noise of the gains over shared_bottom" in summary
+    assert [row[:2] for row in noise[1:]] == [["conflicting", "mmoe"]] and noise[1][-1] == "1"
+    assert all(float(c) >= 0 for c in noise[1][2:-1])
 
     png = swept / "relatedness.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -185,3 +200,47 @@ def test_gains_over_single_task_and_balance_variants() -> None:
     Sweep(archs=("stem:gradnorm", "mmoe"))  # a variant is a valid arch of a sweep
     with pytest.raises(ValueError, match="--archs"):
         Sweep(archs=("mmoe:magic",))
+
+
+def test_bootstrap_replicates_are_paired_within_a_world() -> None:
+    """Every arch of a world is scored on the same resamples of users, so a gain's replicates are
+    paired: two equal models have noise 0, and the noise is the sd of the replicates' gains."""
+    rng = np.random.default_rng(3)
+    users = np.repeat(np.arange(60), 12)
+    test = pd.DataFrame(
+        {
+            "user_id": users,
+            "click": rng.random(len(users)) < 0.4,
+            "like": rng.random(len(users)) < 0.1,
+            "watch_s": rng.exponential(10.0, len(users)),
+        }
+    )
+    signal = test[["click", "like", "watch_s"]].to_numpy(dtype=float)
+    a = {
+        h: signal[:, i] + rng.normal(0, 1, len(users))
+        for i, h in enumerate(("click", "like", "watch_time"))
+    }
+    b = {h: v + rng.normal(0, 1, len(users)) for h, v in a.items()}
+    boot_a, again, boot_b = (bootstrap_metrics(test, p, seed=7) for p in (a, a, b))
+    assert boot_a == again and boot_a != bootstrap_metrics(test, a, seed=8)
+    assert all(len(v) == BOOTSTRAP for v in boot_a.values())
+    full = auc(test["click"], a["click"])
+    spread = np.std(boot_a["boot_click_auc"])
+    assert spread > 0 and abs(np.mean(boot_a["boot_click_auc"]) - full) < 3 * spread
+
+    def run(arch: str, seed: int, boot: dict[str, list[float]]) -> dict[str, object]:
+        return {"preset": "conflicting", "arch": arch, "seed": seed, **boot}
+
+    frame = pd.DataFrame(
+        [run(BASELINE, 0, boot_a), run("mmoe", 0, boot_b), run("omoe", 0, boot_a)]
+        + [run(BASELINE, 1, boot_b), run("mmoe", 1, boot_a), run("omoe", 1, boot_b)]
+    )
+    noise = split_noise(frame)
+    sd = np.std(np.subtract(boot_b["boot_like_auc"], boot_a["boot_like_auc"]), ddof=1)
+    assert noise.loc[("conflicting", "mmoe"), "like_auc"] == pytest.approx(sd)  # RMS of equal sds
+    assert noise.loc[("conflicting", "omoe"), "watch_xauc"] == 0.0
+    assert sd > 0 and int(noise.loc[("conflicting", "mmoe"), "seeds"]) == 2
+    text = noise_section(noise, BASELINE)
+    assert f"| conflicting | mmoe | {noise.loc[('conflicting', 'mmoe'), 'click_auc']:.4f} |" in text
+    # Runs stored before replicates were recorded: no section rather than a table of blanks.
+    assert noise_section(split_noise(hand_runs()), BASELINE) == ""
