@@ -284,13 +284,14 @@ def bootstrap_metrics(
     n_users = int(user.max()) + 1 if len(user) else 0
     rng = np.random.default_rng(seed)
     rows = np.arange(len(test))
+    labels = {m: test[col].to_numpy(dtype=np.float64) for m, (col, _, _) in BOOTSTRAPPED.items()}
     out: dict[str, list[float]] = {f"boot_{m}": [] for m in BOOTSTRAPPED}
     for _ in range(replicates if n_users else 0):
         copies = np.bincount(rng.integers(0, n_users, n_users), minlength=n_users)
         pick = np.repeat(rows, copies[user])
-        for metric, (label, head, score) in BOOTSTRAPPED.items():
-            y = test[label].to_numpy(dtype=np.float64)[pick]
-            out[f"boot_{metric}"].append(round(float(score(y, preds[head][pick])), 5))
+        for metric, (_, head, score) in BOOTSTRAPPED.items():
+            value = score(labels[metric][pick], preds[head][pick])
+            out[f"boot_{metric}"].append(round(float(value), 5))
     return out
 
 
