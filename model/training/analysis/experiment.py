@@ -415,15 +415,23 @@ def sweep_frame(runs: Iterable[dict[str, Any]], sweep: Sweep) -> pd.DataFrame:
     )
 
 
+def paired_runs(frame: pd.DataFrame, baseline: str, cols: Sequence[str]) -> pd.DataFrame:
+    """Every other model's run beside ``baseline``'s run of the same (preset, seed): ``cols``
+    as they are and as ``<col>_base``. Empty when either side has no run."""
+    base = frame.loc[frame["arch"] == baseline, ["preset", "seed", *cols]]
+    models = frame[~frame["arch"].isin([baseline, TRUTH])]
+    if base.empty or models.empty:
+        return pd.DataFrame()
+    return models.merge(base, on=["preset", "seed"], suffixes=("", "_base"))
+
+
 def aggregate(frame: pd.DataFrame, baseline: str = BASELINE) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Mean, sd and count over seeds per (preset, arch); paired gains over ``baseline``."""
     cols = [c for c in METRICS if c in frame]
     stats = frame.groupby(["preset", "arch"], sort=False)[cols].agg(["mean", "std", "count"])
-    base = frame.loc[frame["arch"] == baseline, ["preset", "seed", *cols]]
-    models = frame[~frame["arch"].isin([baseline, TRUTH])]
-    if base.empty or models.empty:
+    paired = paired_runs(frame, baseline, cols)
+    if paired.empty:
         return stats, pd.DataFrame()
-    paired = models.merge(base, on=["preset", "seed"], suffixes=("", "_base"))
     for c in cols:
         paired[c] = paired[c] - paired[f"{c}_base"]
     gains = paired.groupby(["preset", "arch"], sort=False)[cols].agg(["mean", "std", "count"])
@@ -437,11 +445,7 @@ def split_noise(frame: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
     Empty when no run has replicates (runs stored before they were recorded have none).
     """
     cols = [f"boot_{m}" for m in BOOTSTRAPPED if f"boot_{m}" in frame]
-    if not cols or not (frame["arch"] == baseline).any():
-        return pd.DataFrame()
-    base = frame.loc[frame["arch"] == baseline, ["preset", "seed", *cols]]
-    models = frame[~frame["arch"].isin([baseline, TRUTH])]
-    paired = models.merge(base, on=["preset", "seed"], suffixes=("", "_base"))
+    paired = paired_runs(frame, baseline, cols) if cols else pd.DataFrame()
     rows = []
     for _, run in paired.iterrows():
         row = {"preset": run["preset"], "arch": run["arch"]}
