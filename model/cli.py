@@ -237,6 +237,13 @@ def train(
             " quality, section 8).",
         ),
     ] = "auc",
+    select_each: Annotated[
+        bool,
+        typer.Option(
+            help="With --arch single_task: stop each task's network on its own validation"
+            " value and keep its own best epoch, as separately trained models would.",
+        ),
+    ] = False,
     entire_space: Annotated[
         bool | None,
         typer.Option(
@@ -311,6 +318,7 @@ def train(
             shared_lr=shared_lr,
             interaction_lr=interaction_lr,
             select_by=select_by,
+            select_each=select_each,
             entire_space=entire_space,
             ple_levels=ple_levels,
             sparse=sparse,

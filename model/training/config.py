@@ -141,6 +141,10 @@ class TrainConfig:
     # seeds at 300k and two at 1M against 1 / "loss" (README "Model quality", section 8).
     interaction_lr: float = 2.0
     select_by: str = "auc"
+    # single_task only: each task's network keeps its own best epoch by its own value (its
+    # ranking metric or loss), as separately trained models would; False: the epoch of the
+    # best joint value, as every multi-task model is kept (loop.TaskwiseStopping)
+    select_each: bool = False
     # Watch and like heads chained with the click (ESMM; model/training/layers.py Heads).
     entire_space: bool | None = None
     ple_levels: int = 1  # PLE's extraction levels: 1 (CGC) or 2 (model/training/mmoe.py)
@@ -210,6 +214,8 @@ class TrainConfig:
             raise ValueError(f"--id-l2 must be a finite number >= 0, got {self.id_l2}")
         if self.select_by not in SELECTIONS:
             raise ValueError(f"--select-by must be one of {SELECTIONS}, got {self.select_by!r}")
+        if self.select_each and self.arch != "single_task":
+            raise ValueError("--select-each stops each task's own network: only with single_task")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.compile not in SWITCHES:

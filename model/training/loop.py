@@ -2,7 +2,8 @@
 
 ``EpochLoop.run`` trains an epoch, averages the training loss over the processes, validates
 (where the validation split lives: the one process, or rank 0), prints one progress line, asks
-``EarlyStopping`` whether to go on and lets rank 0's answer decide for all ranks; at the end the
+``EarlyStopping`` (or, for the independent networks of ``single_task`` with ``select_each``,
+``TaskwiseStopping``) whether to go on and lets rank 0's answer decide for all ranks; at the end the
 best epoch's weights are restored. What differs between one process and DDP comes in as two
 small objects: the ``BatchSource`` (a shuffled split, or this rank's rows of the global batches)
 and the ``Collective`` (identity, or all-reduce and broadcast). ``hooks`` run after every
@@ -29,8 +30,14 @@ from model.training.balance import Balance, make_balance, shared_parameters
 from model.training.batches import Batch, EncodedSplit, GateStats, predict
 from model.training.config import TrainConfig
 from model.training.layers import Interactions, looked_up_l2
-from model.training.mmoe import RankingModel
-from model.training.objective import evaluate_split, selection_value, task_losses
+from model.training.mmoe import RankingModel, SingleTask
+from model.training.objective import (
+    evaluate_split,
+    selection_value,
+    task_losses,
+    task_selection_value,
+    weighted_sum,
+)
 
 PATIENCE = 1  # the first epoch that does not improve the selection value ends training
 # --compile auto: compiling costs 20-50 s on 2 cores and saves ~40 % of a step of ~0.2 s
@@ -324,6 +331,70 @@ class EarlyStopping:
         """Load the best weights back into the model."""
         self.model.load_state_dict(self.best_state)
 
+    def observe_record(self, epoch: int, record: Mapping[str, float], config: TrainConfig) -> bool:
+        """``observe`` the selection value of an epoch's validation ``record``."""
+        return self.observe(epoch, selection_value(record, config.loss_weights, config.select_by))
+
+    def kept_loss(self, history: list[dict[str, float]]) -> float:
+        """The validation loss of the weights kept (inf when no epoch improved)."""
+        return history[self.best_epoch - 1]["loss"] if self.best_epoch else math.inf
+
+
+@dataclass
+class TaskwiseStopping:
+    """Early stopping of each task's own network, for ``single_task`` with ``select_each``.
+
+    The T networks of ``single_task`` share no parameter, so stopping each on its own
+    validation value (``objective.task_selection_value``: its loss, or its ranking metric) and
+    keeping its own best epoch gives exactly the T models one would train and stop separately.
+    Training goes on while any of them still improves; the others' later epochs are discarded.
+    """
+
+    model: SingleTask
+    tasks: tuple[str, ...]
+    patience: int = PATIENCE
+    stoppers: dict[str, EarlyStopping] = field(init=False)
+
+    def __post_init__(self) -> None:
+        nets = self.model.task_models()
+        self.stoppers = {t: EarlyStopping(nets[t], self.patience) for t in self.tasks}
+
+    def observe_record(self, epoch: int, record: Mapping[str, float], config: TrainConfig) -> bool:
+        """Observe every task's own value; True when any task's network improved."""
+        improved = [
+            stopper.observe(epoch, task_selection_value(record, task, config.select_by))
+            for task, stopper in self.stoppers.items()
+        ]
+        return any(improved)
+
+    @property
+    def should_stop(self) -> bool:
+        return all(s.should_stop for s in self.stoppers.values())
+
+    @property
+    def best_epochs(self) -> dict[str, int]:
+        return {t: s.best_epoch for t, s in self.stoppers.items()}
+
+    def restore(self) -> None:
+        for stopper in self.stoppers.values():
+            stopper.restore()
+
+    def kept_loss(self, history: list[dict[str, float]], weights: Mapping[str, float]) -> float:
+        """The weighted validation loss of the networks kept, each at its own epoch (exact:
+        a network's predictions do not depend on the others')."""
+        if not all(self.best_epochs.values()):
+            return math.inf
+        losses = {t: torch.tensor(history[e - 1][f"loss_{t}"]) for t, e in self.best_epochs.items()}
+        return float(weighted_sum(losses, weights))
+
+
+def stopping(model: RankingModel, config: TrainConfig) -> EarlyStopping | TaskwiseStopping:
+    """Each task's network stopped on its own (``single_task`` with ``select_each``), or the
+    model on the selection value of all tasks."""
+    if config.select_each and isinstance(model, SingleTask):
+        return TaskwiseStopping(model, model.config.tasks)
+    return EarlyStopping(model)
+
 
 @dataclass
 class Epochs:
@@ -455,7 +526,7 @@ class EpochLoop:
         """Train; validate on ``valid`` where it is given (None on ranks other than 0)."""
         step, optimizer = training_step(self.model, self.config)
         rng = np.random.default_rng(self.config.seed)  # the same permutations on every rank
-        stopper = EarlyStopping(self.model)
+        stopper = stopping(self.model, self.config)
         module = self.model if self.module is None else self.module
         history: list[dict[str, float]] = []
         gates: dict[str, Any] | None = None
@@ -478,13 +549,15 @@ class EpochLoop:
                     history.append(record)
                     if self.verbose:
                         print(epoch_line(record, time.perf_counter() - t0, self.collective.world))
-                    value = selection_value(record, self.config.loss_weights, self.config.select_by)
-                    if stopper.observe(epoch, value) and gate_stats.rows:
+                    if stopper.observe_record(epoch, record, self.config) and gate_stats.rows:
                         gates = gate_stats.diagnostics(self.model.config.tasks)
                 if not self.collective.agree(not stopper.should_stop):
                     break
         train_time = time.perf_counter() - started
         if valid is not None:
             stopper.restore()
-        best_loss = history[stopper.best_epoch - 1]["loss"] if stopper.best_epoch else math.inf
+        if isinstance(stopper, TaskwiseStopping):
+            best_loss = stopper.kept_loss(history, self.config.loss_weights)
+        else:
+            best_loss = stopper.kept_loss(history)
         return Epochs(history, best_loss, gates, train_time)

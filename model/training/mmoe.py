@@ -504,6 +504,10 @@ class SingleTask(RankingModel):
     def _models(self) -> list[SharedBottom]:
         return [m for m in self.models if isinstance(m, SharedBottom)]
 
+    def task_models(self) -> dict[str, SharedBottom]:
+        """Each task's own network."""
+        return dict(zip(self.config.tasks, self._models(), strict=True))
+
 
 _BUILDERS: dict[str, type[RankingModel]] = {
     "single_task": SingleTask,

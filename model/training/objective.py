@@ -81,5 +81,15 @@ def selection_value(
     return -sum(loss_weights[t] * metrics[m] for t, m in RANKING_METRICS.items()) / total
 
 
+def task_selection_value(metrics: Mapping[str, float], task: str, select_by: str) -> float:
+    """``selection_value`` of one task alone: its validation loss, or minus its ranking metric
+    (how a model trained for that task only would be stopped)."""
+    if select_by == "loss":
+        return float(metrics[f"loss_{task}"])
+    if select_by != "auc":
+        raise ValueError(f"unknown selection {select_by!r}")
+    return -float(metrics[RANKING_METRICS[task]])
+
+
 def _ratio(a: float, b: float) -> float:
     return float(a / b) if b else float("nan")

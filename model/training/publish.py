@@ -159,6 +159,7 @@ def training_record(job: TrainJob) -> dict[str, Any]:
         "seed": config.seed,
         "epochs_max": config.epochs,
         "select_by": config.select_by,
+        "select_each": config.select_each,
         "batch_size": config.batch_size,
         "lr": config.lr,
         "loss_weights": dict(config.loss_weights),

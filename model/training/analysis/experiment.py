@@ -160,6 +160,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "intlr2": {"interaction_lr": 2.0},  # the interaction tables at 2x their rate
     "selauc": {"select_by": "auc"},  # early stopping keeps the epoch of the best mean AUC
     "selloss": {"select_by": "loss"},  # early stopping keeps the epoch of the lowest loss
+    # single_task: each task's network keeps the epoch of its own best value (separate models)
+    "own": {"select_each": True},
 }
 
 
@@ -173,7 +175,8 @@ def variant(name: str) -> tuple[str, dict[str, Any]]:
     ``e4`` / ``e16`` (OMoE's and MMoE's 4 / 16 experts, default 8),
     ``onelr`` / ``sharedlr`` (shared parameters at 1 / sqrt(3) x the rate), ``intlr1`` /
     ``intlr2`` / ``intlr3`` (the interaction tables at 1 / 2 / 3 x their rate), ``selauc`` /
-    ``selloss`` (early stopping on the loss-weighted mean AUC / on the loss), ``even`` (every
+    ``selloss`` (early stopping on the loss-weighted mean AUC / on the loss), ``own``
+    (``single_task`` with each task's network stopped on its own value), ``even`` (every
     task's loss weight 1; the mixtures' recipe weighs click 2), ``click2`` (click 2, e.g. for a
     baseline), ``fusionw`` (the product fusion's weights as loss weights) or ``paper`` (fixed
     weights 1, temperature 1, one rate: ``mmoe:paper`` is MMoE as Ma et al. published it); what

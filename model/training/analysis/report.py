@@ -199,7 +199,15 @@ def curves(ctx: Context, out: Path) -> str:
     keys = ("train_loss", "loss", "click_auc", "like_auc", "watch_xauc")
     rows = [[int(h["epoch"]), *(_num(h.get(k)) for k in keys)] for h in history]
     best = ctx.metrics.get("best_valid_loss")
-    if ctx.manifest.get("training", {}).get("select_by") == "auc":
+    training = ctx.manifest.get("training", {})
+    if training.get("select_each"):
+        metric = "ranking metric" if training.get("select_by") == "auc" else "validation loss"
+        note = (
+            f"Early stopping kept each task's network at the epoch of its own best {metric}"
+            f" (single-task models stopped separately; the weighted validation loss of the"
+            f" networks kept: {_num(best)})."
+        )
+    elif training.get("select_by") == "auc":
         note = (
             "Early stopping kept the epoch with the highest loss-weighted mean of click AUC,"
             f" watch XAUC and like AUC (its validation loss: {_num(best)})."

@@ -539,3 +539,33 @@ def test_bf16_autocast_runs_the_layers_in_bf16_and_trains_like_fp32(
     for task in TASKS:
         assert low[task].dtype == torch.float32
         torch.testing.assert_close(low[task], exact[task], rtol=2e-2, atol=1e-3)
+
+
+def test_single_task_select_each_keeps_each_networks_own_best_epoch(
+    tiny_frame: pd.DataFrame,
+) -> None:
+    """Separate models, stopped separately: each task's network at the epoch of its own metric."""
+    config = TrainConfig(
+        arch="single_task", small=True, epochs=4, seed=1, batch_size=256, lr=5e-3, select_each=True
+    )
+    data = prepare(tiny_frame.iloc[:4000])
+    model = build(config, data.basis)
+    epochs = EpochLoop(model, config, verbose=False).run(
+        Shuffled(data.train, config.batch_size), data.valid
+    )
+    history = epochs.history
+    kept = {t: int(np.argmax([h[m] for h in history])) for t, m in RANKING_METRICS.items()}
+    # the case that tells the two rules apart: the tasks' own best epochs differ
+    assert len(set(kept.values())) > 1, kept
+    restored = evaluate_split(predict(model, data.valid), data.valid, config.loss_weights)
+    for task, metric in RANKING_METRICS.items():
+        assert restored[metric] == pytest.approx(history[kept[task]][metric], abs=1e-6), task
+        assert restored[f"loss_{task}"] == pytest.approx(
+            history[kept[task]][f"loss_{task}"], rel=1e-5
+        )
+    assert epochs.best_loss == pytest.approx(restored["loss"], rel=1e-5)
+    if len(history) < config.epochs:  # stopped: no task's network improved in the last epoch
+        assert all(kept[t] < len(history) - 1 for t in RANKING_METRICS)
+    assert TrainConfig(arch="single_task", **variant("single_task:own")[1]).select_each
+    with pytest.raises(ValueError, match="--select-each"):
+        TrainConfig(arch="mmoe", select_each=True)
