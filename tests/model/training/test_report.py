@@ -115,6 +115,23 @@ def test_report_of_a_bundle_without_truth_metrics(registry_copy: Path, version: 
     assert not (directory / "quality.png").exists()
 
 
+@pytest.mark.parametrize(
+    ("select_by", "text"),
+    [("auc", "its own best ranking metric"), ("loss", "its own best validation loss")],
+)
+def test_report_names_the_taskwise_rule_of_separately_stopped_models(
+    registry_copy: Path, version: str, select_by: str, text: str
+) -> None:
+    # single_task --select-each: each task's network kept at its own epoch (manifest training)
+    path = Registry(registry_copy).version_dir(version) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["training"].update(select_each=True, select_by=select_by)
+    path.write_text(json.dumps(manifest))
+    report = (write_report(Registry(registry_copy), version) / REPORT_FILE).read_text()
+    assert f"kept each task's network at the epoch of {text}" in report
+    assert "kept the epoch with the" not in report
+
+
 def test_unknown_version_is_a_one_line_error(tmp_path: Path) -> None:
     done = CliRunner().invoke(app, ["report", "v-none", "--registry", str(tmp_path)])
     assert done.exit_code == 1 and "v-none" in done.output
