@@ -290,8 +290,8 @@ def test_train_cli_defaults_are_the_configs() -> None:
     command = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
     defaults = {p.name: p.default for p in command.params}
     config = TrainConfig()
-    names = ("interaction_lr", "select_by", "select_each", "interaction_dim", "epochs", "batch_size")
-    for name in (*names, "lr"):
+    names = ("interaction_lr", "select_by", "select_each", "interaction_dim", "epochs")
+    for name in (*names, "batch_size", "lr"):
         assert defaults[name] == getattr(config, name), name
 
 
