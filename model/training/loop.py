@@ -347,7 +347,9 @@ class TaskwiseStopping:
     The T networks of ``single_task`` share no parameter, so stopping each on its own
     validation value (``objective.task_selection_value``: its loss, or its ranking metric) and
     keeping its own best epoch gives exactly the T models one would train and stop separately.
-    Training goes on while any of them still improves; the others' later epochs are discarded.
+    A network that has stopped observes no later epoch (it would not have been trained on);
+    training goes on while any of them has not stopped, and the stopped ones' later epochs are
+    discarded.
     """
 
     model: SingleTask
@@ -360,10 +362,11 @@ class TaskwiseStopping:
         self.stoppers = {t: EarlyStopping(nets[t], self.patience) for t in self.tasks}
 
     def observe_record(self, epoch: int, record: Mapping[str, float], config: TrainConfig) -> bool:
-        """Observe every task's own value; True when any task's network improved."""
+        """Observe each running network's own value; True when any of them improved."""
         improved = [
             stopper.observe(epoch, task_selection_value(record, task, config.select_by))
             for task, stopper in self.stoppers.items()
+            if not stopper.should_stop
         ]
         return any(improved)
 

@@ -35,6 +35,7 @@ from model.training.loop import (
     compiled,
     dense_parts,
     sparse_tables,
+    stopping,
 )
 from model.training.mmoe import ARCHS, MMoE, MMoEConfig
 from model.training.objective import RANKING_METRICS, evaluate_split, selection_value
@@ -570,3 +571,25 @@ def test_single_task_select_each_keeps_each_networks_own_best_epoch(
     assert TrainConfig(arch="single_task", **variant("single_task:own")[1]).select_each
     with pytest.raises(ValueError, match="--select-each"):
         TrainConfig(arch="mmoe", select_each=True)
+
+
+def test_taskwise_stopping_ignores_a_stopped_networks_later_epochs(
+    tiny_frame: pd.DataFrame,
+) -> None:
+    """A network stopped separately is not trained on: an epoch after its stop is never kept."""
+    basis = prepare(tiny_frame.iloc[:2000]).basis
+    config = TrainConfig(arch="single_task", small=True, select_each=True)
+    stopper = stopping(build(config, basis), config)
+    assert not isinstance(stopper, EarlyStopping)
+    metrics = ("click_auc", "watch_xauc", "like_auc")
+    for epoch, values in enumerate(
+        [(0.60, 0.55, 0.60), (0.62, 0.54, 0.61), (0.63, 0.70, 0.60)], start=1
+    ):
+        assert stopper.observe_record(epoch, dict(zip(metrics, values, strict=True)), config)
+        assert not stopper.should_stop  # click still improves
+    # watch time stopped after epoch 2; its 0.70 in epoch 3 came after its stop
+    assert stopper.best_epochs == {"click": 3, "watch_time": 1, "like": 2}
+    assert not stopper.observe_record(4, dict(zip(metrics, (0.61, 0.9, 0.9), strict=True)), config)
+    assert stopper.should_stop and stopper.best_epochs["click"] == 3
+    joint = TrainConfig(arch="single_task", small=True)  # without --select-each: one epoch
+    assert isinstance(stopping(build(joint, basis), joint), EarlyStopping)
