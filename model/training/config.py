@@ -162,18 +162,24 @@ class TrainConfig:
     # weight (model/training/layers.py looked_up_l2); 0 = none
     id_l2: float = 0.0
 
-    def __post_init__(self) -> None:
+    def _fill_defaults(self) -> None:
+        """Frozen: fill what was left None with the architecture's own default (ARCH_DEFAULTS),
+        else fixed weights, temperature 1, one rate and independent heads."""
         for name, value in ARCH_DEFAULTS.get(self.arch, {}).items():
-            if getattr(self, name) in (None, {}):  # frozen: fill the architecture's own default
+            if getattr(self, name) in (None, {}):
                 object.__setattr__(self, name, dict(value) if isinstance(value, dict) else value)
-        if self.loss_balance is None:
-            object.__setattr__(self, "loss_balance", "fixed")
-        if self.gate_temperature is None:
-            object.__setattr__(self, "gate_temperature", 1.0)
-        if self.shared_lr is None:
-            object.__setattr__(self, "shared_lr", 1.0)
-        if self.entire_space is None:
-            object.__setattr__(self, "entire_space", False)
+        fallbacks = {
+            "loss_balance": "fixed",
+            "gate_temperature": 1.0,
+            "shared_lr": 1.0,
+            "entire_space": False,
+        }
+        for name, value in fallbacks.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+
+    def __post_init__(self) -> None:
+        self._fill_defaults()
         if self.entire_space and self.arch == "single_task":
             raise ValueError("--entire-space chains heads across tasks: not with single_task")
         if self.loss_balance not in BALANCES:
