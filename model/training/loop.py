@@ -36,7 +36,6 @@ from model.training.objective import (
     selection_value,
     task_losses,
     task_selection_value,
-    weighted_sum,
 )
 
 PATIENCE = 1  # the first epoch that does not improve the selection value ends training
@@ -387,8 +386,7 @@ class TaskwiseStopping:
         a network's predictions do not depend on the others')."""
         if not all(self.best_epochs.values()):
             return math.inf
-        losses = {t: torch.tensor(history[e - 1][f"loss_{t}"]) for t, e in self.best_epochs.items()}
-        return float(weighted_sum(losses, weights))
+        return sum(weights[t] * history[e - 1][f"loss_{t}"] for t, e in self.best_epochs.items())
 
 
 def stopping(model: RankingModel, config: TrainConfig) -> EarlyStopping | TaskwiseStopping:
