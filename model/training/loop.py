@@ -352,13 +352,13 @@ class TaskwiseStopping:
     """
 
     model: SingleTask
-    tasks: tuple[str, ...]
+    weights: Mapping[str, float]  # the loss weights the kept networks' validation loss adds with
     patience: int = PATIENCE
     stoppers: dict[str, EarlyStopping] = field(init=False)
 
     def __post_init__(self) -> None:
         nets = self.model.task_models()
-        self.stoppers = {t: EarlyStopping(nets[t], self.patience) for t in self.tasks}
+        self.stoppers = {t: EarlyStopping(net, self.patience) for t, net in nets.items()}
 
     def observe_record(self, epoch: int, record: Mapping[str, float], config: TrainConfig) -> bool:
         """Observe each running network's own value; True when any of them improved."""
@@ -381,19 +381,20 @@ class TaskwiseStopping:
         for stopper in self.stoppers.values():
             stopper.restore()
 
-    def kept_loss(self, history: list[dict[str, float]], weights: Mapping[str, float]) -> float:
+    def kept_loss(self, history: list[dict[str, float]]) -> float:
         """The weighted validation loss of the networks kept, each at its own epoch (exact:
         a network's predictions do not depend on the others')."""
-        if not all(self.best_epochs.values()):
+        epochs = self.best_epochs
+        if not all(epochs.values()):
             return math.inf
-        return sum(weights[t] * history[e - 1][f"loss_{t}"] for t, e in self.best_epochs.items())
+        return sum(self.weights[t] * history[e - 1][f"loss_{t}"] for t, e in epochs.items())
 
 
 def stopping(model: RankingModel, config: TrainConfig) -> EarlyStopping | TaskwiseStopping:
     """Each task's network stopped on its own (``single_task`` with ``select_each``), or the
     model on the selection value of all tasks."""
     if config.select_each and isinstance(model, SingleTask):
-        return TaskwiseStopping(model, model.config.tasks)
+        return TaskwiseStopping(model, config.loss_weights)
     return EarlyStopping(model)
 
 
@@ -557,8 +558,4 @@ class EpochLoop:
         train_time = time.perf_counter() - started
         if valid is not None:
             stopper.restore()
-        if isinstance(stopper, TaskwiseStopping):
-            best_loss = stopper.kept_loss(history, self.config.loss_weights)
-        else:
-            best_loss = stopper.kept_loss(history)
-        return Epochs(history, best_loss, gates, train_time)
+        return Epochs(history, stopper.kept_loss(history), gates, train_time)
