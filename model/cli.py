@@ -190,7 +190,7 @@ def train(
         str,
         typer.Option(
             help="Per-task loss weights, e.g. 'click=1,watch_time=1,like=1'; tasks not named"
-            " weigh 1 (default: the architecture's; omoe, mmoe, ple, stem: click=2; others: 1)."
+            " weigh 1 (default: the architecture's; omoe, mmoe, ple, stem: click=4; others: 1)."
         ),
     ] = "",
     loss_balance: Annotated[

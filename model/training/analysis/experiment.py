@@ -127,6 +127,7 @@ class Sweep:
 
 
 EVEN = default_loss_weights()  # every task weight 1
+CLICK_TWICE = {**EVEN, "click": 2.0}
 # What ``ARCH:OPTION`` changes in the architecture's own training config.
 OPTIONS: dict[str, dict[str, Any]] = {
     **{balance: {"loss_balance": balance} for balance in BALANCES},
@@ -148,8 +149,12 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "shared_lr": 1.0,
         "loss_weights": EVEN,
     },
-    "even": {"loss_weights": EVEN},  # every task weight 1 (the mixtures' recipe: click 2)
-    "click2": {"loss_weights": CLICK_FIRST},  # click 2, as the mixtures (for the baselines)
+    "even": {"loss_weights": EVEN},  # every task weight 1 (the mixtures' recipe: click 4)
+    # click 2: the mixtures' recipe from README section 5 to section 11 (their runs' label)
+    "click2": {"loss_weights": CLICK_TWICE},
+    "click4": {"loss_weights": CLICK_FIRST},  # click 4, as the mixtures (for the baselines)
+    "click3": {"loss_weights": {**EVEN, "click": 3.0}},  # click 3 and 8: README section 11
+    "click8": {"loss_weights": {**EVEN, "click": 8.0}},
     # the product fusion's weights as loss weights (click 1, watch time 0.6, like 0.4; the
     # default fusion until README section 6, evaluate.PRODUCT_FUSION)
     "fusionw": {"loss_weights": {"click": 1.0, "watch_time": 0.6, "like": 0.4}},
@@ -177,8 +182,9 @@ def variant(name: str) -> tuple[str, dict[str, Any]]:
     ``intlr2`` / ``intlr3`` (the interaction tables at 1 / 2 / 3 x their rate), ``selauc`` /
     ``selloss`` (early stopping on the loss-weighted mean AUC / on the loss), ``own``
     (``single_task`` with each task's network stopped on its own value), ``even`` (every
-    task's loss weight 1; the mixtures' recipe weighs click 2), ``click2`` (click 2, e.g. for a
-    baseline), ``fusionw`` (the product fusion's weights as loss weights) or ``paper`` (fixed
+    task's loss weight 1; the mixtures' recipe weighs click 4), ``click2`` (click 2, the
+    recipe's weight before README section 11), ``click4`` (click 4, e.g. for a
+    baseline), ``click3`` / ``click8`` (click 3 / 8), ``fusionw`` (the product fusion's weights as loss weights) or ``paper`` (fixed
     weights 1, temperature 1, one rate: ``mmoe:paper`` is MMoE as Ma et al. published it); what
     is not named stays the architecture's default (config.ARCH_DEFAULTS).
     """

@@ -149,8 +149,8 @@ def test_a_balanced_run_trains_and_reports_with_the_fixed_weights(
     result = fit(tiny_frame.iloc[:8000], config, verbose=False)  # a few steps show it trains
     assert 0.5 < result.metrics["click_auc"] < 1.0
     # The reported loss is the fixed-weight sum whatever trained the model (the recipe's
-    # weights: click 2, the others 1).
-    assert config.loss_weights == {"click": 2.0, "watch_time": 1.0, "like": 1.0}
+    # weights: click 4, the others 1).
+    assert config.loss_weights == {"click": 4.0, "watch_time": 1.0, "like": 1.0}
     assert result.metrics["loss"] == pytest.approx(
         sum(config.loss_weights[t] * result.metrics[f"loss_{t}"] for t in TASKS), rel=1e-5
     )
@@ -168,7 +168,7 @@ def test_each_architecture_brings_its_own_recipe_unless_told() -> None:
         config = TrainConfig(arch=mixture)
         recipe = (config.loss_balance, config.gate_temperature, config.shared_lr)
         assert recipe == ("gradnorm", 0.1, pytest.approx(3**0.5)), mixture
-        assert config.loss_weights == {"click": 2.0, "watch_time": 1.0, "like": 1.0}, mixture
+        assert config.loss_weights == {"click": 4.0, "watch_time": 1.0, "like": 1.0}, mixture
     assert TrainConfig().arch == "mmoe" and TrainConfig().loss_balance == "gradnorm"
     for baseline in ("single_task", "shared_bottom"):  # no gates: fixed weights and one rate
         config = TrainConfig(arch=baseline)
@@ -180,13 +180,18 @@ def test_each_architecture_brings_its_own_recipe_unless_told() -> None:
     assert TrainConfig(arch="mmoe", **variant("mmoe:even")[1]).loss_weights["click"] == 1.0
     baseline = TrainConfig(arch="shared_bottom", **variant("shared_bottom:click2")[1])
     assert baseline.loss_weights["click"] == 2.0 and baseline.loss_balance == "fixed"
+    # the recipe's weight before README section 11, and today's, as options
+    assert TrainConfig(arch="mmoe", **variant("mmoe:click2")[1]).loss_weights == {
+        "click": 2.0, "watch_time": 1.0, "like": 1.0,
+    }  # fmt: skip
+    assert variant("shared_bottom:click4")[1]["loss_weights"] == TrainConfig().loss_weights
     told = TrainConfig(arch="stem", loss_balance="fixed", gate_temperature=1.0)
     assert (told.loss_balance, told.gate_temperature) == ("fixed", 1.0)
     # weights told replace the recipe's: tasks not named weigh 1
     assert TrainConfig(arch="mmoe", loss_weights={"like": 2.0}).loss_weights == {
         "click": 1.0, "watch_time": 1.0, "like": 2.0,
     }  # fmt: skip
-    assert parse_loss_weights("") == {} and TrainConfig(loss_weights={}).loss_weights["click"] == 2
+    assert parse_loss_weights("") == {} and TrainConfig(loss_weights={}).loss_weights["click"] == 4
     with pytest.raises(ValueError, match="--gate-temperature"):
         TrainConfig(gate_temperature=0.0)
 
