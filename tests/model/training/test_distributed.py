@@ -122,9 +122,14 @@ def test_nproc_2_matches_single_process(tmp_path: Path, sim_dir: Path, frame: pd
     # another order. With the dropout-free shared-bottom model the runs agree to ~1e-4 (next
     # test); the MMoE's like AUC moves by about +-0.005 with the dropout draws alone at this
     # scale. Both runs are deterministic per seed (pinned torch, fixed threads).
-    assert ddp_valid["epoch"] == one_valid["epoch"]
-    for metric in ("click_auc", "like_auc"):
-        assert abs(ddp_valid[metric] - one_valid[metric]) <= 0.01, metric
+    # Compared epoch by epoch: which epoch is kept is a discrete choice between epochs whose
+    # selection values can differ by less than the two runs do (with click weighing 4 in it,
+    # epochs 2 and 3 of this world lie within a few thousandths of click AUC).
+    ddp_history, one_history = manifest["training"]["history"], single.history
+    assert min(len(ddp_history), len(one_history)) >= 2
+    for ddp_epoch, one_epoch in zip(ddp_history, one_history):
+        for metric in ("click_auc", "like_auc"):
+            assert abs(ddp_epoch[metric] - one_epoch[metric]) <= 0.01, (ddp_epoch["epoch"], metric)
     assert ddp_valid["click_auc"] > 0.6 and ddp_valid["like_auc"] > 0.6  # it did learn
 
 
