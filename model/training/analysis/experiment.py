@@ -183,8 +183,9 @@ def variant(name: str) -> tuple[str, dict[str, Any]]:
     ``selloss`` (early stopping on the loss-weighted mean AUC / on the loss), ``own``
     (``single_task`` with each task's network stopped on its own value), ``even`` (every
     task's loss weight 1; the mixtures' recipe weighs click 4), ``click2`` (click 2, the
-    recipe's weight before README section 11), ``click4`` (click 4, e.g. for a
-    baseline), ``click3`` / ``click8`` (click 3 / 8), ``fusionw`` (the product fusion's weights as loss weights) or ``paper`` (fixed
+    recipe's weight before README section 11), ``click4`` (click 4, e.g. for a baseline),
+    ``click3`` / ``click8`` (click 3 / 8), ``fusionw`` (the product fusion's weights as loss
+    weights) or ``paper`` (fixed
     weights 1, temperature 1, one rate: ``mmoe:paper`` is MMoE as Ma et al. published it); what
     is not named stays the architecture's default (config.ARCH_DEFAULTS).
     """
