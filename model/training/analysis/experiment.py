@@ -185,9 +185,9 @@ def variant(name: str) -> tuple[str, dict[str, Any]]:
     task's loss weight 1; the mixtures' recipe weighs click 4), ``click2`` (click 2, the
     recipe's weight before README section 11), ``click4`` (click 4, e.g. for a baseline),
     ``click3`` / ``click8`` (click 3 / 8), ``fusionw`` (the product fusion's weights as loss
-    weights) or ``paper`` (fixed
-    weights 1, temperature 1, one rate: ``mmoe:paper`` is MMoE as Ma et al. published it); what
-    is not named stays the architecture's default (config.ARCH_DEFAULTS).
+    weights) or ``paper`` (fixed weights 1, temperature 1, one rate: ``mmoe:paper`` is MMoE as
+    Ma et al. published it); what is not named stays the architecture's default
+    (config.ARCH_DEFAULTS).
     """
     arch, *options = name.split(":")
     overrides: dict[str, Any] = {}
