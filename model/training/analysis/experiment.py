@@ -127,7 +127,6 @@ class Sweep:
 
 
 EVEN = default_loss_weights()  # every task weight 1
-CLICK_TWICE = {**EVEN, "click": 2.0}
 # What ``ARCH:OPTION`` changes in the architecture's own training config.
 OPTIONS: dict[str, dict[str, Any]] = {
     **{balance: {"loss_balance": balance} for balance in BALANCES},
@@ -151,7 +150,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     },
     "even": {"loss_weights": EVEN},  # every task weight 1 (the mixtures' recipe: click 4)
     # click 2: the mixtures' recipe from README section 5 to section 11 (their runs' label)
-    "click2": {"loss_weights": CLICK_TWICE},
+    "click2": {"loss_weights": {**EVEN, "click": 2.0}},
     "click4": {"loss_weights": CLICK_FIRST},  # click 4, as the mixtures (for the baselines)
     "click3": {"loss_weights": {**EVEN, "click": 3.0}},  # click 3 and 8: README section 11
     "click8": {"loss_weights": {**EVEN, "click": 8.0}},
