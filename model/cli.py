@@ -513,7 +513,7 @@ def curve(
     archs: Annotated[
         str,
         typer.Option(help="Architectures (ARCH or ARCH:OPTION, see experiment), comma-separated."),
-    ] = "stem,shared_bottom,single_task",
+    ] = "mmoe,shared_bottom,single_task",
     small: Annotated[bool, typer.Option("--small", help="A tiny network (tests).")] = False,
 ) -> None:
     """Learning curve: held-out quality vs impressions for each architecture, truth beside it."""

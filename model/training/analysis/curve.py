@@ -39,7 +39,8 @@ from model.training.fit import fit
 from model.training.sources import simulated_frame
 
 CURVE_SIZES = (100_000, 300_000, 1_000_000, 3_000_000)
-CURVE_ARCHS = ("stem", "shared_bottom", "single_task")
+# the trainer's default architecture beside the two baselines it has to beat
+CURVE_ARCHS = (TrainConfig().arch, "shared_bottom", "single_task")
 CURVE_FILE, CURVE_PLOT = "curve.md", "curve.png"
 
 

@@ -154,6 +154,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "click4": {"loss_weights": CLICK_FIRST},  # click 4, as the mixtures (for the baselines)
     "click3": {"loss_weights": {**EVEN, "click": 3.0}},  # click 3 and 8: README section 11
     "click8": {"loss_weights": {**EVEN, "click": 8.0}},
+    # like 2 / 3 beside the recipe's click 4 (README section 11: like does not gain, click pays)
+    "like2": {"loss_weights": {**CLICK_FIRST, "like": 2.0}},
+    "like3": {"loss_weights": {**CLICK_FIRST, "like": 3.0}},
     # the product fusion's weights as loss weights (click 1, watch time 0.6, like 0.4; the
     # default fusion until README section 6, evaluate.PRODUCT_FUSION)
     "fusionw": {"loss_weights": {"click": 1.0, "watch_time": 0.6, "like": 0.4}},
@@ -183,10 +186,10 @@ def variant(name: str) -> tuple[str, dict[str, Any]]:
     (``single_task`` with each task's network stopped on its own value), ``even`` (every
     task's loss weight 1; the mixtures' recipe weighs click 4), ``click2`` (click 2, the
     recipe's weight before README section 11), ``click4`` (click 4, e.g. for a baseline),
-    ``click3`` / ``click8`` (click 3 / 8), ``fusionw`` (the product fusion's weights as loss
-    weights) or ``paper`` (fixed weights 1, temperature 1, one rate: ``mmoe:paper`` is MMoE as
-    Ma et al. published it); what is not named stays the architecture's default
-    (config.ARCH_DEFAULTS).
+    ``click3`` / ``click8`` (click 3 / 8), ``like2`` / ``like3`` (like 2 / 3 beside click 4),
+    ``fusionw`` (the product fusion's weights as loss weights) or ``paper`` (fixed weights 1,
+    temperature 1, one rate: ``mmoe:paper`` is MMoE as Ma et al. published it); what is not
+    named stays the architecture's default (config.ARCH_DEFAULTS).
     """
     arch, *options = name.split(":")
     overrides: dict[str, Any] = {}

@@ -185,6 +185,10 @@ def test_each_architecture_brings_its_own_recipe_unless_told() -> None:
         "click": 2.0, "watch_time": 1.0, "like": 1.0,
     }  # fmt: skip
     assert variant("shared_bottom:click4")[1]["loss_weights"] == TrainConfig().loss_weights
+    # like's weight beside the recipe's click (README section 11)
+    assert TrainConfig(arch="mmoe", **variant("mmoe:like2")[1]).loss_weights == {
+        "click": 4.0, "watch_time": 1.0, "like": 2.0,
+    }  # fmt: skip
     told = TrainConfig(arch="stem", loss_balance="fixed", gate_temperature=1.0)
     assert (told.loss_balance, told.gate_temperature) == ("fixed", 1.0)
     # weights told replace the recipe's: tasks not named weigh 1
