@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import matplotlib.image
 from typer.testing import CliRunner
 
 from model.cli import app
-from model.training.analysis.curve import CURVE_FILE, CURVE_PLOT
+from model.cli import curve as curve_command
+from model.training.analysis.curve import CURVE_ARCHS, CURVE_FILE, CURVE_PLOT, Curve
+from model.training.config import TrainConfig
 
 TINY = [
     "curve", "--preset", "default", "--seed", "3", "--sizes", "3000,6000",
@@ -49,3 +52,10 @@ def test_bad_curve_options_name_the_flag(tmp_path: Path) -> None:
         done = CliRunner().invoke(app, [*TINY, "--out", str(tmp_path / "x"), *extra])
         assert done.exit_code == 2 and flag in done.output, done.output
     assert not (tmp_path / "x").exists()
+
+
+def test_the_default_curve_is_the_default_architecture_and_its_baselines() -> None:
+    # the CLI spells the default out (it imports the trainer lazily); both must name the same
+    archs = inspect.signature(curve_command).parameters["archs"].default
+    assert archs == ",".join(CURVE_ARCHS) and Curve().archs == CURVE_ARCHS
+    assert CURVE_ARCHS[0] == TrainConfig().arch
