@@ -344,14 +344,34 @@ def exit_with_parent(parent: int, metrics_dir: Path | None) -> None:
 
 
 def _cleanup_metrics(metrics_dir: Path, parent: int) -> None:
-    """At a worker's exit, when its supervisor is gone: drop its metric files, then the dir."""
+    """At a worker's exit, when its supervisor is gone: drop its metric files and those of
+    workers that died without dropping theirs (killed, or gone before the supervisor), then the
+    dir."""
     if os.getppid() == parent:
         return  # the supervisor lives and owns the directory (it restarts workers into it)
-    suffix = f"_{os.getpid()}.db"
-    for path in metrics_dir.glob(f"*{suffix}"):
-        path.unlink(missing_ok=True)
+    own = os.getpid()
+    for path in metrics_dir.glob("*.db"):  # prometheus-client's files: <kind>_<pid>.db
+        pid = _file_pid(path)
+        if pid == own or (pid is not None and not _alive(pid)):
+            path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
-        metrics_dir.rmdir()  # only succeeds once the last worker's files are gone
+        metrics_dir.rmdir()  # only succeeds once no live worker has files left
+
+
+def _file_pid(path: Path) -> int | None:
+    """The pid in a prometheus-client multiprocess file name (``histogram_123.db`` -> 123)."""
+    tail = path.stem.rpartition("_")[2]
+    return int(tail) if tail.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, someone else's
+    return True
 
 
 def serve_metrics(host: str, port: int, multiproc_dir: Path | None) -> None:

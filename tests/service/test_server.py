@@ -1,12 +1,16 @@
-"""service/http/server.py: listening sockets (TCP_NODELAY, SO_REUSEPORT) and GC tuning, without a
-server."""
+"""service/http/server.py: listening sockets (TCP_NODELAY, SO_REUSEPORT), GC tuning and the
+metric files a worker drops when its supervisor is gone, without a server."""
 
 from __future__ import annotations
 
 import gc
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
-from service.http.server import GC_THRESHOLD, _tune_gc, bind_socket
+from service.http.server import GC_THRESHOLD, _cleanup_metrics, _tune_gc, bind_socket
 
 
 def test_listening_socket_options_reach_accepted_connections() -> None:
@@ -56,3 +60,27 @@ def test_tune_gc_freezes_start_up_objects() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_a_worker_outliving_its_supervisor_removes_dead_workers_metric_files(
+    tmp_path: Path,
+) -> None:
+    # a worker killed before it could drop its files leaves them; the next worker out drops them
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    live = os.getppid()  # alive for the whole test
+    names = [f"histogram_{os.getpid()}.db", f"counter_{dead.stdout.strip()}.db",
+             f"gauge_livesum_{dead.stdout.strip()}.db", f"counter_{live}.db"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    not_our_parent = -1
+    _cleanup_metrics(tmp_path, not_our_parent)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"counter_{live}.db"]  # a live one's
+    (tmp_path / f"counter_{live}.db").unlink()
+    _cleanup_metrics(tmp_path, not_our_parent)
+    assert not tmp_path.exists()  # the last one out removes the directory
+    kept = tmp_path.parent / f"{tmp_path.name}-kept"
+    kept.mkdir()
+    (kept / f"counter_{dead.stdout.strip()}.db").write_bytes(b"")
+    _cleanup_metrics(kept, os.getppid())  # our parent stands for a live supervisor: it owns them
+    assert [p.name for p in kept.iterdir()] == [f"counter_{dead.stdout.strip()}.db"]
