@@ -67,10 +67,10 @@ def test_a_worker_outliving_its_supervisor_removes_dead_workers_metric_files(
 ) -> None:
     # a worker killed before it could drop its files leaves them; the next worker out drops them
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     live = os.getppid()  # alive for the whole test
-    names = [f"histogram_{os.getpid()}.db", f"counter_{dead.stdout.strip()}.db",
-             f"gauge_livesum_{dead.stdout.strip()}.db", f"counter_{live}.db"]  # fmt: skip
+    names = [f"histogram_{os.getpid()}.db", f"counter_{dead}.db",
+             f"gauge_livesum_{dead}.db", f"counter_{live}.db"]  # fmt: skip
     for name in names:
         (tmp_path / name).write_bytes(b"")
     not_our_parent = -1
@@ -81,6 +81,6 @@ def test_a_worker_outliving_its_supervisor_removes_dead_workers_metric_files(
     assert not tmp_path.exists()  # the last one out removes the directory
     kept = tmp_path.parent / f"{tmp_path.name}-kept"
     kept.mkdir()
-    (kept / f"counter_{dead.stdout.strip()}.db").write_bytes(b"")
+    (kept / f"counter_{dead}.db").write_bytes(b"")
     _cleanup_metrics(kept, os.getppid())  # our parent stands for a live supervisor: it owns them
-    assert [p.name for p in kept.iterdir()] == [f"counter_{dead.stdout.strip()}.db"]
+    assert [p.name for p in kept.iterdir()] == [f"counter_{dead}.db"]
